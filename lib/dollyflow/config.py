@@ -1,0 +1,347 @@
+"""Layered, typed configuration.
+
+Layers, later wins::
+
+    conf/defaults.yaml            shared defaults (spark, tables, model)
+    conf/jobs/*.yaml              each job's own section (all of them, so every job sees one config)
+    conf/model/<preset>.yaml      model preset (``--preset`` / ``DOLLYFLOW_PRESET``)
+    conf/env/<env>.yaml           environment (``--env`` / ``DOLLYFLOW_ENV``: local, databricks, cluster)
+    key=value                     command-line overrides (``dedupe.threshold=0.8``)
+
+Every layer is checked against the dataclasses below: an unknown key or a value of the wrong
+type fails with a message naming the key and the file (or override) it came from.
+This module is engine-free: it never imports pyspark.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+import types
+import typing
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DOLLY_CATEGORIES = [
+    "open_qa", "closed_qa", "information_extraction", "summarization",
+    "brainstorming", "classification", "creative_writing", "general_qa",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be accepted; the message names key and source."""
+
+
+@dataclass
+class SparkConfig:
+    master: str = "local[2]"          # used only when no session exists and not under spark-submit
+    app_name: str = "dollyflow"
+    shuffle_partitions: int = 8       # local only; clusters keep their own setting
+    ui: bool = False                  # local Spark UI on port 4040 when true
+    log_level: str = "ERROR"
+    driver_memory: str = "4g"         # local only
+    conf: dict[str, str] = field(default_factory=dict)  # extra spark conf, applied locally
+
+
+@dataclass
+class TablesConfig:
+    warehouse: str = "warehouse"      # local root for path-based tables (relative to the working dir)
+    catalog: str = ""                 # Unity Catalog catalog; when set, tables are catalog.schema.table
+    schema: str = "dollyflow"
+    backend: str = "auto"             # auto | native | offline (delta-rs through a Spark Python data source)
+    bronze: str = "bronze"
+    quarantine: str = "quarantine"
+    ingest_runs: str = "ingest_runs"
+    silver: str = "silver"
+    duplicates: str = "duplicates"
+    dedupe_runs: str = "dedupe_runs"
+    tokenized: str = "tokenized"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "EleutherAI/pythia-2.8b"  # hub name or local path of the base model
+    tokenizer: str = ""                    # empty: same as name
+    max_length: int = 2048                 # the model's context length
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer or self.name
+
+
+@dataclass
+class IngestConfig:
+    input: str = ""                        # a file, a directory or a glob; local path or cloud/Volume URI
+    format: str = "auto"                   # auto (by extension) | json | csv | parquet
+    field_map: dict[str, str] = field(default_factory=dict)  # dolly field -> column in the input
+    categories: list[str] = field(default_factory=lambda: list(DOLLY_CATEGORIES))  # empty: any
+    default_category: str = ""             # used when the input has no category column at all
+    max_field_chars: int = 100_000         # a longer instruction/context/response is quarantined
+    raw_max_chars: int = 2_000             # quarantined raw lines are truncated to this
+    chunk_bytes: int = 32 * 1024 * 1024    # JSON Lines files are split into tasks of this size
+
+
+@dataclass
+class DedupeConfig:
+    ngram: int = 2                         # word n-gram size of the shingles
+    num_perm: int = 128                    # MinHash permutations (signature length)
+    threshold: float = 0.7                 # Jaccard similarity at or above which records are near duplicates
+    bands: int | None = None               # LSH bands; None: chosen from threshold and num_perm (with rows)
+    rows: int | None = None                # rows per band; None: chosen with bands
+    seed: int = 42                         # seed of the hash permutations
+    bronze_version: int | None = None      # bronze version to read; None: the current one
+    false_positive_weight: float = 0.2     # weights of the LSH error areas when bands/rows are chosen:
+    false_negative_weight: float = 0.8     # candidates are verified, so missed pairs cost more than extra ones
+    all_pairs_bucket: int = 8              # LSH buckets up to this size verify all pairs, larger ones a star
+    max_cc_iterations: int = 40            # connected-components rounds before giving up (error)
+    skip_unchanged: bool = True            # no new table versions when bronze version and parameters match the last run
+
+
+@dataclass
+class TokenizeConfig:
+    tokenizer: str = ""                    # empty: model.tokenizer, else model.name (path or hub name)
+    max_length: int | None = None          # None: model.max_length; longer prompts are dropped, not truncated
+    test_size: float = 1000                # a count (whole number, Dolly: 1000) or a fraction in (0, 1)
+    seed: int = 42                         # split hash seed
+    num_shards: int = 8                    # Parquet shards per split, balanced by tokens
+    output_dir: str = ""                   # empty: <tables.warehouse>/shards/<silver>-v<silver version>
+    silver_version: int | None = None      # None: the current silver version
+    mds: bool = False                      # also export Mosaic Streaming (needs mosaicml-streaming)
+
+
+@dataclass
+class Config:
+    job: str = ""
+    run_id: str = ""        # empty: generated per run
+    preset: str = ""
+    env: str = ""
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    tables: TablesConfig = field(default_factory=TablesConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    dedupe: DedupeConfig = field(default_factory=DedupeConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# locating conf/
+
+
+def conf_dir() -> Path:
+    """The conf directory: $DOLLYFLOW_CONF, the checkout's conf/, or the copy inside the wheel."""
+    env = os.environ.get("DOLLYFLOW_CONF")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    checkout = here.parent.parent / "conf"
+    if (checkout / "defaults.yaml").is_file():
+        return checkout
+    packaged = here / "_conf"
+    if (packaged / "defaults.yaml").is_file():
+        return packaged
+    raise ConfigError(f"no conf directory found (looked at {checkout} and {packaged}); set DOLLYFLOW_CONF")
+
+
+def available(kind: str) -> list[str]:
+    """Names of the presets (kind='model'), environments ('env') or jobs ('jobs') in conf/."""
+    return sorted(p.stem for p in (conf_dir() / kind).glob("*.yaml"))
+
+
+# --------------------------------------------------------------------------------------------
+# typed merging
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r} ({source})")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r} (from {source})")
+        return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r} (from {source})")
+        return {_coerce(k, kt, f"{key} key", source): _coerce(v, vt, f"{key}.{k}", source)
+                for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)   # yaml reads run_id=20240101 as an int; a string was meant
+    elif tp is Any:
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r} (from {source})")
+
+
+def _merge(obj: Any, data: dict[str, Any], source: str, prefix: str = "") -> None:
+    """Merge a mapping into a dataclass instance in place, checking keys and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'top level'}: expected a mapping (from {source})")
+    hints = _hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(
+                f"unknown key '{dotted}' (from {source}); known keys here: {', '.join(sorted(names))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, source, dotted + ".")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], dotted, source))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+_OVERRIDE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)=(.*)$", re.S)
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``a.b=value`` -> {"a": {"b": value}}; the value is read as YAML (``0.8``, ``[a, b]``, ``null``)."""
+    m = _OVERRIDE.match(text)
+    if not m:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    dotted, raw = m.groups()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    out: dict[str, Any] = {}
+    node = out
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def new_run_id(job: str = "") -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{job + '-' if job else ''}{stamp}-{uuid.uuid4().hex[:8]}"
+
+
+def load_config(job: str = "", overrides: list[str] | tuple[str, ...] = (), preset: str | None = None,
+                env: str | None = None, conf: str | Path | None = None) -> Config:
+    """Resolve the layered configuration for ``job``.
+
+    ``preset``/``env`` default to $DOLLYFLOW_PRESET/$DOLLYFLOW_ENV, then to the values in
+    defaults.yaml. Overrides may also set ``preset=`` and ``env=`` themselves.
+    """
+    root = Path(conf) if conf else conf_dir()
+    cfg = Config(job=job)
+    defaults = root / "defaults.yaml"
+    if defaults.is_file():
+        _merge(cfg, _read_yaml(defaults), str(defaults))
+    for path in sorted((root / "jobs").glob("*.yaml")):
+        _merge(cfg, _read_yaml(path), str(path))
+    parsed = [(o, parse_override(o)) for o in overrides]
+    for o, data in parsed:  # selection keys first, so an override can pick the preset or env
+        for sel in ("preset", "env"):
+            if sel in data:
+                _merge(cfg, {sel: data[sel]}, f"override {o!r}")
+    cfg.preset = preset or os.environ.get("DOLLYFLOW_PRESET") or cfg.preset
+    cfg.env = env or os.environ.get("DOLLYFLOW_ENV") or cfg.env
+    for kind, name in (("model", cfg.preset), ("env", cfg.env)):
+        if not name:
+            continue
+        path = root / kind / f"{name}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown {'preset' if kind == 'model' else 'env'} {name!r}: "
+                              f"no {path}; available: {', '.join(available(kind)) or 'none'}")
+        _merge(cfg, _read_yaml(path), str(path))
+    for o, data in parsed:
+        _merge(cfg, data, f"override {o!r}")
+    cfg.job = job
+    if not cfg.run_id:
+        cfg.run_id = new_run_id(job)
+    validate(cfg)
+    return cfg
+
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+
+
+def check_identifier(value: str, what: str) -> str:
+    """Table, schema and catalog names must be plain identifiers (no quoting, no dots, no SQL)."""
+    if not isinstance(value, str) or not _IDENT.match(value):
+        raise ConfigError(f"{what}: {value!r} is not a plain identifier ([A-Za-z_][A-Za-z0-9_]*)")
+    return value
+
+
+def validate(cfg: Config) -> None:
+    t = cfg.tables
+    for f in dataclasses.fields(TablesConfig):
+        if f.name in ("warehouse", "backend", "catalog"):
+            continue
+        check_identifier(getattr(t, f.name), f"tables.{f.name}")
+    if t.catalog:
+        check_identifier(t.catalog, "tables.catalog")
+    if t.backend not in ("auto", "native", "offline"):
+        raise ConfigError(f"tables.backend: {t.backend!r} is not one of auto, native, offline")
+    if cfg.ingest.format not in ("auto", "json", "csv", "parquet"):
+        raise ConfigError(f"ingest.format: {cfg.ingest.format!r} is not one of auto, json, csv, parquet")
+    bad = set(cfg.ingest.field_map) - {"instruction", "context", "response", "category"}
+    if bad:
+        raise ConfigError(f"ingest.field_map: unknown target field(s) {sorted(bad)}; "
+                          "targets are instruction, context, response, category")
+    if not re.match(r"^[A-Za-z0-9_.:-]{1,128}$", cfg.run_id):
+        raise ConfigError(f"run_id: {cfg.run_id!r} may hold only letters, digits and _ . : -")
+
+
+def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin wrapper
+    argv = list(sys.argv[1:] if argv is None else argv)
+    job = argv.pop(0) if argv and "=" not in argv[0] else ""
+    print(load_config(job, argv).to_yaml())
+    return 0

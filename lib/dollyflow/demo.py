@@ -1,0 +1,51 @@
+"""The local end-to-end run behind ``scripts/run_local.sh``: the whole pipeline on local Spark
+with the tiny preset.
+
+Inputs: the 100 real dolly-15k records and the real pythia tokenizer from ``../shared`` when
+that folder is beside the checkout; otherwise a generated sample and a small BPE tokenizer
+trained on it (so a fresh clone anywhere still runs end to end). Extra arguments are passed
+through as config overrides (``dedupe.threshold=0.8``) or ``--env``/``--preset``.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from dollyflow.cli import run_pipeline
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = REPO.parent / "shared"
+
+
+def prepare_inputs(work: Path) -> tuple[Path, Path]:
+    """(sample JSON Lines file, tokenizer directory) for the demo."""
+    sample = SHARED / "data" / "dolly-sample.jsonl"
+    tokenizer = SHARED / "assets" / "gpt-neox-20b"
+    if not sample.is_file():
+        from dollyflow.core.samples import generate_records, write_jsonl
+        sample = write_jsonl(generate_records(200), work / "sample.jsonl")
+        print(f"[demo] ../shared not found: generated {sample}", flush=True)
+    if not tokenizer.is_dir():
+        tokenizer = work / "tokenizer"
+        if not (tokenizer / "tokenizer.json").is_file():
+            from dollyflow.core.tokens import train_small_tokenizer
+            texts = [v for line in open(sample, encoding="utf-8")
+                     for v in json.loads(line).values() if isinstance(v, str)]
+            train_small_tokenizer(texts, tokenizer)
+            print(f"[demo] ../shared not found: trained a small tokenizer in {tokenizer}", flush=True)
+    return sample, tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    work = REPO / "warehouse" / "_demo_inputs"
+    work.mkdir(parents=True, exist_ok=True)
+    sample, tokenizer = prepare_inputs(work)
+    print(f"[demo] input {sample}\n[demo] tokenizer {tokenizer}", flush=True)
+    return run_pipeline(["--preset", "tiny", f"ingest.input={sample}", f"model.tokenizer={tokenizer}",
+                         "tables.warehouse=warehouse", *argv])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

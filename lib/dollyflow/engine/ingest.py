@@ -1,0 +1,335 @@
+"""Ingest: annotation files -> validated rows (bronze) and rejected rows (quarantine).
+
+The driver only plans: it lists the input files and cuts them into chunks (byte ranges of JSON
+Lines files, row groups of Parquet files, whole CSV files). Spark tasks then read their chunk
+straight from storage (local paths or URIs through pyarrow's filesystems), validate each line
+with :mod:`dollyflow.core.records`, and emit one Arrow row per line. No record passes through
+the driver, and a file larger than memory streams through its tasks chunk by chunk.
+
+Line numbers of JSON Lines chunks are exact: a first, cheap pass counts the line starts in
+every chunk (C-speed ``bytes.count``), and the running sum gives each chunk its first line.
+"""
+from __future__ import annotations
+
+import csv
+import fnmatch
+import io
+import json
+import os
+from dataclasses import dataclass, replace
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from dollyflow.config import IngestConfig
+from dollyflow.core.records import Rules, Verdict, check_json_line, check_object, raw_text, record_id
+
+EXTENSIONS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv", ".parquet": "parquet"}
+
+PARSED_SCHEMA = pa.schema([
+    ("record_id", pa.string()), ("instruction", pa.string()), ("context", pa.string()),
+    ("response", pa.string()), ("category", pa.string()), ("source_file", pa.string()),
+    ("source_line", pa.int64()), ("reason", pa.string()), ("detail", pa.string()), ("raw", pa.string()),
+])
+PARSED_DDL = ("record_id string, instruction string, context string, response string, category string, "
+              "source_file string, source_line long, reason string, detail string, raw string")
+
+
+def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def _uri(fs: pafs.FileSystem, path: str, original: str) -> str:
+    if "://" not in original:
+        return path
+    scheme = original.split("://", 1)[0]
+    return f"{scheme}://{path}"
+
+
+def _format_of(path: str, fmt: str) -> str | None:
+    if fmt != "auto":
+        return fmt
+    return EXTENSIONS.get(os.path.splitext(path)[1].lower())
+
+
+def list_inputs(spec: str, fmt: str = "auto") -> list[tuple[str, str, int]]:
+    """(uri, format, size) of every input file named by a file, a directory or a glob."""
+    if not spec:
+        raise ValueError("ingest.input is empty: name a file, a directory or a glob")
+    fs, path = _fs(spec)
+    has_glob = any(c in path for c in "*?[")
+    base = path
+    if has_glob:
+        parts = path.split("/")
+        i = next(i for i, p in enumerate(parts) if any(c in p for c in "*?["))
+        base = "/".join(parts[:i]) or "/"
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"ingest input not found: {spec}")
+    if info.type == pafs.FileType.File:
+        infos = [info]
+    else:
+        infos = [i for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
+                 if i.type == pafs.FileType.File]
+    out = []
+    for i in sorted(infos, key=lambda i: i.path):
+        rel = i.path[len(base):].lstrip("/")
+        if any(p.startswith((".", "_")) for p in rel.split("/") if p):
+            continue  # hidden files, _SUCCESS, _delta_log
+        if has_glob and not fnmatch.fnmatch(i.path, path):
+            continue
+        f = _format_of(i.path, fmt)
+        if f is None:
+            if info.type == pafs.FileType.File:
+                raise ValueError(f"cannot tell the format of {i.path}; set ingest.format")
+            continue
+        out.append((_uri(fs, i.path, spec), f, i.size))
+    if not out:
+        raise FileNotFoundError(f"no input files (.jsonl/.json/.csv/.parquet) match {spec}")
+    return out
+
+
+def plan_chunks(files: list[tuple[str, str, int]], chunk_bytes: int) -> list[dict]:
+    """Split JSON Lines files into byte ranges, Parquet files into row groups (read from the
+    footer only), CSV files into one chunk each (quoted fields may span lines)."""
+    chunks = []
+    for uri, fmt, size in files:
+        if fmt == "json":
+            starts = list(range(0, max(size, 1), max(chunk_bytes, 1)))
+            for s in starts:
+                chunks.append({"file": uri, "format": fmt, "start": s, "end": min(s + chunk_bytes, size)})
+        elif fmt == "parquet":
+            fs, path = _fs(uri)
+            with fs.open_input_file(path) as f:
+                meta = pq.ParquetFile(f).metadata
+            row = 1  # rows are numbered across row groups, from 1
+            for g in range(meta.num_row_groups):
+                chunks.append({"file": uri, "format": fmt, "start": g, "end": g + 1, "first_line": row})
+                row += meta.row_group(g).num_rows
+        else:
+            chunks.append({"file": uri, "format": fmt, "start": 0, "end": size, "first_line": 1})
+    for i, c in enumerate(chunks):
+        c["chunk"] = i
+        c.setdefault("first_line", 0)  # JSON Lines: filled in from the line counts
+    return chunks
+
+
+# ---------------------------------------------------------------------------------------------
+# task side: reading a chunk
+
+
+def _open(uri: str):
+    fs, path = _fs(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return open(path, "rb", buffering=1 << 20)
+    return io.BufferedReader(fs.open_input_file(path), buffer_size=1 << 20)
+
+
+def count_line_starts(uri: str, start: int, end: int) -> int:
+    """How many lines start at a byte offset in [start, end)."""
+    if end <= start:
+        return 0
+    with _open(uri) as f:
+        n = 0
+        pos = max(start - 1, 0)
+        f.seek(pos)
+        if start == 0:
+            n = 1  # the first line of the file
+        remaining = end - 1 - pos  # newline positions p in [start-1, end-1) start a line at p+1
+        while remaining > 0:
+            buf = f.read(min(remaining, 8 << 20))
+            if not buf:
+                break
+            n += buf.count(b"\n")
+            remaining -= len(buf)
+        # a newline at the very end of the file starts no line
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        if end == size and size > 0:
+            f.seek(size - 1)
+            if f.read(1) == b"\n" and size - 1 >= max(start - 1, 0):
+                n -= 1
+        return n
+
+
+def iter_json_lines(uri: str, start: int, end: int, first_line: int) -> Iterator[tuple[int, bytes]]:
+    """(line number, line bytes without newline) for the lines that start in [start, end)."""
+    with _open(uri) as f:
+        pos = start
+        if start > 0:
+            f.seek(start - 1)
+            if f.read(1) != b"\n":  # mid-line: that line belongs to the previous chunk
+                skipped = f.readline()
+                pos = start + len(skipped)
+        else:
+            f.seek(0)
+        line_no = first_line
+        while pos < end:
+            line = f.readline()
+            if not line:
+                break
+            pos += len(line)
+            if line.endswith(b"\n"):
+                line = line[:-1]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            yield line_no, line
+            line_no += 1
+
+
+def _iter_csv(uri: str, rules: Rules) -> Iterator[tuple[int, Verdict, str]]:
+    with _open(uri) as f:
+        text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
+        reader = csv.reader(text)
+        try:
+            header = next(reader)
+        except StopIteration:
+            return
+        start = reader.line_num + 1
+        for row in reader:
+            line = start
+            start = reader.line_num + 1
+            raw = ",".join(row)
+            if any(_bad_text(v) for v in row) or any(_bad_text(h) for h in header):
+                yield line, Verdict(reason="invalid_utf8", detail="undecodable bytes"), raw
+                continue
+            if not any(v.strip() for v in row):
+                yield line, Verdict(reason="blank_line"), raw
+                continue
+            if len(row) != len(header):
+                yield line, Verdict(reason="malformed_row",
+                                    detail=f"{len(row)} columns, header has {len(header)}"), raw
+                continue
+            yield line, check_object(dict(zip(header, row)), rules), raw
+
+
+def _bad_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def _iter_parquet(uri: str, group: int, first_line: int, rules: Rules) -> Iterator[tuple[int, Verdict, str]]:
+    fs, path = _fs(uri)
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        line = first_line
+        for batch in pf.iter_batches(batch_size=4096, row_groups=[group]):
+            cols = {}
+            for name in batch.schema.names:
+                col = batch.column(name)
+                if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) \
+                        or pa.types.is_string_view(col.type):
+                    col = col.cast(pa.binary())  # decode ourselves, so invalid UTF-8 is caught
+                cols[name] = col.to_pylist()
+            for i in range(batch.num_rows):
+                obj, bad = {}, None
+                for name, values in cols.items():
+                    v = values[i]
+                    if isinstance(v, bytes):
+                        try:
+                            v = v.decode("utf-8")
+                        except UnicodeDecodeError as exc:
+                            bad = Verdict(reason="invalid_utf8", detail=f"{name} byte {exc.start}")
+                            v = v.decode("utf-8", "backslashreplace")
+                    obj[name] = v
+                raw = json.dumps(obj, ensure_ascii=False, default=str)
+                yield line, bad or check_object(obj, rules), raw
+                line += 1
+
+
+def parse_chunk(chunk: dict, rules: Rules, raw_limit: int) -> Iterator[tuple]:
+    """Validated rows of one chunk, as tuples in PARSED_SCHEMA order."""
+    uri = chunk["file"]
+    if chunk["format"] == "json":
+        rules = replace(rules, from_json=True)
+        items = ((n, check_json_line(line, rules), line)
+                 for n, line in iter_json_lines(uri, chunk["start"], chunk["end"], chunk["first_line"]))
+    elif chunk["format"] == "csv":
+        items = _iter_csv(uri, rules)
+    else:
+        items = _iter_parquet(uri, chunk["start"], chunk["first_line"], rules)
+    for n, verdict, raw in items:
+        r = verdict.record
+        if r is not None:
+            yield (record_id(r["instruction"], r["context"], r["response"], r["category"]),
+                   r["instruction"], r["context"], r["response"], r["category"], uri, n, None, None, None)
+        else:
+            yield (None, None, None, None, None, uri, n, verdict.reason, verdict.detail,
+                   raw_text(raw, raw_limit))
+
+
+def _to_batch(rows: list[tuple]) -> pa.RecordBatch:
+    cols = list(zip(*rows)) if rows else [[] for _ in PARSED_SCHEMA]
+    return pa.RecordBatch.from_arrays([pa.array(c, type=f.type) for c, f in zip(cols, PARSED_SCHEMA)],
+                                      schema=PARSED_SCHEMA)
+
+
+@dataclass(frozen=True)
+class ChunkParser:
+    """The mapInArrow function over ``spark.range(len(chunks))``: chunk ids in, rows out."""
+    chunks: tuple
+    rules: Rules
+    raw_limit: int
+    batch_rows: int = 4096
+
+    def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            for i in batch.column("id").to_pylist():
+                buf: list[tuple] = []
+                for row in parse_chunk(self.chunks[i], self.rules, self.raw_limit):
+                    buf.append(row)
+                    if len(buf) >= self.batch_rows:
+                        yield _to_batch(buf)
+                        buf = []
+                if buf:
+                    yield _to_batch(buf)
+
+
+@dataclass(frozen=True)
+class LineCounter:
+    """mapInArrow function: chunk ids in, (chunk, line starts) out."""
+    chunks: tuple
+
+    def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            ids = batch.column("id").to_pylist()
+            counts = [count_line_starts(self.chunks[i]["file"], self.chunks[i]["start"], self.chunks[i]["end"])
+                      for i in ids]
+            yield pa.RecordBatch.from_arrays([pa.array(ids, pa.int64()), pa.array(counts, pa.int64())],
+                                             names=["chunk", "lines"])
+
+
+def rules_of(cfg: IngestConfig) -> Rules:
+    return Rules(categories=frozenset(cfg.categories), max_field_chars=cfg.max_field_chars,
+                 field_map=dict(cfg.field_map), default_category=cfg.default_category)
+
+
+def _one_task_each(spark, n: int):
+    return spark.range(0, n, 1, numPartitions=max(n, 1))
+
+
+def parse_inputs(spark, cfg: IngestConfig):
+    """(DataFrame in PARSED_DDL with one row per input line/row, ``reason`` null when valid;
+    the list of input files). Each chunk is one Spark task."""
+    files = list_inputs(cfg.input, cfg.format)
+    chunks = plan_chunks(files, cfg.chunk_bytes)
+    json_chunks = tuple(c for c in chunks if c["format"] == "json")
+    if json_chunks:
+        # Pass 1: line starts per JSON Lines chunk; only one small row per chunk comes back.
+        counts = dict(_one_task_each(spark, len(json_chunks))
+                      .mapInArrow(LineCounter(json_chunks), "chunk long, lines long")
+                      .toPandas().itertuples(index=False, name=None))
+        nxt: dict[str, int] = {}
+        for i, c in enumerate(json_chunks):
+            c["first_line"] = nxt.get(c["file"], 1)
+            nxt[c["file"]] = c["first_line"] + counts[i]
+    parsed = _one_task_each(spark, len(chunks)).mapInArrow(
+        ChunkParser(tuple(chunks), rules_of(cfg), cfg.raw_max_chars), PARSED_DDL)
+    return parsed, files

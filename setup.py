@@ -1,0 +1,61 @@
+"""dollyflow: a wheel for Databricks python_wheel_task, spark-submit, and local runs.
+
+pyspark is not a hard requirement: Databricks runtimes ship their own. Extras:
+  spark    pyspark, delta-spark, deltalake (offline Delta), pyarrow, pandas<3
+  train    torch, transformers>=5, accelerate, safetensors, deepspeed, mlflow-skinny
+  horovod  horovod[pytorch]
+  dev      pytest and friends
+"""
+import shutil
+from pathlib import Path
+
+from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+HERE = Path(__file__).parent
+JOBS = ["ingest", "dedupe", "tokenize"]
+
+
+class BuildWithConf(build_py):
+    """Ship conf/ inside the wheel as dollyflow/_conf, so a bundle's wheel task finds its YAML."""
+
+    def run(self):
+        super().run()
+        src = HERE / "conf"
+        if src.is_dir():
+            dst = Path(self.build_lib) / "dollyflow" / "_conf"
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(src, dst)
+
+
+setup(
+    name="dollyflow",
+    version="0.1.0",
+    description="Dolly-style instruction tuning on Spark: ingest, dedupe, tokenize, train, serve",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    package_dir={"": "lib"},
+    packages=find_packages("lib"),
+    package_data={"dollyflow.engine": ["log4j2.properties"]},
+    cmdclass={"build_py": BuildWithConf},
+    install_requires=[
+        "pyyaml>=6",
+        "numpy>=1.24",
+        "xxhash>=3",
+        "orjson>=3.9",
+    ],
+    extras_require={
+        "spark": ["pyspark>=4.0.1,<=4.2.0", "delta-spark>=4.0", "deltalake>=1.2", "pyarrow>=18",
+                  "pandas>=2.2,<3"],
+        "train": ["torch>=2.4", "transformers>=5", "tokenizers>=0.21", "accelerate>=1.2",
+                  "safetensors>=0.4", "deepspeed>=0.16", "mlflow-skinny>=3"],
+        "horovod": ["horovod[pytorch]>=0.28"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "datasketch>=1.6"],
+    },
+    entry_points={
+        "console_scripts": ["dollyflow=dollyflow.cli:main"]
+        + [f"dollyflow-{job}=dollyflow.jobs.{job}:main" for job in JOBS],
+    },
+)

@@ -1,0 +1,78 @@
+import pytest
+
+from dollyflow.config import Config, ConfigError, check_identifier, load_config, parse_override
+
+
+def test_defaults_and_layers_resolve():
+    cfg = load_config("ingest")
+    assert isinstance(cfg, Config)
+    assert cfg.model.name == "EleutherAI/pythia-2.8b"      # preset from defaults.yaml
+    assert cfg.spark.master == "local[2]"
+    assert cfg.run_id.startswith("ingest-")
+    assert "open_qa" in cfg.ingest.categories
+
+
+def test_preset_env_and_override_order():
+    cfg = load_config("ingest", ["model.max_length=256", "tables.schema=s1"], preset="tiny", env="cluster")
+    assert cfg.model.name == "tiny-gpt-neox"               # preset
+    assert cfg.tables.backend == "native"                  # env
+    assert cfg.model.max_length == 256                     # override beats preset
+    assert cfg.tables.schema == "s1"
+
+
+def test_override_can_select_preset():
+    assert load_config("x", ["preset=pythia-70m"]).model.name == "EleutherAI/pythia-70m"
+
+
+def test_override_values_are_typed():
+    cfg = load_config("", ["ingest.categories=[a, b]", "ingest.field_map={instruction: prompt}",
+                           "dedupe.threshold=1", "run_id=20240101"])
+    assert cfg.ingest.categories == ["a", "b"]
+    assert cfg.ingest.field_map == {"instruction": "prompt"}
+    assert cfg.dedupe.threshold == 1.0 and isinstance(cfg.dedupe.threshold, float)
+    assert cfg.run_id == "20240101"
+
+
+def test_unknown_key_names_key_and_source():
+    with pytest.raises(ConfigError, match=r"unknown key 'dedupe.thresh'.*override"):
+        load_config("", ["dedupe.thresh=0.5"])
+    with pytest.raises(ConfigError, match=r"unknown key 'nope'"):
+        load_config("", ["nope=1"])
+
+
+def test_wrong_type_names_key_and_source(tmp_path):
+    conf = tmp_path / "conf"
+    (conf / "jobs").mkdir(parents=True)
+    (conf / "defaults.yaml").write_text("spark:\n  shuffle_partitions: many\n")
+    with pytest.raises(ConfigError, match=r"spark.shuffle_partitions: expected int.*defaults.yaml"):
+        load_config("", conf=conf)
+    with pytest.raises(ConfigError, match=r"ui: expected bool"):
+        load_config("", ["spark.ui=maybe"])
+
+
+def test_unknown_preset_lists_available():
+    with pytest.raises(ConfigError, match=r"unknown preset 'pythia-99b'.*pythia-70m"):
+        load_config("", preset="pythia-99b")
+
+
+@pytest.mark.parametrize("bad", ["bronze; DROP TABLE x", "a.b", "`x`", "", "1abc", "x y"])
+def test_table_names_must_be_identifiers(bad):
+    with pytest.raises(ConfigError):
+        check_identifier(bad, "t")
+    with pytest.raises(ConfigError):
+        load_config("", [f"tables.silver={bad!r}"] if bad else ["tables.silver="])
+
+
+def test_parse_override_shapes():
+    assert parse_override("a.b.c=3") == {"a": {"b": {"c": 3}}}
+    assert parse_override("a=") == {"a": ""}
+    with pytest.raises(ConfigError):
+        parse_override("no-equals")
+
+
+def test_cli_config_prints_resolved(capsys):
+    from dollyflow.cli import main
+    assert main(["config", "ingest", "--preset", "tiny", "ingest.max_field_chars=7"]) == 0
+    out = capsys.readouterr().out
+    assert "max_field_chars: 7" in out and "tiny-gpt-neox" in out
+    assert main(["config", "ingest", "bogus.key=1"]) == 2

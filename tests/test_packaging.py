@@ -1,0 +1,43 @@
+"""The wheel a Databricks bundle installs: conf/ inside it, one console script per job."""
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_wheel_carries_conf_and_entry_points(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(REPO)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("dollyflow-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        assert "dollyflow/_conf/defaults.yaml" in names
+        assert "dollyflow/_conf/model/pythia-2.8b.yaml" in names
+        assert "dollyflow/engine/log4j2.properties" in names
+        assert not any(n.startswith("pyspark") for n in names)
+        entry = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+        meta = z.read(next(n for n in names if n.endswith("METADATA"))).decode()
+    for job in ("ingest", "dedupe", "tokenize"):
+        assert f"dollyflow-{job} = dollyflow.jobs.{job}:main" in entry
+    assert "dollyflow = dollyflow.cli:main" in entry
+    requires = [l for l in meta.splitlines() if l.startswith("Requires-Dist:")]
+    hard = [l for l in requires if "extra ==" not in l]
+    assert not any("pyspark" in l or "torch" in l for l in hard)      # extras only
+    assert any("pyspark" in l and 'extra == "spark"' in l for l in requires)
+
+
+def test_bundle_tasks_match_jobs():
+    import yaml
+    bundle = yaml.safe_load((REPO / "databricks.yml").read_text())
+    tasks = bundle["resources"]["jobs"]["dollyflow"]["tasks"]
+    for t in tasks:
+        name = t["task_key"]
+        assert t["python_wheel_task"]["entry_point"] == f"dollyflow-{name}"
+        assert (REPO / "jobs" / f"{name}.py").is_file()
+        assert (REPO / "conf" / "jobs" / f"{name}.yaml").is_file()
+        assert (REPO / "lib" / "dollyflow" / "jobs" / f"{name}.py").is_file()
