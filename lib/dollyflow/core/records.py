@@ -55,6 +55,15 @@ class Rules:
     def key(self, name: str) -> str:
         return self.field_map.get(name, name)
 
+    @property
+    def keys(self) -> tuple[tuple[str, str], ...]:
+        """(dolly field, input key) for the four fields, in FIELDS order."""
+        cached = self.__dict__.get("_keys")
+        if cached is None:
+            cached = tuple((name, self.key(name)) for name in FIELDS)
+            object.__setattr__(self, "_keys", cached)
+        return cached
+
 
 @dataclass
 class Verdict:
@@ -73,11 +82,11 @@ def _has_surrogates(s: str) -> bool:
 
 def check_object(obj: Any, rules: Rules) -> Verdict:
     """Validate one parsed input object (a JSON object, a CSV row, a Parquet row)."""
-    if not isinstance(obj, dict):
+    if type(obj) is not dict:
         return Verdict(reason="not_an_object", detail=f"got a JSON {type(obj).__name__}")
-    out: dict[str, str] = {}
-    for name in FIELDS:
-        key = rules.key(name)
+    check_surrogates = _SURROGATES_POSSIBLE or not rules.from_json
+    values = []
+    for name, key in rules.keys:
         value = obj.get(key)
         if value is None:
             if name == "context":
@@ -86,21 +95,23 @@ def check_object(obj: Any, rules: Rules) -> Verdict:
                 value = rules.default_category
             else:
                 return Verdict(reason="missing_field", detail=f"{key} is {'null' if key in obj else 'absent'}")
-        if not isinstance(value, str):
+        if type(value) is not str:
             return Verdict(reason="wrong_type", detail=f"{key} is a {type(value).__name__}, not a string")
-        if (_SURROGATES_POSSIBLE or not rules.from_json) and _has_surrogates(value):
+        if check_surrogates and _has_surrogates(value):
             return Verdict(reason="invalid_utf8", detail=f"{key} holds a lone surrogate escape")
-        out[name] = value
-    for name in FIELDS:
-        if len(out[name]) > rules.max_field_chars:
-            return Verdict(reason="oversized_field",
-                           detail=f"{rules.key(name)} has {len(out[name])} chars > {rules.max_field_chars}")
-    for name in ("instruction", "response"):
-        if not out[name].strip():
-            return Verdict(reason="empty_field", detail=f"{rules.key(name)} is empty after trimming")
-    if rules.categories and out["category"] not in rules.categories:
-        return Verdict(reason="unknown_category", detail=f"category {out['category'][:100]!r}")
-    return Verdict(record=out)
+        values.append(value)
+    limit = rules.max_field_chars
+    for (name, key), value in zip(rules.keys, values):
+        if len(value) > limit:
+            return Verdict(reason="oversized_field", detail=f"{key} has {len(value)} chars > {limit}")
+    instruction, context, response, category = values
+    if not instruction.strip():
+        return Verdict(reason="empty_field", detail=f"{rules.key('instruction')} is empty after trimming")
+    if not response.strip():
+        return Verdict(reason="empty_field", detail=f"{rules.key('response')} is empty after trimming")
+    if rules.categories and category not in rules.categories:
+        return Verdict(reason="unknown_category", detail=f"category {category[:100]!r}")
+    return Verdict(record=dict(zip(FIELDS, values)))
 
 
 def check_json_line(raw: bytes, rules: Rules) -> Verdict:

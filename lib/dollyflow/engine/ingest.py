@@ -244,8 +244,8 @@ def _iter_parquet(uri: str, group: int, first_line: int, rules: Rules) -> Iterat
                 line += 1
 
 
-def parse_chunk(chunk: dict, rules: Rules, raw_limit: int) -> Iterator[tuple]:
-    """Validated rows of one chunk, as tuples in PARSED_SCHEMA order."""
+def parse_chunk(chunk: dict, rules: Rules, raw_limit: int, batch_rows: int = 8192) -> Iterator[pa.RecordBatch]:
+    """Validated rows of one chunk as Arrow batches in PARSED_SCHEMA (built column by column)."""
     uri = chunk["file"]
     if chunk["format"] == "json":
         rules = replace(rules, from_json=True)
@@ -255,20 +255,44 @@ def parse_chunk(chunk: dict, rules: Rules, raw_limit: int) -> Iterator[tuple]:
         items = _iter_csv(uri, rules)
     else:
         items = _iter_parquet(uri, chunk["start"], chunk["first_line"], rules)
+    cols: list[list] = [[] for _ in PARSED_SCHEMA]
+    (rid, ins, ctx, rsp, cat, _src, line_no, reason, detail, raws) = cols
     for n, verdict, raw in items:
         r = verdict.record
+        line_no.append(n)
         if r is not None:
-            yield (record_id(r["instruction"], r["context"], r["response"], r["category"]),
-                   r["instruction"], r["context"], r["response"], r["category"], uri, n, None, None, None)
+            i, c, p, k = r["instruction"], r["context"], r["response"], r["category"]
+            rid.append(record_id(i, c, p, k))
+            ins.append(i)
+            ctx.append(c)
+            rsp.append(p)
+            cat.append(k)
+            reason.append(None)
+            detail.append(None)
+            raws.append(None)
         else:
-            yield (None, None, None, None, None, uri, n, verdict.reason, verdict.detail,
-                   raw_text(raw, raw_limit))
+            for col in (rid, ins, ctx, rsp, cat):
+                col.append(None)
+            reason.append(verdict.reason)
+            detail.append(verdict.detail)
+            raws.append(raw_text(raw, raw_limit))
+        if len(line_no) >= batch_rows:
+            yield _to_batch(cols, uri)
+            for col in cols:
+                col.clear()
+    if line_no:
+        yield _to_batch(cols, uri)
 
 
-def _to_batch(rows: list[tuple]) -> pa.RecordBatch:
-    cols = list(zip(*rows)) if rows else [[] for _ in PARSED_SCHEMA]
-    return pa.RecordBatch.from_arrays([pa.array(c, type=f.type) for c, f in zip(cols, PARSED_SCHEMA)],
-                                      schema=PARSED_SCHEMA)
+def _to_batch(cols: list[list], uri: str) -> pa.RecordBatch:
+    n = len(cols[6])
+    arrays = []
+    for i, (col, f) in enumerate(zip(cols, PARSED_SCHEMA)):
+        if f.name == "source_file":
+            arrays.append(pa.array([uri] * n, type=f.type))   # dictionary-like: one value per chunk
+        else:
+            arrays.append(pa.array(col, type=f.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=PARSED_SCHEMA)
 
 
 @dataclass(frozen=True)
@@ -277,19 +301,12 @@ class ChunkParser:
     chunks: tuple
     rules: Rules
     raw_limit: int
-    batch_rows: int = 4096
+    batch_rows: int = 8192
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             for i in batch.column("id").to_pylist():
-                buf: list[tuple] = []
-                for row in parse_chunk(self.chunks[i], self.rules, self.raw_limit):
-                    buf.append(row)
-                    if len(buf) >= self.batch_rows:
-                        yield _to_batch(buf)
-                        buf = []
-                if buf:
-                    yield _to_batch(buf)
+                yield from parse_chunk(self.chunks[i], self.rules, self.raw_limit, self.batch_rows)
 
 
 @dataclass(frozen=True)
