@@ -70,7 +70,7 @@ def worker(mode: str, path: str, work: str) -> None:
     from dollyflow.engine.session import get_session
 
     cfg = load_config("ingest", [f"tables.warehouse={work}/wh-{mode}", f"ingest.input={path}",
-                                 "spark.shuffle_partitions=8", "spark.driver_memory=2g"])
+                                 "spark.shuffle_partitions=8", "spark.driver_memory=4g"])
     spark = get_session(cfg.spark)
     spark.range(1).count()  # JVM warm-up outside the timing
     t0 = time.time()

@@ -32,9 +32,11 @@ PARSED_SCHEMA = pa.schema([
     ("record_id", pa.string()), ("instruction", pa.string()), ("context", pa.string()),
     ("response", pa.string()), ("category", pa.string()), ("source_file", pa.string()),
     ("source_line", pa.int64()), ("reason", pa.string()), ("detail", pa.string()), ("raw", pa.string()),
+    ("pos", pa.int64()),
 ])
 PARSED_DDL = ("record_id string, instruction string, context string, response string, category string, "
-              "source_file string, source_line long, reason string, detail string, raw string")
+              "source_file string, source_line long, reason string, detail string, raw string, pos long")
+LINE_BITS = 40   # pos = file index << 40 | line: the input order of a line, as one sortable long
 
 
 def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -97,7 +99,8 @@ def plan_chunks(files: list[tuple[str, str, int]], chunk_bytes: int) -> list[dic
     """Split JSON Lines files into byte ranges, Parquet files into row groups (read from the
     footer only), CSV files into one chunk each (quoted fields may span lines)."""
     chunks = []
-    for uri, fmt, size in files:
+    for file_index, (uri, fmt, size) in enumerate(files):
+        first = len(chunks)
         if fmt == "json":
             starts = list(range(0, max(size, 1), max(chunk_bytes, 1)))
             for s in starts:
@@ -112,6 +115,8 @@ def plan_chunks(files: list[tuple[str, str, int]], chunk_bytes: int) -> list[dic
                 row += meta.row_group(g).num_rows
         else:
             chunks.append({"file": uri, "format": fmt, "start": 0, "end": size, "first_line": 1})
+        for c in chunks[first:]:
+            c["file_index"] = file_index
     for i, c in enumerate(chunks):
         c["chunk"] = i
         c.setdefault("first_line", 0)  # JSON Lines: filled in from the line counts
@@ -256,7 +261,8 @@ def parse_chunk(chunk: dict, rules: Rules, raw_limit: int, batch_rows: int = 819
     else:
         items = _iter_parquet(uri, chunk["start"], chunk["first_line"], rules)
     cols: list[list] = [[] for _ in PARSED_SCHEMA]
-    (rid, ins, ctx, rsp, cat, _src, line_no, reason, detail, raws) = cols
+    (rid, ins, ctx, rsp, cat, _src, line_no, reason, detail, raws, _pos) = cols
+    base = chunk["file_index"] << LINE_BITS
     for n, verdict, raw in items:
         r = verdict.record
         line_no.append(n)
@@ -277,19 +283,22 @@ def parse_chunk(chunk: dict, rules: Rules, raw_limit: int, batch_rows: int = 819
             detail.append(verdict.detail)
             raws.append(raw_text(raw, raw_limit))
         if len(line_no) >= batch_rows:
-            yield _to_batch(cols, uri)
+            yield _to_batch(cols, uri, base)
             for col in cols:
                 col.clear()
     if line_no:
-        yield _to_batch(cols, uri)
+        yield _to_batch(cols, uri, base)
 
 
-def _to_batch(cols: list[list], uri: str) -> pa.RecordBatch:
+def _to_batch(cols: list[list], uri: str, base: int) -> pa.RecordBatch:
+    import pyarrow.compute as pc
     n = len(cols[6])
     arrays = []
-    for i, (col, f) in enumerate(zip(cols, PARSED_SCHEMA)):
+    for col, f in zip(cols, PARSED_SCHEMA):
         if f.name == "source_file":
-            arrays.append(pa.array([uri] * n, type=f.type))   # dictionary-like: one value per chunk
+            arrays.append(pa.array([uri] * n, type=f.type))   # one value per chunk
+        elif f.name == "pos":
+            arrays.append(pc.add(arrays[6], pa.scalar(base, pa.int64())))
         else:
             arrays.append(pa.array(col, type=f.type))
     return pa.RecordBatch.from_arrays(arrays, schema=PARSED_SCHEMA)
@@ -337,16 +346,21 @@ def parse_inputs(spark, cfg: IngestConfig):
     the list of input files). Each chunk is one Spark task."""
     files = list_inputs(cfg.input, cfg.format)
     chunks = plan_chunks(files, cfg.chunk_bytes)
-    json_chunks = tuple(c for c in chunks if c["format"] == "json")
-    if json_chunks:
-        # Pass 1: line starts per JSON Lines chunk; only one small row per chunk comes back.
-        counts = dict(_one_task_each(spark, len(json_chunks))
-                      .mapInArrow(LineCounter(json_chunks), "chunk long, lines long")
-                      .toPandas().itertuples(index=False, name=None))
-        nxt: dict[str, int] = {}
-        for i, c in enumerate(json_chunks):
-            c["first_line"] = nxt.get(c["file"], 1)
-            nxt[c["file"]] = c["first_line"] + counts[i]
+    # Pass 1: count the line starts of every JSON Lines chunk that has a successor in its file
+    # (one small row per chunk comes back), so each chunk knows its first line number.
+    json_chunks = [c for c in chunks if c["format"] == "json"]
+    last = {c["file"]: c["chunk"] for c in json_chunks}
+    to_count = tuple(c for c in json_chunks if c["chunk"] != last[c["file"]])
+    counts: dict[int, int] = {}
+    if to_count:
+        got = (_one_task_each(spark, len(to_count)).mapInArrow(LineCounter(to_count), "chunk long, lines long")
+               .toPandas().itertuples(index=False, name=None))
+        counts = {to_count[i]["chunk"]: n for i, n in got}
+    nxt: dict[str, int] = {}
+    for c in json_chunks:
+        c["first_line"] = nxt.get(c["file"], 1)
+        if c["chunk"] in counts:
+            nxt[c["file"]] = c["first_line"] + counts[c["chunk"]]
     parsed = _one_task_each(spark, len(chunks)).mapInArrow(
         ChunkParser(tuple(chunks), rules_of(cfg), cfg.raw_max_chars), PARSED_DDL)
     return parsed, files

@@ -21,7 +21,6 @@ RUNS_DDL = ("run_id string, started_at timestamp, finished_at timestamp, inputs 
 
 def run(cfg: Config, spark) -> dict:
     from pyspark import StorageLevel
-    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     from dollyflow.engine.delta import DeltaStore
@@ -38,14 +37,19 @@ def run(cfg: Config, spark) -> dict:
         valid = by_reason.pop(None, 0)
         stamp = F.lit(started).cast("timestamp")
 
-        # One row per record_id: the first occurrence (file, then line) within this run...
-        first = Window.partitionBy("record_id").orderBy("source_file", "source_line")
-        new = (parsed.filter(F.col("reason").isNull())
-               .withColumn("_n", F.row_number().over(first)).filter("_n = 1"))
-        # ...that bronze does not hold yet.
+        # One row per record_id: its first occurrence in input order (file, then line), unless
+        # bronze holds it already. Worked out on (record_id, pos) keys only; the full rows are
+        # then filtered by an anti-join on the (usually few) rejected keys, broadcast when small.
+        good = parsed.filter(F.col("reason").isNull())
+        keys = good.select("record_id", "pos")
+        firsts = keys.groupBy("record_id").agg(F.min("pos").alias("first"), F.count("*").alias("n"))
+        rejected = (keys.join(firsts.filter("n > 1"), "record_id")
+                    .filter(F.col("pos") != F.col("first")).select("record_id", "pos"))
         bronze_version = store.version(t.bronze)
         if bronze_version is not None:
-            new = new.join(store.read(t.bronze, bronze_version).select("record_id"), "record_id", "left_anti")
+            held = store.read(t.bronze, bronze_version).select("record_id")
+            rejected = rejected.unionByName(keys.join(held, "record_id", "left_semi"))
+        new = good.join(rejected, ["record_id", "pos"], "left_anti")
         new = new.withColumn("ingested_at", stamp).withColumn("run_id", F.lit(cfg.run_id)).select(*BRONZE_COLUMNS)
         # nothing new: no commit, so bronze keeps its version
         bronze_version = store.write(new, t.bronze, mode="append", job="ingest", run_id=cfg.run_id,
