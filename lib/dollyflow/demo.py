@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     sample, tokenizer = prepare_inputs(work)
     print(f"[demo] input {sample}\n[demo] tokenizer {tokenizer}", flush=True)
+    # 100-200 records: a tenth of them for test (Dolly held out 1000 of 15k)
     return run_pipeline(["--preset", "tiny", f"ingest.input={sample}", f"model.tokenizer={tokenizer}",
+                         "tokenize.test_size=0.1",
                          "tables.warehouse=warehouse", *argv])
 
 

@@ -142,3 +142,19 @@ def test_glob_input_and_cli(spark, sample_path, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["files"] == 2 and out["lines_read"] == 16 and out["rows_new"] == 15
     assert out["quarantined_by_reason"] == {"blank_line": 1}
+
+
+@pytest.mark.parametrize("data", [b"a\nb\nc\n", b"a\nb\nc", b"\n\nx\n", b"abc", b"a\n"])
+def test_chunk_line_starts_add_up(tmp_path, data):
+    from dollyflow.engine.ingest import count_line_starts, iter_json_lines
+    f = tmp_path / "f.jsonl"
+    f.write_bytes(data)
+    whole = list(iter_json_lines(str(f), 0, len(data), 1))
+    for size in range(1, len(data) + 1):
+        bounds = list(range(0, len(data), size)) + [len(data)]
+        got, first = [], 1
+        for a, b in zip(bounds, bounds[1:]):
+            got += list(iter_json_lines(str(f), a, b, first))
+            first += count_line_starts(str(f), a, b)
+        assert got == whole, size
+        assert first - 1 == len(whole)

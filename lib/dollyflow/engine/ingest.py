@@ -151,13 +151,6 @@ def count_line_starts(uri: str, start: int, end: int) -> int:
                 break
             n += buf.count(b"\n")
             remaining -= len(buf)
-        # a newline at the very end of the file starts no line
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        if end == size and size > 0:
-            f.seek(size - 1)
-            if f.read(1) == b"\n" and size - 1 >= max(start - 1, 0):
-                n -= 1
         return n
 
 

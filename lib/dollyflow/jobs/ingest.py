@@ -14,6 +14,7 @@ from dollyflow.config import Config
 BRONZE_COLUMNS = ["record_id", "instruction", "context", "response", "category", "source_file",
                   "source_line", "ingested_at", "run_id"]
 QUARANTINE_COLUMNS = ["source_file", "source_line", "reason", "detail", "raw", "ingested_at", "run_id"]
+BROADCAST_KEYS = 2_000_000   # rejected (record_id, pos) keys up to this many are broadcast
 RUNS_DDL = ("run_id string, started_at timestamp, finished_at timestamp, inputs array<string>, "
             "files long, lines_read long, rows_new long, rows_existing long, rows_quarantined long, "
             "quarantined_by_reason map<string,long>, bronze_version long, settings string")
@@ -42,19 +43,28 @@ def run(cfg: Config, spark) -> dict:
         # then filtered by an anti-join on the (usually few) rejected keys, broadcast when small.
         good = parsed.filter(F.col("reason").isNull())
         keys = good.select("record_id", "pos")
-        firsts = keys.groupBy("record_id").agg(F.min("pos").alias("first"), F.count("*").alias("n"))
-        rejected = (keys.join(firsts.filter("n > 1"), "record_id")
-                    .filter(F.col("pos") != F.col("first")).select("record_id", "pos"))
+        rejected = (keys.groupBy("record_id")
+                    .agg(F.min("pos").alias("first"), F.collect_list("pos").alias("seen"))
+                    .filter(F.size("seen") > 1)
+                    .select("record_id", F.explode(F.array_remove("seen", F.col("first"))).alias("pos")))
         bronze_version = store.version(t.bronze)
         if bronze_version is not None:
             held = store.read(t.bronze, bronze_version).select("record_id")
             rejected = rejected.unionByName(keys.join(held, "record_id", "left_semi"))
-        new = good.join(rejected, ["record_id", "pos"], "left_anti")
+        rejected = rejected.persist(StorageLevel.MEMORY_AND_DISK)
+        n_rejected = rejected.count()
+        if n_rejected == 0:
+            new = good
+        elif n_rejected <= BROADCAST_KEYS:
+            new = good.join(F.broadcast(rejected), ["record_id", "pos"], "left_anti")
+        else:
+            new = good.join(rejected, ["record_id", "pos"], "left_anti")
         new = new.withColumn("ingested_at", stamp).withColumn("run_id", F.lit(cfg.run_id)).select(*BRONZE_COLUMNS)
         # nothing new: no commit, so bronze keeps its version
         bronze_version = store.write(new, t.bronze, mode="append", job="ingest", run_id=cfg.run_id,
                                      skip_empty=True)
         rows_new = store.last_write_rows
+        rejected.unpersist()
 
         quarantined = sum(by_reason.values())
         if quarantined or not store.exists(t.quarantine):
