@@ -31,7 +31,15 @@ def run(cfg: Config, spark) -> dict:
     t = cfg.tables
     started = datetime.now(timezone.utc)
     parsed, files = parse_inputs(spark, cfg.ingest)
-    parsed = parsed.persist(StorageLevel.MEMORY_AND_DISK)
+    # The parsed lines are read several times (accounting, keys, bronze, quarantine): parse once.
+    # Path-based tables: a Parquet staging copy, whose narrow columns later reads scan cheaply;
+    # catalog tables (no shared path known): Spark's cache.
+    staging = _staging_path(cfg, store)
+    if staging:
+        parsed.write.mode("overwrite").parquet(staging)
+        parsed = spark.read.parquet(staging)
+    else:
+        parsed = parsed.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         by_reason = {r["reason"]: int(r["count"]) for r in parsed.groupBy("reason").count().collect()}
         lines_read = sum(by_reason.values())
@@ -76,6 +84,8 @@ def run(cfg: Config, spark) -> dict:
             store.write(bad, t.quarantine, mode="append", job="ingest", run_id=cfg.run_id, skip_empty=True)
     finally:
         parsed.unpersist()
+        if staging:
+            _remove(staging)
 
     summary = {
         "job": "ingest", "run_id": cfg.run_id, "inputs": [f for f, _, _ in files],
@@ -93,6 +103,22 @@ def run(cfg: Config, spark) -> dict:
                 run_id=cfg.run_id)
     summary["ingest_runs"] = store.location(t.ingest_runs)
     return summary
+
+
+def _staging_path(cfg: Config, store) -> str | None:
+    ref = store.ref(cfg.tables.bronze)
+    if ref.path is None:
+        return None
+    return f"{ref.path.rsplit('/', 1)[0]}/_staging/{cfg.run_id}"
+
+
+def _remove(path: str) -> None:
+    from dollyflow.engine.delta_rs import filesystem
+    fs, root = filesystem(path)
+    try:
+        fs.delete_dir(root)
+    except (OSError, FileNotFoundError):
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
