@@ -41,3 +41,13 @@ def test_bundle_tasks_match_jobs():
         assert (REPO / "jobs" / f"{name}.py").is_file()
         assert (REPO / "conf" / "jobs" / f"{name}.yaml").is_file()
         assert (REPO / "lib" / "dollyflow" / "jobs" / f"{name}.py").is_file()
+
+
+@pytest.mark.parametrize("job", ["ingest", "dedupe", "tokenize"])
+def test_spark_submit_scripts_start(job):
+    """jobs/<job>.py run as scripts (sys.path[0] = jobs/, where tokenize.py would shadow the
+    standard library's tokenize) must start and parse arguments."""
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / f"{job}.py"), "--help"], cwd=REPO / "jobs",
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"dollyflow {job}" in out.stdout

@@ -1,0 +1,371 @@
+"""Training shards: planning balanced by tokens, the manifest, a reader for the trainer and an
+optional MDS export (engine-free: pyarrow and numpy only, no Spark, no Delta).
+
+A shard directory holds::
+
+    manifest.json                      what the shards hold (see :func:`build_manifest`)
+    tokenizer/                         the exact tokenizer used (load_tokenizer(dir/"tokenizer"))
+    train-00000-of-00008.parquet ...   record_id, category, input_ids list<int32>,
+    test-00000-of-00001.parquet  ...   response_start int32, length int32
+
+The trainer needs only this directory: :class:`ShardDataset` yields ``input_ids`` and Dolly's
+``labels`` (``-100`` up to and including ``### Response:\\n``), :func:`collate` pads a batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+import io
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dollyflow.core.tokens import IGNORE_INDEX
+
+MANIFEST = "manifest.json"
+TOKENIZER_DIR = "tokenizer"
+FORMAT = "dollyflow-shards"
+FORMAT_VERSION = 1
+
+SHARD_SCHEMA = pa.schema([
+    ("record_id", pa.string()),
+    ("category", pa.string()),
+    ("input_ids", pa.list_(pa.int32())),
+    ("response_start", pa.int32()),
+    ("length", pa.int32()),
+])
+
+
+# ---------------------------------------------------------------------------------------------
+# planning
+
+
+def shard_count(num_shards: int, records: int) -> int:
+    """Shards actually written for a split: ``num_shards``, but never more than its records."""
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    return max(1, min(int(num_shards), int(records)))
+
+
+def plan_shards(lengths: Sequence[int], keys: Sequence[int], num_shards: int) -> np.ndarray:
+    """Shard index of each record, balancing tokens: longest first, each to the least-loaded
+    shard (ties: lowest index); records of equal length go in ``keys`` order, so the plan is
+    deterministic. With ``n`` shards no shard exceeds the mean by more than one record."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    keys = np.asarray(keys, dtype=np.int64)
+    n = shard_count(num_shards, len(lengths))
+    out = np.zeros(len(lengths), dtype=np.int32)
+    if len(lengths) == 0:
+        return out
+    order = np.lexsort((keys, -lengths))
+    heap = [(0, s) for s in range(n)]
+    for i in order:
+        load, s = heapq.heappop(heap)
+        out[i] = s
+        heapq.heappush(heap, (load + int(lengths[i]), s))
+    return out
+
+
+def shard_file_name(split: str, index: int, count: int) -> str:
+    return f"{split}-{index:05d}-of-{count:05d}.parquet"
+
+
+def histogram_edges(max_length: int) -> list[int]:
+    """Half-open bins ``[e[i], e[i+1])``: 0, 64, 128, ... powers of two, then max_length + 1."""
+    edges = [0]
+    e = 64
+    while e <= max_length:
+        edges.append(e)
+        e *= 2
+    if edges[-1] != max_length + 1:
+        edges.append(max_length + 1)
+    return edges
+
+
+# ---------------------------------------------------------------------------------------------
+# writing one shard and describing it
+
+
+def _filesystem(path: str):
+    from pyarrow import fs
+
+    if "://" in path:
+        return fs.FileSystem.from_uri(path)
+    return fs.LocalFileSystem(), str(Path(path).absolute())
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to a local path or a filesystem URI (creating parent directories)."""
+    filesystem, p = _filesystem(path)
+    parent = p.rsplit("/", 1)[0]
+    if parent:
+        filesystem.create_dir(parent, recursive=True)
+    with filesystem.open_output_stream(p) as f:
+        f.write(data)
+
+
+def shard_stats(table: pa.Table, edges: Sequence[int]) -> dict:
+    """Records, tokens, label tokens, per-category counts and the length histogram of a shard."""
+    lengths = table.column("length").to_numpy().astype(np.int64)
+    starts = table.column("response_start").to_numpy().astype(np.int64)
+    cats = table.column("category").to_pylist()
+    per_cat: dict[str, dict[str, int]] = {}
+    for c, n in zip(cats, lengths.tolist()):
+        d = per_cat.setdefault(c if c is not None else "", {"records": 0, "tokens": 0})
+        d["records"] += 1
+        d["tokens"] += n
+    hist = np.histogram(lengths, bins=np.asarray(edges))[0] if len(lengths) else np.zeros(len(edges) - 1)
+    return {"records": int(len(lengths)), "tokens": int(lengths.sum()),
+            "label_tokens": int((lengths - starts).sum()),
+            "categories": dict(sorted(per_cat.items())),
+            "length_histogram": [int(x) for x in hist]}
+
+
+def write_shard(table: pa.Table, path: str, edges: Sequence[int]) -> dict:
+    """Write one shard as Parquet; return its stats plus ``bytes`` and ``sha256`` of the file."""
+    table = table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    data = buf.getvalue()
+    write_bytes(path, data)
+    stats = shard_stats(table, edges)
+    stats.update({"file": path.rsplit("/", 1)[-1], "bytes": len(data),
+                  "sha256": hashlib.sha256(data).hexdigest()})
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# manifest
+
+
+def merge_stats(shards: Iterable[dict]) -> dict:
+    """Totals of a split from its shards' stats (shards listed in file order)."""
+    shards = sorted(shards, key=lambda s: s["file"])
+    total = {"records": 0, "tokens": 0, "label_tokens": 0, "categories": {}, "length_histogram": None,
+             "shards": []}
+    for s in shards:
+        total["records"] += s["records"]
+        total["tokens"] += s["tokens"]
+        total["label_tokens"] += s["label_tokens"]
+        for c, d in s["categories"].items():
+            t = total["categories"].setdefault(c, {"records": 0, "tokens": 0})
+            t["records"] += d["records"]
+            t["tokens"] += d["tokens"]
+        h = s["length_histogram"]
+        total["length_histogram"] = (list(h) if total["length_histogram"] is None else
+                                     [a + b for a, b in zip(total["length_histogram"], h)])
+        total["shards"].append({k: s[k] for k in ("file", "records", "tokens", "bytes", "sha256")})
+    total["categories"] = dict(sorted(total["categories"].items()))
+    return total
+
+
+def build_manifest(*, source: dict, tokenizer: dict, max_length: int, seed: int, test_size: float,
+                   edges: Sequence[int], split_shards: dict[str, list[dict]], drops: dict[str, int],
+                   run_id: str = "", prompt_format: str = "dolly") -> dict:
+    """The manifest: source table and version, tokenizer (name, sha256 of its files, special
+    ids), max_length, split settings, drops per reason and, per split, record/token counts per
+    category, the length histogram and the shard files with their sha256."""
+    splits = {name: merge_stats(shards) for name, shards in sorted(split_shards.items())}
+    for s in splits.values():
+        s["length_histogram"] = {"edges": list(edges),
+                                 "counts": s["length_histogram"] or [0] * (len(edges) - 1)}
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_id": run_id,
+        "source": source, "tokenizer": tokenizer, "prompt_format": prompt_format,
+        "max_length": int(max_length), "seed": int(seed), "test_size": test_size,
+        "drops": dict(sorted(drops.items())),
+        "records": sum(s["records"] for s in splits.values()),
+        "tokens": sum(s["tokens"] for s in splits.values()),
+        "splits": splits,
+    }
+
+
+def write_manifest(directory: str, manifest: dict) -> None:
+    write_bytes(f"{directory.rstrip('/')}/{MANIFEST}", json.dumps(manifest, indent=2).encode("utf-8"))
+
+
+def read_manifest(directory: str | Path) -> dict:
+    with open(Path(directory) / MANIFEST, encoding="utf-8") as f:
+        m = json.load(f)
+    if m.get("format") != FORMAT:
+        raise ValueError(f"{directory}: not a dollyflow shard directory (format={m.get('format')!r})")
+    return m
+
+
+def verify_shards(directory: str | Path) -> list[str]:
+    """Check a shard directory against its manifest (file sha256, records, tokens, categories,
+    histogram, tokenizer files). Returns the problems found; empty when all match."""
+    from dollyflow.core.tokens import tokenizer_sha256
+
+    directory = Path(directory)
+    m = read_manifest(directory)
+    problems = []
+    for split, s in m["splits"].items():
+        edges = s["length_histogram"]["edges"]
+        got = []
+        for entry in s["shards"]:
+            path = directory / entry["file"]
+            if not path.is_file():
+                problems.append(f"{entry['file']}: missing")
+                continue
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                problems.append(f"{entry['file']}: sha256 differs from the manifest")
+            try:
+                stats = shard_stats(pq.read_table(path), edges)
+            except (OSError, pa.ArrowException) as exc:
+                problems.append(f"{entry['file']}: unreadable ({exc})")
+                continue
+            stats.update(file=entry["file"], bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+            got.append(stats)
+        merged = merge_stats(got)
+        for key in ("records", "tokens", "label_tokens", "categories"):
+            if merged[key] != s[key]:
+                problems.append(f"{split}: {key} in the shards ({merged[key]}) != manifest ({s[key]})")
+        if (merged["length_histogram"] or []) != s["length_histogram"]["counts"]:
+            problems.append(f"{split}: length histogram differs from the manifest")
+    tok_dir = directory / TOKENIZER_DIR
+    if tok_dir.is_dir():
+        if tokenizer_sha256(tok_dir)[0] != m["tokenizer"].get("sha256"):
+            problems.append("tokenizer/: sha256 differs from the manifest")
+    else:
+        problems.append("tokenizer/: missing")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# reading, for the trainer
+
+
+def labels_array(input_ids: np.ndarray, response_start: int) -> np.ndarray:
+    labels = np.array(input_ids, dtype=np.int64, copy=True)
+    labels[:response_start] = IGNORE_INDEX
+    return labels
+
+
+class ShardDataset:
+    """Records of one split of a shard directory, as ``{"input_ids", "labels", "record_id",
+    "length"}`` (numpy int64 arrays). Map-style (``len``, ``[i]``: usable as a torch Dataset) and
+    iterable (streams shard by shard). ``rank``/``world_size`` pick every ``world_size``-th shard
+    for data-parallel readers."""
+
+    def __init__(self, directory: str | Path, split: str = "train", rank: int = 0, world_size: int = 1):
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        if split not in self.manifest["splits"]:
+            raise KeyError(f"{directory}: no split {split!r} (have {sorted(self.manifest['splits'])})")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        self.split = split
+        self.shards = self.manifest["splits"][split]["shards"][rank::world_size]
+        self._records = sum(s["records"] for s in self.shards)
+        self._index = None
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.directory / TOKENIZER_DIR
+
+    def __len__(self) -> int:
+        return self._records
+
+    def _tables(self) -> Iterator[pa.Table]:
+        for s in self.shards:
+            yield pq.read_table(self.directory / s["file"])
+
+    @staticmethod
+    def _example(record_id, ids: np.ndarray, start: int) -> dict:
+        ids = ids.astype(np.int64)
+        return {"record_id": record_id, "input_ids": ids, "labels": labels_array(ids, start),
+                "length": int(len(ids))}
+
+    def __iter__(self) -> Iterator[dict]:
+        for t in self._tables():
+            col = t.column("input_ids").combine_chunks()
+            values = col.values.to_numpy()
+            offsets = col.offsets.to_numpy()
+            starts = t.column("response_start").to_numpy()
+            rids = t.column("record_id").to_pylist()
+            for i in range(t.num_rows):
+                yield self._example(rids[i], values[offsets[i]:offsets[i + 1]], int(starts[i]))
+
+    def _load(self):
+        if self._index is None:
+            tables = list(self._tables())
+            t = pa.concat_tables(tables) if tables else SHARD_SCHEMA.empty_table()
+            col = t.column("input_ids").combine_chunks()
+            self._index = (col.values.to_numpy(), col.offsets.to_numpy(),
+                           t.column("response_start").to_numpy(), t.column("record_id").to_pylist())
+        return self._index
+
+    def __getitem__(self, i: int) -> dict:
+        values, offsets, starts, rids = self._load()
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self._example(rids[i], values[offsets[i]:offsets[i + 1]], int(starts[i]))
+
+
+def collate(examples: Sequence[dict], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
+    """Right-pad a batch: ``input_ids`` with ``pad_token_id`` (= eos), ``labels`` with -100,
+    plus ``attention_mask``. Returns numpy int64 arrays (``torch.from_numpy`` them)."""
+    width = max(len(e["input_ids"]) for e in examples)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    ids = np.full((len(examples), width), pad_token_id, dtype=np.int64)
+    labels = np.full((len(examples), width), IGNORE_INDEX, dtype=np.int64)
+    mask = np.zeros((len(examples), width), dtype=np.int64)
+    for r, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[r, :n] = e["input_ids"]
+        labels[r, :n] = e["labels"]
+        mask[r, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+# ---------------------------------------------------------------------------------------------
+# Mosaic Streaming (optional)
+
+
+def mds_available() -> bool:
+    try:
+        import streaming  # noqa: F401
+    except Exception:  # ImportError, or its own imports (torchvision) failing
+        return False
+    return True
+
+
+def export_mds(directory: str | Path, out_dir: str | Path | None = None,
+               splits: Sequence[str] | None = None) -> dict[str, str]:
+    """Write each split of a shard directory as a Mosaic Streaming (MDS) dataset under
+    ``out_dir/<split>`` (default ``<directory>/mds``). Columns: input_ids (ndarray:int32),
+    response_start and length (int32), record_id and category (str). Needs the
+    ``mosaicml-streaming`` package; raises a clear error when it cannot be imported."""
+    try:
+        from streaming import MDSWriter
+    except Exception as exc:  # pragma: no cover - depends on the optional package
+        raise RuntimeError("MDS export needs the mosaicml-streaming package (pip install "
+                           f"mosaicml-streaming); it could not be imported: {exc}") from exc
+    directory = Path(directory)
+    out_root = Path(out_dir) if out_dir else directory / "mds"
+    manifest = read_manifest(directory)
+    columns = {"record_id": "str", "category": "str", "input_ids": "ndarray:int32",
+               "response_start": "int32", "length": "int32"}
+    written = {}
+    for split in splits or sorted(manifest["splits"]):
+        target = out_root / split
+        with MDSWriter(out=str(target), columns=columns, compression="zstd") as w:
+            for entry in manifest["splits"][split]["shards"]:
+                t = pq.read_table(directory / entry["file"])
+                for row in t.to_pylist():
+                    w.write({"record_id": row["record_id"], "category": row["category"] or "",
+                             "input_ids": np.asarray(row["input_ids"], dtype=np.int32),
+                             "response_start": int(row["response_start"]), "length": int(row["length"])})
+        written[split] = str(target)
+    return written

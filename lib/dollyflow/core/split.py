@@ -1,0 +1,70 @@
+"""Deterministic train/test split by hash of ``record_id`` and a seed (engine-free).
+
+Each record gets a split key: the top 63 bits of ``xxh64(record_id, seed)`` (non-negative, fits a
+signed 64-bit column). A record's key depends only on its id and the seed, never on partitioning
+or row order, so:
+
+- ``test_size`` as a fraction (0 < f < 1): a record is in test when ``key < f * 2**63``;
+- ``test_size`` as a count (an integer >= 1, Dolly used 1000): the ``n`` records with the
+  smallest ``(key, record_id)`` are the test split.
+
+Both are identical whatever the partitioning, and stable across re-runs.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import xxhash
+
+TRAIN = "train"
+TEST = "test"
+KEY_SPACE = 1 << 63
+
+
+def split_key(record_id: str, seed: int = 42) -> int:
+    """The record's split key in ``[0, 2**63)``."""
+    return xxhash.xxh64_intdigest(record_id.encode("utf-8"), seed=int(seed) & 0xFFFFFFFFFFFFFFFF) >> 1
+
+
+def split_keys(record_ids: Iterable[str], seed: int = 42) -> list[int]:
+    return [split_key(r, seed) for r in record_ids]
+
+
+def parse_test_size(test_size: float | int) -> tuple[str, float | int]:
+    """``("fraction", f)`` for 0 < test_size < 1, ``("count", n)`` for a whole number >= 1
+    (0 means no test split)."""
+    v = float(test_size)
+    if v < 0:
+        raise ValueError(f"test_size must be >= 0, got {test_size!r}")
+    if 0 < v < 1:
+        return "fraction", v
+    if v != int(v):
+        raise ValueError(f"test_size {test_size!r}: use a fraction in (0, 1) or a whole count")
+    return "count", int(v)
+
+
+def check_count(n_test: int, total: int) -> None:
+    """A count must leave at least one training record."""
+    if total and n_test >= total:
+        raise ValueError(f"test_size={n_test} leaves no training records (only {total} records); "
+                         "use a smaller count or a fraction such as 0.1")
+
+
+def fraction_threshold(fraction: float) -> int:
+    """Keys strictly below this are in test."""
+    return int(fraction * KEY_SPACE)
+
+
+def assign_splits(record_ids: Sequence[str], test_size: float | int, seed: int = 42) -> list[str]:
+    """The split of each record (pure Python reference; the Spark job computes the same)."""
+    keys = split_keys(record_ids, seed)
+    mode, value = parse_test_size(test_size)
+    if mode == "fraction":
+        t = fraction_threshold(value)
+        return [TEST if k < t else TRAIN for k in keys]
+    check_count(value, len(record_ids))
+    if value == 0:
+        return [TRAIN] * len(record_ids)
+    order = sorted(range(len(record_ids)), key=lambda i: (keys[i], record_ids[i]))
+    test = set(order[:value])
+    return [TEST if i in test else TRAIN for i in range(len(record_ids))]

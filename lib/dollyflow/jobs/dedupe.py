@@ -1,0 +1,106 @@
+"""dedupe: bronze (at a recorded version) -> silver, duplicates, and one row in dedupe_runs.
+
+- silver: one survivor per duplicate cluster, all bronze columns.
+- duplicates: every removed record: record_id, cluster_id, survivor_id, kind (exact | near),
+  similarity (estimated Jaccard to the survivor; 1.0 for exact).
+- dedupe_runs: run_id, times, bronze_version, input_rows, survivors, removed_exact,
+  removed_near, clusters (clusters with at least one removed record), verified_pairs,
+  parameters (JSON), silver_version, duplicates_version.
+
+Exact duplicates: equal after normalisation (NFC, case-fold, whitespace collapsed and trimmed) of
+instruction, context and response. Near duplicates: MinHash/LSH over word n-grams, verified
+against the Jaccard threshold, clustered by connected components (see
+:mod:`dollyflow.engine.dedupe`). Survivor: earliest ``ingested_at``, then smallest ``record_id``;
+``cluster_id`` is the survivor's ``record_id``.
+
+Idempotent: when ``dedupe.skip_unchanged`` is on (default) and the last dedupe run used the same
+bronze version and parameters and silver/duplicates are still at the versions it wrote, the job
+writes nothing (no new table versions) and reports ``skipped: true``. Otherwise silver and
+duplicates are overwritten (same content for the same input) and a run row is appended.
+"""
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+
+from dollyflow.config import Config
+
+RUNS_DDL = ("run_id string, started_at timestamp, finished_at timestamp, bronze_version long, "
+            "input_rows long, survivors long, removed_exact long, removed_near long, clusters long, "
+            "verified_pairs long, parameters string, silver_version long, duplicates_version long, "
+            "seconds double")
+
+
+def last_run(store, runs_table: str):
+    """The newest dedupe-runs row as a dict, or None (one row comes back to the driver)."""
+    if not store.exists(runs_table):
+        return None
+    row = store.read(runs_table).orderBy("finished_at", ascending=False).limit(1).collect()
+    return row[0].asDict() if row else None
+
+
+def unchanged(store, cfg: Config, bronze_version: int, params_json: str):
+    """The last run's row when re-running would reproduce exactly what the tables hold."""
+    t = cfg.tables
+    prev = last_run(store, t.dedupe_runs)
+    if prev is None or prev["bronze_version"] != bronze_version or prev["parameters"] != params_json:
+        return None
+    if store.version(t.silver) != prev["silver_version"] or store.version(t.duplicates) != prev["duplicates_version"]:
+        return None
+    return prev
+
+
+def run(cfg: Config, spark) -> dict:
+    from dollyflow.engine.dedupe import DedupeParams, find_duplicates, silver_of, summarize
+    from dollyflow.engine.delta import DeltaStore
+
+    store = DeltaStore(spark, cfg.tables)
+    t = cfg.tables
+    d = cfg.dedupe
+    started = datetime.now(timezone.utc)
+    t0 = time.time()
+    params = DedupeParams.from_config(d)
+    bronze_version = d.bronze_version if d.bronze_version is not None else store.version(t.bronze)
+    if bronze_version is None:
+        raise RuntimeError(f"bronze table {store.location(t.bronze)} does not exist: run ingest first")
+    base = {"job": "dedupe", "run_id": cfg.run_id, "bronze": store.location(t.bronze),
+            "bronze_version": int(bronze_version), "parameters": params.to_json(),
+            "silver": store.location(t.silver), "duplicates": store.location(t.duplicates),
+            "dedupe_runs": store.location(t.dedupe_runs), "backend": store.backend}
+
+    if d.skip_unchanged:
+        prev = unchanged(store, cfg, int(bronze_version), params.to_json())
+        if prev is not None:
+            keys = ("input_rows", "survivors", "removed_exact", "removed_near", "clusters",
+                    "verified_pairs", "silver_version", "duplicates_version")
+            return {**base, "skipped": True, "previous_run_id": prev["run_id"],
+                    **{k: prev[k] for k in keys}}
+
+    bronze = store.read(t.bronze, int(bronze_version))
+    timings: dict = {}
+    frames = find_duplicates(bronze, params, d.max_cc_iterations, timings)
+    try:
+        t1 = time.time()
+        counts = summarize(frames.duplicates, frames.input_rows)
+        verified_pairs = frames.verified_pairs.count()
+        duplicates_version = store.write(frames.duplicates, t.duplicates, mode="overwrite", job="dedupe",
+                                         run_id=cfg.run_id)
+        silver_version = store.write(silver_of(bronze, frames.duplicates), t.silver, mode="overwrite",
+                                     job="dedupe", run_id=cfg.run_id)
+        timings["write"] = round(time.time() - t1, 2)
+    finally:
+        frames.signed.unpersist()
+    seconds = round(time.time() - t0, 2)
+    row = (cfg.run_id, started, datetime.now(timezone.utc), int(bronze_version), counts["input_rows"],
+           counts["survivors"], counts["removed_exact"], counts["removed_near"], counts["clusters"],
+           int(verified_pairs), params.to_json(), int(silver_version), int(duplicates_version), float(seconds))
+    store.write(spark.createDataFrame([row], RUNS_DDL), t.dedupe_runs, mode="append", job="dedupe",
+                run_id=cfg.run_id)
+    return {**base, "skipped": False, **counts, "verified_pairs": int(verified_pairs),
+            "silver_version": int(silver_version), "duplicates_version": int(duplicates_version),
+            "step_seconds": timings}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dollyflow.cli import run_job
+    return run_job("dedupe", argv)

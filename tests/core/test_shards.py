@@ -1,0 +1,127 @@
+"""Shard planning, manifest, verification, the trainer's reader and collate (no Spark)."""
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from dollyflow.core.prompt import RESPONSE_KEY_NL
+from dollyflow.core.shards import (ShardDataset, build_manifest, collate, histogram_edges, plan_shards,
+                                   read_manifest, shard_count, shard_file_name, verify_shards, write_manifest,
+                                   write_shard)
+from dollyflow.core.split import assign_splits, split_keys
+from dollyflow.core.tokens import backend_from_json, encode_records, load_tokenizer, save_tokenizer
+
+
+def test_plan_balances_tokens_and_is_deterministic():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(20, 2000, size=1000)
+    keys = rng.integers(0, 2**62, size=1000)
+    plan = plan_shards(lengths, keys, 8)
+    loads = np.bincount(plan, weights=lengths, minlength=8)
+    assert set(plan.tolist()) == set(range(8))
+    assert loads.max() - loads.min() <= lengths.max()
+    assert (plan_shards(lengths, keys, 8) == plan).all()
+    assert shard_count(8, 3) == 3 and set(plan_shards([5, 6, 7], [1, 2, 3], 8).tolist()) == {0, 1, 2}
+    with pytest.raises(ValueError):
+        shard_count(0, 10)
+
+
+def test_histogram_edges():
+    assert histogram_edges(2048) == [0, 64, 128, 256, 512, 1024, 2048, 2049]
+    assert histogram_edges(300) == [0, 64, 128, 256, 301]
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory, sample_path, tokenizer_path):
+    """A shard directory built with the core only, as the job does per shard."""
+    recs = [json.loads(line) for line in open(sample_path, encoding="utf-8")]
+    d = tmp_path_factory.mktemp("shards")
+    tok = load_tokenizer(tokenizer_path)
+    info = save_tokenizer(tok, d / "tokenizer")
+    backend = backend_from_json((d / "tokenizer" / "tokenizer.json").read_text())
+    max_length = 1024
+    enc = encode_records(backend, [r["instruction"] for r in recs], [r["context"] for r in recs],
+                         [r["response"] for r in recs], max_length)
+    rids = [f"r{i:04d}" for i in range(len(recs))]
+    keep = [i for i, reason in enumerate(enc.drop_reason) if reason is None]
+    splits = assign_splits([rids[i] for i in keep], 10)
+    edges = histogram_edges(max_length)
+    per_split = {}
+    for split in ("train", "test"):
+        idx = [i for i, s in zip(keep, splits) if s == split]
+        keys = split_keys([rids[i] for i in idx])
+        plan = plan_shards([enc.length[i] for i in idx], keys, 4)
+        n = shard_count(4, len(idx))
+        per_split[split] = []
+        for s in range(n):
+            rows = sorted((k, i) for k, i, p in zip(keys, idx, plan) if p == s)
+            table = pa.table({"record_id": [rids[i] for _, i in rows],
+                              "category": [recs[i]["category"] for _, i in rows],
+                              "input_ids": [enc.input_ids[i] for _, i in rows],
+                              "response_start": [enc.response_start[i] for _, i in rows],
+                              "length": [enc.length[i] for _, i in rows]})
+            per_split[split].append(write_shard(table, str(d / shard_file_name(split, s, n)), edges))
+    manifest = build_manifest(source={"table": "silver", "version": 3}, tokenizer={**info, "dir": "tokenizer"},
+                              max_length=max_length, seed=42, test_size=10, edges=edges,
+                              split_shards=per_split, drops={"too_long": enc.drop_reason.count("too_long")})
+    write_manifest(str(d), manifest)
+    return d, enc, rids, tok
+
+
+def test_manifest_describes_the_shards(shard_dir):
+    d, enc, _, _ = shard_dir
+    m = read_manifest(d)
+    assert verify_shards(d) == []
+    kept = [n for n, r in zip(enc.length, enc.drop_reason) if r is None]
+    assert m["records"] == len(kept) and m["tokens"] == sum(kept)
+    assert m["splits"]["test"]["records"] == 10 and len(m["splits"]["train"]["shards"]) == 4
+    assert m["source"] == {"table": "silver", "version": 3}
+    assert m["drops"]["too_long"] == enc.drop_reason.count("too_long")
+    h = m["splits"]["train"]["length_histogram"]
+    assert sum(h["counts"]) == m["splits"]["train"]["records"] and len(h["counts"]) == len(h["edges"]) - 1
+    for s in m["splits"].values():
+        assert sum(c["records"] for c in s["categories"].values()) == s["records"]
+
+
+def test_verify_detects_tampering(shard_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(shard_dir[0], d)
+    victim = sorted(d.glob("train-*.parquet"))[0]
+    victim.write_bytes(victim.read_bytes()[:-8] + b"\0" * 8)
+    problems = verify_shards(d)
+    assert any(victim.name in p for p in problems)
+
+
+def test_dataset_yields_dolly_labels(shard_dir):
+    d, enc, rids, tok = shard_dir
+    ds = ShardDataset(d, "train")
+    items = list(ds)
+    assert len(items) == len(ds) == read_manifest(d)["splits"]["train"]["records"]
+    by_id = {r: i for i, r in enumerate(rids)}
+    resp = tok.convert_tokens_to_ids(RESPONSE_KEY_NL)
+    for ex in items[:30]:
+        i = by_id[ex["record_id"]]
+        assert ex["input_ids"].tolist() == enc.input_ids[i]
+        start = enc.response_start[i]
+        assert (ex["labels"][:start] == -100).all()
+        assert ex["labels"][start:].tolist() == enc.input_ids[i][start:]
+        assert ex["input_ids"][start - 1] == resp
+    assert [ds[k]["record_id"] for k in range(len(ds))] == [e["record_id"] for e in items]
+    assert ds[-1]["record_id"] == items[-1]["record_id"]
+    # data-parallel readers see disjoint shards covering the split
+    parts = [ShardDataset(d, "train", rank=r, world_size=3) for r in range(3)]
+    assert sum(len(p) for p in parts) == len(ds)
+    assert sorted(e["record_id"] for p in parts for e in p) == sorted(e["record_id"] for e in items)
+    assert ShardDataset(d, "train").tokenizer_dir == d / "tokenizer"
+
+
+def test_collate_pads_with_eos_and_ignores_padding():
+    a = {"input_ids": np.array([5, 6, 7]), "labels": np.array([-100, 6, 7])}
+    b = {"input_ids": np.array([8]), "labels": np.array([8])}
+    batch = collate([a, b], pad_token_id=0, pad_to_multiple_of=4)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100], [8, -100, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]

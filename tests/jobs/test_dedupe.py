@@ -1,0 +1,233 @@
+"""The dedupe job end to end on Spark: one ingest of a make_corpus corpus plus the real dolly
+sample with planted copies, one dedupe, then accuracy, outputs, survivor rule, idempotency,
+partition independence and bronze time travel.
+
+Tests in this module share one warehouse and run in file order (the last one appends to bronze).
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dollyflow.config import load_config
+from dollyflow.core.evaluate import line_record_ids, read_truth, score_records
+from dollyflow.core.records import record_id
+
+pytestmark = pytest.mark.spark
+
+CORPUS_LINES = 3000
+PLANTED = 20
+
+
+def planted_copies(sample_path: Path, out: Path) -> list[dict]:
+    """The sample's records (returned, not written), then, written to ``out``, an exact variant
+    (case/space) and a near variant (one word of the response replaced) of the first PLANTED
+    records that have at least 40 words."""
+    rows = [json.loads(line) for line in open(sample_path, encoding="utf-8") if line.strip()]
+    rng = random.Random(3)
+    lines = [dict(r, _kind="original", _of=i) for i, r in enumerate(rows)]
+    picked = [i for i, r in enumerate(rows)
+              if len(f"{r['instruction']} {r.get('context') or ''} {r['response']}".split()) >= 40
+              and len(r["response"].split()) >= 6][:PLANTED]
+    for i in picked:
+        r = rows[i]
+        lines.append(dict(r, instruction="  " + r["instruction"].upper() + " ", _kind="exact", _of=i))
+        words = r["response"].split(" ")
+        words[rng.randrange(1, len(words) - 1)] = "zzplanted"
+        lines.append(dict(r, response=" ".join(words), _kind="near", _of=i))
+    with open(out, "w", encoding="utf-8") as fh:
+        for line in lines[len(rows):]:
+            fh.write(json.dumps({k: v for k, v in line.items() if not k.startswith("_")}, ensure_ascii=False) + "\n")
+    return lines
+
+
+def rid_of(line: dict) -> str:
+    return record_id(line["instruction"], line.get("context") or "", line["response"], line["category"])
+
+
+@pytest.fixture(scope="module")
+def world(spark, make_corpus, sample_path, tmp_path_factory):
+    from dollyflow.engine.delta import DeltaStore
+    from dollyflow.jobs import dedupe, ingest
+
+    corpus, truth = make_corpus(CORPUS_LINES, edit_rate=0.03)
+    root = tmp_path_factory.mktemp("dedupe")
+    inputs = root / "inputs"
+    inputs.mkdir()
+    shutil.copy(corpus, inputs / "corpus.jsonl")
+    planted = planted_copies(sample_path, inputs / "sample-planted.jsonl")
+    base = [f"tables.warehouse={root / 'warehouse'}", "spark.shuffle_partitions=4"]
+    # The real sample first, then (a later ingested_at) the corpus and the planted copies.
+    ingest.run(load_config("ingest", [*base, f"ingest.input={sample_path}"]), spark)
+    ingest.run(load_config("ingest", [*base, f"ingest.input={inputs}"]), spark)
+    cfg = load_config("dedupe", base)
+    summary = dedupe.run(cfg, spark)
+    store = DeltaStore(spark, cfg.tables)
+    return {"cfg": cfg, "base": base, "root": root, "store": store, "summary": summary,
+            "corpus": corpus, "truth": truth, "planted": planted, "spark": spark}
+
+
+def table(world, name: str, version=None):
+    return world["store"].read(getattr(world["cfg"].tables, name), version)
+
+
+def duplicates_map(world) -> dict[str, tuple]:
+    return {r["record_id"]: (r["cluster_id"], r["survivor_id"], r["kind"], r["similarity"])
+            for r in table(world, "duplicates").collect()}
+
+
+def test_corpus_accuracy(world):
+    """All exact duplicates found, pair-level F1 >= 0.97, no two originals merged."""
+    dups = duplicates_map(world)
+    scores = score_records({rid: d[0] for rid, d in dups.items()}, line_record_ids(world["corpus"]),
+                           read_truth(world["truth"]))
+    assert scores.exact_found == scores.exact_total > 0
+    assert scores.f1 >= 0.97, scores
+    assert scores.merged_originals == 0, scores
+    assert scores.precision >= 0.99, scores
+
+
+def test_planted_copies_of_the_real_sample(world):
+    """Copies ingested after their originals are removed in favour of the originals (earliest
+    ingested_at wins even where a copy has the smaller record_id), with the right kind."""
+    dups = duplicates_map(world)
+    lines = world["planted"]
+    originals = {line["_of"]: rid_of(line) for line in lines if line["_kind"] == "original"}
+    for line in lines:
+        rid = rid_of(line)
+        if line["_kind"] == "original":
+            assert rid not in dups, f"sample record {line['_of']} was removed"
+            continue
+        assert rid in dups, f"planted {line['_kind']} copy of sample record {line['_of']} not found"
+        cluster, survivor, kind, sim = dups[rid]
+        assert (cluster, survivor, kind) == (originals[line["_of"]], originals[line["_of"]], line["_kind"])
+        assert sim == 1.0 if kind == "exact" else 0.7 <= sim <= 1.0
+
+
+def test_outputs_partition_bronze_and_follow_the_survivor_rule(world):
+    bronze = {r["record_id"]: r for r in table(world, "bronze").collect()}
+    silver = table(world, "silver")
+    assert silver.columns == table(world, "bronze").columns
+    silver_ids = {r["record_id"] for r in silver.select("record_id").collect()}
+    dups = duplicates_map(world)
+    assert silver_ids.isdisjoint(dups) and silver_ids | set(dups) == set(bronze)
+    members: dict[str, list[str]] = {}
+    for rid, (cluster, survivor, kind, sim) in dups.items():
+        assert cluster == survivor and survivor in silver_ids and kind in ("exact", "near")
+        assert 0.0 <= sim <= 1.0 and (kind == "near" or sim == 1.0)
+        members.setdefault(survivor, []).append(rid)
+    for survivor, removed in members.items():
+        order = sorted([survivor, *removed], key=lambda r: (bronze[r]["ingested_at"], r))
+        assert order[0] == survivor
+    s = world["summary"]
+    assert s["input_rows"] == len(bronze) and s["survivors"] == len(silver_ids)
+    assert s["removed_exact"] + s["removed_near"] == len(dups) and s["clusters"] == len(members)
+
+
+def test_dedupe_runs_row(world):
+    rows = table(world, "dedupe_runs").collect()
+    assert len(rows) == 1
+    row, s = rows[0], world["summary"]
+    assert row["bronze_version"] == s["bronze_version"] == world["store"].version(world["cfg"].tables.bronze)
+    for key in ("input_rows", "survivors", "removed_exact", "removed_near", "clusters", "silver_version",
+                "duplicates_version"):
+        assert row[key] == s[key]
+    params = json.loads(row["parameters"])
+    assert params["threshold"] == 0.7 and params["ngram"] == 2 and params["bands"] * params["rows"] <= 128
+
+
+def test_rerun_on_unchanged_bronze_writes_nothing(world):
+    from dollyflow.jobs import dedupe
+    t = world["cfg"].tables
+    store = world["store"]
+    before = {n: store.version(getattr(t, n)) for n in ("silver", "duplicates", "dedupe_runs")}
+    again = dedupe.run(load_config("dedupe", world["base"]), world["spark"])
+    assert again["skipped"] is True
+    assert {n: store.version(getattr(t, n)) for n in before} == before
+    assert again["removed_near"] == world["summary"]["removed_near"]
+
+
+def test_same_result_whatever_the_partitioning(world):
+    """A forced re-run with one shuffle partition and many small input splits gives the same
+    silver and duplicates as the first run (four shuffle partitions)."""
+    from dollyflow.jobs import dedupe
+    spark = world["spark"]
+    first_dups = duplicates_map(world)
+    first_silver = sorted(tuple(r) for r in table(world, "silver").collect())
+    old = {k: spark.conf.get(k) for k in ("spark.sql.shuffle.partitions", "spark.sql.files.maxPartitionBytes")}
+    spark.conf.set("spark.sql.shuffle.partitions", "1")
+    spark.conf.set("spark.sql.files.maxPartitionBytes", str(64 * 1024))
+    try:
+        out = dedupe.run(load_config("dedupe", [*world["base"], "dedupe.skip_unchanged=false"]), spark)
+    finally:
+        for k, v in old.items():
+            spark.conf.set(k, v)
+    assert out["skipped"] is False and out["silver_version"] == world["summary"]["silver_version"] + 1
+    assert duplicates_map(world) == first_dups
+    assert sorted(tuple(r) for r in table(world, "silver").collect()) == first_silver
+
+
+def test_reads_bronze_at_the_recorded_version(world, tmp_path):
+    """After more records reach bronze, dedupe.bronze_version=<old> still dedupes the old
+    snapshot and records that version; the default reads the current one."""
+    from dollyflow.jobs import dedupe, ingest
+    t = world["cfg"].tables
+    store = world["store"]
+    old_version = store.version(t.bronze)
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text(json.dumps({"instruction": "A brand new question about zebras?", "context": "",
+                                 "response": "Zebras are striped.", "category": "open_qa"}) + "\n")
+    ingest.run(load_config("ingest", [*world["base"], f"ingest.input={extra}"]), world["spark"])
+    assert store.version(t.bronze) == old_version + 1
+    pinned = dedupe.run(load_config("dedupe", [*world["base"], f"dedupe.bronze_version={old_version}",
+                                               "dedupe.skip_unchanged=false"]), world["spark"])
+    assert pinned["bronze_version"] == old_version
+    assert pinned["input_rows"] == world["summary"]["input_rows"]
+    current = dedupe.run(load_config("dedupe", world["base"]), world["spark"])
+    assert current["skipped"] is False and current["bronze_version"] == old_version + 1
+    assert current["input_rows"] == world["summary"]["input_rows"] + 1
+    assert current["survivors"] == world["summary"]["survivors"] + 1
+    last = table(world, "dedupe_runs").orderBy("finished_at", ascending=False).first()
+    assert last["bronze_version"] == old_version + 1
+
+
+@pytest.mark.slow
+def test_no_originals_merged_in_a_100k_line_corpus(spark, make_corpus, tmp_path):
+    """The issue's bar at scale: 100,000 lines, every exact duplicate found, near duplicates
+    (edit rate 0.03) at pair-level F1 >= 0.97, and no two distinct originals in one cluster."""
+    from dollyflow.jobs import dedupe, ingest
+    corpus, truth = make_corpus(100_000, edit_rate=0.03)
+    base = [f"tables.warehouse={tmp_path / 'warehouse'}", "spark.shuffle_partitions=4"]
+    ingest.run(load_config("ingest", [*base, f"ingest.input={corpus}"]), spark)
+    cfg = load_config("dedupe", base)
+    dedupe.run(cfg, spark)
+    from dollyflow.engine.delta import DeltaStore
+    dups = DeltaStore(spark, cfg.tables).read(cfg.tables.duplicates).select("record_id", "cluster_id").collect()
+    scores = score_records({r["record_id"]: r["cluster_id"] for r in dups}, line_record_ids(corpus),
+                           read_truth(truth))
+    assert scores.merged_originals == 0, scores
+    assert scores.exact_found == scores.exact_total, scores
+    assert scores.f1 >= 0.97, scores
+
+
+def test_connected_components_on_dataframes(spark):
+    """Chains, a long path, a star and a cycle each collapse to their smallest node."""
+    import random as _random
+
+    from dollyflow.engine.dedupe import connected_components
+    edges = [(1, 2), (2, 3), (3, 4), (10, 11), (12, 11)]            # chains
+    edges += [(100 + i, 101 + i) for i in range(30)]                 # a path of 31 nodes
+    edges += [(200, 201), (201, 202), (202, 200)]                    # a cycle
+    edges += [(300, 300 + i) for i in range(1, 6)]                   # a star
+    _random.Random(0).shuffle(edges)
+    pairs = spark.createDataFrame([(max(a, b), min(a, b)) if i % 2 else (a, b) for i, (a, b) in enumerate(edges)],
+                                  "a long, b long")
+    got = {r["node"]: r["component"] for r in connected_components(pairs).collect()}
+    expected = {n: 1 for n in (1, 2, 3, 4)} | {n: 10 for n in (10, 11, 12)}
+    expected |= {100 + i: 100 for i in range(31)} | {n: 200 for n in (200, 201, 202)}
+    expected |= {300 + i: 300 for i in range(6)}
+    assert got == expected

@@ -1,0 +1,216 @@
+"""The tokenize job end to end on a small silver table (Spark, local[2])."""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from dollyflow.core.prompt import format_training_prompt
+from dollyflow.core.records import record_id
+from dollyflow.core.shards import ShardDataset, read_manifest, verify_shards
+from dollyflow.core.split import assign_splits
+from dollyflow.core.tokens import load_tokenizer
+
+pytestmark = pytest.mark.spark
+
+SILVER_DDL = ("record_id string, instruction string, context string, response string, category string, "
+              "source_file string, source_line long, ingested_at timestamp, run_id string")
+MAX_LENGTH = 512
+
+
+def silver_rows(sample_path: Path) -> list[tuple]:
+    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    rows = []
+    for n, line in enumerate(open(sample_path, encoding="utf-8"), 1):
+        r = json.loads(line)
+        rid = record_id(r["instruction"], r.get("context") or "", r["response"], r["category"])
+        rows.append((rid, r["instruction"], r.get("context") or "", r["response"], r["category"],
+                     str(sample_path), n, now, "test"))
+    # one prompt far over MAX_LENGTH tokens whatever the tokenizer: dropped as too_long
+    long_text = " ".join(f"w{i}" for i in range(2 * MAX_LENGTH))
+    rows.append(("e" * 16, "Repeat the words.", long_text, "Done.", "open_qa", "synthetic", 0, now, "test"))
+    # one blank response: dropped as empty_response (always last)
+    rows.append(("f" * 16, "Say nothing.", "", "   ", "open_qa", "synthetic", 0, now, "test"))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def job(spark, sample_path, tokenizer_path, tmp_path_factory):
+    """One silver table (the sample, written as dedupe would) and one tokenize run over it."""
+    from dollyflow.config import load_config
+    from dollyflow.engine.delta import DeltaStore
+    from dollyflow.jobs import tokenize
+
+    root = tmp_path_factory.mktemp("tokenize")
+    cfg = load_config("tokenize", [f"tables.warehouse={root / 'warehouse'}", "spark.shuffle_partitions=4",
+                                   f"tokenize.tokenizer={tokenizer_path}", f"tokenize.max_length={MAX_LENGTH}",
+                                   "tokenize.test_size=10", "tokenize.num_shards=3"])
+    store = DeltaStore(spark, cfg.tables)
+    rows = silver_rows(sample_path)
+    silver_version = store.write(spark.createDataFrame(rows, SILVER_DDL).repartition(3), cfg.tables.silver,
+                                 mode="overwrite", job="test", run_id="test")
+    summary = tokenize.run(cfg, spark)
+    return {"cfg": cfg, "store": store, "rows": rows, "summary": summary, "silver_version": silver_version,
+            "tokenizer_path": tokenizer_path}
+
+
+def test_summary_counts_splits_and_drops(job):
+    s = job["summary"]
+    tok = load_tokenizer(job["tokenizer_path"])
+    rows = job["rows"]
+    lengths = [len(tok(format_training_prompt(r[1], r[3], r[2]))["input_ids"]) for r in rows[:-1]]
+    too_long = sum(n > MAX_LENGTH for n in lengths)
+    assert too_long > 0
+    assert s["drops"] == {"too_long": too_long, "empty_response": 1}
+    assert s["records"] == {"test": 10, "train": len(rows) - 1 - too_long - 10}
+    assert s["records_in"] == len(rows)
+    assert s["silver_version"] == job["silver_version"]
+    assert s["shard_dir"].endswith(f"shards/silver-v{job['silver_version']}")
+    json.dumps(s)
+
+
+def test_table_matches_core_encoding_and_split(job):
+    store, cfg = job["store"], job["cfg"]
+    table = {r["record_id"]: r for r in store.read(cfg.tables.tokenized).collect()}
+    tok = load_tokenizer(job["tokenizer_path"])
+    kept = []
+    for r in job["rows"][:-1]:
+        ids = tok(format_training_prompt(r[1], r[3], r[2]))["input_ids"]
+        if len(ids) > MAX_LENGTH:
+            assert r[0] not in table
+            continue
+        kept.append(r[0])
+        got = table[r[0]]
+        assert list(got["input_ids"]) == ids
+        assert got["length"] == len(ids)
+        assert ids[got["response_start"] - 1] == tok.convert_tokens_to_ids("### Response:\n")
+        assert got["category"] == r[4]
+    assert set(table) == set(kept)
+    expected = dict(zip(kept, assign_splits(kept, 10, seed=42)))
+    assert {k: v["split"] for k, v in table.items()} == expected
+
+
+def test_manifest_matches_shards(job):
+    d = Path(job["summary"]["shard_dir"])
+    m = read_manifest(d)
+    assert verify_shards(d) == []
+    assert m["source"]["version"] == job["silver_version"] and m["source"]["table"] == "silver"
+    assert m["max_length"] == MAX_LENGTH and m["drops"] == job["summary"]["drops"]
+    files = sorted(p.name for p in d.glob("*.parquet"))
+    assert files == sorted(e["file"] for s in m["splits"].values() for e in s["shards"])
+    assert len(m["splits"]["train"]["shards"]) == 3 and len(m["splits"]["test"]["shards"]) == 3
+    for split, s in m["splits"].items():
+        tables = [pq.read_table(d / e["file"]) for e in s["shards"]]
+        assert sum(t.num_rows for t in tables) == s["records"] == job["summary"]["records"][split]
+        tokens = [sum(t.column("length").to_pylist()) for t in tables]
+        assert sum(tokens) == s["tokens"]
+        assert max(tokens) - min(tokens) <= MAX_LENGTH   # balanced by tokens
+        cats = {}
+        for t in tables:
+            for c in t.column("category").to_pylist():
+                cats[c] = cats.get(c, 0) + 1
+        assert {c: v["records"] for c, v in s["categories"].items()} == cats
+        assert sum(s["length_histogram"]["counts"]) == s["records"]
+    # the trainer needs only the directory: dataset + the saved tokenizer
+    tok = load_tokenizer(d / "tokenizer", dolly_tokens=False)
+    assert tok.pad_token == tok.eos_token
+    assert m["tokenizer"]["special_token_ids"]["### Response:\n"] == tok.convert_tokens_to_ids("### Response:\n")
+    ds = ShardDataset(d, "test")
+    assert len(ds) == 10 == len(list(ds))
+    ex = ds[0]
+    start = ex["labels"].tolist().count(-100)
+    assert ex["input_ids"][start - 1] == tok.convert_tokens_to_ids("### Response:\n")
+    assert tok.decode(ex["input_ids"][start:]).endswith("### End")
+
+
+def test_rerun_with_other_partitioning_is_identical(job, spark, tmp_path):
+    """Same silver, another partitioning and another output dir: same table content, same shards."""
+    from dollyflow.config import load_config
+    from dollyflow.jobs import tokenize
+
+    cfg = job["cfg"]
+    out = tmp_path / "shards2"
+    cfg2 = load_config("tokenize", [f"tables.warehouse={cfg.tables.warehouse}", "spark.shuffle_partitions=7",
+                                    f"tokenize.tokenizer={job['tokenizer_path']}",
+                                    f"tokenize.max_length={MAX_LENGTH}", "tokenize.test_size=10",
+                                    "tokenize.num_shards=3", f"tokenize.output_dir={out}"])
+    before = {r["record_id"]: (r["split"], list(r["input_ids"]))
+              for r in job["store"].read(cfg.tables.tokenized).collect()}
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "7")
+    try:
+        s2 = tokenize.run(cfg2, spark)
+    finally:
+        spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
+    after = {r["record_id"]: (r["split"], list(r["input_ids"]))
+             for r in job["store"].read(cfg.tables.tokenized).collect()}
+    assert after == before
+    m1, m2 = read_manifest(job["summary"]["shard_dir"]), read_manifest(out)
+    assert [e["sha256"] for s in m1["splits"].values() for e in s["shards"]] == \
+           [e["sha256"] for s in m2["splits"].values() for e in s["shards"]]
+    assert m1["tokenizer"]["sha256"] == m2["tokenizer"]["sha256"]
+    assert s2["drops"] == job["summary"]["drops"]
+
+
+def test_mds_export_needs_streaming(job, spark, tmp_path):
+    """tokenize.mds=true: exports when mosaicml-streaming imports, else fails with a clear error."""
+    from dollyflow.config import load_config
+    from dollyflow.core.shards import mds_available
+    from dollyflow.jobs import tokenize
+
+    cfg = job["cfg"]
+    cfg2 = load_config("tokenize", [f"tables.warehouse={cfg.tables.warehouse}",
+                                    f"tokenize.tokenizer={job['tokenizer_path']}",
+                                    f"tokenize.max_length={MAX_LENGTH}", "tokenize.test_size=0.2",
+                                    "tokenize.num_shards=1", f"tokenize.output_dir={tmp_path / 'mds'}",
+                                    "tokenize.mds=true"])
+    if mds_available():
+        s = tokenize.run(cfg2, spark)
+        assert set(s["mds"]) == {"train", "test"}
+    else:
+        with pytest.raises(RuntimeError, match="mosaicml-streaming"):
+            tokenize.run(cfg2, spark)
+
+
+def test_tokenizer_is_built_once_per_worker_not_per_batch(job, spark):
+    """Many small Arrow batches over several tasks: each Python worker builds the tokenizer once."""
+    import pyarrow as pa
+
+    from dollyflow.core.tokens import backend_builds
+    from dollyflow.engine.tokenize import TOKENIZED_ARROW, TOKENIZED_DDL, encoder
+
+    text = (Path(job["summary"]["shard_dir"]) / "tokenizer" / "tokenizer.json").read_text(encoding="utf-8")
+    encode = encoder(text, MAX_LENGTH, 42)
+
+    def encode_and_report(batches):
+        """The job's encoder, then one extra row carrying (pid, builds) of this worker."""
+        import os
+        yield from encode(batches)
+        yield pa.RecordBatch.from_pylist([{"record_id": "__report__", "split_key": os.getpid(),
+                                           "length": backend_builds()}], schema=TOKENIZED_ARROW)
+
+    silver = job["store"].read(job["cfg"].tables.silver).repartition(6)
+    cols = ["record_id", "instruction", "context", "response", "category"]
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "5")
+    try:
+        rows = silver.select(*cols).mapInArrow(encode_and_report, TOKENIZED_DDL).collect()
+    finally:
+        spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
+    reports = [r for r in rows if r["record_id"] == "__report__"]
+    assert len(rows) - len(reports) == len(job["rows"]) and len(reports) == 6
+    # 6 tasks of ~17 records in batches of 5: loading per batch or per task would count 2 to 24
+    assert all(r["length"] == 1 for r in reports), reports
+
+
+def test_spark_submit_script_runs_despite_its_stdlib_name():
+    """jobs/tokenize.py shares its name with the stdlib ``tokenize``; it must still start."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, str(repo / "jobs" / "tokenize.py"), "--help"], cwd=repo / "jobs",
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "dollyflow tokenize" in out.stdout
