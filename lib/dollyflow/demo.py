@@ -9,13 +9,14 @@ through as config overrides (``dedupe.threshold=0.8``) or ``--env``/``--preset``
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 from dollyflow.cli import run_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared"
+SHARED = Path(os.environ.get("DOLLYFLOW_SHARED", REPO.parent / "shared"))
 
 
 def prepare_inputs(work: Path) -> tuple[Path, Path]:
