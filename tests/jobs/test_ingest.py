@@ -158,3 +158,16 @@ def test_chunk_line_starts_add_up(tmp_path, data):
             first += count_line_starts(str(f), a, b)
         assert got == whole, size
         assert first - 1 == len(whole)
+
+
+def test_csv_invalid_utf8_row_is_quarantined_not_replaced(spark, tmp_path):
+    src = tmp_path / "bad.csv"
+    src.write_bytes(b"instruction,context,response,category\n"
+                    b"Name a fruit.,,Apple.,open_qa\n"
+                    b"caf\xe9 \xff,,x,open_qa\n"
+                    b"Name a tree.,,Oak.,open_qa\n")
+    cfg = config(tmp_path / "wh", f"ingest.input={src}")
+    s = ingest.run(cfg, spark)
+    assert (s["rows_new"], s["quarantined_by_reason"]) == (2, {"invalid_utf8": 1})
+    (q,) = DeltaStore(spark, cfg.tables).read(cfg.tables.quarantine).collect()
+    assert q["source_line"] == 3 and "\ufffd" not in q["raw"]

@@ -72,7 +72,8 @@ class Verdict:
     detail: str = ""
 
 
-def _has_surrogates(s: str) -> bool:
+def has_surrogates(s: str) -> bool:
+    """True when ``s`` holds lone surrogates (undecodable bytes or escapes): not valid UTF-8 text."""
     try:
         s.encode("utf-8")
         return False
@@ -97,7 +98,7 @@ def check_object(obj: Any, rules: Rules) -> Verdict:
                 return Verdict(reason="missing_field", detail=f"{key} is {'null' if key in obj else 'absent'}")
         if type(value) is not str:
             return Verdict(reason="wrong_type", detail=f"{key} is a {type(value).__name__}, not a string")
-        if check_surrogates and _has_surrogates(value):
+        if check_surrogates and has_surrogates(value):
             return Verdict(reason="invalid_utf8", detail=f"{key} holds a lone surrogate escape")
         values.append(value)
     limit = rules.max_field_chars

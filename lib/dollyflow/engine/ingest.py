@@ -24,7 +24,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dollyflow.config import IngestConfig
-from dollyflow.core.records import Rules, Verdict, check_json_line, check_object, raw_text, record_id
+from dollyflow.core.records import (Rules, Verdict, check_json_line, check_object, has_surrogates, raw_text,
+                                    record_id)
 
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -192,7 +193,7 @@ def _iter_csv(uri: str, rules: Rules) -> Iterator[tuple[int, Verdict, str]]:
             line = start
             start = reader.line_num + 1
             raw = ",".join(row)
-            if any(_bad_text(v) for v in row) or any(_bad_text(h) for h in header):
+            if any(has_surrogates(v) for v in row) or any(has_surrogates(h) for h in header):
                 yield line, Verdict(reason="invalid_utf8", detail="undecodable bytes"), raw
                 continue
             if not any(v.strip() for v in row):
@@ -203,14 +204,6 @@ def _iter_csv(uri: str, rules: Rules) -> Iterator[tuple[int, Verdict, str]]:
                                     detail=f"{len(row)} columns, header has {len(header)}"), raw
                 continue
             yield line, check_object(dict(zip(header, row)), rules), raw
-
-
-def _bad_text(s: str) -> bool:
-    try:
-        s.encode("utf-8")
-        return False
-    except UnicodeEncodeError:
-        return True
 
 
 def _iter_parquet(uri: str, group: int, first_line: int, rules: Rules) -> Iterator[tuple[int, Verdict, str]]:
