@@ -313,14 +313,6 @@ class DeltaStore:
             return None
 
 
-def _activate(spark) -> None:
-    """Python data sources are looked up through the JVM thread's active session, which a new
-    Python thread (e.g. two concurrent writers) does not have: make this session active."""
-    jvm = getattr(spark, "_jvm", None) or getattr(getattr(spark, "sparkContext", None), "_jvm", None)
-    if jvm is not None:
-        jvm.org.apache.spark.sql.SparkSession.setActiveSession(spark._jsparkSession)
-
-
 def pafs_selector(path: str):
     import pyarrow.fs as pafs
     return pafs.FileSelector(path, allow_not_found=True)
