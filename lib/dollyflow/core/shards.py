@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dollyflow.core.storage import filesystem as storage_filesystem
 from dollyflow.core.tokens import IGNORE_INDEX
 
 MANIFEST = "manifest.json"
@@ -91,17 +92,9 @@ def histogram_edges(max_length: int) -> list[int]:
 # writing one shard and describing it
 
 
-def _filesystem(path: str):
-    from pyarrow import fs
-
-    if "://" in path:
-        return fs.FileSystem.from_uri(path)
-    return fs.LocalFileSystem(), str(Path(path).absolute())
-
-
 def write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to a local path or a filesystem URI (creating parent directories)."""
-    filesystem, p = _filesystem(path)
+    filesystem, p = storage_filesystem(path)
     parent = p.rsplit("/", 1)[0]
     if parent:
         filesystem.create_dir(parent, recursive=True)

@@ -107,7 +107,6 @@ def token_hashes(data: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.
 
     Returns (hashes uint64, doc index int64) with one entry per token, in document order.
     """
-    n_docs = len(offsets) - 1
     if data.size == 0:
         return np.zeros(0, dtype=_U64), np.zeros(0, dtype=np.int64)
     is_word = ~_SEPARATOR_BYTES[data]

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from dollyflow.config import IngestConfig
 from dollyflow.core.records import (Rules, Verdict, check_json_line, check_object, has_surrogates, raw_text,
                                     record_id)
+from dollyflow.core.storage import filesystem
 
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -38,12 +39,6 @@ PARSED_SCHEMA = pa.schema([
 PARSED_DDL = ("record_id string, instruction string, context string, response string, category string, "
               "source_file string, source_line long, reason string, detail string, raw string, pos long")
 LINE_BITS = 40   # pos = file index << 40 | line: the input order of a line, as one sortable long
-
-
-def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
 def _uri(fs: pafs.FileSystem, path: str, original: str) -> str:
@@ -63,7 +58,7 @@ def list_inputs(spec: str, fmt: str = "auto") -> list[tuple[str, str, int]]:
     """(uri, format, size) of every input file named by a file, a directory or a glob."""
     if not spec:
         raise ValueError("ingest.input is empty: name a file, a directory or a glob")
-    fs, path = _fs(spec)
+    fs, path = filesystem(spec)
     has_glob = any(c in path for c in "*?[")
     base = path
     if has_glob:
@@ -107,7 +102,7 @@ def plan_chunks(files: list[tuple[str, str, int]], chunk_bytes: int) -> list[dic
             for s in starts:
                 chunks.append({"file": uri, "format": fmt, "start": s, "end": min(s + chunk_bytes, size)})
         elif fmt == "parquet":
-            fs, path = _fs(uri)
+            fs, path = filesystem(uri)
             with fs.open_input_file(path) as f:
                 meta = pq.ParquetFile(f).metadata
             row = 1  # rows are numbered across row groups, from 1
@@ -129,7 +124,7 @@ def plan_chunks(files: list[tuple[str, str, int]], chunk_bytes: int) -> list[dic
 
 
 def _open(uri: str):
-    fs, path = _fs(uri)
+    fs, path = filesystem(uri)
     if isinstance(fs, pafs.LocalFileSystem):
         return open(path, "rb", buffering=1 << 20)
     return io.BufferedReader(fs.open_input_file(path), buffer_size=1 << 20)
@@ -207,7 +202,7 @@ def _iter_csv(uri: str, rules: Rules) -> Iterator[tuple[int, Verdict, str]]:
 
 
 def _iter_parquet(uri: str, group: int, first_line: int, rules: Rules) -> Iterator[tuple[int, Verdict, str]]:
-    fs, path = _fs(uri)
+    fs, path = filesystem(uri)
     with fs.open_input_file(path) as f:
         pf = pq.ParquetFile(f)
         line = first_line
