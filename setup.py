@@ -50,7 +50,8 @@ setup(
         "spark": ["pyspark>=4.0.1,<=4.2.0", "delta-spark>=4.0", "deltalake>=1.2", "pyarrow>=18",
                   "pandas>=2.2,<3"],
         "train": ["torch>=2.4", "transformers>=5", "tokenizers>=0.21", "accelerate>=1.2",
-                  "safetensors>=0.4", "deepspeed>=0.16", "mlflow-skinny>=3"],
+                  "safetensors>=0.4", "deepspeed>=0.16", "mlflow-skinny>=3",
+                  "pyarrow>=18"],   # the shard reader (core/shards.py) on a GPU box without Spark
         "horovod": ["horovod[pytorch]>=0.28"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "datasketch>=1.6"],
     },

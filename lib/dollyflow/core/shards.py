@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dollyflow.core.storage import filesystem as storage_filesystem
+from dollyflow.core.storage import write_bytes
 from dollyflow.core.tokens import IGNORE_INDEX
 
 MANIFEST = "manifest.json"
@@ -90,16 +90,6 @@ def histogram_edges(max_length: int) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------
 # writing one shard and describing it
-
-
-def write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to a local path or a filesystem URI (creating parent directories)."""
-    filesystem, p = storage_filesystem(path)
-    parent = p.rsplit("/", 1)[0]
-    if parent:
-        filesystem.create_dir(parent, recursive=True)
-    with filesystem.open_output_stream(p) as f:
-        f.write(data)
 
 
 def shard_stats(table: pa.Table, edges: Sequence[int]) -> dict:

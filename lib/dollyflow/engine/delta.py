@@ -17,13 +17,13 @@ import json
 
 import pyarrow as pa
 import os
-import shutil
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from dollyflow.config import TablesConfig, check_identifier
+from dollyflow.core.storage import remove_dir
 from dollyflow.engine.session import jvm_has_delta
 
 
@@ -281,12 +281,8 @@ class DeltaStore:
         ref = self.ref(name)
         if ref.fqn:
             self.spark.sql(f"DROP TABLE IF EXISTS {ref.fqn}")
-        elif "://" not in ref.path:
-            shutil.rmtree(ref.path, ignore_errors=True)
         else:
-            from dollyflow.engine.delta_rs import filesystem
-            fs, root = filesystem(ref.path)
-            fs.delete_dir(root)
+            remove_dir(ref.path)
 
     def view(self, name: str, version: int | None = None) -> str:
         """Register the table as a temp view named after it (for SQL) and return the view name."""

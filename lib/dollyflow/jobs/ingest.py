@@ -24,6 +24,7 @@ def run(cfg: Config, spark) -> dict:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
+    from dollyflow.core.storage import remove_dir
     from dollyflow.engine.delta import DeltaStore
     from dollyflow.engine.ingest import parse_inputs
 
@@ -85,7 +86,7 @@ def run(cfg: Config, spark) -> dict:
     finally:
         parsed.unpersist()
         if staging:
-            _remove(staging)
+            remove_dir(staging)
 
     summary = {
         "job": "ingest", "run_id": cfg.run_id, "inputs": [f for f, _, _ in files],
@@ -110,15 +111,6 @@ def _staging_path(cfg: Config, store) -> str | None:
     if ref.path is None:
         return None
     return f"{ref.path.rsplit('/', 1)[0]}/_staging/{cfg.run_id}"
-
-
-def _remove(path: str) -> None:
-    from dollyflow.engine.delta_rs import filesystem
-    fs, root = filesystem(path)
-    try:
-        fs.delete_dir(root)
-    except (OSError, FileNotFoundError):
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:

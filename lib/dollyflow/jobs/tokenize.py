@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -48,15 +47,11 @@ def shard_dir_for(cfg: Config, silver_version: int) -> str:
 
 def _save_tokenizer(tok, target: str) -> dict:
     """Save the tokenizer under ``target`` (local or URI) and describe it."""
-    from dollyflow.core.shards import write_bytes
+    from dollyflow.core.storage import save_with
     from dollyflow.core.tokens import save_tokenizer
 
-    if "://" not in target:
-        return save_tokenizer(tok, target)
-    with tempfile.TemporaryDirectory() as tmp:
-        info = save_tokenizer(tok, tmp)
-        for p in Path(tmp).iterdir():
-            write_bytes(f"{target}/{p.name}", p.read_bytes())
+    info: dict = {}
+    save_with(target, lambda d: info.update(save_tokenizer(tok, d)))
     info["dir"] = target
     return info
 
@@ -78,16 +73,6 @@ def _replace_dir(staging: str, final: str) -> None:
     os.rename(staging, final)
     if old:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _remove_dir(path: str) -> None:
-    if "://" in path:
-        from pyarrow import fs as pafs
-        filesystem, root = pafs.FileSystem.from_uri(path)
-        filesystem.delete_dir_contents(root, missing_dir_ok=True)
-        filesystem.delete_dir(root)
-    else:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _build(cfg: Config, spark, store, silver_version: int, staging: str, settings: dict) -> dict:
@@ -146,6 +131,7 @@ def _build(cfg: Config, spark, store, silver_version: int, staging: str, setting
 
 def run(cfg: Config, spark) -> dict:
     from dollyflow.core.shards import export_mds, mds_available
+    from dollyflow.core.storage import remove_dir
     from dollyflow.engine.delta import DeltaStore
 
     t0 = time.time()
@@ -164,7 +150,7 @@ def run(cfg: Config, spark) -> dict:
     try:
         manifest = _build(cfg, spark, store, silver_version, staging, settings)
     except BaseException:
-        _remove_dir(staging)
+        remove_dir(staging)
         raise
     _replace_dir(staging, shard_dir)
     mds = export_mds(shard_dir) if tk.mds else None
