@@ -53,7 +53,8 @@ setup(
                   "safetensors>=0.4", "deepspeed>=0.16", "mlflow-skinny>=3",
                   "pyarrow>=18"],   # the shard reader (core/shards.py) on a GPU box without Spark
         "horovod": ["horovod[pytorch]>=0.28"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "datasketch>=1.6"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "datasketch>=1.6",
+                "moto[server]>=5"],   # a real S3 endpoint on loopback for the object-store tests
     },
     entry_points={
         "console_scripts": ["dollyflow=dollyflow.cli:main"]

@@ -129,3 +129,30 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """A real S3 endpoint on loopback (moto's server) with one empty bucket, as a URI factory:
+    ``s3_bucket("s3a", "shards")`` -> ``s3a://key:secret@<bucket>/shards?endpoint_override=...``.
+    The credentials and endpoint travel inside the URI, so Spark's Python workers reach it too."""
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (dev extra)")
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    _, port = server.get_host_and_port()
+    endpoint = f"127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=f"http://{endpoint}", aws_access_key_id="key", aws_secret_access_key="secret",
+                 region_name="us-east-1").create_bucket(Bucket="dollyflow-test")
+
+    def uri(scheme: str = "s3", prefix: str = "") -> str:
+        return (f"{scheme}://key:secret@dollyflow-test/{prefix.strip('/')}"
+                f"?endpoint_override={endpoint}&scheme=http&region=us-east-1")
+
+    yield uri
+    server.stop()

@@ -62,6 +62,16 @@ class TablesConfig:
     duplicates: str = "duplicates"
     dedupe_runs: str = "dedupe_runs"
     tokenized: str = "tokenized"
+    tokenize_runs: str = "tokenize_runs"
+    volume: str = "files"             # Unity Catalog Volume under catalog.schema for files (shards,
+                                      # checkpoints, models) when catalog is set
+
+    def files_root(self) -> str:
+        """Where the jobs' files go (shards, checkpoints, models, reports): the Unity Catalog
+        Volume ``/Volumes/<catalog>/<schema>/<volume>`` when a catalog is set, else the warehouse."""
+        if self.catalog:
+            return f"/Volumes/{self.catalog}/{self.schema}/{self.volume}"
+        return require_warehouse(self.warehouse).rstrip("/")
 
 
 @dataclass
@@ -110,7 +120,10 @@ class TokenizeConfig:
     test_size: float = 1000                # a count (whole number, Dolly: 1000) or a fraction in (0, 1)
     seed: int = 42                         # split hash seed
     num_shards: int = 8                    # Parquet shards per split, balanced by tokens
-    output_dir: str = ""                   # empty: <tables.warehouse>/shards/<silver>-v<silver version>
+    output_dir: str = ""                   # shards root; empty: <tables.files_root()>/shards/<silver>
+    keep_versions: int = 3                 # complete shard versions kept under the root (older ones pruned)
+    allow_local_output: bool = False       # accept a plain local output path on a multi-host cluster
+                                           # (only for a shared mount such as NFS)
     silver_version: int | None = None      # None: the current silver version
     mds: bool = False                      # also export Mosaic Streaming (needs mosaicml-streaming)
 
@@ -338,6 +351,22 @@ def validate(cfg: Config) -> None:
                           "targets are instruction, context, response, category")
     if not re.match(r"^[A-Za-z0-9_.:-]{1,128}$", cfg.run_id):
         raise ConfigError(f"run_id: {cfg.run_id!r} may hold only letters, digits and _ . : -")
+
+
+def require_warehouse(warehouse: str) -> str:
+    """The warehouse, or a clear error when none is set (the cluster env leaves it to the user)."""
+    if not warehouse:
+        raise ConfigError("tables.warehouse is empty: set it to shared storage every executor can reach, "
+                          "e.g. tables.warehouse=s3://bucket/dollyflow (or abfss://, gs://, hdfs://)")
+    return warehouse
+
+
+def shards_root(cfg: Config) -> str:
+    """The tokenize job's shards root: ``tokenize.output_dir``, else ``<files root>/shards/<silver>``.
+    Each run writes a versioned directory under it and switches its ``LATEST.json`` pointer."""
+    if cfg.tokenize.output_dir:
+        return cfg.tokenize.output_dir.rstrip("/")
+    return f"{cfg.tables.files_root()}/shards/{cfg.tables.silver}"
 
 
 def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin wrapper

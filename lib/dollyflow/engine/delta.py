@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from dollyflow.config import TablesConfig, check_identifier
+from dollyflow.config import TablesConfig, check_identifier, require_warehouse
 from dollyflow.core.storage import remove_dir
 from dollyflow.engine.session import jvm_has_delta
 
@@ -43,7 +43,7 @@ def resolve(tables: TablesConfig, name: str) -> TableRef:
     if tables.catalog:
         return TableRef(name, fqn=f"{check_identifier(tables.catalog, 'tables.catalog')}."
                                   f"{check_identifier(tables.schema, 'tables.schema')}.{name}")
-    wh = tables.warehouse
+    wh = require_warehouse(tables.warehouse)
     if "://" not in wh:
         wh = os.path.abspath(wh)
     return TableRef(name, path=f"{wh.rstrip('/')}/{check_identifier(tables.schema, 'tables.schema')}/{name}")

@@ -25,6 +25,18 @@ def under_spark_submit() -> bool:
     return os.environ.get("PYSPARK_GATEWAY_PORT") is not None
 
 
+def master_of(spark) -> str:
+    """The session's master URL (``local[2]``, ``yarn``, ``spark://...``; "" when unknown, as
+    under Spark Connect, which is then treated as a remote cluster)."""
+    try:
+        return spark.sparkContext.master
+    except Exception:
+        try:
+            return spark.conf.get("spark.master", "")
+        except Exception:
+            return ""
+
+
 def _package_root() -> str:
     return str(Path(__file__).resolve().parents[2])  # .../lib, the directory holding dollyflow/
 
