@@ -1,6 +1,6 @@
 """The dedupe job end to end on Spark: one ingest of a make_corpus corpus plus the real dolly
-sample with planted copies, one dedupe, then accuracy, outputs, survivor rule, idempotency,
-partition independence and bronze time travel.
+sample with planted copies and different questions about one shared passage, one dedupe, then
+accuracy, outputs, survivor rule, idempotency, partition independence and bronze time travel.
 
 Tests in this module share one warehouse and run in file order (the last one appends to bronze).
 """
@@ -26,12 +26,14 @@ PLANTED = 20
 def planted_copies(sample_path: Path, out: Path) -> list[dict]:
     """The sample's records (returned, not written), then, written to ``out``, an exact variant
     (case/space) and a near variant (one word of the response replaced) of the first PLANTED
-    records that have at least 40 words."""
+    records whose instruction and response have at least 15 words together: the edit is measured
+    against that part alone (a shared context does not count), and one replaced word in 15 words
+    keeps its bigram Jaccard near 0.75, clear of the 0.7 threshold."""
     rows = [json.loads(line) for line in open(sample_path, encoding="utf-8") if line.strip()]
     rng = random.Random(3)
     lines = [dict(r, _kind="original", _of=i) for i, r in enumerate(rows)]
     picked = [i for i, r in enumerate(rows)
-              if len(f"{r['instruction']} {r.get('context') or ''} {r['response']}".split()) >= 40
+              if len(f"{r['instruction']} {r['response']}".split()) >= 15
               and len(r["response"].split()) >= 6][:PLANTED]
     for i in picked:
         r = rows[i]
@@ -49,26 +51,38 @@ def rid_of(line: dict) -> str:
     return record_id(line["instruction"], line.get("context") or "", line["response"], line["category"])
 
 
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
 @pytest.fixture(scope="module")
-def world(spark, make_corpus, sample_path, tmp_path_factory):
+def world(spark, make_corpus, sample_path, shared_passage, tmp_path_factory):
     from dollyflow.engine.delta import DeltaStore
     from dollyflow.jobs import dedupe, ingest
 
     corpus, truth = make_corpus(CORPUS_LINES, edit_rate=0.03)
     root = tmp_path_factory.mktemp("dedupe")
-    inputs = root / "inputs"
+    first, inputs = root / "first", root / "inputs"
+    first.mkdir()
     inputs.mkdir()
+    shutil.copy(sample_path, first / "sample.jsonl")
+    write_jsonl(first / "shared-passage.jsonl", shared_passage["questions"])
     shutil.copy(corpus, inputs / "corpus.jsonl")
     planted = planted_copies(sample_path, inputs / "sample-planted.jsonl")
-    base = [f"tables.warehouse={root / 'warehouse'}", "spark.shuffle_partitions=4"]
-    # The real sample first, then (a later ingested_at) the corpus and the planted copies.
-    ingest.run(load_config("ingest", [*base, f"ingest.input={sample_path}"]), spark)
+    write_jsonl(inputs / "shared-passage-copies.jsonl", [shared_passage["near"], shared_passage["exact"]])
+    base = [f"tables.warehouse={root / 'warehouse'}"]
+    # The real sample and the questions about one passage first, then (a later ingested_at) the
+    # corpus and the planted copies.
+    ingest.run(load_config("ingest", [*base, f"ingest.input={first}"]), spark)
     ingest.run(load_config("ingest", [*base, f"ingest.input={inputs}"]), spark)
     cfg = load_config("dedupe", base)
     summary = dedupe.run(cfg, spark)
     store = DeltaStore(spark, cfg.tables)
     return {"cfg": cfg, "base": base, "root": root, "store": store, "summary": summary,
-            "corpus": corpus, "truth": truth, "planted": planted, "spark": spark}
+            "corpus": corpus, "truth": truth, "planted": planted, "spark": spark,
+            "shared_passage": shared_passage}
 
 
 def table(world, name: str, version=None):
@@ -106,6 +120,22 @@ def test_planted_copies_of_the_real_sample(world):
         cluster, survivor, kind, sim = dups[rid]
         assert (cluster, survivor, kind) == (originals[line["_of"]], originals[line["_of"]], line["_kind"])
         assert sim == 1.0 if kind == "exact" else 0.7 <= sim <= 1.0
+
+
+def test_different_questions_about_one_passage_all_survive(world):
+    """Records sharing one long passage with different instructions and responses are all kept
+    (a shared passage alone never makes a duplicate, nor chains one question to another), while
+    a near copy of one of them (same passage) and an exact copy of another are removed."""
+    dups = duplicates_map(world)
+    sp = world["shared_passage"]
+    for q in sp["questions"]:
+        assert rid_of(q) not in dups, (q["instruction"], dups.get(rid_of(q)))
+    original = rid_of(sp["questions"][1])
+    cluster, survivor, kind, sim = dups[rid_of(sp["near"])]
+    assert (cluster, survivor, kind) == (original, original, "near") and 0.7 <= sim < 1.0
+    original = rid_of(sp["questions"][2])
+    assert dups[rid_of(sp["exact"])] == (original, original, "exact", 1.0)
+    assert sum(1 for d in dups.values() if d[0] in {rid_of(q) for q in sp["questions"]}) == 2
 
 
 def test_outputs_partition_bronze_and_follow_the_survivor_rule(world):
@@ -201,7 +231,7 @@ def test_no_originals_merged_in_a_100k_line_corpus(spark, make_corpus, tmp_path)
     (edit rate 0.03) at pair-level F1 >= 0.97, and no two distinct originals in one cluster."""
     from dollyflow.jobs import dedupe, ingest
     corpus, truth = make_corpus(100_000, edit_rate=0.03)
-    base = [f"tables.warehouse={tmp_path / 'warehouse'}", "spark.shuffle_partitions=4"]
+    base = [f"tables.warehouse={tmp_path / 'warehouse'}"]
     ingest.run(load_config("ingest", [*base, f"ingest.input={corpus}"]), spark)
     cfg = load_config("dedupe", base)
     dedupe.run(cfg, spark)
