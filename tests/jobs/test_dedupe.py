@@ -182,23 +182,37 @@ def test_rerun_on_unchanged_bronze_writes_nothing(world):
 
 
 def test_same_result_whatever_the_partitioning(world):
-    """A forced re-run with one shuffle partition and many small input splits gives the same
-    silver and duplicates as the first run (four shuffle partitions)."""
-    from dollyflow.jobs import dedupe
-    spark = world["spark"]
-    first_dups = duplicates_map(world)
-    first_silver = sorted(tuple(r) for r in table(world, "silver").collect())
-    old = {k: spark.conf.get(k) for k in ("spark.sql.shuffle.partitions", "spark.sql.files.maxPartitionBytes")}
-    spark.conf.set("spark.sql.shuffle.partitions", "1")
-    spark.conf.set("spark.sql.files.maxPartitionBytes", str(64 * 1024))
+    """The same bronze version split into more input partitions (round-robin, so rows move) and
+    deduplicated with another number of shuffle partitions, set on the running session with
+    adaptive execution off so that it holds, gives exactly the job's duplicates and silver."""
+    from dollyflow.engine.dedupe import DedupeParams, candidate_pairs, find_duplicates, silver_of
+    spark, cfg = world["spark"], world["cfg"]
+    params = DedupeParams.from_config(cfg.dedupe)
+    bronze = world["store"].read(cfg.tables.bronze, world["summary"]["bronze_version"])
+    inputs = bronze.rdd.getNumPartitions() + 3
+    shuffle = int(spark.conf.get("spark.sql.shuffle.partitions")) + 3   # the job's run had at most
+    settings = {"spark.sql.shuffle.partitions": str(shuffle),          # the session's (AQE only lowers it)
+                "spark.sql.adaptive.enabled": "false"}
+    old = {k: spark.conf.get(k) for k in settings}
+    for k, v in settings.items():
+        spark.conf.set(k, v)
     try:
-        out = dedupe.run(load_config("dedupe", [*world["base"], "dedupe.skip_unchanged=false"]), spark)
+        moved = bronze.repartition(inputs)
+        frames = find_duplicates(moved, params, cfg.dedupe.max_cc_iterations)
+        try:  # the settings took effect: signatures per input partition, candidates per shuffle one
+            assert frames.signed.rdd.getNumPartitions() == inputs
+            assert candidate_pairs(frames.signed, params.all_pairs_bucket).rdd.getNumPartitions() == shuffle
+            dups = {r["record_id"]: (r["cluster_id"], r["survivor_id"], r["kind"], r["similarity"])
+                    for r in frames.duplicates.collect()}
+            silver = sorted(tuple(r) for r in silver_of(moved, frames.duplicates).collect())
+        finally:
+            frames.signed.unpersist()
     finally:
         for k, v in old.items():
             spark.conf.set(k, v)
-    assert out["skipped"] is False and out["silver_version"] == world["summary"]["silver_version"] + 1
-    assert duplicates_map(world) == first_dups
-    assert sorted(tuple(r) for r in table(world, "silver").collect()) == first_silver
+    assert {k: spark.conf.get(k) for k in settings} == old
+    assert dups == duplicates_map(world)
+    assert silver == sorted(tuple(r) for r in table(world, "silver").collect())
 
 
 def test_reads_bronze_at_the_recorded_version(world, tmp_path):
