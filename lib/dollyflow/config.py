@@ -101,8 +101,10 @@ class IngestConfig:
 class DedupeConfig:
     ngram: int = 2                         # word n-gram size of the shingles
     num_perm: int = 128                    # MinHash permutations (signature length)
-    threshold: float = 0.7                 # Jaccard similarity at or above which records are near duplicates
-    bands: int | None = None               # LSH bands; None: chosen from threshold and num_perm (with rows)
+    threshold: float = 0.7                 # near duplicates: Jaccard of instruction+response AND of context
+                                           # (or both without context) at or above this
+    bands: int | None = None               # LSH bands (of the instruction+response signature); None: chosen
+                                           # from threshold and num_perm (with rows)
     rows: int | None = None                # rows per band; None: chosen with bands
     seed: int = 42                         # seed of the hash permutations
     bronze_version: int | None = None      # bronze version to read; None: the current one
