@@ -119,7 +119,8 @@ class DedupeConfig:
 class TokenizeConfig:
     tokenizer: str = ""                    # empty: model.tokenizer, else model.name (path or hub name)
     max_length: int | None = None          # None: model.max_length; longer prompts are dropped, not truncated
-    test_size: float = 1000                # a count (whole number, Dolly: 1000) or a fraction in (0, 1)
+    test_size: float = 1000                # a count (whole number >= 1, Dolly: 1000; 1.0 is one record) or a
+                                           # fraction in (0, 1); 0: no test split
     seed: int = 42                         # split hash seed
     num_shards: int = 8                    # Parquet shards per split, balanced by tokens
     output_dir: str = ""                   # shards root; empty: <tables.files_root()>/shards/<silver>
@@ -128,6 +129,8 @@ class TokenizeConfig:
                                            # (only for a shared mount such as NFS)
     silver_version: int | None = None      # None: the current silver version
     mds: bool = False                      # also export Mosaic Streaming (needs mosaicml-streaming)
+    skip_unchanged: bool = True            # write nothing when the current shards come from the same silver
+                                           # version and settings and tokenized is still at their version
 
 
 @dataclass
@@ -353,6 +356,51 @@ def validate(cfg: Config) -> None:
                           "targets are instruction, context, response, category")
     if not re.match(r"^[A-Za-z0-9_.:-]{1,128}$", cfg.run_id):
         raise ConfigError(f"run_id: {cfg.run_id!r} may hold only letters, digits and _ . : -")
+    check_ranges(cfg)
+
+
+def _positive(value: Any, key: str, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise ConfigError(f"{key}: must be >= {minimum}, got {value!r}")
+
+
+def check_ranges(cfg: Config) -> None:
+    """Numeric settings that type checks alone cannot catch, each error naming its key."""
+    import math
+
+    from dollyflow.core.split import parse_test_size
+
+    for key, value in (("spark.shuffle_partitions", cfg.spark.shuffle_partitions),
+                       ("ingest.max_field_chars", cfg.ingest.max_field_chars),
+                       ("ingest.raw_max_chars", cfg.ingest.raw_max_chars),
+                       ("ingest.chunk_bytes", cfg.ingest.chunk_bytes),
+                       ("dedupe.ngram", cfg.dedupe.ngram),
+                       ("dedupe.num_perm", cfg.dedupe.num_perm),
+                       ("dedupe.bands", cfg.dedupe.bands),
+                       ("dedupe.rows", cfg.dedupe.rows),
+                       ("dedupe.max_cc_iterations", cfg.dedupe.max_cc_iterations),
+                       ("model.max_length", cfg.model.max_length),
+                       ("tokenize.max_length", cfg.tokenize.max_length),
+                       ("tokenize.num_shards", cfg.tokenize.num_shards),
+                       ("tokenize.keep_versions", cfg.tokenize.keep_versions)):
+        _positive(value, key)
+    for key, value in (("dedupe.bronze_version", cfg.dedupe.bronze_version),
+                       ("tokenize.silver_version", cfg.tokenize.silver_version)):
+        _positive(value, key, minimum=0)
+    d = cfg.dedupe
+    if not (math.isfinite(d.threshold) and 0 < d.threshold < 1):
+        raise ConfigError(f"dedupe.threshold: must lie strictly between 0 and 1 (a Jaccard similarity), "
+                          f"got {d.threshold!r}")
+    for key, value in (("dedupe.false_positive_weight", d.false_positive_weight),
+                       ("dedupe.false_negative_weight", d.false_negative_weight)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{key}: must be a finite number >= 0, got {value!r}")
+    if d.false_positive_weight + d.false_negative_weight <= 0:
+        raise ConfigError("dedupe.false_positive_weight + dedupe.false_negative_weight: must be > 0")
+    try:
+        parse_test_size(cfg.tokenize.test_size)
+    except ValueError as exc:
+        raise ConfigError(f"tokenize.test_size: {exc}") from None
 
 
 def require_warehouse(warehouse: str) -> str:

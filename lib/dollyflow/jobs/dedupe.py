@@ -6,7 +6,11 @@
   part: min(instruction+response, context), a context counting 1.0 when neither has one).
 - dedupe_runs: run_id, times, bronze_version, input_rows, survivors, removed_exact,
   removed_near, clusters (clusters with at least one removed record), verified_pairs,
-  parameters (JSON), silver_version, duplicates_version.
+  parameters (JSON), silver_version, duplicates_version (the versions of this run's own commits).
+
+Counts are checked, not assumed: bronze's rows at the version read (from its Delta log) must
+equal the rows dedupe read and the rows of silver's plus duplicates' commits; otherwise the run
+fails naming the numbers.
 
 Exact duplicates: equal after normalisation (NFC, case-fold, whitespace collapsed and trimmed) of
 instruction, context and response. Near duplicates: the instruction+response part and the
@@ -55,6 +59,7 @@ def unchanged(store, cfg: Config, bronze_version: int, params_json: str):
 
 def run(cfg: Config, spark) -> dict:
     from dollyflow.engine.dedupe import DedupeParams, find_duplicates, silver_of, summarize
+    from dollyflow.core.counts import expect_equal
     from dollyflow.engine.delta import DeltaStore
 
     store = DeltaStore(spark, cfg.tables)
@@ -69,7 +74,8 @@ def run(cfg: Config, spark) -> dict:
     base = {"job": "dedupe", "run_id": cfg.run_id, "bronze": store.location(t.bronze),
             "bronze_version": int(bronze_version), "parameters": params.to_json(),
             "silver": store.location(t.silver), "duplicates": store.location(t.duplicates),
-            "dedupe_runs": store.location(t.dedupe_runs), "backend": store.backend}
+            "dedupe_runs": store.location(t.dedupe_runs), "backend": store.backend,
+            "backend_reason": store.backend_reason}
 
     if d.skip_unchanged:
         prev = unchanged(store, cfg, int(bronze_version), params.to_json())
@@ -93,6 +99,15 @@ def run(cfg: Config, spark) -> dict:
         timings["write"] = round(time.time() - t1, 2)
     finally:
         frames.signed.unpersist()
+    # bronze rows (its Delta log) = rows of silver's commit + rows of duplicates' commit
+    bronze_rows = expect_equal(f"dedupe: bronze v{bronze_version}",
+                               (f"rows of {store.location(t.bronze)} v{bronze_version}",
+                                store.count(t.bronze, int(bronze_version))),
+                               ("rows read by dedupe", counts["input_rows"]))
+    expect_equal("dedupe: outputs", ("bronze rows", bronze_rows),
+                 (f"rows of silver v{silver_version.version} ({silver_version.rows}) + duplicates "
+                  f"v{duplicates_version.version} ({duplicates_version.rows}) (their commits)",
+                  silver_version.rows + duplicates_version.rows))
     seconds = round(time.time() - t0, 2)
     row = (cfg.run_id, started, datetime.now(timezone.utc), int(bronze_version), counts["input_rows"],
            counts["survivors"], counts["removed_exact"], counts["removed_near"], counts["clusters"],
