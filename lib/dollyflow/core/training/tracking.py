@@ -169,7 +169,7 @@ def finish_run(uri: str, run_id: str, *, output_dir: str, entries: list[dict], b
     from mlflow.entities import Metric
 
     client = _client(uri)
-    info = {"artifacts": [], "model_logged": False, "model_error": None}
+    info = {"artifacts": [], "model_logged": False, "model_error": None, "model_uri": None}
     if backfill:
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, s) for s, m in metric_rows(entries) for k, v in m.items()]
@@ -201,10 +201,21 @@ def _log_transformers_model(uri: str, run_id: str, output_dir: str) -> dict:
     old = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     try:
+        import torch
+        import transformers
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        # mlflow 3.x does not take a directory path here, and its requirement inference wants
+        # torchvision: pass the loaded components (in their saved dtype) and pinned requirements.
+        model = AutoModelForCausalLM.from_pretrained(output_dir, dtype="auto")
+        tok = AutoTokenizer.from_pretrained(output_dir)
+        reqs = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}",
+                "accelerate", "safetensors"]
         mlflow.set_tracking_uri(uri)
         with mlflow.start_run(run_id=run_id):
-            mlflow.transformers.log_model(transformers_model=output_dir, name="model", task="text-generation")
-        return {"model_logged": True, "model_error": None}
+            info = mlflow.transformers.log_model(transformers_model={"model": model, "tokenizer": tok}, name="model",
+                                                 task="text-generation", pip_requirements=reqs)
+        return {"model_logged": True, "model_error": None, "model_uri": info.model_uri}
     except Exception as exc:  # noqa: BLE001 - the run and the model directory stay valid without it
         return {"model_logged": False, "model_error": f"{type(exc).__name__}: {exc}"[:500]}
     finally:
