@@ -281,6 +281,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
+            return float(value)   # YAML 1.1 reads 5e-6 (no dot) as a string; a number was meant
     elif tp is str:
         if isinstance(value, str):
             return value

@@ -166,3 +166,19 @@ def test_train_config_defaults_are_dollys_and_tiny_is_fast():
 def test_train_range_checks_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config("train", [override])
+
+
+def test_exponent_without_a_dot_is_a_float():
+    assert load_config("train", ["train.learning_rate=5e-6"]).train.learning_rate == 5e-6
+    with pytest.raises(ConfigError, match="train.learning_rate: expected float"):
+        load_config("train", ["train.learning_rate=fast"])
+
+
+def test_no_warmup_starts_at_the_peak():
+    ds = dsconfig.fill(dsconfig.load_preset("cpu"), t_dict(warmup_steps=0, learning_rate=1e-3), world_size=1,
+                       total_steps=10, hidden_size=8, precision="fp32")
+    assert ds["scheduler"]["params"]["warmup_min_lr"] == ds["scheduler"]["params"]["warmup_max_lr"] == 1e-3
+    assert ds["scheduler"]["params"]["warmup_num_steps"] == 1
+    cos = dsconfig.fill(dsconfig.load_preset("cpu"), t_dict(warmup_steps=0, lr_scheduler="cosine"), world_size=1,
+                        total_steps=10, hidden_size=8, precision="fp32")
+    assert cos["scheduler"]["params"]["warmup_min_ratio"] == 1.0

@@ -107,13 +107,18 @@ def fill(preset: dict, t: dict, *, world_size: int, total_steps: int, hidden_siz
     sched = ds.get("scheduler")
     if sched is not None and sched.get("type") in ("WarmupLR", "WarmupCosineLR", "auto"):
         warmup = int(t["warmup_steps"])
+        # DeepSpeed's schedulers need >= 1 warmup step: no warmup = one "warmup" step at the peak
         if t["lr_scheduler"] == "cosine":
             ds["scheduler"] = {"type": "WarmupCosineLR", "params": {
-                "total_num_steps": max(1, int(total_steps)), "warmup_min_ratio": 0.0,
-                "warmup_num_steps": warmup, "cos_min_ratio": float(t["min_lr_ratio"]),
+                "total_num_steps": max(2, int(total_steps)), "warmup_min_ratio": 0.0 if warmup else 1.0,
+                "warmup_num_steps": max(1, warmup), "cos_min_ratio": float(t["min_lr_ratio"]),
                 "warmup_type": t["warmup_type"]}}
         else:
             sp = dict(sched.get("params") or {})
+            if not warmup:
+                sp["warmup_min_lr"] = float(t["learning_rate"]) if sp.get("warmup_min_lr", "auto") == "auto" \
+                    else sp["warmup_min_lr"]
+                warmup = 1
             _set_auto(sp, "warmup_min_lr", 0.0)
             _set_auto(sp, "warmup_max_lr", float(t["learning_rate"]))
             _set_auto(sp, "warmup_num_steps", warmup)

@@ -333,6 +333,8 @@ def _train(spec: dict, ctx, hooks: Hooks) -> dict:  # noqa: C901 - one recipe, t
     last_eval = None
     eval_steps, save_steps = int(t["eval_steps"]), int(t["save_steps"])
     engine.train()
+    side_seconds = 0.0               # evaluation and checkpoints inside the loop
+    loop_t0 = time.time()
     for step in range(global_step, total_steps):
         t0 = time.time()
         epoch, i = locate(step)
@@ -340,19 +342,21 @@ def _train(spec: dict, ctx, hooks: Hooks) -> dict:  # noqa: C901 - one recipe, t
         n_global = all_reduce([sum(train.label_tokens(b) for b in micro)], device)[0].item()
         scale = world / n_global
         lr = float(engine.get_lr()[0])       # the rate this step uses (the scheduler steps after it)
-        stats = torch.zeros(5, dtype=torch.float64)
+        stats = torch.zeros(6, dtype=torch.float64)
         for b in micro:
             batch = batch_to_device(train.batch(b, pad_id, t["pad_to_multiple_of"]))
             row_sum, row_cnt = engine(**batch)
             loss_sum = row_sum.sum()
             engine.backward(loss_sum * scale, scale_wrt_gas=False)
             engine.step()
-            stats += torch.tensor([loss_sum.item(), float(row_cnt.sum()), float(batch["attention_mask"].sum()),
-                                   float(batch["input_ids"].numel()), float(len(b))], dtype=torch.float64)
+            real = batch["attention_mask"].sum(dim=1).double()
+            stats += torch.tensor([loss_sum.item(), float(row_cnt.sum()), float(real.sum()),
+                                   float(batch["input_ids"].numel()), float(len(b)), float((real * real).sum())],
+                                  dtype=torch.float64)
         stats = all_reduce(stats, device).numpy()
         dt = time.time() - t0
         train_seconds += dt
-        totals += stats
+        totals += stats[:5]
         loss = float(stats[0] / stats[1])
         first_loss = loss if first_loss is None else first_loss
         last_loss = loss
@@ -364,7 +368,7 @@ def _train(spec: dict, ctx, hooks: Hooks) -> dict:  # noqa: C901 - one recipe, t
             digest = hashlib.sha256(ids.encode()).hexdigest()[:16]
         entry = {"kind": "train", "step": done, "epoch": epoch + 1, "loss": loss, "lr": lr,
                  "label_tokens": int(stats[1]), "tokens": int(stats[2]), "padded_tokens": int(stats[3]),
-                 "records": int(stats[4]), "seconds": dt, "tokens_per_s": stats[2] / dt,
+                 "records": int(stats[4]), "sum_len_sq": int(stats[5]), "seconds": dt, "tokens_per_s": stats[2] / dt,
                  "useful_tokens_per_s": stats[1] / dt, "padding_share": 1 - stats[2] / stats[3],
                  "grad_norm": _grad_norm(engine), "data_digest": digest}
         if ctx.is_main:
@@ -374,7 +378,9 @@ def _train(spec: dict, ctx, hooks: Hooks) -> dict:  # noqa: C901 - one recipe, t
         progress.update(done, entry)
         hooks.on_step(done, entry)
         if done % eval_steps == 0 and done != total_steps:
+            ts = time.time()
             last_eval = evaluate(done)
+            side_seconds += time.time() - ts
             if ctx.is_main and last_eval:
                 entries.append(last_eval)
                 logger.log(done, _eval_metrics(last_eval))
@@ -383,7 +389,10 @@ def _train(spec: dict, ctx, hooks: Hooks) -> dict:  # noqa: C901 - one recipe, t
         if done % int(t["log_steps"]) == 0:
             flush_metrics()
         if done % save_steps == 0 and done != total_steps:
+            ts = time.time()
             save_checkpoint(done)
+            side_seconds += time.time() - ts
+    loop_seconds = time.time() - loop_t0 - side_seconds
     progress.close()
 
     # final evaluation (always: the model's last state)
@@ -421,7 +430,7 @@ def _train(spec: dict, ctx, hooks: Hooks) -> dict:  # noqa: C901 - one recipe, t
             "eval_loss": final_eval["eval_loss"] if final_eval else None,
             "eval_loss_per_category": final_eval["eval_loss_per_category"] if final_eval else {},
             "train_tokens": int(totals[2]), "useful_tokens": int(totals[1]), "padded_tokens": int(totals[3]),
-            "train_seconds": round(train_seconds, 3),
+            "train_seconds": round(train_seconds, 3), "loop_seconds": round(loop_seconds, 3),
             "tokens_per_s": totals[2] / train_seconds if train_seconds else None,
             "useful_tokens_per_s": totals[1] / train_seconds if train_seconds else None,
             "padding_share": 1 - totals[2] / totals[3] if totals[3] else None,
