@@ -230,3 +230,18 @@ def test_a_corrupted_shard_fails_before_anything_is_launched(shards, spark, tmp_
     with pytest.raises(ShardCheckError, match=f"{victim.name}: sha256 differs"):
         train.run(train_cfg(shards, f"train.shard_dir={bad}", f"train.output_dir={out}"), spark)
     assert not out.exists()
+
+
+def test_horovod_launcher(shards, spark, tmp_path):
+    """Runs where horovod imports (scripts/build_horovod.sh builds 0.28.1); CI without it skips."""
+    from dollyflow.launch.horovod import available
+    ok, why = available()
+    if not ok:
+        pytest.skip(why)
+    from dollyflow.jobs import train
+
+    out = tmp_path / "horovod"
+    s = train.run(train_cfg(shards, "train.launcher=horovod", f"train.output_dir={out}", "train.max_steps=4",
+                            "train.mlflow=false"), spark)
+    assert s["launcher"] == "horovod" and s["steps"] == 4 and s["processes"] == 2
+    assert len(train_entries(out)) == 4 and read_provenance(str(out))["launcher"] == "horovod"
