@@ -13,7 +13,7 @@ from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).parent
-JOBS = ["ingest", "dedupe", "tokenize"]
+JOBS = ["ingest", "dedupe", "tokenize", "infer"]
 
 
 class BuildWithConf(build_py):
