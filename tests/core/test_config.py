@@ -76,3 +76,16 @@ def test_cli_config_prints_resolved(capsys):
     out = capsys.readouterr().out
     assert "max_field_chars: 7" in out and "tiny-gpt-neox" in out
     assert main(["config", "ingest", "bogus.key=1"]) == 2
+
+
+def test_infer_section_defaults_and_checks():
+    from dollyflow.config import ConfigError, load_config
+    inf = load_config("infer").infer
+    # Dolly's generation numbers, decoded greedily by default (reproducible batch scoring)
+    assert (inf.max_new_tokens, inf.top_p, inf.top_k, inf.temperature, inf.do_sample) == (256, 0.92, 0, 1.0, False)
+    assert inf.key_columns == ["record_id"] and inf.split == "test" and inf.mode == "append"
+    assert load_config("infer").tables.predictions == "predictions"
+    for bad in ("infer.mode=upsert", "infer.split=dev", "infer.key_columns=[]", "infer.max_new_tokens=0",
+                "infer.function_name=drop table", "infer.key_columns=[a-b]"):
+        with pytest.raises(ConfigError, match="infer"):
+            load_config("infer", [bad])

@@ -105,6 +105,30 @@ def test_rows_finish_independently_and_batches_respect_the_token_budget(loaded, 
     assert len(set(lengths)) > 1   # rows really finished at different steps in one batch
 
 
+def test_preallocated_cache_with_rows_leaving_and_padding_dropped(loaded):
+    """The loop's KV cache: a long row leaves the batch, the short row's left padding is dropped,
+    and its next logits equal those of the short row run alone."""
+    from dollyflow.core.generate import _drop_left_padding, new_cache
+
+    model, _ = loaded
+    long_ids, short_ids = list(range(100, 130)), list(range(200, 210))
+    ids = torch.tensor([long_ids, [0] * 20 + short_ids])
+    mask = torch.tensor([[1] * 30, [0] * 20 + [1] * 10])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        cache = new_cache(model, reserve=4)
+        assert type(cache.layers[0]).__name__ == "PreallocatedLayer"
+        model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        cache.batch_select_indices(torch.tensor([1]))
+        mask = _drop_left_padding(cache, mask[[1]])
+        assert mask.shape == (1, 10) and cache.get_seq_length() == 10
+        mask = torch.cat([mask, mask.new_ones((1, 1))], -1)
+        step = model(input_ids=torch.tensor([[7]]), attention_mask=mask, position_ids=torch.tensor([[10]]),
+                     cache=cache, use_cache=True).logits[0, -1]
+        alone = model(input_ids=torch.tensor([short_ids + [7]])).logits[0, -1]
+    assert torch.allclose(step, alone, atol=1e-4)
+
+
 def test_plan_batches():
     lengths = [10, 300, 50, 40, 5, 200]
     batches = plan_batches(lengths, max_new_tokens=20, batch_tokens=400, max_batch_size=3)

@@ -18,10 +18,12 @@ How a window of rows is generated (:meth:`Generator.generate`):
    ``rows x (longest prompt + max_new_tokens)`` stays within ``batch_tokens`` (and at most
    ``max_batch_size`` rows): one long prompt makes a small batch, never an out-of-memory.
 4. Each batch runs a hand-written decode loop over the model's forward: left padding with
-   position ids counted from each row's first real token, a KV cache (``DynamicCache``), logits
-   of the last position only. A row leaves the batch when it emits a stop token (``### End`` or
-   eos) or reaches ``max_new_tokens``; the cache, mask and positions are shrunk to the rows still
-   running and all-padding columns on the left are dropped, so finished rows cost nothing.
+   position ids counted from each row's first real token, a KV cache (transformers'
+   ``DynamicCache`` whose layers are preallocated for prompt + ``max_new_tokens``, so a step
+   writes its token in place instead of copying the whole cache), logits of the last position
+   only. A row leaves the batch when it emits a stop token (``### End`` or eos) or reaches
+   ``max_new_tokens``; the cache, mask and positions are shrunk to the rows still running and
+   all-padding columns on the left are dropped, so finished rows cost nothing.
 5. Greedy decoding is the argmax (equal to transformers' ``generate`` greedy output, tested).
    Sampling (temperature, top_k, top_p, in that order, as transformers applies them) uses the
    Gumbel-max trick with a ``torch.Generator`` per row seeded with the row's seed, drawing the
@@ -155,24 +157,32 @@ def next_tokens(logits, params: GenerationParams, generators: Sequence | None = 
     only if two noisy scores are within rounding of each other (probability ~1e-6 per step) --
     unlike inverse-CDF sampling, where the float noise of a different batch shape moves the
     cumulative sum across a bucket edge every few dozen steps on a flat distribution.
+
+    Raises FloatingPointError when a row's logits hold NaN or +inf (fp16 overflow, corrupt
+    weights): the argmax picks such an entry, so checking the picked scores finds it.
     """
     import torch
 
     if not params.do_sample:
-        return logits.argmax(dim=-1)
-    x = logits.float() / float(params.temperature)
-    vocab = x.shape[-1]
-    if params.top_k and params.top_k < vocab:
-        kth = torch.topk(x, int(params.top_k), dim=-1).values[:, -1:]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if params.top_p < 1.0:
-        ordered, order = torch.sort(x, dim=-1, descending=True)
-        probs = torch.softmax(ordered, dim=-1)
-        drop = (probs.cumsum(dim=-1) - probs) >= float(params.top_p)    # the best token always stays
-        x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    u = torch.stack([torch.rand(vocab, generator=g, device=x.device, dtype=torch.float64) for g in generators])
-    gumbel = -torch.log(-torch.log(u.clamp_(min=1e-300)))
-    return (x.double() + gumbel).argmax(dim=-1)
+        best, tokens = logits.max(dim=-1)
+    else:
+        x = logits.float() / float(params.temperature)
+        vocab = x.shape[-1]
+        if params.top_k and params.top_k < vocab:
+            kth = torch.topk(x, int(params.top_k), dim=-1).values[:, -1:]
+            x = x.masked_fill(x < kth, float("-inf"))
+        if params.top_p < 1.0:
+            ordered, order = torch.sort(x, dim=-1, descending=True)
+            probs = torch.softmax(ordered, dim=-1)
+            drop = (probs.cumsum(dim=-1) - probs) >= float(params.top_p)    # the best token always stays
+            x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        u = torch.stack([torch.rand(vocab, generator=g, device=x.device, dtype=torch.float64) for g in generators])
+        noisy = x.double() - torch.log(-torch.log(u.clamp_(min=1e-300)))
+        best, tokens = noisy.max(dim=-1)
+    bad = ~torch.isfinite(best)
+    if bool(bad.any()):
+        raise FloatingPointError(f"non-finite logits in {int(bad.sum())} row(s) (fp16 overflow or corrupt weights?)")
+    return tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,16 +372,11 @@ class Generator:
                   self._cache_kw: cache, "use_cache": True}
         if last_only and self._keep_kw:
             kwargs[self._keep_kw] = 1
-        logits = self.model(**kwargs).logits[:, -1, :]
-        finite = torch_isfinite_rows(logits)
-        if finite is not None:
-            raise FloatingPointError(f"non-finite logits in {finite} row(s) (fp16 overflow or corrupt weights?)")
-        return logits
+        return self.model(**kwargs).logits[:, -1, :]
 
     def _decode(self, rows: list[_Prompt]) -> list[Generation]:
         """The decode loop over one batch (see the module docstring)."""
         import torch
-        from transformers import DynamicCache
 
         self.batches_run += 1
         t0 = time.perf_counter()
@@ -393,7 +398,7 @@ class Generator:
         seconds: list[float] = [0.0] * n
         active = list(range(n))                  # batch position -> row in ``rows``
         with torch.inference_mode():
-            cache = DynamicCache(config=model.config)
+            cache = new_cache(model, reserve=params.max_new_tokens)
             logits = self._forward(ids, mask, positions, cache, last_only=True)
             next_pos = positions[:, -1] + 1
             for _step in range(params.max_new_tokens):
@@ -434,30 +439,95 @@ class Generator:
         return out
 
 
-def torch_isfinite_rows(logits) -> int | None:
-    """None when every row's logits are finite, else the number of rows that are not."""
-    import torch
-    ok = torch.isfinite(logits).all(dim=-1)
-    if bool(ok.all()):
-        return None
-    return int((~ok).sum())
-
-
 def _drop_left_padding(cache, mask):
-    """Drop the leading columns that are padding for every remaining row, from the mask and
-    from every layer of a plain dynamic KV cache (other cache kinds are left as they are)."""
+    """Drop the leading columns that are padding for every remaining row, from the mask and from
+    the KV cache (when it is :func:`new_cache`'s preallocated kind)."""
     real = mask.any(dim=0).nonzero()
     first = int(real[0]) if len(real) else 0
-    if first == 0:
-        return mask
     layers = getattr(cache, "layers", None)
-    if not layers or any(type(layer).__name__ != "DynamicLayer" or getattr(layer, "keys", None) is None
-                         for layer in layers):
+    if first == 0 or not layers or not all(hasattr(layer, "drop_left") for layer in layers):
         return mask
     for layer in layers:
-        layer.keys = layer.keys[:, :, first:, :]
-        layer.values = layer.values[:, :, first:, :]
+        layer.drop_left(first)
     return mask[:, first:]
+
+
+_LAYER_CLASS: list = []
+
+
+def _preallocated_layer_class():
+    """A transformers ``DynamicLayer`` whose keys and values live in a buffer sized for the
+    prompt plus ``reserve`` new tokens: each decoding step writes its token in place instead of
+    concatenating (copying) the whole cache, as ``DynamicLayer`` does."""
+    if _LAYER_CLASS:
+        return _LAYER_CLASS[0]
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        def __init__(self, reserve: int):
+            super().__init__()
+            self.reserve = int(reserve)
+            self.length = 0
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            add = key_states.shape[-2]
+            if not self.is_initialized:
+                self.is_initialized = True
+                self.device = key_states.device
+                b, h, n, d = key_states.shape
+                self._k = key_states.new_empty((b, h, n + self.reserve, d))
+                self._v = value_states.new_empty((b, h, n + self.reserve, d))
+            if self.length + add > self._k.shape[-2]:   # past the reserve: grow (not expected)
+                grow = max(add, self._k.shape[-2])
+                self._k = torch_cat_pad(self._k, grow)
+                self._v = torch_cat_pad(self._v, grow)
+            self._k[:, :, self.length:self.length + add] = key_states
+            self._v[:, :, self.length:self.length + add] = value_states
+            self.length += add
+            self.keys = self._k[:, :, :self.length]
+            self.values = self._v[:, :, :self.length]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def batch_select_indices(self, indices) -> None:
+            if self.is_initialized:
+                self._k, self._v = self._k[indices], self._v[indices]
+                self.keys = self._k[:, :, :self.length]
+                self.values = self._v[:, :, :self.length]
+
+        def drop_left(self, n: int) -> None:
+            self._k, self._v = self._k[:, :, n:], self._v[:, :, n:]
+            self.length -= n
+            self.keys = self._k[:, :, :self.length]
+            self.values = self._v[:, :, :self.length]
+
+        def reset(self) -> None:
+            self.length = 0
+            self._k = self._v = None
+            super().reset()
+
+    _LAYER_CLASS.append(PreallocatedLayer)
+    return PreallocatedLayer
+
+
+def torch_cat_pad(buf, extra: int):
+    import torch
+    return torch.cat([buf, buf.new_empty((*buf.shape[:2], extra, buf.shape[-1]))], dim=-2)
+
+
+def new_cache(model, reserve: int):
+    """A ``DynamicCache`` for ``model``; when all its layers are plain ``DynamicLayer`` (GPT-NeoX
+    and most decoder-only models), with :func:`_preallocated_layer_class` layers instead."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    layers = getattr(cache, "layers", None)
+    if layers and all(type(layer).__name__ == "DynamicLayer" for layer in layers):
+        cls = _preallocated_layer_class()
+        cache.layers = [cls(reserve) for _ in layers]
+    return cache
 
 
 # ---------------------------------------------------------------------------------------------

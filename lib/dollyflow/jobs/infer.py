@@ -174,6 +174,11 @@ def run(cfg: Config, spark) -> dict:
     }
 
 
+def skip_reason(cfg: Config) -> str | None:
+    """``dollyflow pipeline`` skips scoring when no model is configured."""
+    return None if cfg.infer.model else "infer.model is not set (the train job's output directory or an MLflow URI)"
+
+
 def main(argv: list[str] | None = None) -> int:
     from dollyflow.cli import run_job
     return run_job("infer", argv)
