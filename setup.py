@@ -13,7 +13,7 @@ from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).parent
-JOBS = ["ingest", "dedupe", "tokenize", "train"]
+JOBS = ["ingest", "dedupe", "tokenize", "train", "infer"]
 
 
 class BuildWithConf(build_py):

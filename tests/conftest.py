@@ -199,3 +199,25 @@ def s3_bucket():
 
     yield uri
     server.stop()
+
+
+# Two short sample records the tiny Dolly model memorises (answers, then "### End").
+DOLLY_FIXTURE_RECORDS = (1, 3)
+
+
+@pytest.fixture(scope="session")
+def dolly_records(sample_path) -> list[dict]:
+    import json
+    return [json.loads(line) for line in open(sample_path, encoding="utf-8")]
+
+
+@pytest.fixture(scope="session")
+def dolly_model_dir(tmp_path_factory, tokenizer_path, dolly_records) -> Path:
+    """A Hugging Face model directory shaped like the train job's output (safetensors, the
+    tokenizer with Dolly's tokens, generation_config eos = [### End, eos], README.md,
+    dollyflow_model.json) holding a tiny GPT-NeoX trained for a few hundred AdamW steps on two
+    sample records, so that it really answers and stops at ### End. Built once per session."""
+    pytest.importorskip("transformers")
+    from dollyflow.core.fixtures import tiny_dolly_model
+    out = tmp_path_factory.mktemp("dolly-model") / "model"
+    return tiny_dolly_model(out, tokenizer_path, [dolly_records[i] for i in DOLLY_FIXTURE_RECORDS])

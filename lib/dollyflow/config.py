@@ -64,6 +64,7 @@ class TablesConfig:
     tokenized: str = "tokenized"
     tokenize_runs: str = "tokenize_runs"
     train_runs: str = "train_runs"
+    predictions: str = "predictions"
     volume: str = "files"             # Unity Catalog Volume under catalog.schema for files (shards,
                                       # checkpoints, models) when catalog is set
 
@@ -194,6 +195,34 @@ class TrainConfig:
 
 
 @dataclass
+class InferConfig:
+    model: str = ""                        # train output dir, MLflow URI (runs:/, models:/), file/object-store URI or hub name
+    input_table: str = "silver"            # logical table to score (used when query is empty)
+    split: str = "test"                    # test | train | all: rows of input_table in that split of the tokenized table
+    query: str = ""                        # SQL giving the rows to score instead (silver/tokenized are temp views)
+    key_columns: list[str] = field(default_factory=lambda: ["record_id"])  # identify a row in predictions
+    extra_columns: list[str] = field(default_factory=list)  # more input columns copied to predictions
+    instruction_column: str = "instruction"
+    context_column: str = "context"        # empty: no context
+    limit: int | None = None               # score at most this many rows (smoke runs)
+    mode: str = "append"                   # append (skip rows already predicted) | overwrite
+    retry_errors: bool = True              # append: regenerate rows whose earlier prediction is an error
+    function_name: str = "dolly_generate"  # SQL name given by register_udf
+    max_new_tokens: int = 256              # Dolly: 256
+    do_sample: bool = False                # Dolly: true (we default to greedy: reproducible batch scoring)
+    temperature: float = 1.0               # Dolly: 1.0 (transformers' default)
+    top_p: float = 0.92                    # Dolly: 0.92
+    top_k: int = 0                         # Dolly: 0 (off)
+    seed: int = 42                         # base of the per-row sampling seeds
+    device: str = "auto"                   # auto (the task's GPU when there is one, else cpu) | cpu | cuda | cuda:N
+    dtype: str = "auto"                    # auto (bf16 on Ampere+, fp16 on older GPUs, fp32 on cpu) | float32 | bfloat16 | float16
+    batch_tokens: int = 16384              # rows x (longest prompt + max_new_tokens) per batch
+    max_batch_size: int = 64               # rows per batch at most
+    window_rows: int = 256                 # rows sorted by prompt length together
+    partitions: int = 0                    # tasks to spread the rows over; 0: the session's default parallelism
+
+
+@dataclass
 class Config:
     job: str = ""
     run_id: str = ""        # empty: generated per run
@@ -206,6 +235,7 @@ class Config:
     dedupe: DedupeConfig = field(default_factory=DedupeConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -417,6 +447,24 @@ def validate(cfg: Config) -> None:
     if bad:
         raise ConfigError(f"ingest.field_map: unknown target field(s) {sorted(bad)}; "
                           "targets are instruction, context, response, category")
+    inf = cfg.infer
+    if inf.mode not in ("append", "overwrite"):
+        raise ConfigError(f"infer.mode: {inf.mode!r} is not one of append, overwrite")
+    if inf.split not in ("test", "train", "all"):
+        raise ConfigError(f"infer.split: {inf.split!r} is not one of test, train, all")
+    if not inf.key_columns:
+        raise ConfigError("infer.key_columns: at least one key column is needed")
+    for k in [*inf.key_columns, *inf.extra_columns, inf.instruction_column] + \
+             ([inf.context_column] if inf.context_column else []):
+        check_identifier(k, "infer column")
+    check_identifier(inf.function_name, "infer.function_name")
+    for key in ("max_new_tokens", "batch_tokens", "max_batch_size", "window_rows"):
+        if getattr(inf, key) < 1:
+            raise ConfigError(f"infer.{key} must be >= 1, got {getattr(inf, key)}")
+    if inf.partitions < 0 or (inf.limit is not None and inf.limit < 0):
+        raise ConfigError("infer.partitions and infer.limit must not be negative")
+    if inf.do_sample and not (inf.temperature > 0 and 0 < inf.top_p <= 1 and inf.top_k >= 0):
+        raise ConfigError("infer: sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0")
     if not re.match(r"^[A-Za-z0-9_.:-]{1,128}$", cfg.run_id):
         raise ConfigError(f"run_id: {cfg.run_id!r} may hold only letters, digits and _ . : -")
     check_ranges(cfg)
