@@ -335,7 +335,10 @@ def test_mlflow_run_uri_loads_the_logged_directory(dolly_model_dir, tmp_path, mo
     mlflow = pytest.importorskip("mlflow")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     monkeypatch.setenv("DOLLYFLOW_MODEL_CACHE", str(tmp_path / "cache"))
-    mlflow.set_tracking_uri(f"file://{tmp_path / 'mlruns'}")
+    # through the environment (restored by monkeypatch): mlflow.set_tracking_uri would also set
+    # $MLFLOW_TRACKING_URI for the rest of the session, and the train job honours that variable
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path / 'mlruns'}")
+    mlflow.set_tracking_uri(None)
     with mlflow.start_run() as active:
         mlflow.log_artifacts(str(dolly_model_dir), artifact_path="model")
     uri = f"runs:/{active.info.run_id}/model"
