@@ -156,24 +156,41 @@ def test_rerun_with_other_partitioning_is_identical(job, spark, tmp_path):
     assert s2["drops"] == job["summary"]["drops"]
 
 
-def test_mds_export_needs_streaming(job, spark, tmp_path):
-    """tokenize.mds=true: exports when mosaicml-streaming imports, else fails with a clear error."""
+def _mds_config(job, out):
     from dollyflow.config import load_config
-    from dollyflow.core.shards import mds_available
-    from dollyflow.jobs import tokenize
 
     cfg = job["cfg"]
-    cfg2 = load_config("tokenize", [f"tables.warehouse={cfg.tables.warehouse}",
+    return load_config("tokenize", [f"tables.warehouse={cfg.tables.warehouse}",
                                     f"tokenize.tokenizer={job['tokenizer_path']}",
                                     f"tokenize.max_length={MAX_LENGTH}", "tokenize.test_size=0.2",
-                                    "tokenize.num_shards=1", f"tokenize.output_dir={tmp_path / 'mds'}",
-                                    "tokenize.mds=true"])
-    if mds_available():
-        s = tokenize.run(cfg2, spark)
-        assert set(s["mds"]) == {"train", "test"}
-    else:
-        with pytest.raises(RuntimeError, match="mosaicml-streaming"):
-            tokenize.run(cfg2, spark)
+                                    "tokenize.num_shards=1", f"tokenize.output_dir={out}",
+                                    "tokenize.mds=true", "tokenize.skip_unchanged=false"])
+
+
+def test_mds_without_streaming_fails_before_writing_anything(job, spark, tmp_path, monkeypatch):
+    """tokenize.mds=true where mosaicml-streaming does not import: a clear error, and no shard
+    directory, pointer or table version is written first."""
+    from dollyflow.core import shards
+    from dollyflow.engine.delta import DeltaStore
+    from dollyflow.jobs import tokenize
+
+    monkeypatch.setattr(shards, "mds_available", lambda: False)
+    cfg = _mds_config(job, tmp_path / "mds")
+    store = DeltaStore(spark, cfg.tables)
+    before = store.version(cfg.tables.tokenized)
+    with pytest.raises(RuntimeError, match="mosaicml-streaming"):
+        tokenize.run(cfg, spark)
+    assert not (tmp_path / "mds").exists()
+    assert store.version(cfg.tables.tokenized) == before
+
+
+@pytest.mark.skipif(not __import__("dollyflow.core.shards", fromlist=["x"]).mds_available(),
+                    reason="mosaicml-streaming is not installed (it pins transformers<5 and needs torchvision)")
+def test_mds_export_writes_every_split(job, spark, tmp_path):
+    from dollyflow.jobs import tokenize
+
+    s = tokenize.run(_mds_config(job, tmp_path / "mds"), spark)
+    assert set(s["mds"]) == {"train", "test"}
 
 
 def test_tokenizer_is_built_once_per_worker_not_per_batch(job, spark):
