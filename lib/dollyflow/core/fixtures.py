@@ -39,9 +39,10 @@ def save_model_dir(model, tokenizer, out_dir: str | Path, info: dict | None = No
 
 def tiny_dolly_model(out_dir: str | Path, tokenizer_path: str | Path, records: Sequence[dict], steps: int = 200,
                      lr: float = 1e-2, hidden_size: int = 64, layers: int = 2, heads: int = 4,
-                     max_position_embeddings: int = 512, seed: int = 42) -> Path:
+                     max_position_embeddings: int = 512, seed: int = 42, batch_size: int | None = None) -> Path:
     """Train a tiny GPT-NeoX on ``records`` (dicts with instruction, context, response) until it
-    answers with their responses and ``### End``; save it under ``out_dir`` (see module doc)."""
+    answers with their responses and ``### End``; save it under ``out_dir`` (see module doc).
+    ``batch_size``: records per step (shuffled, seeded); None: all of them every step."""
     import torch
 
     from dollyflow.core.model import tiny_gpt_neox
@@ -56,13 +57,7 @@ def tiny_dolly_model(out_dir: str | Path, tokenizer_path: str | Path, records: S
         s = tok(response_suffix(r["response"]), add_special_tokens=False)["input_ids"]
         seqs.append(p + s)
         labels.append([IGNORE_INDEX] * len(p) + s)
-    width = max(map(len, seqs))
     pad = tok.eos_token_id
-    x = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-    # next-token targets: position t predicts token t + 1
-    y = torch.tensor([lab[1:] + [IGNORE_INDEX] * (width - len(lab) + 1) for lab in labels])
-    sel = y != IGNORE_INDEX
     frozen = {id(p) for p in model.get_input_embeddings().parameters()} | \
              {id(p) for p in model.get_output_embeddings().parameters()}
     params = [p for p in model.parameters() if id(p) not in frozen]
@@ -73,7 +68,19 @@ def tiny_dolly_model(out_dir: str | Path, tokenizer_path: str | Path, records: S
     model.train()
     body = model.base_model
     head = model.get_output_embeddings()
+    rng = torch.Generator().manual_seed(seed)
+    size = len(seqs) if not batch_size else min(int(batch_size), len(seqs))
+    order: list[int] = []
     for _ in range(int(steps)):
+        if len(order) < size:
+            order += torch.randperm(len(seqs), generator=rng).tolist() if size < len(seqs) else list(range(len(seqs)))
+        pick, order = order[:size], order[size:]
+        width = max(len(seqs[i]) for i in pick)
+        x = torch.tensor([seqs[i] + [pad] * (width - len(seqs[i])) for i in pick])
+        mask = torch.tensor([[1] * len(seqs[i]) + [0] * (width - len(seqs[i])) for i in pick])
+        # next-token targets: position t predicts token t + 1
+        y = torch.tensor([labels[i][1:] + [IGNORE_INDEX] * (width - len(labels[i]) + 1) for i in pick])
+        sel = y != IGNORE_INDEX
         hidden = body(input_ids=x, attention_mask=mask).last_hidden_state
         loss = torch.nn.functional.cross_entropy(head(hidden[sel]), y[sel])
         loss.backward()
