@@ -19,7 +19,7 @@ from datetime import date, datetime
 
 from dollyflow.config import ConfigError, available, load_config
 
-JOBS = ["ingest", "dedupe", "tokenize", "infer"]   # pipeline order
+JOBS = ["ingest", "dedupe", "tokenize", "train", "infer"]   # pipeline order
 
 
 def job_module(name: str):

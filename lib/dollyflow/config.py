@@ -62,7 +62,18 @@ class TablesConfig:
     duplicates: str = "duplicates"
     dedupe_runs: str = "dedupe_runs"
     tokenized: str = "tokenized"
+    tokenize_runs: str = "tokenize_runs"
+    train_runs: str = "train_runs"
     predictions: str = "predictions"
+    volume: str = "files"             # Unity Catalog Volume under catalog.schema for files (shards,
+                                      # checkpoints, models) when catalog is set
+
+    def files_root(self) -> str:
+        """Where the jobs' files go (shards, checkpoints, models, reports): the Unity Catalog
+        Volume ``/Volumes/<catalog>/<schema>/<volume>`` when a catalog is set, else the warehouse."""
+        if self.catalog:
+            return f"/Volumes/{self.catalog}/{self.schema}/{self.volume}"
+        return require_warehouse(self.warehouse).rstrip("/")
 
 
 @dataclass
@@ -92,8 +103,10 @@ class IngestConfig:
 class DedupeConfig:
     ngram: int = 2                         # word n-gram size of the shingles
     num_perm: int = 128                    # MinHash permutations (signature length)
-    threshold: float = 0.7                 # Jaccard similarity at or above which records are near duplicates
-    bands: int | None = None               # LSH bands; None: chosen from threshold and num_perm (with rows)
+    threshold: float = 0.7                 # near duplicates: Jaccard of instruction+response AND of context
+                                           # (or both without context) at or above this
+    bands: int | None = None               # LSH bands (of the instruction+response signature); None: chosen
+                                           # from threshold and num_perm (with rows)
     rows: int | None = None                # rows per band; None: chosen with bands
     seed: int = 42                         # seed of the hash permutations
     bronze_version: int | None = None      # bronze version to read; None: the current one
@@ -108,12 +121,77 @@ class DedupeConfig:
 class TokenizeConfig:
     tokenizer: str = ""                    # empty: model.tokenizer, else model.name (path or hub name)
     max_length: int | None = None          # None: model.max_length; longer prompts are dropped, not truncated
-    test_size: float = 1000                # a count (whole number, Dolly: 1000) or a fraction in (0, 1)
+    test_size: float = 1000                # a count (whole number >= 1, Dolly: 1000; 1.0 is one record) or a
+                                           # fraction in (0, 1); 0: no test split
     seed: int = 42                         # split hash seed
     num_shards: int = 8                    # Parquet shards per split, balanced by tokens
-    output_dir: str = ""                   # empty: <tables.warehouse>/shards/<silver>-v<silver version>
+    output_dir: str = ""                   # shards root; empty: <tables.files_root()>/shards/<silver>
+    keep_versions: int = 3                 # complete shard versions kept under the root (older ones pruned)
+    allow_local_output: bool = False       # accept a plain local output path on a multi-host cluster
+                                           # (only for a shared mount such as NFS)
     silver_version: int | None = None      # None: the current silver version
     mds: bool = False                      # also export Mosaic Streaming (needs mosaicml-streaming)
+    skip_unchanged: bool = True            # write nothing when the current shards come from the same silver
+                                           # version and settings and tokenized is still at their version
+
+
+TRAIN_LAUNCHERS = ("torch_distributor", "torchrun", "horovod")
+TRAIN_METHODS = ("full", "lora")
+DEEPSPEED_PRESETS = ("auto", "a100", "a10", "v100", "cpu")
+GPT_NEOX_LORA_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+
+
+@dataclass
+class TrainConfig:
+    """The train job (conf/jobs/train.yaml documents every key and marks Dolly's values)."""
+    shard_dir: str = ""                    # a shard directory or a shards root; empty: shards_root(cfg)
+    output_dir: str = ""                   # empty: <files_root>/models/<model>-<method>-<manifest sha8>
+    checkpoint_dir: str = ""               # empty: <output_dir>/checkpoints
+    overwrite: bool = False                # replace an output dir trained with a different fingerprint
+    launcher: str = "torch_distributor"    # torch_distributor | torchrun | horovod
+    processes: int = 0                     # ranks; 0: the GPUs the driver sees, else 1
+    local_mode: bool = True                # TorchDistributor: ranks on the driver (true) or on executors
+    use_gpu: bool | None = None            # None: true when CUDA is available where the ranks run
+    deepspeed: str = "auto"                # auto | a100 | a10 | v100 | cpu | path to a DeepSpeed JSON
+    zero_stage: int | None = None          # None: the preset's stage
+    method: str = "full"                   # full | lora
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: list(GPT_NEOX_LORA_TARGETS))
+    lora_train_new_tokens: bool = True     # also train the rows of Dolly's added tokens
+    lora_save: str = "both"                # merged | adapter | both
+    epochs: int = 2
+    max_steps: int = 0                     # 0: all epochs
+    learning_rate: float = 5e-6
+    lr_scheduler: str = "constant"         # constant (after warmup) | cosine
+    warmup_steps: int = 50
+    warmup_type: str = "log"               # log | linear (DeepSpeed WarmupLR)
+    min_lr_ratio: float = 0.0              # cosine: final lr / peak lr
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    batch_size: int = 6                    # records per micro-batch per rank
+    batch_tokens: int = 0                  # > 0: token budget per micro-batch instead of batch_size
+    eval_batch_size: int = 0               # 0: batch_size
+    grad_accum: int = 1
+    gradient_clipping: float = 1.0
+    gradient_checkpointing: bool = True
+    precision: str = "auto"                # auto | bf16 | fp16 | fp32
+    seed: int = 42
+    group_size: int = 64                   # length grouping: micro-batches per sorted bucket
+    pad_to_multiple_of: int = 8
+    eval_steps: int = 50
+    save_steps: int = 200
+    keep_checkpoints: int = 2
+    log_steps: int = 10
+    progress: str = "auto"                 # auto (bar on a terminal) | bar | log
+    mlflow: bool = True
+    mlflow_tracking_uri: str = ""          # empty: Databricks' server there, else <warehouse>/mlruns
+    mlflow_experiment: str = ""            # empty: /Shared/dollyflow on Databricks, else dollyflow
+    mlflow_log_model: bool = True          # log the model with MLflow's transformers flavour
+    timeout_minutes: int = 30              # collective operations' timeout
 
 
 @dataclass
@@ -156,6 +234,7 @@ class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     dedupe: DedupeConfig = field(default_factory=DedupeConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -237,6 +316,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
+            return float(value)   # YAML 1.1 reads 5e-6 (no dot) as a string; a number was meant
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -386,6 +467,109 @@ def validate(cfg: Config) -> None:
         raise ConfigError("infer: sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0")
     if not re.match(r"^[A-Za-z0-9_.:-]{1,128}$", cfg.run_id):
         raise ConfigError(f"run_id: {cfg.run_id!r} may hold only letters, digits and _ . : -")
+    check_ranges(cfg)
+    validate_train(cfg.train)
+
+
+def _positive(value: Any, key: str, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise ConfigError(f"{key}: must be >= {minimum}, got {value!r}")
+
+
+def check_ranges(cfg: Config) -> None:
+    """Numeric settings that type checks alone cannot catch, each error naming its key."""
+    import math
+
+    from dollyflow.core.split import parse_test_size
+
+    for key, value in (("spark.shuffle_partitions", cfg.spark.shuffle_partitions),
+                       ("ingest.max_field_chars", cfg.ingest.max_field_chars),
+                       ("ingest.raw_max_chars", cfg.ingest.raw_max_chars),
+                       ("ingest.chunk_bytes", cfg.ingest.chunk_bytes),
+                       ("dedupe.ngram", cfg.dedupe.ngram),
+                       ("dedupe.num_perm", cfg.dedupe.num_perm),
+                       ("dedupe.bands", cfg.dedupe.bands),
+                       ("dedupe.rows", cfg.dedupe.rows),
+                       ("dedupe.max_cc_iterations", cfg.dedupe.max_cc_iterations),
+                       ("model.max_length", cfg.model.max_length),
+                       ("tokenize.max_length", cfg.tokenize.max_length),
+                       ("tokenize.num_shards", cfg.tokenize.num_shards),
+                       ("tokenize.keep_versions", cfg.tokenize.keep_versions)):
+        _positive(value, key)
+    for key, value in (("dedupe.bronze_version", cfg.dedupe.bronze_version),
+                       ("tokenize.silver_version", cfg.tokenize.silver_version)):
+        _positive(value, key, minimum=0)
+    d = cfg.dedupe
+    if not (math.isfinite(d.threshold) and 0 < d.threshold < 1):
+        raise ConfigError(f"dedupe.threshold: must lie strictly between 0 and 1 (a Jaccard similarity), "
+                          f"got {d.threshold!r}")
+    for key, value in (("dedupe.false_positive_weight", d.false_positive_weight),
+                       ("dedupe.false_negative_weight", d.false_negative_weight)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{key}: must be a finite number >= 0, got {value!r}")
+    if d.false_positive_weight + d.false_negative_weight <= 0:
+        raise ConfigError("dedupe.false_positive_weight + dedupe.false_negative_weight: must be > 0")
+    try:
+        parse_test_size(cfg.tokenize.test_size)
+    except ValueError as exc:
+        raise ConfigError(f"tokenize.test_size: {exc}") from None
+
+
+def _one_of(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _at_least(key: str, value, low, *, strict: bool = False) -> None:
+    if value is not None and (value <= low if strict else value < low):
+        raise ConfigError(f"{key}: {value!r} must be {'>' if strict else '>='} {low}")
+
+
+def validate_train(t: TrainConfig) -> None:
+    """Range checks of the ``train:`` section; each error names its key."""
+    _one_of("train.launcher", t.launcher, TRAIN_LAUNCHERS)
+    _one_of("train.method", t.method, TRAIN_METHODS)
+    _one_of("train.lora_save", t.lora_save, ("merged", "adapter", "both"))
+    _one_of("train.lr_scheduler", t.lr_scheduler, ("constant", "cosine"))
+    _one_of("train.warmup_type", t.warmup_type, ("log", "linear"))
+    _one_of("train.precision", t.precision, ("auto", "bf16", "fp16", "fp32"))
+    _one_of("train.progress", t.progress, ("auto", "bar", "log"))
+    if t.zero_stage is not None:
+        _one_of("train.zero_stage", t.zero_stage, (0, 1, 2, 3))
+    if not t.deepspeed:
+        raise ConfigError("train.deepspeed: empty; use auto, a preset "
+                          f"({', '.join(DEEPSPEED_PRESETS[1:])}) or a path to a DeepSpeed JSON file")
+    for key in ("processes", "max_steps", "batch_tokens", "eval_batch_size", "warmup_steps", "keep_checkpoints"):
+        _at_least(f"train.{key}", getattr(t, key), 0)
+    for key in ("epochs", "batch_size", "grad_accum", "group_size", "pad_to_multiple_of", "eval_steps",
+                "save_steps", "log_steps", "lora_r", "timeout_minutes"):
+        _at_least(f"train.{key}", getattr(t, key), 1)
+    for key in ("learning_rate", "lora_alpha", "adam_eps"):
+        _at_least(f"train.{key}", getattr(t, key), 0, strict=True)
+    for key in ("weight_decay", "gradient_clipping"):
+        _at_least(f"train.{key}", getattr(t, key), 0)
+    for key in ("lora_dropout", "adam_beta1", "adam_beta2", "min_lr_ratio"):
+        v = getattr(t, key)
+        if not 0 <= v < 1 and not (key == "min_lr_ratio" and v == 1):
+            raise ConfigError(f"train.{key}: {v!r} must be in [0, 1)")
+    if t.method == "lora" and not t.lora_target_modules:
+        raise ConfigError("train.lora_target_modules: empty; LoRA needs at least one module name")
+
+
+def require_warehouse(warehouse: str) -> str:
+    """The warehouse, or a clear error when none is set (the cluster env leaves it to the user)."""
+    if not warehouse:
+        raise ConfigError("tables.warehouse is empty: set it to shared storage every executor can reach, "
+                          "e.g. tables.warehouse=s3://bucket/dollyflow (or abfss://, gs://, hdfs://)")
+    return warehouse
+
+
+def shards_root(cfg: Config) -> str:
+    """The tokenize job's shards root: ``tokenize.output_dir``, else ``<files root>/shards/<silver>``.
+    Each run writes a versioned directory under it and switches its ``LATEST.json`` pointer."""
+    if cfg.tokenize.output_dir:
+        return cfg.tokenize.output_dir.rstrip("/")
+    return f"{cfg.tables.files_root()}/shards/{cfg.tables.silver}"
 
 
 def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin wrapper

@@ -26,10 +26,10 @@ def test_override_can_select_preset():
 
 def test_override_values_are_typed():
     cfg = load_config("", ["ingest.categories=[a, b]", "ingest.field_map={instruction: prompt}",
-                           "dedupe.threshold=1", "run_id=20240101"])
+                           "dedupe.false_positive_weight=1", "run_id=20240101"])
     assert cfg.ingest.categories == ["a", "b"]
     assert cfg.ingest.field_map == {"instruction": "prompt"}
-    assert cfg.dedupe.threshold == 1.0 and isinstance(cfg.dedupe.threshold, float)
+    assert cfg.dedupe.false_positive_weight == 1.0 and isinstance(cfg.dedupe.false_positive_weight, float)
     assert cfg.run_id == "20240101"
 
 
@@ -76,6 +76,33 @@ def test_cli_config_prints_resolved(capsys):
     out = capsys.readouterr().out
     assert "max_field_chars: 7" in out and "tiny-gpt-neox" in out
     assert main(["config", "ingest", "bogus.key=1"]) == 2
+
+
+@pytest.mark.parametrize("override,key", [
+    ("dedupe.threshold=0", "dedupe.threshold"), ("dedupe.threshold=1", "dedupe.threshold"),
+    ("dedupe.threshold=1.5", "dedupe.threshold"), ("dedupe.threshold=-0.1", "dedupe.threshold"),
+    ("dedupe.threshold=.nan", "dedupe.threshold"),
+    ("ingest.chunk_bytes=0", "ingest.chunk_bytes"), ("ingest.chunk_bytes=-5", "ingest.chunk_bytes"),
+    ("dedupe.num_perm=0", "dedupe.num_perm"), ("tokenize.num_shards=0", "tokenize.num_shards"),
+    ("tokenize.keep_versions=0", "tokenize.keep_versions"), ("ingest.max_field_chars=0", "ingest.max_field_chars"),
+    ("tokenize.max_length=0", "tokenize.max_length"), ("dedupe.bands=0", "dedupe.bands"),
+    ("tokenize.silver_version=-1", "tokenize.silver_version"),
+    ("tokenize.test_size=1.5", "tokenize.test_size"), ("tokenize.test_size=-1", "tokenize.test_size"),
+    ("tokenize.test_size=.inf", "tokenize.test_size"),
+])
+def test_out_of_range_values_name_their_key(override, key):
+    with pytest.raises(ConfigError, match=rf"^{key}: "):
+        load_config("", [override])
+
+
+def test_in_range_values_and_how_test_size_is_read():
+    from dollyflow.core.split import parse_test_size
+    cfg = load_config("", ["dedupe.threshold=0.99", "ingest.chunk_bytes=1", "tokenize.num_shards=1",
+                           "tokenize.test_size=1.0"])
+    assert cfg.dedupe.threshold == 0.99 and cfg.tokenize.num_shards == 1
+    assert parse_test_size(cfg.tokenize.test_size) == ("count", 1)      # 1.0 is one record, not 100%
+    assert parse_test_size(load_config("", ["tokenize.test_size=0.999"]).tokenize.test_size) == ("fraction", 0.999)
+    assert parse_test_size(load_config("", ["tokenize.test_size=0"]).tokenize.test_size) == ("count", 0)
 
 
 def test_infer_section_defaults_and_checks():

@@ -60,8 +60,17 @@ def test_record_id_is_stable_and_content_sensitive():
     assert a == record_id("q", "", "r", "open_qa") and len(a) == 32
     assert a != record_id("Q", "", "r", "open_qa")
     assert a != record_id("q", "r", "", "open_qa")   # field boundaries matter
-    # pinned: a change of the id function would orphan every bronze row ever written
-    assert record_id("When?", "", "Now.", "open_qa") == record_id(*["When?", "", "Now.", "open_qa"])
+
+
+
+def test_record_id_is_pinned():
+    """Pinned values: a change of the id function would orphan every bronze row ever written.
+    The payload is each field prefixed by its length in characters (not bytes), UTF-8 encoded,
+    hashed with XXH3-128."""
+    import xxhash
+    assert record_id("When?", "", "Now.", "open_qa") == "a23b15f47fb194909305b2304f246131"
+    assert xxhash.xxh3_128_hexdigest(b"5:When?0:4:Now.7:open_qa") == "a23b15f47fb194909305b2304f246131"
+    assert record_id("caf\u00e9 \u2013 ok", "ctx", "r", "general_qa") == "97801f59972f193d9b24aae4e2a92c0b"
 
 
 def test_raw_text_truncates():

@@ -115,7 +115,7 @@ def test_dataset_yields_dolly_labels(shard_dir):
     parts = [ShardDataset(d, "train", rank=r, world_size=3) for r in range(3)]
     assert sum(len(p) for p in parts) == len(ds)
     assert sorted(e["record_id"] for p in parts for e in p) == sorted(e["record_id"] for e in items)
-    assert ShardDataset(d, "train").tokenizer_dir == d / "tokenizer"
+    assert ShardDataset(d, "train").tokenizer_dir == str(d / "tokenizer")
 
 
 def test_collate_pads_with_eos_and_ignores_padding():
@@ -125,3 +125,46 @@ def test_collate_pads_with_eos_and_ignores_padding():
     assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7, -100], [8, -100, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+
+
+def test_root_pointer_resolves_to_a_complete_version(shard_dir, tmp_path):
+    """A shards root holds versioned directories; LATEST.json names the one to read; a copied
+    root still resolves (relative names); pruning keeps the newest complete ones."""
+    import shutil
+
+    from dollyflow.core.shards import prune_versions, read_pointer, resolve_shard_dir, write_pointer
+
+    root = tmp_path / "root"
+    for i, name in enumerate(["v1-a", "v2-b", "v3-c"]):
+        shutil.copytree(shard_dir[0], root / name)
+        m = read_manifest(root / name)
+        m["created_at"] = f"2026-01-0{i + 1}T00:00:00+00:00"
+        write_manifest(str(root / name), m)
+    (root / "v4-crashed").mkdir()          # no manifest: a run that died; never picked, never pruned
+    with pytest.raises(FileNotFoundError, match="run the tokenize job"):
+        resolve_shard_dir(str(root))
+    write_pointer(str(root), "v2-b", run_id="b")
+    assert resolve_shard_dir(str(root)) == str(root / "v2-b")
+    assert resolve_shard_dir(str(root / "v3-c")) == str(root / "v3-c")   # a version dir is itself
+    assert read_pointer(str(root))["run_id"] == "b"
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)
+    assert resolve_shard_dir(str(moved)) == str(moved / "v2-b")
+    assert prune_versions(str(root), keep=1, protect=("v2-b",)) == ["v1-a"]
+    assert sorted(p.name for p in root.iterdir()) == ["LATEST.json", "v2-b", "v3-c", "v4-crashed"]
+    assert len(ShardDataset(resolve_shard_dir(str(root)), "train")) == read_manifest(shard_dir[0])["splits"]["train"]["records"]
+
+
+def test_shards_read_and_verify_over_s3(shard_dir, s3_bucket):
+    """The reader, verification and the pointer work on an object store (a real S3 endpoint)."""
+    from dollyflow.core.shards import resolve_shard_dir, write_pointer
+    from dollyflow.core.storage import join, upload_dir
+
+    root = s3_bucket("s3a", "core-shards")
+    upload_dir(shard_dir[0], join(root, "v3-x"))
+    write_pointer(root, "v3-x")
+    d = resolve_shard_dir(root)
+    assert d == join(root, "v3-x")
+    assert verify_shards(d) == []
+    assert [e["record_id"] for e in ShardDataset(d, "train")] == \
+           [e["record_id"] for e in ShardDataset(shard_dir[0], "train")]

@@ -1,5 +1,6 @@
 """The Delta module on this machine's backend (offline delta-rs here; native where Delta jars are)."""
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -133,3 +134,142 @@ def test_sql_through_temp_view(spark, store):
     store.write(rows(spark, 0, 5), "sq", job="j", run_id="r")
     name = store.view("sq")
     assert spark.sql(f"SELECT sum(v) AS s FROM {name}").first()["s"] == 10
+
+
+def test_write_returns_its_own_commit_when_another_writer_commits_right_after(spark, store, monkeypatch):
+    """Another writer commits between our commit and anything we might read afterwards: the
+    version and rows we get are still our commit's, not the latest."""
+    import dollyflow.engine.delta_rs as delta_rs
+
+    store.write(rows(spark, 0, 5), "own", job="seed", run_id="r0")
+    real_commit = delta_rs.commit_files
+    path = store.location("own")
+
+    def commit_then_someone_else(p, schema, files, overwrite, options, evolve=False):
+        real_commit(p, schema, files, overwrite, options, evolve)
+        if p == path and options.get("run_id") == "mine":
+            import deltalake
+            import pyarrow as pa
+            deltalake.write_deltalake(p, pa.table({"k": ["x"], "v": [1], "tag": ["other"],
+                                                   "ids": pa.array([[1]], pa.list_(pa.int32())),
+                                                   "ts": pa.array([0], pa.timestamp("us", tz="UTC"))}),
+                                      mode="append", commit_properties=deltalake.CommitProperties(
+                                          custom_metadata={"run_id": "other"}))
+
+    monkeypatch.setattr(delta_rs, "commit_files", commit_then_someone_else)
+    c = store.write(rows(spark, 10, 17), "own", job="mine-job", run_id="mine")
+    assert (c.version, c.rows, c.committed) == (1, 7, True) and c == 1
+    assert store.version("own") == 2
+    assert {h["version"]: h["run_id"] for h in store.history("own")}[c.version] == "mine"
+
+
+def test_concurrent_insert_only_merges_insert_each_key_once(spark, store, monkeypatch):
+    """Two insert-only merges of overlapping keys, both prepared against the same version and
+    released together: each key lands once, each call reports its own commit and what it
+    inserted, and together they inserted every new key exactly once."""
+    store.write(rows(spark, 0, 10), "ins", job="seed", run_id="r0")
+    base = store.version("ins")
+    barrier = threading.Barrier(2, timeout=60)
+    import dollyflow.engine.delta_rs as delta_rs
+    real = delta_rs.append_if_unchanged
+
+    def together(*args, **kwargs):
+        barrier.wait()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(delta_rs, "append_if_unchanged", together)
+    out, errors = {}, []
+
+    def merge(lo, hi, tag):
+        try:
+            out[tag] = store.merge(rows(spark, lo, hi, tag=tag), "ins", keys=["k"], update=False, absent_at=base,
+                                   job="m", run_id=tag)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=merge, args=a) for a in ((10, 60, "p"), (40, 90, "q"))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    keys = [r["k"] for r in store.read("ins").collect()]
+    assert len(keys) == len(set(keys)) == 90
+    p, q = out["p"], out["q"]
+    assert {p.version, q.version} == {base + 1, base + 2}
+    assert p.inserted + q.inserted == 80 and sorted([p.inserted, q.inserted]) == [30, 50]
+    history = {h["version"]: h["run_id"] for h in store.history("ins")}
+    assert history[p.version] == "p" and history[q.version] == "q"
+    later = p if p.version > q.version else q
+    assert later.read_version == base + 1 and later.operation == "MERGE"
+
+
+def test_empty_insert_only_merge_commits_nothing(spark, store):
+    store.write(rows(spark, 0, 3), "e", job="seed", run_id="r0")
+    c = store.merge(rows(spark, 0, 3).limit(0), "e", keys=["k"], update=False, absent_at=0)
+    assert not c.committed and c.version == 0 == store.version("e")
+
+
+def test_count_is_measured_from_the_version(spark, store):
+    store.write(rows(spark, 0, 12), "n", job="a", run_id="r")
+    store.write(rows(spark, 12, 20), "n", job="a", run_id="r")
+    assert store.count("n", 0) == 12 and store.count("n") == 20
+
+
+def test_new_columns_need_evolve_schema(spark, store):
+    store.write(rows(spark, 0, 2), "ev", job="a", run_id="r")
+    wider = rows(spark, 2, 4).selectExpr("*", "'x' as extra")
+    with pytest.raises(ValueError, match="extra"):
+        store.write(wider, "ev", job="a", run_id="r")
+    store.write(wider, "ev", job="a", run_id="r", evolve_schema=True)
+    got = {r["k"]: r["extra"] for r in store.read("ev").collect()}
+    assert got == {"0": None, "1": None, "2": "x", "3": "x"}
+
+
+def test_user_session_settings_survive_and_timestamps_are_set_per_write(spark, store, tmp_path):
+    """The store never leaves its settings on the session: a user's own values (or their
+    absence) are what they were, while the store's files still get Delta's INT64 timestamps."""
+    import pyarrow.parquet as pq
+
+    from dollyflow.engine.delta import MERGE_METADATA_CONF, TIMESTAMP_OPTION, session_conf
+
+    key = TIMESTAMP_OPTION[0]
+    spark.conf.set(key, "INT96")
+    spark.conf.set(MERGE_METADATA_CONF, "the user's own")
+    try:
+        store.write(rows(spark, 0, 4), "ts", job="a", run_id="r")
+        store.merge(rows(spark, 2, 6), "ts", keys=["k"], job="b", run_id="r")
+        assert spark.conf.get(key) == "INT96" and spark.conf.get(MERGE_METADATA_CONF) == "the user's own"
+        files = list(Path(store.location("ts")).rglob("*.parquet"))
+        assert files and all(pq.ParquetFile(f).schema.column(4).physical_type == "INT64" for f in files)
+        rows(spark, 0, 1).coalesce(1).write.parquet(str(tmp_path / "user"))   # the user's own write: their setting
+        (mine,) = Path(tmp_path / "user").glob("*.parquet")
+        assert pq.ParquetFile(mine).schema.column(4).physical_type == "INT96"
+        with session_conf(spark, {MERGE_METADATA_CONF: "ours", "spark.dollyflow.unset.before": "x"}):
+            assert spark.conf.get(MERGE_METADATA_CONF) == "ours"
+        assert spark.conf.get(MERGE_METADATA_CONF) == "the user's own"
+        assert spark.conf.get("spark.dollyflow.unset.before", None) is None   # unset again, not ""
+    finally:
+        spark.conf.unset(key)
+        spark.conf.unset(MERGE_METADATA_CONF)
+
+
+def test_backend_choice_says_why_and_native_fails_without_delta(spark, tmp_config, monkeypatch):
+    import dollyflow.engine.delta as delta
+
+    auto = DeltaStore(spark, tmp_config("t").tables)
+    if auto.native:
+        pytest.skip("this JVM has Delta: the offline fallbacks are not reachable here")
+    assert auto.backend == "offline" and "not on the driver's classpath" in auto.backend_reason
+    assert "tables.backend=offline" == DeltaStore(spark, tmp_config("t", "tables.backend=offline").tables).backend_reason
+    with pytest.raises(RuntimeError, match=r"tables.backend=native, but Delta Lake's JVM classes .* not on the "
+                                           r"driver's classpath.*--packages io.delta"):
+        DeltaStore(spark, tmp_config("t", "tables.backend=native").tables)
+    # the check itself failing (Spark Connect, a broken gateway): local -> offline with the reason,
+    # a cluster -> refuse to guess
+    monkeypatch.setattr(delta, "detect_delta", lambda s: (None, "the check failed (boom)"))
+    s = DeltaStore(spark, tmp_config("t").tables)
+    assert s.backend == "offline" and "the check failed (boom)" in s.backend_reason
+    monkeypatch.setattr(delta, "master_of", lambda s: "yarn")
+    with pytest.raises(RuntimeError, match="cannot tell whether this session has Delta Lake"):
+        DeltaStore(spark, tmp_config("t").tables)

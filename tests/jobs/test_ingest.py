@@ -171,3 +171,170 @@ def test_csv_invalid_utf8_row_is_quarantined_not_replaced(spark, tmp_path):
     assert (s["rows_new"], s["quarantined_by_reason"]) == (2, {"invalid_utf8": 1})
     (q,) = DeltaStore(spark, cfg.tables).read(cfg.tables.quarantine).collect()
     assert q["source_line"] == 3 and "\ufffd" not in q["raw"]
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def _rec(i: int, **kw) -> dict:
+    return {"instruction": f"Question {i}?", "context": "", "response": f"Answer {i}.", "category": "open_qa", **kw}
+
+
+def _jsonl(records) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in records)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 40, 10_000])
+def test_bom_is_dropped_at_the_start_of_a_file_only(tmp_path, chunk):
+    """Whatever the byte ranges, the first line loses its BOM and keeps line number 1; a BOM at
+    the start of a later line stays (and makes that line malformed JSON)."""
+    from dollyflow.core.records import Rules, check_json_line
+    from dollyflow.engine.ingest import count_line_starts, iter_json_lines
+    f = tmp_path / "bom.jsonl"
+    data = BOM + _jsonl([_rec(1)]) + BOM + _jsonl([_rec(2)]) + _jsonl([_rec(3)])
+    f.write_bytes(data)
+    bounds = list(range(0, len(data), chunk)) + [len(data)]
+    got, first = [], 1
+    for a, b in zip(bounds, bounds[1:]):
+        got += list(iter_json_lines(str(f), a, b, first))
+        first += count_line_starts(str(f), a, b)
+    assert [n for n, _ in got] == [1, 2, 3]
+    verdicts = [check_json_line(line, Rules()) for _, line in got]
+    assert verdicts[0].record["instruction"] == "Question 1?" and not got[0][1].startswith(BOM)
+    assert verdicts[1].reason == "malformed_json" and got[1][1].startswith(BOM)
+    assert verdicts[2].record["instruction"] == "Question 3?"
+
+
+@pytest.fixture(scope="module")
+def inputs_run(spark, tmp_path_factory):
+    """One ingest over a directory of awkward inputs: BOM-prefixed JSON Lines split into many
+    byte-range tasks, a BOM-prefixed CSV, gzip JSON Lines, a CSV field over the csv module's
+    limit, and files that are not read (hidden, _-prefixed, unknown extension, _delta_log/)."""
+    import csv
+    import gzip
+
+    src = tmp_path_factory.mktemp("inputs")
+    (src / "a.jsonl").write_bytes(BOM + _jsonl([_rec(i) for i in range(1, 6)]) + BOM + _jsonl([_rec(6)]))
+    with open(src / "b.csv", "w", newline="", encoding="utf-8-sig") as f:   # Excel's "CSV UTF-8"
+        w = csv.DictWriter(f, fieldnames=list(_rec(0)))
+        w.writeheader()
+        w.writerows([_rec(i) for i in range(10, 13)])
+    (src / "c.jsonl.gz").write_bytes(gzip.compress(BOM + _jsonl([_rec(i) for i in range(20, 24)]) + b"{oops\n"
+                                                   + _jsonl([_rec(24)])))
+    with open(src / "d.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(_rec(0)))
+        w.writeheader()
+        w.writerow(_rec(30))
+        w.writerow(_rec(31, context="x" * 200_000))       # > csv.field_size_limit() default (131072)
+        w.writerow(_rec(32, response="multi\nline"))
+    for name in ("_SUCCESS", ".hidden.jsonl", "notes.txt", "e.jsonl.bz2"):
+        (src / name).write_text(json.dumps(_rec(99)) + "\n")
+    (src / "sub" / "_delta_log").mkdir(parents=True)
+    (src / "sub" / "_delta_log" / "00000.json").write_text("{}\n")
+    (src / "sub" / "f.ndjson").write_bytes(_jsonl([_rec(40)]))
+    cfg = config(tmp_path_factory.mktemp("wh"), f"ingest.input={src}", "ingest.chunk_bytes=40")
+    return cfg, ingest.run(cfg, spark), src
+
+
+def test_bom_gzip_and_long_csv_fields_are_read(spark, inputs_run):
+    cfg, s, src = inputs_run
+    store = DeltaStore(spark, cfg.tables)
+    bronze = {(r["source_file"].rsplit("/", 1)[1], r["source_line"]): r["instruction"]
+              for r in store.read(cfg.tables.bronze).collect()}
+    assert {k: v for k, v in bronze.items() if k[0] == "a.jsonl"} == \
+           {("a.jsonl", n): f"Question {n}?" for n in range(1, 6)}            # line 1 despite its BOM
+    assert {k for k in bronze if k[0] == "b.csv"} == {("b.csv", 2), ("b.csv", 3), ("b.csv", 4)}
+    assert {k: v for k, v in bronze.items() if k[0] == "c.jsonl.gz"} == \
+           {("c.jsonl.gz", n): f"Question {n + 19}?" for n in range(1, 5)} | {("c.jsonl.gz", 6): "Question 24?"}
+    assert {k for k in bronze if k[0] == "d.csv"} == {("d.csv", 2), ("d.csv", 4)}
+    assert ("f.ndjson", 1) in bronze
+    q = {(r["source_file"].rsplit("/", 1)[1], r["source_line"]): r for r in store.read(cfg.tables.quarantine).collect()}
+    assert {k: r["reason"] for k, r in q.items()} == {("a.jsonl", 6): "malformed_json",   # a BOM inside the file
+                                                      ("c.jsonl.gz", 5): "malformed_json",
+                                                      ("d.csv", 3): "oversized_field"}
+    assert "200000 chars" in q[("d.csv", 3)]["detail"]
+    assert (s["lines_read"], s["rows_new"], s["rows_quarantined"]) == (5 + 1 + 3 + 6 + 3 + 1, 5 + 3 + 5 + 2 + 1, 3)
+
+
+def test_skipped_files_are_listed_with_their_reason(spark, inputs_run):
+    cfg, s, src = inputs_run
+    skipped = {p.replace(str(src), ""): r for p, r in ((x["path"], x["reason"]) for x in s["skipped_files"])}
+    assert set(skipped) == {"/_SUCCESS", "/.hidden.jsonl", "/notes.txt", "/e.jsonl.bz2", "/sub/_delta_log/"}
+    assert skipped["/notes.txt"].startswith("unknown extension '.txt'")
+    assert skipped["/e.jsonl.bz2"].startswith("unknown extension '.jsonl.bz2'")
+    assert skipped["/.hidden.jsonl"].startswith("hidden") and skipped["/_SUCCESS"].startswith("name starts with '_'")
+    assert s["files"] == 5 and len(s["inputs"]) == 5
+    (run,) = DeltaStore(spark, cfg.tables).read(cfg.tables.ingest_runs).collect()
+    assert sorted((r["path"], r["reason"]) for r in run["skipped_files"]) == \
+           sorted((x["path"], x["reason"]) for x in s["skipped_files"])
+
+
+def test_two_ingests_over_overlapping_files_at_once_keep_one_row_per_record(spark, sample_path, tmp_path,
+                                                                           monkeypatch):
+    """Both runs compute their new rows against the same bronze version (a barrier holds each
+    at its bronze commit until the other got there), then commit: bronze still gets each record
+    once, and each run's accounting adds up, the later one counting what the other inserted."""
+    import threading
+
+    lines = open(sample_path, encoding="utf-8").read().splitlines()
+    for name, part in (("a", lines[:70]), ("b", lines[30:])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "part.jsonl").write_text("\n".join(part) + "\n", encoding="utf-8")
+    real_merge = DeltaStore.merge
+    barrier = threading.Barrier(2, timeout=120)
+
+    def merge(self, df, name, *args, **kwargs):
+        if name == "bronze":
+            barrier.wait()
+        return real_merge(self, df, name, *args, **kwargs)
+
+    monkeypatch.setattr(DeltaStore, "merge", merge)
+    results, errors = {}, []
+
+    def run(name):
+        try:
+            results[name] = ingest.run(config(tmp_path / "wh", f"ingest.input={tmp_path / name}"), spark)
+        except Exception as exc:  # noqa: BLE001 - surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("a", "b")]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    store = DeltaStore(spark, config(tmp_path / "wh").tables)
+    ids = [r["record_id"] for r in store.read("bronze").select("record_id").collect()]
+    assert len(ids) == len(set(ids)) == 100
+    a, b = results["a"], results["b"]
+    assert a["rows_new"] + b["rows_new"] == 100
+    assert sorted([a["rows_existing"], b["rows_existing"]]) == [0, 40]
+    later = a if a["rows_existing"] else b
+    assert later["rows_existing_by_kind"] == {"inserted_concurrently": 40}
+    assert {a["bronze_version"], b["bronze_version"]} == {0, 1}
+    history = {h["version"]: h["run_id"] for h in store.history("bronze")}
+    assert history == {a["bronze_version"]: a["run_id"], b["bronze_version"]: b["run_id"]}
+
+
+def test_accounting_that_does_not_add_up_fails_the_run(spark, sample_path, tmp_path, monkeypatch):
+    """A fault that loses a row between the key work and bronze's commit is caught by the
+    measured counts (rows existing are counted from the keys, not derived from rows new)."""
+    from dollyflow.core.counts import CountMismatch
+
+    lines = open(sample_path, encoding="utf-8").read().splitlines()[:10]
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(lines + lines[:2]) + "\n", encoding="utf-8")
+    real_merge = DeltaStore.merge
+
+    def lossy_merge(self, df, name, *args, **kwargs):
+        if name == "bronze":
+            first = df.orderBy("source_line").first()["record_id"]
+            df = df.filter(df.record_id != first)
+        return real_merge(self, df, name, *args, **kwargs)
+
+    monkeypatch.setattr(DeltaStore, "merge", lossy_merge)
+    cfg = config(tmp_path / "wh", f"ingest.input={src}")
+    with pytest.raises(CountMismatch, match=r"lines read = 12, but rows new \(9, bronze's commit\) \+ rows existing "
+                                            r"\(2: repeated_in_input 2\).* = 11 \(difference -1\)"):
+        ingest.run(cfg, spark)
+    assert not DeltaStore(spark, cfg.tables).exists(cfg.tables.ingest_runs)   # no accounting row for it

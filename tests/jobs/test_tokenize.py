@@ -10,7 +10,7 @@ import pytest
 
 from dollyflow.core.prompt import format_training_prompt
 from dollyflow.core.records import record_id
-from dollyflow.core.shards import ShardDataset, read_manifest, verify_shards
+from dollyflow.core.shards import ShardDataset, read_manifest, read_pointer, resolve_shard_dir, verify_shards
 from dollyflow.core.split import assign_splits
 from dollyflow.core.tokens import load_tokenizer
 
@@ -68,7 +68,8 @@ def test_summary_counts_splits_and_drops(job):
     assert s["records"] == {"test": 10, "train": len(rows) - 1 - too_long - 10}
     assert s["records_in"] == len(rows)
     assert s["silver_version"] == job["silver_version"]
-    assert s["shard_dir"].endswith(f"shards/silver-v{job['silver_version']}")
+    assert s["shard_dir"] == f"{s['shards_root']}/v{job['silver_version']}-{job['cfg'].run_id}"
+    assert s["shards_root"].endswith("warehouse/shards/silver")
     json.dumps(s)
 
 
@@ -147,7 +148,8 @@ def test_rerun_with_other_partitioning_is_identical(job, spark, tmp_path):
     after = {r["record_id"]: (r["split"], list(r["input_ids"]))
              for r in job["store"].read(cfg.tables.tokenized).collect()}
     assert after == before
-    m1, m2 = read_manifest(job["summary"]["shard_dir"]), read_manifest(out)
+    m1, m2 = read_manifest(job["summary"]["shard_dir"]), read_manifest(resolve_shard_dir(str(out)))
+    assert s2["shard_dir"] == resolve_shard_dir(str(out))
     assert [e["sha256"] for s in m1["splits"].values() for e in s["shards"]] == \
            [e["sha256"] for s in m2["splits"].values() for e in s["shards"]]
     assert m1["tokenizer"]["sha256"] == m2["tokenizer"]["sha256"]
@@ -214,3 +216,66 @@ def test_spark_submit_script_runs_despite_its_stdlib_name():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "dollyflow tokenize" in out.stdout
+
+
+def _cfg(job, *overrides):
+    from dollyflow.config import load_config
+    return load_config("tokenize", [f"tables.warehouse={job['cfg'].tables.warehouse}",
+                                    f"tokenize.tokenizer={job['tokenizer_path']}", f"tokenize.max_length={MAX_LENGTH}",
+                                    "tokenize.test_size=10", "tokenize.num_shards=2", *overrides])
+
+
+def test_each_run_writes_a_new_version_and_moves_the_pointer_only_when_verified(job, spark, tmp_path, monkeypatch):
+    """Run 1 -> v.../ + pointer; run 2 fails verification -> pointer and run 1's shards untouched,
+    run 2's directory gone; run 3 succeeds with keep_versions=1 -> pointer moves, run 1 pruned."""
+    import dollyflow.core.shards as shards
+    from dollyflow.jobs import tokenize
+
+    root = tmp_path / "root"
+    s1 = tokenize.run(_cfg(job, f"tokenize.output_dir={root}"), spark)
+    assert read_pointer(str(root))["dir"] == Path(s1["shard_dir"]).name
+    assert resolve_shard_dir(str(root)) == s1["shard_dir"]
+
+    real_verify = shards.verify_shards
+    monkeypatch.setattr(shards, "verify_shards", lambda d: real_verify(d) + ["train-00000: injected mismatch"])
+    cfg2 = _cfg(job, f"tokenize.output_dir={root}")
+    with pytest.raises(RuntimeError, match="injected mismatch"):
+        tokenize.run(cfg2, spark)
+    monkeypatch.setattr(shards, "verify_shards", real_verify)
+    assert resolve_shard_dir(str(root)) == s1["shard_dir"] and verify_shards(s1["shard_dir"]) == []
+    assert sorted(p.name for p in root.iterdir()) == ["LATEST.json", Path(s1["shard_dir"]).name]
+
+    s3 = tokenize.run(_cfg(job, f"tokenize.output_dir={root}", "tokenize.keep_versions=1"), spark)
+    assert resolve_shard_dir(str(root)) == s3["shard_dir"] != s1["shard_dir"]
+    assert s3["pruned"] == [Path(s1["shard_dir"]).name]
+    assert sorted(p.name for p in root.iterdir()) == ["LATEST.json", Path(s3["shard_dir"]).name]
+    runs = job["store"].read(job["cfg"].tables.tokenize_runs).collect()
+    mine = {r["run_id"]: r for r in runs}
+    assert set(mine) >= {s1["run_id"], s3["run_id"]} and cfg2.run_id not in mine   # the failed run left no row
+    assert mine[s3["run_id"]]["shard_dir"] == s3["shard_dir"]
+    assert mine[s3["run_id"]]["manifest_sha256"] == s3["manifest_sha256"]
+
+
+def test_shards_on_an_object_store(job, spark, s3_bucket):
+    """s3a:// shards root on a real S3 endpoint: executors write the shards there, the job verifies
+    them, the pointer lands there, and the trainer's reader reads the same records as locally."""
+    from dollyflow.jobs import tokenize
+
+    root = s3_bucket("s3a", "job-shards")
+    s = tokenize.run(_cfg(job, f"tokenize.output_dir={root}", "tokenize.num_shards=3"), spark)
+    assert s["shard_dir"].startswith("s3a://") and resolve_shard_dir(root) == s["shard_dir"]
+    assert verify_shards(s["shard_dir"]) == []
+    local = job["summary"]["shard_dir"]
+    for split in ("train", "test"):
+        assert sorted(e["record_id"] for e in ShardDataset(s["shard_dir"], split)) == \
+               sorted(e["record_id"] for e in ShardDataset(local, split))
+
+
+def test_local_output_is_refused_on_a_multi_host_master(job, spark, monkeypatch):
+    """A driver-local shards root with executors on other hosts fails before any work."""
+    import dollyflow.engine.session as session
+    from dollyflow.jobs import tokenize
+
+    monkeypatch.setattr(session, "master_of", lambda _spark: "yarn")
+    with pytest.raises(ValueError, match="executors on other hosts"):
+        tokenize.run(_cfg(job), spark)

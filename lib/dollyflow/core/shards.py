@@ -10,6 +10,13 @@ A shard directory holds::
 
 The trainer needs only this directory: :class:`ShardDataset` yields ``input_ids`` and Dolly's
 ``labels`` (``-100`` up to and including ``### Response:\\n``), :func:`collate` pads a batch.
+
+Shard directories are versioned: each tokenize run writes a new one under a *shards root*
+(``<root>/v<silver version>-<run id>/``) and, only once it is complete and verified, switches
+the root's pointer file ``LATEST.json`` to it (:func:`write_pointer`, an atomic replace or a
+single object PUT). Nothing is deleted or moved before that, so readers always see a complete
+set, on object stores as well. :func:`resolve_shard_dir` turns a root or a directory into the
+directory to read. Every path here may be local, a FUSE mount or a URI (:mod:`dollyflow.core.storage`).
 """
 from __future__ import annotations
 
@@ -25,12 +32,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dollyflow.core.storage import write_bytes
+from dollyflow.core.storage import filesystem, is_uri, join, list_dir, read_bytes, write_atomic, write_bytes
 from dollyflow.core.tokens import IGNORE_INDEX
 
 MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
+POINTER = "LATEST.json"
 FORMAT = "dollyflow-shards"
+POINTER_FORMAT = "dollyflow-shards-pointer"
 FORMAT_VERSION = 1
 
 SHARD_SCHEMA = pa.schema([
@@ -117,7 +126,7 @@ def write_shard(table: pa.Table, path: str, edges: Sequence[int]) -> dict:
     data = buf.getvalue()
     write_bytes(path, data)
     stats = shard_stats(table, edges)
-    stats.update({"file": path.rsplit("/", 1)[-1], "bytes": len(data),
+    stats.update({"file": path.split("?", 1)[0].rsplit("/", 1)[-1], "bytes": len(data),
                   "sha256": hashlib.sha256(data).hexdigest()})
     return stats
 
@@ -170,42 +179,56 @@ def build_manifest(*, source: dict, tokenizer: dict, max_length: int, seed: int,
 
 
 def write_manifest(directory: str, manifest: dict) -> None:
-    write_bytes(f"{directory.rstrip('/')}/{MANIFEST}", json.dumps(manifest, indent=2).encode("utf-8"))
+    write_bytes(join(str(directory), MANIFEST), json.dumps(manifest, indent=2).encode("utf-8"))
 
 
 def read_manifest(directory: str | Path) -> dict:
-    with open(Path(directory) / MANIFEST, encoding="utf-8") as f:
-        m = json.load(f)
+    m = json.loads(read_bytes(join(str(directory), MANIFEST)))
     if m.get("format") != FORMAT:
         raise ValueError(f"{directory}: not a dollyflow shard directory (format={m.get('format')!r})")
     return m
 
 
+def _read_table(path: str) -> pa.Table:
+    fs, p = filesystem(path)
+    return pq.read_table(p, filesystem=fs)
+
+
+def _tokenizer_digest(tok_dir: str) -> str | None:
+    """The combined sha256 of a tokenizer directory, as :func:`tokenizer_sha256` computes it
+    (for local paths and URIs alike); None when the directory has no files."""
+    files = {name: hashlib.sha256(read_bytes(join(tok_dir, name))).hexdigest()
+             for name, is_dir in list_dir(tok_dir) if not is_dir}
+    if not files:
+        return None
+    return hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(files.items())).encode()).hexdigest()
+
+
 def verify_shards(directory: str | Path) -> list[str]:
     """Check a shard directory against its manifest (file sha256, records, tokens, categories,
     histogram, tokenizer files). Returns the problems found; empty when all match."""
-    from dollyflow.core.tokens import tokenizer_sha256
-
-    directory = Path(directory)
+    directory = str(directory)
     m = read_manifest(directory)
     problems = []
     for split, s in m["splits"].items():
         edges = s["length_histogram"]["edges"]
         got = []
         for entry in s["shards"]:
-            path = directory / entry["file"]
-            if not path.is_file():
+            path = join(directory, entry["file"])
+            try:
+                data = read_bytes(path)
+            except (FileNotFoundError, OSError):
                 problems.append(f"{entry['file']}: missing")
                 continue
-            data = path.read_bytes()
-            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != entry["sha256"]:
                 problems.append(f"{entry['file']}: sha256 differs from the manifest")
             try:
-                stats = shard_stats(pq.read_table(path), edges)
+                stats = shard_stats(pq.read_table(io.BytesIO(data)), edges)
             except (OSError, pa.ArrowException) as exc:
                 problems.append(f"{entry['file']}: unreadable ({exc})")
                 continue
-            stats.update(file=entry["file"], bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+            stats.update(file=entry["file"], bytes=len(data), sha256=digest)
             got.append(stats)
         merged = merge_stats(got)
         for key in ("records", "tokens", "label_tokens", "categories"):
@@ -213,13 +236,65 @@ def verify_shards(directory: str | Path) -> list[str]:
                 problems.append(f"{split}: {key} in the shards ({merged[key]}) != manifest ({s[key]})")
         if (merged["length_histogram"] or []) != s["length_histogram"]["counts"]:
             problems.append(f"{split}: length histogram differs from the manifest")
-    tok_dir = directory / TOKENIZER_DIR
-    if tok_dir.is_dir():
-        if tokenizer_sha256(tok_dir)[0] != m["tokenizer"].get("sha256"):
-            problems.append("tokenizer/: sha256 differs from the manifest")
-    else:
+    digest = _tokenizer_digest(join(directory, TOKENIZER_DIR))
+    if digest is None:
         problems.append("tokenizer/: missing")
+    elif digest != m["tokenizer"].get("sha256"):
+        problems.append("tokenizer/: sha256 differs from the manifest")
     return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# versioned directories under a shards root
+
+
+def version_dir_name(silver_version: int, run_id: str) -> str:
+    """The directory one tokenize run writes under the shards root."""
+    return f"v{int(silver_version)}-{run_id}"
+
+
+def write_pointer(root: str, shard_dir_name: str, **info) -> dict:
+    """Point ``<root>/LATEST.json`` at the complete shard directory ``<root>/<shard_dir_name>``
+    (atomically: readers see the old pointer or the new one). ``info`` is recorded with it."""
+    pointer = {"format": POINTER_FORMAT, "dir": shard_dir_name,
+               "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **info}
+    write_atomic(join(root, POINTER), json.dumps(pointer, indent=2).encode("utf-8"))
+    return pointer
+
+
+def read_pointer(root: str) -> dict | None:
+    """The root's pointer, or None when it has none."""
+    try:
+        data = read_bytes(join(str(root), POINTER))
+    except (FileNotFoundError, OSError):
+        return None
+    pointer = json.loads(data)
+    if pointer.get("format") != POINTER_FORMAT:
+        raise ValueError(f"{root}/{POINTER}: not a dollyflow shards pointer")
+    return pointer
+
+
+def resolve_shard_dir(path: str | Path) -> str:
+    """The shard directory to read for ``path``: ``path`` itself when it holds a manifest, else
+    the directory its ``LATEST.json`` points to (relative names resolve against ``path``, so a
+    root can be copied or moved whole)."""
+    path = str(path)
+    try:
+        read_bytes(join(path, MANIFEST))
+        return path
+    except (FileNotFoundError, OSError):
+        pass
+    pointer = read_pointer(path)
+    if pointer is None:
+        raise FileNotFoundError(f"{path}: neither a shard directory ({MANIFEST}) nor a shards root "
+                                f"({POINTER}); run the tokenize job first")
+    d = pointer["dir"]
+    return d if (is_uri(d) or d.startswith("/")) else join(path, d)
+
+
+def shard_versions(root: str) -> list[str]:
+    """Names of the versioned shard directories under ``root`` (complete or not), sorted."""
+    return [name for name, is_dir in list_dir(root) if is_dir and name.startswith("v")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +314,7 @@ class ShardDataset:
     for data-parallel readers."""
 
     def __init__(self, directory: str | Path, split: str = "train", rank: int = 0, world_size: int = 1):
-        self.directory = Path(directory)
+        self.directory = str(directory)
         self.manifest = read_manifest(self.directory)
         if split not in self.manifest["splits"]:
             raise KeyError(f"{directory}: no split {split!r} (have {sorted(self.manifest['splits'])})")
@@ -251,15 +326,15 @@ class ShardDataset:
         self._index = None
 
     @property
-    def tokenizer_dir(self) -> Path:
-        return self.directory / TOKENIZER_DIR
+    def tokenizer_dir(self) -> str:
+        return join(self.directory, TOKENIZER_DIR)
 
     def __len__(self) -> int:
         return self._records
 
     def _tables(self) -> Iterator[pa.Table]:
         for s in self.shards:
-            yield pq.read_table(self.directory / s["file"])
+            yield _read_table(join(self.directory, s["file"]))
 
     @staticmethod
     def _example(record_id, ids: np.ndarray, start: int) -> dict:
@@ -285,6 +360,20 @@ class ShardDataset:
             self._index = (col.values.to_numpy(), col.offsets.to_numpy(),
                            t.column("response_start").to_numpy(), t.column("record_id").to_pylist())
         return self._index
+
+    def arrays(self) -> dict:
+        """This reader's records as flat columns, for trainers that batch by index: ``values``
+        (all input ids, int32) with ``offsets`` (record i is ``values[offsets[i]:offsets[i+1]]``),
+        ``response_start`` and ``length`` (int64), ``category`` and ``record_id`` (lists)."""
+        tables = list(self._tables())
+        t = pa.concat_tables(tables) if tables else SHARD_SCHEMA.empty_table()
+        col = t.column("input_ids").combine_chunks()
+        return {"values": col.values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False),
+                "offsets": col.offsets.to_numpy().astype(np.int64),
+                "response_start": t.column("response_start").to_numpy().astype(np.int64),
+                "length": t.column("length").to_numpy().astype(np.int64),
+                "category": [c or "" for c in t.column("category").to_pylist()],
+                "record_id": t.column("record_id").to_pylist()}
 
     def __getitem__(self, i: int) -> dict:
         values, offsets, starts, rids = self._load()
@@ -345,10 +434,36 @@ def export_mds(directory: str | Path, out_dir: str | Path | None = None,
         target = out_root / split
         with MDSWriter(out=str(target), columns=columns, compression="zstd") as w:
             for entry in manifest["splits"][split]["shards"]:
-                t = pq.read_table(directory / entry["file"])
+                t = _read_table(join(str(directory), entry["file"]))
                 for row in t.to_pylist():
                     w.write({"record_id": row["record_id"], "category": row["category"] or "",
                              "input_ids": np.asarray(row["input_ids"], dtype=np.int32),
                              "response_start": int(row["response_start"]), "length": int(row["length"])})
         written[split] = str(target)
     return written
+
+
+def prune_versions(root: str, keep: int, protect: Sequence[str] = ()) -> list[str]:
+    """Remove complete shard versions under ``root`` beyond the ``keep`` newest (by manifest
+    ``created_at``, then name); names in ``protect`` always stay. Directories without a manifest
+    (a run in progress, or one that crashed before finishing) are left alone. Returns the names
+    removed."""
+    from dollyflow.core.storage import remove_dir
+
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    complete = []
+    for name in shard_versions(root):
+        try:
+            created = read_manifest(join(root, name)).get("created_at", "")
+        except (FileNotFoundError, OSError, ValueError):
+            continue
+        complete.append((created, name))
+    complete.sort(reverse=True)
+    removed = []
+    for _, name in complete[keep:]:
+        if name in protect:
+            continue
+        remove_dir(join(root, name))
+        removed.append(name)
+    return sorted(removed)

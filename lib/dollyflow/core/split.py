@@ -31,15 +31,23 @@ def split_keys(record_ids: Iterable[str], seed: int = 42) -> list[int]:
 
 
 def parse_test_size(test_size: float | int) -> tuple[str, float | int]:
-    """``("fraction", f)`` for 0 < test_size < 1, ``("count", n)`` for a whole number >= 1
-    (0 means no test split)."""
-    v = float(test_size)
-    if v < 0:
-        raise ValueError(f"test_size must be >= 0, got {test_size!r}")
+    """``("fraction", f)`` for 0 < test_size < 1, ``("count", n)`` for a whole number >= 1, and
+    ``("count", 0)`` for 0 (no test split). A whole number is always a count, so ``1`` and ``1.0``
+    mean one test record, never "everything"; 1.5, negative numbers, NaN and infinity are
+    rejected."""
+    import math
+
+    try:
+        v = float(test_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"test_size {test_size!r} is not a number") from None
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"test_size must be a count >= 1, a fraction in (0, 1) or 0, got {test_size!r}")
     if 0 < v < 1:
         return "fraction", v
     if v != int(v):
-        raise ValueError(f"test_size {test_size!r}: use a fraction in (0, 1) or a whole count")
+        raise ValueError(f"test_size {test_size!r} is ambiguous: use a fraction in (0, 1) or a whole count "
+                         "(a whole number, 1.0 included, is a number of records)")
     return "count", int(v)
 
 

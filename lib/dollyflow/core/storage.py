@@ -2,26 +2,56 @@
 
 Every job that writes files outside Delta (shards, checkpoints, model directories, reports) goes
 through these helpers, so a local path, a FUSE mount (``/dbfs``, ``/Volumes``) and a pyarrow
-filesystem URI (``s3://``, ``gs://``, ``abfss://``, ``file://``) behave the same.
+filesystem URI (``s3://``, ``gs://``, ``abfss://``, ``hdfs://``, ``file://``) behave the same.
+
+Spark-style spellings are accepted too: ``s3a://`` and ``s3n://`` are read as ``s3://`` (same
+bucket and key; pyarrow uses the AWS default credential chain, e.g. the cluster's instance
+profile), and ``dbfs:/path`` is read through Databricks' FUSE mount ``/dbfs/path`` (so it works
+on Databricks only, and says so elsewhere).
 """
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
 
+#: Mount points that every node of a Databricks cluster sees (Unity Catalog Volumes, DBFS,
+#: workspace files): a path under one of them is shared storage although it looks local.
+SHARED_MOUNTS = ("/Volumes/", "/dbfs/", "/Workspace/")
+DBFS_FUSE = "/dbfs"
+
+
 def is_uri(path: str) -> bool:
-    """True for ``scheme://...`` (an object store or ``file://``), False for a plain path."""
-    return "://" in str(path)
+    """True for ``scheme://...`` (an object store or ``file://``) and ``dbfs:/...``."""
+    path = str(path)
+    return "://" in path or path.startswith("dbfs:")
+
+
+def native(path: str) -> str:
+    """The spelling pyarrow understands: ``s3a://``/``s3n://`` -> ``s3://``, ``dbfs:/x`` ->
+    ``/dbfs/x`` (Databricks' FUSE mount; an error where there is none)."""
+    path = str(path)
+    for scheme in ("s3a://", "s3n://"):
+        if path.startswith(scheme):
+            return "s3://" + path[len(scheme):]
+    if path.startswith("dbfs:"):
+        if not os.path.isdir(DBFS_FUSE):
+            raise ValueError(f"{path}: dbfs:/ paths are reachable only on Databricks (through "
+                             f"{DBFS_FUSE}); use a /Volumes/... path or an object-store URI")
+        return DBFS_FUSE + "/" + path[len("dbfs:"):].lstrip("/")
+    return path
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or a URI (s3://, gs://, abfss://, file://)."""
-    if is_uri(uri):
+    """(filesystem, path inside it) for a local path or a URI (s3://, s3a://, gs://, abfss://,
+    hdfs://, file://, dbfs:/)."""
+    uri = native(uri)
+    if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
@@ -31,9 +61,35 @@ def absolute(path: str) -> str:
     return str(path) if is_uri(path) else os.path.abspath(path)
 
 
+def is_shared(path: str) -> bool:
+    """Whether every node of a cluster can see ``path``: a URI (object store, HDFS, dbfs:/) or a
+    path under a Databricks mount (/Volumes, /dbfs, /Workspace). A plain local path is not."""
+    path = str(path)
+    if is_uri(path):
+        return not path.startswith("file:")
+    return os.path.abspath(path).startswith(SHARED_MOUNTS)
+
+
 def join(base: str, *parts: str) -> str:
-    """``base/part/...`` for paths and URIs alike (no OS separator surprises on URIs)."""
-    return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts)])
+    """``base/part/...`` for paths and URIs alike (no OS separator surprises on URIs); a URI's
+    query string (``s3://b/p?endpoint_override=...``) stays at the end."""
+    base, query = str(base), ""
+    if is_uri(base) and "?" in base:
+        base, query = base.split("?", 1)
+        query = "?" + query
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)]) + query
+
+
+def check_reachable(path: str, master: str, allow_local: bool = False, what: str = "output") -> None:
+    """Refuse a plain local path when executors may run on other hosts (any master but
+    ``local[...]``): each executor would write to its own disk and the driver's listing would
+    name files that are not there. ``allow_local`` accepts it (a shared NFS mount)."""
+    if allow_local or is_shared(path) or str(master).startswith("local"):
+        return
+    raise ValueError(f"{what} {path!r} is a local path, but the Spark master is {master!r}: executors on "
+                     "other hosts cannot write there. Use shared storage (a /Volumes/... path on "
+                     "Databricks, or s3://, abfss://, gs://, hdfs:// URIs), or set allow_local_output=true "
+                     "if this path is a shared mount on every node")
 
 
 def exists(path: str) -> bool:
@@ -51,10 +107,33 @@ def write_bytes(path: str, data: bytes) -> None:
         f.write(data)
 
 
+def write_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` so that readers see the old content or the new, never a part: a local file
+    is written beside and renamed over (``os.replace``); an object-store PUT is atomic already."""
+    if is_uri(path) and "://" in native(path):
+        write_bytes(path, data)
+        return
+    local = native(path)
+    os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+    tmp = f"{local}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, local)
+
+
 def read_bytes(path: str) -> bytes:
     fs, p = filesystem(path)
     with fs.open_input_stream(p) as f:
         return f.read()
+
+
+def list_dir(path: str) -> list[tuple[str, bool]]:
+    """(name, is_directory) of the entries directly under ``path``, sorted; [] when missing."""
+    fs, p = filesystem(path)
+    infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
+    return sorted((i.base_name, i.type == pafs.FileType.Directory) for i in infos)
 
 
 def remove_dir(path: str) -> None:

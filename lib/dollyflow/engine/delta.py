@@ -5,26 +5,51 @@ One API (:class:`DeltaStore`), two backends:
 - native: the JVM has Delta (Databricks; spark-submit with the Delta packages): ``format("delta")``
   and ``delta.tables.DeltaTable``. Tables are Unity Catalog ``catalog.schema.table`` when
   ``tables.catalog`` is set, else paths under ``tables.warehouse``.
-- offline: no Delta jars (a laptop, CI): the delta-rs Spark data source in
-  :mod:`dollyflow.engine.delta_rs` for distributed writes, native Parquet scans of the
-  version's files for reads, delta-rs for merge and history.
+- offline: no Delta jars (a laptop, CI): Spark's own Parquet writer for distributed writes, one
+  delta-rs commit of exactly the files written (:mod:`dollyflow.engine.delta_rs`), native Parquet
+  scans of the version's files for reads, delta-rs for merge and history.
+
+``tables.backend: auto`` picks native when Delta's JVM classes are there and says why
+(:attr:`DeltaStore.backend_reason`); ``native`` fails at once, with what to do, when they are not.
+
+Every write and merge returns a :class:`Commit`: the version *its own* commit got and that
+commit's row counts, found in the table's history by a unique write id stored in the commit's
+metadata (never "the latest version", which another writer may have made). Merges are retried on
+conflicts with concurrent writers, so an insert-only merge on a key keeps one row per key however
+many jobs run at once. Nothing here changes the Spark session's settings for longer than one
+call: the Parquet timestamp encoding is a per-write option, and the one setting Delta offers for
+a merge's commit metadata is restored to exactly what the user had.
 
 Table names come from config only and must be plain identifiers.
 """
 from __future__ import annotations
 
+import contextlib
 import json
-
-import pyarrow as pa
+import logging
 import os
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Iterator
 
-from dollyflow.config import TablesConfig, check_identifier
-from dollyflow.core.storage import remove_dir
-from dollyflow.engine.session import jvm_has_delta
+import pyarrow as pa
+
+from dollyflow.config import TablesConfig, check_identifier, require_warehouse
+from dollyflow.core.storage import filesystem, join, remove_dir
+from dollyflow.engine.session import detect_delta, master_of
+
+log = logging.getLogger(__name__)
+
+#: Delta stores timestamps as INT64 microseconds; Spark's Parquet writer defaults to INT96. Passed
+#: as an option of each write (Spark reads it per write), never set on the session.
+TIMESTAMP_OPTION = ("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
+#: The only way to give a native Delta MERGE commit metadata; set around the merge and restored.
+MERGE_METADATA_CONF = "spark.databricks.delta.commitInfo.userMetadata"
+COMMIT_RETRIES = 20          # merges retried after a conflicting concurrent commit
+_SESSION_CONF_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -43,14 +68,161 @@ def resolve(tables: TablesConfig, name: str) -> TableRef:
     if tables.catalog:
         return TableRef(name, fqn=f"{check_identifier(tables.catalog, 'tables.catalog')}."
                                   f"{check_identifier(tables.schema, 'tables.schema')}.{name}")
-    wh = tables.warehouse
+    wh = require_warehouse(tables.warehouse)
     if "://" not in wh:
         wh = os.path.abspath(wh)
     return TableRef(name, path=f"{wh.rstrip('/')}/{check_identifier(tables.schema, 'tables.schema')}/{name}")
 
 
-def _meta(job: str, run_id: str) -> str:
-    return json.dumps({"job": job, "run_id": run_id}, sort_keys=True)
+class Commit(int):
+    """What one :meth:`DeltaStore.write` or :meth:`DeltaStore.merge` call committed.
+
+    It *is* the version its own commit got (an ``int``, so ``store.write(...) == 3`` works), and
+    carries that commit's numbers, read from the commit itself: ``rows`` (rows the commit added:
+    written rows of an append or overwrite, inserted + updated rows of a merge), ``inserted``,
+    ``updated``, ``operation``, ``metrics`` (the commit's operation metrics), ``read_version``
+    (the table version the commit was based on, when known) and ``write_id``. ``committed`` is
+    False when nothing was committed (an empty append with ``skip_empty``, a merge of no rows);
+    the version is then the table's version at that moment.
+    """
+
+    version: int
+    operation: str
+    rows: int
+    inserted: int
+    updated: int
+    metrics: dict
+    write_id: str
+    committed: bool
+    read_version: int | None
+
+    def __new__(cls, version: int, *, operation: str, rows: int, inserted: int | None = None,
+                updated: int = 0, metrics: dict | None = None, write_id: str = "", committed: bool = True,
+                read_version: int | None = None):
+        self = super().__new__(cls, int(version))
+        self.version = int(version)
+        self.operation = operation
+        self.rows = int(rows)
+        self.inserted = int(rows if inserted is None else inserted)
+        self.updated = int(updated)
+        self.metrics = dict(metrics or {})
+        self.write_id = write_id
+        self.committed = committed
+        self.read_version = None if read_version is None else int(read_version)
+        return self
+
+    def __str__(self) -> str:          # formats as the version number, like the int it is
+        return str(self.version)
+
+    def __format__(self, spec: str) -> str:
+        return format(self.version, spec)
+
+    def __repr__(self) -> str:
+        return (f"Commit(version={self.version}, operation={self.operation!r}, rows={self.rows}, "
+                f"inserted={self.inserted}, updated={self.updated}, committed={self.committed})")
+
+    def as_dict(self) -> dict:
+        return {"version": self.version, "operation": self.operation, "rows": self.rows,
+                "inserted": self.inserted, "updated": self.updated, "committed": self.committed,
+                "read_version": self.read_version}
+
+
+def _meta(job: str, run_id: str, write_id: str = "") -> str:
+    return json.dumps({"job": job, "run_id": run_id, "write_id": write_id}, sort_keys=True)
+
+
+def _history_meta(entry: dict) -> dict:
+    """job, run_id, write_id of a history entry: delta-rs keeps them as top-level custom metadata,
+    Delta Spark inside the ``userMetadata`` JSON."""
+    meta: dict = {}
+    raw = entry.get("userMetadata")
+    if raw:
+        try:
+            parsed = json.loads(raw)
+            if isinstance(parsed, dict):
+                meta.update(parsed)
+        except ValueError:
+            pass
+    for k in ("job", "run_id", "write_id"):
+        if entry.get(k):
+            meta[k] = entry[k]
+    return meta
+
+
+@contextlib.contextmanager
+def session_conf(spark, settings: dict[str, str]) -> Iterator[None]:
+    """Set Spark session settings for the duration of one call, then restore exactly what was
+    there before, an unset key included. Calls through here are serialised, so two of our
+    own operations never see each other's values."""
+    with _SESSION_CONF_LOCK:
+        conf = spark.conf
+        previous = {k: conf.get(k, None) for k in settings}
+        try:
+            for k, v in settings.items():
+                conf.set(k, v)
+            yield
+        finally:
+            for k, v in previous.items():
+                if v is None:
+                    conf.unset(k)
+                else:
+                    conf.set(k, v)
+
+
+def choose_backend(spark, requested: str) -> tuple[bool, str]:
+    """(native?, why) for ``tables.backend``: ``offline`` as asked; ``native`` only when Delta's
+    JVM classes are there (a clear error otherwise); ``auto`` native when they are, offline when
+    they are certainly not. When the check itself fails, ``auto`` uses the offline backend on a
+    local master (with a warning) and refuses to guess on a cluster."""
+    if requested == "offline":
+        return False, "tables.backend=offline"
+    found, why = detect_delta(spark)
+    if requested == "native":
+        if found is False:
+            raise RuntimeError(
+                f"tables.backend=native, but {why}. Start Spark with Delta Lake (spark-submit --packages "
+                "io.delta:delta-spark_2.13:<version> --conf spark.sql.extensions=io.delta.sql."
+                "DeltaSparkSessionExtension --conf spark.sql.catalog.spark_catalog=org.apache.spark.sql."
+                "delta.catalog.DeltaCatalog), or set tables.backend=offline (delta-rs) or auto")
+        return True, f"tables.backend=native; {why}"
+    if found is True:
+        return True, f"tables.backend=auto: {why}"
+    if found is False:
+        return False, f"tables.backend=auto: {why}, so delta-rs (offline backend)"
+    master = master_of(spark)
+    if not master.startswith("local"):
+        raise RuntimeError(f"tables.backend=auto cannot tell whether this session has Delta Lake: {why}. "
+                           "Set tables.backend=native (the cluster has Delta) or tables.backend=offline")
+    reason = f"tables.backend=auto: {why}; local master {master}, so delta-rs (offline backend)"
+    log.warning("dollyflow: %s", reason)
+    return False, reason
+
+
+@dataclass(frozen=True)
+class PartSink:
+    """Where Spark tasks write the Parquet files of one table write themselves (for jobs whose
+    tasks already hold the rows as Arrow, such as tokenize's shard writers). Made by
+    :meth:`DeltaStore.part_sink`; each task calls :meth:`write` and returns what it gives back;
+    the driver hands all of them to :meth:`DeltaStore.commit_parts`: one commit, or none."""
+    directory: str            # where the files go (inside the table for the offline backend)
+    prefix: str               # their directory relative to the table root ("" when staged outside)
+    schema: pa.Schema
+    write_id: str
+
+    def write(self, table: pa.Table, key: str | None = None) -> tuple[str, int, int]:
+        """Write ``table`` as one zstd Parquet file; returns (path relative to the table or the
+        staging directory, bytes, rows). A ``key`` makes the name deterministic, so a retried
+        task overwrites its own earlier attempt instead of leaving a stray file."""
+        import pyarrow.parquet as pq
+
+        name = f"part-{key or uuid.uuid4().hex}-{self.write_id[:12]}.zstd.parquet"
+        fs, root = filesystem(self.directory)
+        fs.create_dir(root, recursive=True)
+        table = table.select(self.schema.names).cast(self.schema)
+        path = f"{root}/{name}"
+        pq.write_table(table, path, filesystem=fs, compression="zstd")
+        size = fs.get_file_info(path).size
+        return (f"{self.prefix}/{name}" if self.prefix else name, int(size), int(table.num_rows))
 
 
 class DeltaStore:
@@ -59,11 +231,7 @@ class DeltaStore:
     def __init__(self, spark, tables: TablesConfig):
         self.spark = spark
         self.tables = tables
-        self.last_write_rows: int | None = None
-        if tables.backend == "auto":
-            self.native = jvm_has_delta(spark)
-        else:
-            self.native = tables.backend == "native"
+        self.native, self.backend_reason = choose_backend(spark, tables.backend)
         if not self.native:
             from dollyflow.engine.session import _register_offline_delta
             _register_offline_delta(spark)
@@ -95,35 +263,57 @@ class DeltaStore:
         dt = self._rs_table(ref)
         return None if dt is None else int(dt.version())
 
-    def history(self, name: str) -> list[dict[str, Any]]:
-        """Newest first: version, timestamp (UTC datetime), operation, job, run_id."""
+    def history(self, name: str, limit: int | None = None) -> list[dict[str, Any]]:
+        """Newest first: version, timestamp (UTC datetime), operation, job, run_id, write_id,
+        metrics (the commit's operation metrics)."""
         ref = self.ref(name)
         out = []
         if self.native:
             dt = self._native_table(ref)
             if dt is None:
                 return []
-            for row in dt.history().select("version", "timestamp", "operation", "userMetadata").collect():
-                meta = json.loads(row["userMetadata"]) if row["userMetadata"] else {}
+            hist = dt.history(limit) if limit else dt.history()
+            for row in hist.select("version", "timestamp", "operation", "operationMetrics",
+                                   "userMetadata").collect():
+                meta = _history_meta({"userMetadata": row["userMetadata"]})
                 out.append({"version": int(row["version"]), "timestamp": row["timestamp"],
                             "operation": row["operation"], "job": meta.get("job"),
-                            "run_id": meta.get("run_id")})
+                            "run_id": meta.get("run_id"), "write_id": meta.get("write_id"),
+                            "metrics": dict(row["operationMetrics"] or {})})
             return out
         dt = self._rs_table(ref)
         if dt is None:
             return []
-        for h in dt.history():
-            meta = {}
-            if h.get("userMetadata"):
-                try:
-                    meta = json.loads(h["userMetadata"])
-                except ValueError:
-                    meta = {}
+        for h in dt.history(limit):
+            meta = _history_meta(h)
             out.append({"version": int(h["version"]),
                         "timestamp": datetime.fromtimestamp(h["timestamp"] / 1000, tz=timezone.utc),
-                        "operation": h.get("operation"), "job": h.get("job", meta.get("job")),
-                        "run_id": h.get("run_id", meta.get("run_id"))})
+                        "operation": h.get("operation"), "job": meta.get("job"),
+                        "run_id": meta.get("run_id"), "write_id": meta.get("write_id"),
+                        "metrics": dict(h.get("operationMetrics") or {})})
         return sorted(out, key=lambda h: -h["version"])
+
+    def count(self, name: str, version: int | None = None) -> int:
+        """The exact number of rows of the table at ``version`` (default: current), measured from
+        the table: offline from the row counts of the version's files (Delta file statistics,
+        Parquet footers where a file has none), native with a count Delta answers from its log."""
+        ref = self.ref(name)
+        if self.native:
+            return int(self.read(name, version).count())
+        from deltalake import DeltaTable
+
+        import pyarrow.parquet as pq
+
+        dt = DeltaTable(ref.path, version=int(version) if version is not None else None)
+        actions = pa.table(dt.get_add_actions(flatten=True)).to_pydict()
+        total = 0
+        for path, n in zip(actions.get("path", []), actions.get("num_records", [])):
+            if n is None:
+                fs, root = filesystem(join(ref.path, path))
+                with fs.open_input_file(root) as f:
+                    n = pq.ParquetFile(f).metadata.num_rows
+            total += int(n)
+        return total
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -149,132 +339,101 @@ class DeltaStore:
     # -- writing ------------------------------------------------------------------------------
 
     def write(self, df, name: str, mode: str = "append", job: str = "", run_id: str = "",
-              skip_empty: bool = False) -> int | None:
-        """Append or overwrite; returns the table's version after the write. Tasks write in
-        parallel and one commit makes all their files visible at once (or none, if a task fails).
-        ``skip_empty``: an append of no rows to an existing table commits no new version.
-        ``self.last_write_rows`` holds the number of rows written."""
+              skip_empty: bool = False, evolve_schema: bool = False) -> Commit:
+        """Append or overwrite; returns this write's own :class:`Commit` (its version and rows).
+        Tasks write in parallel and one commit makes all their files visible at once (or none,
+        if a task fails). ``skip_empty``: an append of no rows to an existing table commits
+        nothing (``Commit.committed`` is False). ``evolve_schema``: an append may add columns
+        (run tables that gained a field); otherwise new columns are refused."""
         if mode not in ("append", "overwrite"):
             raise ValueError(f"mode must be append or overwrite, not {mode!r}")
         ref = self.ref(name)
-        meta = _meta(job, run_id)
+        write_id = uuid.uuid4().hex
         skip = skip_empty and mode == "append" and self.exists(name)
         if self.native:
             if skip and df.isEmpty():
-                self.last_write_rows = 0
-                return self.version(name)
-            w = df.write.format("delta").mode(mode).option("userMetadata", meta)
+                return Commit(self.version(name), operation="WRITE", rows=0, committed=False, write_id=write_id)
+            w = df.write.format("delta").mode(mode).option("userMetadata", _meta(job, run_id, write_id))
             if mode == "overwrite":
                 w = w.option("overwriteSchema", "true")
+            elif evolve_schema:
+                w = w.option("mergeSchema", "true")
             if ref.fqn:
                 w.saveAsTable(ref.fqn)
             else:
                 w.save(ref.path)
-            dt = self._native_table(ref)
-            metrics = dt.history(1).select("operationMetrics").first()[0] or {}
-            self.last_write_rows = int(metrics.get("numOutputRows", 0))
-        else:
-            self.last_write_rows = self._rs_write(
-                df, ref, mode == "overwrite", {"job": job, "run_id": run_id, "userMetadata": meta}, skip)
-        return self.version(name)
-
-    def _rs_write(self, df, ref: TableRef, overwrite: bool, options: dict[str, str],
-                  skip_empty: bool = False) -> int:
-        """Spark's own Parquet writer (JVM, every task in parallel) into a fresh folder of the
-        table, then one delta-rs commit of exactly those files. A failed job commits nothing
-        and its folder is removed, so the table stays at its previous version."""
-        import pyarrow.parquet as pq
-
-        from dollyflow.engine.delta_rs import arrow_schema, commit_files, filesystem
-        folder = f"w-{uuid.uuid4().hex}"
-        target = f"{ref.path}/{folder}"
-        fs, root = filesystem(target)
-        conf = self.spark.conf
-        previous = conf.get("spark.sql.parquet.outputTimestampType", None)
-        conf.set("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")  # Delta's encoding
+            return self._native_commit(ref, write_id)
+        folder, files = self._rs_stage(df, ref, write_id)
+        rows = sum(r for _, _, r in files)
+        if skip and rows == 0:
+            remove_dir(join(ref.path, folder))
+            return Commit(self.version(name), operation="WRITE", rows=0, committed=False, write_id=write_id)
         try:
-            df.write.mode("overwrite").parquet(target)
-            files = []
-            for info in fs.get_file_info(pafs_selector(root)):
-                if info.is_file and info.base_name.endswith(".parquet") and not info.base_name.startswith(("_", ".")):
-                    with fs.open_input_file(info.path) as f:
-                        rows = pq.ParquetFile(f).metadata.num_rows   # footer only
-                    files.append((f"{folder}/{info.base_name}", info.size, rows))
-            rows = sum(r for _, _, r in files)
-            if skip_empty and rows == 0:
-                fs.delete_dir(root)
-                return 0
-            commit_files(ref.path, arrow_schema(df.schema), files, overwrite, options)
-            return rows
+            return self._rs_commit(ref, _arrow_schema(df.schema), files, mode == "overwrite", job, run_id,
+                                   write_id, evolve_schema)
         except BaseException:
-            try:
-                fs.delete_dir(root)
-            except OSError:
-                pass
+            remove_dir(join(ref.path, folder))
+            raise
+
+    def part_sink(self, name: str, schema) -> PartSink:
+        """A :class:`PartSink` for a write of ``name`` whose Parquet files the Spark tasks write
+        themselves (``schema``: the Spark schema of the rows). Offline they go straight into the
+        table's directory and are committed as they are; natively into a staging directory that
+        one Delta write then reads."""
+        ref = self.ref(name)
+        write_id = uuid.uuid4().hex
+        arrow = _arrow_schema(schema)
+        if not self.native:
+            folder = f"w-{write_id}"
+            return PartSink(join(ref.path, folder), folder, arrow, write_id)
+        base = ref.path.rsplit("/", 1)[0] if ref.path else self.tables.files_root()
+        return PartSink(join(base, "_staging", f"{name}-{write_id}"), "", arrow, write_id)
+
+    def commit_parts(self, sink: PartSink, parts: list[tuple[str, int, int]], name: str,
+                     mode: str = "append", job: str = "", run_id: str = "") -> Commit:
+        """Commit the files the tasks wrote through ``sink`` (exactly ``parts``, as their
+        :meth:`PartSink.write` returned them) as one write of ``name``."""
+        ref = self.ref(name)
+        try:
+            if not self.native:
+                return self._rs_commit(ref, sink.schema, parts, mode == "overwrite", job, run_id, sink.write_id)
+            from pyspark.sql.pandas.types import from_arrow_schema
+            files = [join(sink.directory, p) for p, _, _ in parts]
+            df = (self.spark.read.schema(from_arrow_schema(sink.schema)).parquet(*files) if files
+                  else self.spark.createDataFrame([], from_arrow_schema(sink.schema)))
+            return self.write(df, name, mode=mode, job=job, run_id=run_id)
+        except BaseException:
+            self.discard_parts(sink)
             raise
         finally:
-            if previous is None:
-                conf.unset("spark.sql.parquet.outputTimestampType")
-            else:
-                conf.set("spark.sql.parquet.outputTimestampType", previous)
+            if self.native:
+                remove_dir(sink.directory)
+
+    def discard_parts(self, sink: PartSink) -> None:
+        """Remove what tasks wrote through ``sink`` (a failed job: nothing was committed)."""
+        remove_dir(sink.directory)
 
     def merge(self, df, name: str, keys: list[str], job: str = "", run_id: str = "",
-              update: bool = True) -> int:
+              update: bool = True, absent_at: int | None = None) -> Commit:
         """Upsert ``df`` into the table on ``keys``: matched rows are updated (unless
-        ``update=False``, insert-only), unmatched rows inserted. Creates the table if missing."""
+        ``update=False``: insert-only), unmatched rows inserted; creates the table if missing.
+        Conflicts with concurrent commits are retried against the new table state, so with
+        ``update=False`` every key is inserted once however many merges run at once. ``df``
+        must hold each key once.
+
+        ``absent_at``: for an insert-only merge whose caller already removed the keys present at
+        that version (an anti-join against it): offline, if the table is still at that version
+        when the rows are committed, they are appended as written, without a join (the usual
+        case); otherwise, or natively, a real merge runs."""
         if not keys:
             raise ValueError("merge needs at least one key column")
         for k in keys:
             check_identifier(k, "merge key")
-        if not self.exists(name):
-            return self.write(df, name, mode="append", job=job, run_id=run_id)
         ref = self.ref(name)
-        cond = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
+        write_id = uuid.uuid4().hex
         if self.native:
-            dt = self._native_table(ref)
-            self.spark.conf.set("spark.databricks.delta.commitInfo.userMetadata", _meta(job, run_id))
-            try:
-                m = dt.alias("t").merge(df.alias("s"), cond)
-                if update:
-                    m = m.whenMatchedUpdateAll()
-                m.whenNotMatchedInsertAll().execute()
-            finally:
-                self.spark.conf.unset("spark.databricks.delta.commitInfo.userMetadata")
-            return self.version(name)
-        return self._rs_merge(df, ref, keys, job, run_id, update)
-
-    def _rs_merge(self, df, ref: TableRef, keys: list[str], job: str, run_id: str, update: bool) -> int:
-        """delta-rs merge fed by a Parquet staging copy of ``df`` that Spark tasks write in
-        parallel; delta-rs streams it (no Python-side collect of the source rows)."""
-        import pyarrow.dataset as ds
-        from deltalake import DeltaTable
-
-        from dollyflow.engine.delta_rs import arrow_schema, commit_properties, filesystem
-        staging = f"{ref.path}/_dollyflow_staging/{uuid.uuid4().hex}"
-        try:
-            df.write.mode("overwrite").parquet(staging)
-            fs, root = filesystem(staging)
-            source = ds.dataset(root, format="parquet", filesystem=fs,
-                                schema=arrow_schema(df.schema))
-            dt = DeltaTable(ref.path)
-            cond = " AND ".join(f"t.{k} = s.{k}" for k in keys)
-            m = dt.merge(source=source.scanner().to_reader(), predicate=cond, source_alias="s",
-                         target_alias="t",
-                         commit_properties=commit_properties(
-                             {"job": job, "run_id": run_id, "userMetadata": _meta(job, run_id)}))
-            if update:
-                m = m.when_matched_update_all()
-            m.when_not_matched_insert_all().execute()
-        finally:
-            fs, root = filesystem(staging)
-            try:
-                fs.delete_dir(root)
-                parent = root.rsplit("/", 1)[0]
-                if not fs.get_file_info(pafs_selector(parent)):
-                    fs.delete_dir(parent)
-            except OSError:
-                pass
-        return int(DeltaTable(ref.path).version())
+            return self._native_merge(df, ref, keys, job, run_id, update, write_id)
+        return self._rs_merge(df, ref, keys, job, run_id, update, None if update else absent_at, write_id)
 
     def drop(self, name: str) -> None:
         """Remove a table entirely (tests and demos)."""
@@ -289,7 +448,7 @@ class DeltaStore:
         self.read(name, version).createOrReplaceTempView(name)
         return name
 
-    # -- backend helpers ----------------------------------------------------------------------
+    # -- native backend -----------------------------------------------------------------------
 
     def _native_table(self, ref: TableRef):
         from delta.tables import DeltaTable
@@ -299,6 +458,58 @@ class DeltaStore:
             return None
         return DeltaTable.forPath(self.spark, ref.path)
 
+    def _native_commit(self, ref: TableRef, write_id: str) -> Commit:
+        """This write's own commit, found by its write id in the table's history."""
+        dt = self._native_table(ref)
+        for limit in (20, 500, None):
+            hist = dt.history(limit) if limit else dt.history()
+            rows = hist.select("version", "operation", "operationMetrics", "userMetadata", "readVersion").collect()
+            for row in rows:
+                if _history_meta({"userMetadata": row["userMetadata"]}).get("write_id") == write_id:
+                    return _commit_of(int(row["version"]), row["operation"],
+                                      dict(row["operationMetrics"] or {}), write_id, row["readVersion"])
+            if limit is None or len(rows) < limit:
+                break
+        raise RuntimeError(f"{ref.location}: the commit of write {write_id} is not in the table's history")
+
+    def _native_merge(self, df, ref: TableRef, keys: list[str], job: str, run_id: str, update: bool,
+                      write_id: str) -> Commit:
+        from delta.exceptions import DeltaConcurrentModificationException
+
+        cond = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
+        meta = _meta(job, run_id, write_id)
+        for attempt in range(COMMIT_RETRIES + 1):
+            dt = None
+            try:
+                if not ref.fqn or self.spark.catalog.tableExists(ref.fqn):
+                    dt = self._native_table(ref)
+                if dt is not None and attempt == 0 and df.isEmpty():
+                    return Commit(self.version(ref.name), operation="MERGE", rows=0, committed=False,
+                                  write_id=write_id)
+                if dt is None:   # no table yet: create it with these rows (a racing creator -> retry as a merge)
+                    w = df.write.format("delta").mode("errorifexists").option("userMetadata", meta)
+                    if ref.fqn:
+                        w.saveAsTable(ref.fqn)
+                    else:
+                        w.save(ref.path)
+                else:
+                    with session_conf(self.spark, {MERGE_METADATA_CONF: meta}):
+                        m = dt.alias("t").merge(df.alias("s"), cond)
+                        if update:
+                            m = m.whenMatchedUpdateAll()
+                        m.whenNotMatchedInsertAll().execute()
+                return self._native_commit(ref, write_id)
+            except DeltaConcurrentModificationException:
+                if attempt == COMMIT_RETRIES:
+                    raise
+            except Exception as exc:  # the create lost a race with another creator
+                if dt is not None or "already exists" not in str(exc).lower() or attempt == COMMIT_RETRIES:
+                    raise
+            time.sleep(min(2.0, 0.05 * 2 ** attempt))
+        raise AssertionError("unreachable")
+
+    # -- offline backend (delta-rs) -----------------------------------------------------------
+
     @staticmethod
     def _rs_table(ref: TableRef):
         from deltalake import DeltaTable
@@ -307,6 +518,121 @@ class DeltaStore:
             return DeltaTable(ref.path)
         except TableNotFoundError:
             return None
+
+    def _rs_stage(self, df, ref: TableRef, write_id: str) -> tuple[str, list[tuple[str, int, int]]]:
+        """Spark's own Parquet writer (JVM, every task in parallel) into a fresh folder of the
+        table; returns the folder and its files (path relative to the table, bytes, rows from the
+        footer). The folder is removed if the write fails."""
+        import pyarrow.parquet as pq
+
+        folder = f"w-{write_id}"
+        target = join(ref.path, folder)
+        fs, root = filesystem(target)
+        try:
+            df.write.mode("overwrite").option(*TIMESTAMP_OPTION).parquet(target)
+            files = []
+            for info in fs.get_file_info(pafs_selector(root)):
+                if info.is_file and info.base_name.endswith(".parquet") and not info.base_name.startswith(("_", ".")):
+                    with fs.open_input_file(info.path) as f:
+                        rows = pq.ParquetFile(f).metadata.num_rows   # footer only
+                    files.append((f"{folder}/{info.base_name}", info.size, rows))
+            return folder, files
+        except BaseException:
+            remove_dir(target)
+            raise
+
+    def _rs_commit(self, ref: TableRef, schema: pa.Schema, files: list[tuple[str, int, int]], overwrite: bool,
+                   job: str, run_id: str, write_id: str, evolve: bool = False) -> Commit:
+        """One delta-rs commit of files already under the table (append or overwrite)."""
+        from dollyflow.engine.delta_rs import commit_files, find_commit
+        commit_files(ref.path, schema, files, overwrite, _options(job, run_id, write_id), evolve)
+        version, entry = find_commit(ref.path, write_id)
+        return Commit(version, operation=entry.get("operation") or "WRITE", rows=sum(r for _, _, r in files),
+                      write_id=write_id, metrics=entry.get("operationMetrics"), read_version=entry.get("readVersion"))
+
+    def _rs_merge(self, df, ref: TableRef, keys: list[str], job: str, run_id: str, update: bool,
+                  absent_at: int | None, write_id: str) -> Commit:
+        """Stage ``df`` as Parquet files in the table folder (Spark tasks in parallel). For an
+        insert-only merge whose rows are known absent at ``absent_at`` (or a table that does not
+        exist yet), first try to commit those files as they are, on condition that no commit
+        came in between; otherwise merge with delta-rs, streaming the staged files as the
+        source, retried while concurrent commits conflict."""
+        import pyarrow.dataset as ds
+        from deltalake import DeltaTable
+        from deltalake.exceptions import CommitFailedError
+
+        from dollyflow.engine.delta_rs import TableMoved, append_if_unchanged, commit_properties, find_commit
+        folder, files = self._rs_stage(df, ref, write_id)
+        schema = _arrow_schema(df.schema)
+        options = _options(job, run_id, write_id)
+        adopted = False
+        try:
+            rows = sum(r for _, _, r in files)
+            current = self._rs_table(ref)
+            exists = current is not None
+            if exists and rows == 0:
+                return Commit(current.version(), operation="MERGE", rows=0, committed=False, write_id=write_id)
+            if not exists or (not update and absent_at is not None):
+                base = absent_at if exists else None
+                try:
+                    version = append_if_unchanged(ref.path, schema, files, base, options)
+                    adopted = True
+                    _, entry = find_commit(ref.path, write_id)
+                    return Commit(version, operation=entry.get("operation") or "WRITE", rows=rows,
+                                  inserted=rows, write_id=write_id, metrics={"num_target_rows_inserted": rows},
+                                  read_version=base)
+                except TableMoved:
+                    pass   # someone committed meanwhile: a real merge decides what is new
+            fs, root = filesystem(join(ref.path, folder))
+            paths = [f"{root}/{p.rsplit('/', 1)[-1]}" for p, _, _ in files]
+            cond = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
+            for attempt in range(COMMIT_RETRIES + 1):
+                source = ds.dataset(paths, format="parquet", filesystem=fs, schema=schema)
+                dt = DeltaTable(ref.path)
+                m = dt.merge(source=source.scanner().to_reader(), predicate=cond, source_alias="s",
+                             target_alias="t", commit_properties=commit_properties(options))
+                if update:
+                    m = m.when_matched_update_all()
+                try:
+                    metrics = m.when_not_matched_insert_all().execute()
+                    break
+                except CommitFailedError:
+                    if attempt == COMMIT_RETRIES:
+                        raise
+                    time.sleep(min(2.0, 0.05 * 2 ** attempt))
+            version, entry = find_commit(ref.path, write_id)
+            inserted = int(metrics.get("num_target_rows_inserted", 0))
+            updated = int(metrics.get("num_target_rows_updated", 0))
+            return Commit(version, operation=entry.get("operation") or "MERGE", rows=inserted + updated,
+                          inserted=inserted, updated=updated, metrics=metrics, write_id=write_id,
+                          read_version=entry.get("readVersion"))
+        finally:
+            if not adopted:
+                remove_dir(join(ref.path, folder))
+
+
+def _arrow_schema(schema) -> pa.Schema:
+    from dollyflow.engine.delta_rs import arrow_schema
+    return arrow_schema(schema)
+
+
+def _options(job: str, run_id: str, write_id: str) -> dict[str, str]:
+    return {"job": job, "run_id": run_id, "write_id": write_id, "userMetadata": _meta(job, run_id, write_id)}
+
+
+def _commit_of(version: int, operation: str, metrics: dict, write_id: str, read_version=None) -> Commit:
+    """A native commit's numbers from its operationMetrics (strings in Delta's history)."""
+    def num(key: str) -> int:
+        try:
+            return int(metrics.get(key, 0) or 0)
+        except (TypeError, ValueError):
+            return 0
+    if "MERGE" in (operation or "").upper():
+        inserted, updated = num("numTargetRowsInserted"), num("numTargetRowsUpdated")
+        return Commit(version, operation=operation, rows=inserted + updated, inserted=inserted, updated=updated,
+                      metrics=metrics, write_id=write_id, read_version=read_version)
+    return Commit(version, operation=operation, rows=num("numOutputRows"), metrics=metrics, write_id=write_id,
+                  read_version=read_version)
 
 
 def pafs_selector(path: str):

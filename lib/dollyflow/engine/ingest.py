@@ -8,15 +8,23 @@ the driver, and a file larger than memory streams through its tasks chunk by chu
 
 Line numbers of JSON Lines chunks are exact: a first, cheap pass counts the line starts in
 every chunk (C-speed ``bytes.count``), and the running sum gives each chunk its first line.
+Gzip-compressed files (``.jsonl.gz``, ``.csv.gz``) cannot be cut into byte ranges: each is one
+task that decompresses it as a stream. A UTF-8 byte order mark at the very start of a file (as
+Excel, PowerShell and other Windows tools write) is dropped; anywhere else it is data (and a line
+starting with one is malformed JSON). Files of a directory or glob that are not read (hidden,
+``_``-prefixed, unknown extension) are listed with the reason, for the run's accounting.
 """
 from __future__ import annotations
 
 import csv
 import fnmatch
+import gzip
 import io
 import json
 import os
+import sys
 from dataclasses import dataclass, replace
+from pathlib import PurePosixPath
 from typing import Iterator
 
 import pyarrow as pa
@@ -29,6 +37,22 @@ from dollyflow.core.records import (Rules, Verdict, check_json_line, check_objec
 from dollyflow.core.storage import filesystem
 
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv", ".parquet": "parquet"}
+COMPRESSIONS = {".gz": "gzip"}     # streamed, one task per file (JSON Lines and CSV)
+BOM = b"\xef\xbb\xbf"             # UTF-8 byte order mark
+
+
+@dataclass(frozen=True)
+class InputFile:
+    uri: str
+    format: str                  # json | csv | parquet
+    size: int                    # bytes on storage (compressed size for .gz)
+    compression: str | None = None
+
+
+@dataclass(frozen=True)
+class Inputs:
+    files: list[InputFile]
+    skipped: list[tuple[str, str]]   # (path, reason) of every file the directory or glob held but not read
 
 PARSED_SCHEMA = pa.schema([
     ("record_id", pa.string()), ("instruction", pa.string()), ("context", pa.string()),
@@ -48,14 +72,26 @@ def _uri(fs: pafs.FileSystem, path: str, original: str) -> str:
     return f"{scheme}://{path}"
 
 
-def _format_of(path: str, fmt: str) -> str | None:
+def _format_of(path: str, fmt: str) -> tuple[str | None, str | None]:
+    """(format, compression) of a file: ``fmt`` unless it is ``auto``, else by extension
+    (``data.jsonl.gz`` -> json, gzip); format None when the extension is unknown."""
+    root, ext = os.path.splitext(path)
+    compression = COMPRESSIONS.get(ext.lower())
+    if compression:
+        ext = os.path.splitext(root)[1]
     if fmt != "auto":
-        return fmt
-    return EXTENSIONS.get(os.path.splitext(path)[1].lower())
+        return fmt, compression
+    return EXTENSIONS.get(ext.lower()), compression
 
 
-def list_inputs(spec: str, fmt: str = "auto") -> list[tuple[str, str, int]]:
-    """(uri, format, size) of every input file named by a file, a directory or a glob."""
+def _known() -> str:
+    return ", ".join(EXTENSIONS) + " (each but .parquet optionally .gz)"
+
+
+def list_inputs(spec: str, fmt: str = "auto") -> Inputs:
+    """Every input file named by a file, a directory or a glob, and every file of the directory
+    or glob that is skipped, with the reason: hidden (``.``), Spark/Delta metadata (``_``, such as
+    ``_SUCCESS`` or ``_delta_log/``, listed once per directory) or an unknown extension."""
     if not spec:
         raise ValueError("ingest.input is empty: name a file, a directory or a glob")
     fs, path = filesystem(spec)
@@ -73,38 +109,56 @@ def list_inputs(spec: str, fmt: str = "auto") -> list[tuple[str, str, int]]:
     else:
         infos = [i for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
                  if i.type == pafs.FileType.File]
-    out = []
+    out: list[InputFile] = []
+    skipped: dict[str, str] = {}
     for i in sorted(infos, key=lambda i: i.path):
-        rel = i.path[len(base):].lstrip("/")
-        if any(p.startswith((".", "_")) for p in rel.split("/") if p):
-            continue  # hidden files, _SUCCESS, _delta_log
         if has_glob and not fnmatch.fnmatch(i.path, path):
             continue
-        f = _format_of(i.path, fmt)
+        rel = i.path[len(base):].lstrip("/")
+        parts = [p for p in rel.split("/") if p]
+        hidden = next((k for k, p in enumerate(parts) if p.startswith((".", "_"))), None)
+        if hidden is not None:
+            name = parts[hidden]
+            where = "/".join([base.rstrip("/")] + parts[:hidden + 1]) + ("/" if hidden < len(parts) - 1 else "")
+            kind = "hidden (name starts with '.')" if name.startswith(".") else \
+                "name starts with '_' (Spark/Delta metadata such as _SUCCESS, _delta_log)"
+            skipped.setdefault(_uri(fs, where, spec), kind)
+            continue
+        f, compression = _format_of(i.path, fmt)
         if f is None:
             if info.type == pafs.FileType.File:
-                raise ValueError(f"cannot tell the format of {i.path}; set ingest.format")
+                raise ValueError(f"cannot tell the format of {i.path}; set ingest.format (known: {_known()})")
+            ext = "".join(PurePosixPath(i.base_name).suffixes) or "none"
+            skipped[_uri(fs, i.path, spec)] = f"unknown extension {ext!r} (read: {_known()}; or set ingest.format)"
             continue
-        out.append((_uri(fs, i.path, spec), f, i.size))
+        if compression and f == "parquet":
+            skipped[_uri(fs, i.path, spec)] = "a gzip-compressed Parquet file is not readable as Parquet"
+            continue
+        out.append(InputFile(_uri(fs, i.path, spec), f, i.size, compression))
+    skipped_list = sorted(skipped.items())
     if not out:
-        raise FileNotFoundError(f"no input files (.jsonl/.json/.csv/.parquet) match {spec}")
-    return out
+        why = "; ".join(f"{p}: {r}" for p, r in skipped_list[:5])
+        raise FileNotFoundError(f"no input files ({_known()}) match {spec}" + (f"; skipped {why}" if why else ""))
+    return Inputs(out, skipped_list)
 
 
-def plan_chunks(files: list[tuple[str, str, int]], chunk_bytes: int) -> list[dict]:
+def plan_chunks(files: list[InputFile], chunk_bytes: int) -> list[dict]:
     """Split JSON Lines files into byte ranges, Parquet files into row groups (read from the
-    footer only), CSV files into one chunk each (quoted fields may span lines)."""
+    footer only), CSV and compressed files into one chunk each (quoted CSV fields may span
+    lines; a gzip stream has no random access)."""
+    if chunk_bytes < 1:
+        raise ValueError(f"ingest.chunk_bytes must be >= 1, got {chunk_bytes}")
     chunks = []
-    for file_index, (uri, fmt, size) in enumerate(files):
+    for file_index, f in enumerate(files):
         first = len(chunks)
-        if fmt == "json":
-            starts = list(range(0, max(size, 1), max(chunk_bytes, 1)))
-            for s in starts:
+        uri, fmt, size = f.uri, f.format, f.size
+        if fmt == "json" and not f.compression:
+            for s in range(0, max(size, 1), chunk_bytes):
                 chunks.append({"file": uri, "format": fmt, "start": s, "end": min(s + chunk_bytes, size)})
         elif fmt == "parquet":
             fs, path = filesystem(uri)
-            with fs.open_input_file(path) as f:
-                meta = pq.ParquetFile(f).metadata
+            with fs.open_input_file(path) as fh:
+                meta = pq.ParquetFile(fh).metadata
             row = 1  # rows are numbered across row groups, from 1
             for g in range(meta.num_row_groups):
                 chunks.append({"file": uri, "format": fmt, "start": g, "end": g + 1, "first_line": row})
@@ -113,6 +167,7 @@ def plan_chunks(files: list[tuple[str, str, int]], chunk_bytes: int) -> list[dic
             chunks.append({"file": uri, "format": fmt, "start": 0, "end": size, "first_line": 1})
         for c in chunks[first:]:
             c["file_index"] = file_index
+            c["compression"] = f.compression
     for i, c in enumerate(chunks):
         c["chunk"] = i
         c.setdefault("first_line", 0)  # JSON Lines: filled in from the line counts
@@ -123,11 +178,18 @@ def plan_chunks(files: list[tuple[str, str, int]], chunk_bytes: int) -> list[dic
 # task side: reading a chunk
 
 
-def _open(uri: str):
+def _open(uri: str, compression: str | None = None):
+    """A buffered binary stream of the file; decompressed as it is read for ``gzip``."""
     fs, path = filesystem(uri)
     if isinstance(fs, pafs.LocalFileSystem):
-        return open(path, "rb", buffering=1 << 20)
-    return io.BufferedReader(fs.open_input_file(path), buffer_size=1 << 20)
+        raw = open(path, "rb", buffering=1 << 20)
+    else:
+        raw = io.BufferedReader(fs.open_input_file(path), buffer_size=1 << 20)
+    if compression == "gzip":
+        return io.BufferedReader(gzip.GzipFile(fileobj=raw, mode="rb"), buffer_size=1 << 20)
+    if compression:
+        raise ValueError(f"{uri}: unsupported compression {compression!r}")
+    return raw
 
 
 def count_line_starts(uri: str, start: int, end: int) -> int:
@@ -150,11 +212,16 @@ def count_line_starts(uri: str, start: int, end: int) -> int:
         return n
 
 
-def iter_json_lines(uri: str, start: int, end: int, first_line: int) -> Iterator[tuple[int, bytes]]:
-    """(line number, line bytes without newline) for the lines that start in [start, end)."""
-    with _open(uri) as f:
+def iter_json_lines(uri: str, start: int, end: int, first_line: int,
+                    compression: str | None = None) -> Iterator[tuple[int, bytes]]:
+    """(line number, line bytes without newline) for the lines that start in [start, end); a
+    UTF-8 BOM at the start of the file is dropped. A compressed file is read whole (its one
+    chunk starts at 0)."""
+    with _open(uri, compression) as f:
         pos = start
-        if start > 0:
+        if compression:
+            end = sys.maxsize     # offsets are of the compressed bytes: read the stream to its end
+        elif start > 0:
             f.seek(start - 1)
             if f.read(1) != b"\n":  # mid-line: that line belongs to the previous chunk
                 skipped = f.readline()
@@ -162,11 +229,16 @@ def iter_json_lines(uri: str, start: int, end: int, first_line: int) -> Iterator
         else:
             f.seek(0)
         line_no = first_line
+        first = start == 0
         while pos < end:
             line = f.readline()
             if not line:
                 break
             pos += len(line)
+            if first:
+                first = False
+                if line.startswith(BOM):
+                    line = line[len(BOM):]
             if line.endswith(b"\n"):
                 line = line[:-1]
             if line.endswith(b"\r"):
@@ -175,30 +247,50 @@ def iter_json_lines(uri: str, start: int, end: int, first_line: int) -> Iterator
             line_no += 1
 
 
-def _iter_csv(uri: str, rules: Rules) -> Iterator[tuple[int, Verdict, str]]:
-    with _open(uri) as f:
-        text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
-        reader = csv.reader(text)
+def _raise_field_limit() -> int:
+    """Lift the csv module's field size limit (131,072 characters by default, beyond which the
+    reader raises and the task fails): fields are bounded by ``ingest.max_field_chars`` instead,
+    a longer one quarantines its row as ``oversized_field``. Returns the previous limit."""
+    previous = csv.field_size_limit()
+    limit = sys.maxsize
+    while True:
         try:
-            header = next(reader)
-        except StopIteration:
-            return
-        start = reader.line_num + 1
-        for row in reader:
-            line = start
+            csv.field_size_limit(limit)
+            return previous
+        except OverflowError:   # a C long narrower than Py_ssize_t (Windows)
+            limit //= 2
+
+
+def _iter_csv(uri: str, rules: Rules, compression: str | None = None) -> Iterator[tuple[int, Verdict, str]]:
+    previous = _raise_field_limit()
+    try:
+        with _open(uri, compression) as f:
+            # utf-8-sig: a BOM at the start of the file is dropped (it would otherwise stick to the
+            # first header name and fail every row); one anywhere else stays part of its field
+            text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape", newline="")
+            reader = csv.reader(text)
+            try:
+                header = next(reader)
+            except StopIteration:
+                return
             start = reader.line_num + 1
-            raw = ",".join(row)
-            if any(has_surrogates(v) for v in row) or any(has_surrogates(h) for h in header):
-                yield line, Verdict(reason="invalid_utf8", detail="undecodable bytes"), raw
-                continue
-            if not any(v.strip() for v in row):
-                yield line, Verdict(reason="blank_line"), raw
-                continue
-            if len(row) != len(header):
-                yield line, Verdict(reason="malformed_row",
-                                    detail=f"{len(row)} columns, header has {len(header)}"), raw
-                continue
-            yield line, check_object(dict(zip(header, row)), rules), raw
+            for row in reader:
+                line = start
+                start = reader.line_num + 1
+                raw = ",".join(row)
+                if any(has_surrogates(v) for v in row) or any(has_surrogates(h) for h in header):
+                    yield line, Verdict(reason="invalid_utf8", detail="undecodable bytes"), raw
+                    continue
+                if not any(v.strip() for v in row):
+                    yield line, Verdict(reason="blank_line"), raw
+                    continue
+                if len(row) != len(header):
+                    yield line, Verdict(reason="malformed_row",
+                                        detail=f"{len(row)} columns, header has {len(header)}"), raw
+                    continue
+                yield line, check_object(dict(zip(header, row)), rules), raw
+    finally:
+        csv.field_size_limit(previous)
 
 
 def _iter_parquet(uri: str, group: int, first_line: int, rules: Rules) -> Iterator[tuple[int, Verdict, str]]:
@@ -236,9 +328,10 @@ def parse_chunk(chunk: dict, rules: Rules, raw_limit: int, batch_rows: int = 819
     if chunk["format"] == "json":
         rules = replace(rules, from_json=True)
         items = ((n, check_json_line(line, rules), line)
-                 for n, line in iter_json_lines(uri, chunk["start"], chunk["end"], chunk["first_line"]))
+                 for n, line in iter_json_lines(uri, chunk["start"], chunk["end"], chunk["first_line"],
+                                                chunk.get("compression")))
     elif chunk["format"] == "csv":
-        items = _iter_csv(uri, rules)
+        items = _iter_csv(uri, rules, chunk.get("compression"))
     else:
         items = _iter_parquet(uri, chunk["start"], chunk["first_line"], rules)
     cols: list[list] = [[] for _ in PARSED_SCHEMA]
@@ -324,12 +417,12 @@ def _one_task_each(spark, n: int):
 
 def parse_inputs(spark, cfg: IngestConfig):
     """(DataFrame in PARSED_DDL with one row per input line/row, ``reason`` null when valid;
-    the list of input files). Each chunk is one Spark task."""
-    files = list_inputs(cfg.input, cfg.format)
-    chunks = plan_chunks(files, cfg.chunk_bytes)
+    the :class:`Inputs`: files read and files skipped). Each chunk is one Spark task."""
+    inputs = list_inputs(cfg.input, cfg.format)
+    chunks = plan_chunks(inputs.files, cfg.chunk_bytes)
     # Pass 1: count the line starts of every JSON Lines chunk that has a successor in its file
     # (one small row per chunk comes back), so each chunk knows its first line number.
-    json_chunks = [c for c in chunks if c["format"] == "json"]
+    json_chunks = [c for c in chunks if c["format"] == "json" and not c["compression"]]
     last = {c["file"]: c["chunk"] for c in json_chunks}
     to_count = tuple(c for c in json_chunks if c["chunk"] != last[c["file"]])
     counts: dict[int, int] = {}
@@ -344,4 +437,28 @@ def parse_inputs(spark, cfg: IngestConfig):
             nxt[c["file"]] = c["first_line"] + counts[c["chunk"]]
     parsed = _one_task_each(spark, len(chunks)).mapInArrow(
         ChunkParser(tuple(chunks), rules_of(cfg), cfg.raw_max_chars), PARSED_DDL)
-    return parsed, files
+    return parsed, inputs
+
+
+def rejected_keys(keys, held=None):
+    """(record_id, pos, why) of the valid lines that do not become bronze rows: every occurrence
+    of a record_id after its first in input order (``repeated_in_input``), and the first one of a
+    record_id that bronze holds already (``in_bronze``). The two are disjoint, so counting them
+    counts the input's existing rows. ``keys``: (record_id, pos) of the valid lines; ``held``:
+    bronze's record_ids (None: no bronze yet). One shuffle over both."""
+    from pyspark.sql import functions as F
+
+    tagged = keys.select("record_id", "pos", F.lit(False).alias("held"))
+    if held is not None:
+        tagged = tagged.unionByName(held.select("record_id", F.lit(None).cast("long").alias("pos"),
+                                                F.lit(True).alias("held")))
+    per_key = (tagged.groupBy("record_id")
+               .agg(F.min("pos").alias("first"), F.collect_list("pos").alias("seen"), F.max("held").alias("held"))
+               .filter((F.size("seen") > 1) | (F.col("held") & (F.size("seen") > 0))))
+    return (per_key
+            .select("record_id", "first",
+                    F.explode(F.when(F.col("held"), F.col("seen"))
+                              .otherwise(F.array_remove("seen", F.col("first")))).alias("pos"))
+            .select("record_id", "pos",
+                    F.when(F.col("pos") == F.col("first"), F.lit("in_bronze"))
+                    .otherwise(F.lit("repeated_in_input")).alias("why")))

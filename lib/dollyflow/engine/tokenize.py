@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from dollyflow.core.shards import plan_shards as core_plan_shards
 from dollyflow.core.shards import shard_file_name, write_shard
+from dollyflow.core.storage import join
 from dollyflow.core.split import TEST, TRAIN, check_count, fraction_threshold, parse_test_size, split_keys
 from dollyflow.core.tokens import backend_from_json, encode_records, set_single_thread
 
@@ -137,7 +138,7 @@ def write_shards(split_df, plan, out_dir: str, shard_counts: dict[str, int], edg
     key; returns each shard's stats (records, tokens, categories, histogram, bytes, sha256)."""
     from pyspark.sql import functions as F
 
-    out_dir = out_dir.rstrip("/")
+    out_dir = str(out_dir)
     counts = dict(shard_counts)
     total = sum(counts.values())
     cols = ["split", "shard", "split_key", "record_id", "category", "input_ids", "response_start", "length"]
@@ -150,7 +151,7 @@ def write_shards(split_df, plan, out_dir: str, shard_counts: dict[str, int], edg
     def flush(key, parts):
         split, shard = key
         table = pa.Table.from_batches(parts)
-        stats = write_shard(table, f"{out_dir}/{shard_file_name(split, shard, counts[split])}", edges)
+        stats = write_shard(table, join(out_dir, shard_file_name(split, shard, counts[split])), edges)
         stats.update(split=split, shard=int(shard))
         return pa.RecordBatch.from_arrays([pa.array([json.dumps(stats)])], names=["stats"])
 

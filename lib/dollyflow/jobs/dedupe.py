@@ -2,15 +2,22 @@
 
 - silver: one survivor per duplicate cluster, all bronze columns.
 - duplicates: every removed record: record_id, cluster_id, survivor_id, kind (exact | near),
-  similarity (estimated Jaccard to the survivor; 1.0 for exact).
+  similarity (1.0 for exact; for near, the estimated Jaccard to the survivor of the less similar
+  part: min(instruction+response, context), a context counting 1.0 when neither has one).
 - dedupe_runs: run_id, times, bronze_version, input_rows, survivors, removed_exact,
   removed_near, clusters (clusters with at least one removed record), verified_pairs,
-  parameters (JSON), silver_version, duplicates_version.
+  parameters (JSON), silver_version, duplicates_version (the versions of this run's own commits).
+
+Counts are checked, not assumed: bronze's rows at the version read (from its Delta log) must
+equal the rows dedupe read and the rows of silver's plus duplicates' commits; otherwise the run
+fails naming the numbers.
 
 Exact duplicates: equal after normalisation (NFC, case-fold, whitespace collapsed and trimmed) of
-instruction, context and response. Near duplicates: MinHash/LSH over word n-grams, verified
-against the Jaccard threshold, clustered by connected components (see
-:mod:`dollyflow.engine.dedupe`). Survivor: earliest ``ingested_at``, then smallest ``record_id``;
+instruction, context and response. Near duplicates: the instruction+response part and the
+context are compared separately, and both must reach the Jaccard threshold (or neither record
+has a context), so a shared passage alone never makes a duplicate; MinHash/LSH over word n-grams
+of the instruction+response part finds candidates, both parts are verified, and connected
+components cluster them (see :mod:`dollyflow.engine.dedupe`). Survivor: earliest ``ingested_at``, then smallest ``record_id``;
 ``cluster_id`` is the survivor's ``record_id``.
 
 Idempotent: when ``dedupe.skip_unchanged`` is on (default) and the last dedupe run used the same
@@ -52,6 +59,7 @@ def unchanged(store, cfg: Config, bronze_version: int, params_json: str):
 
 def run(cfg: Config, spark) -> dict:
     from dollyflow.engine.dedupe import DedupeParams, find_duplicates, silver_of, summarize
+    from dollyflow.core.counts import expect_equal
     from dollyflow.engine.delta import DeltaStore
 
     store = DeltaStore(spark, cfg.tables)
@@ -66,7 +74,8 @@ def run(cfg: Config, spark) -> dict:
     base = {"job": "dedupe", "run_id": cfg.run_id, "bronze": store.location(t.bronze),
             "bronze_version": int(bronze_version), "parameters": params.to_json(),
             "silver": store.location(t.silver), "duplicates": store.location(t.duplicates),
-            "dedupe_runs": store.location(t.dedupe_runs), "backend": store.backend}
+            "dedupe_runs": store.location(t.dedupe_runs), "backend": store.backend,
+            "backend_reason": store.backend_reason}
 
     if d.skip_unchanged:
         prev = unchanged(store, cfg, int(bronze_version), params.to_json())
@@ -90,6 +99,15 @@ def run(cfg: Config, spark) -> dict:
         timings["write"] = round(time.time() - t1, 2)
     finally:
         frames.signed.unpersist()
+    # bronze rows (its Delta log) = rows of silver's commit + rows of duplicates' commit
+    bronze_rows = expect_equal(f"dedupe: bronze v{bronze_version}",
+                               (f"rows of {store.location(t.bronze)} v{bronze_version}",
+                                store.count(t.bronze, int(bronze_version))),
+                               ("rows read by dedupe", counts["input_rows"]))
+    expect_equal("dedupe: outputs", ("bronze rows", bronze_rows),
+                 (f"rows of silver v{silver_version.version} ({silver_version.rows}) + duplicates "
+                  f"v{duplicates_version.version} ({duplicates_version.rows}) (their commits)",
+                  silver_version.rows + duplicates_version.rows))
     seconds = round(time.time() - t0, 2)
     row = (cfg.run_id, started, datetime.now(timezone.utc), int(bronze_version), counts["input_rows"],
            counts["survivors"], counts["removed_exact"], counts["removed_near"], counts["clusters"],

@@ -1,8 +1,16 @@
 """ingest: annotation files -> bronze (valid, new records), quarantine (rejected lines), and one
 accounting row in ingest_runs, where lines read = rows new + rows existing + rows quarantined.
 
-Idempotent: bronze holds one row per record_id, so ingesting the same files again inserts
-nothing and commits no new bronze version; a file with new lines adds only those.
+Every term is measured from the data it describes: lines read and rows quarantined from the
+parsed lines, rows existing as the valid lines whose record_id repeats an earlier line of the
+input or is already in bronze (counted from the keys), rows new from bronze's own commit. If
+they do not add up the job fails, naming the numbers. Files of a directory or glob that are
+not read are listed with the reason (``skipped_files``).
+
+Idempotent and safe to run concurrently: bronze holds one row per record_id. New rows are
+inserted with an insert-only merge on record_id, so ingesting the same files again inserts
+nothing and commits no new bronze version, a file with new lines adds only those, and two runs
+over overlapping files at the same time still add each record once.
 """
 from __future__ import annotations
 
@@ -14,24 +22,27 @@ from dollyflow.config import Config
 BRONZE_COLUMNS = ["record_id", "instruction", "context", "response", "category", "source_file",
                   "source_line", "ingested_at", "run_id"]
 QUARANTINE_COLUMNS = ["source_file", "source_line", "reason", "detail", "raw", "ingested_at", "run_id"]
+QUARANTINE_KEYS = ["source_file", "source_line", "raw"]
 BROADCAST_KEYS = 2_000_000   # rejected (record_id, pos) keys up to this many are broadcast
 RUNS_DDL = ("run_id string, started_at timestamp, finished_at timestamp, inputs array<string>, "
             "files long, lines_read long, rows_new long, rows_existing long, rows_quarantined long, "
-            "quarantined_by_reason map<string,long>, bronze_version long, settings string")
+            "quarantined_by_reason map<string,long>, bronze_version long, settings string, "
+            "skipped_files array<struct<path:string,reason:string>>")
 
 
 def run(cfg: Config, spark) -> dict:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
+    from dollyflow.core.counts import expect_equal
     from dollyflow.core.storage import remove_dir
     from dollyflow.engine.delta import DeltaStore
-    from dollyflow.engine.ingest import parse_inputs
+    from dollyflow.engine.ingest import parse_inputs, rejected_keys
 
     store = DeltaStore(spark, cfg.tables)
     t = cfg.tables
     started = datetime.now(timezone.utc)
-    parsed, files = parse_inputs(spark, cfg.ingest)
+    parsed, inputs = parse_inputs(spark, cfg.ingest)
     # The parsed lines are read several times (accounting, keys, bronze, quarantine): parse once.
     # Path-based tables: a Parquet staging copy, whose narrow columns later reads scan cheaply;
     # catalog tables (no shared path known): Spark's cache.
@@ -44,24 +55,20 @@ def run(cfg: Config, spark) -> dict:
     try:
         by_reason = {r["reason"]: int(r["count"]) for r in parsed.groupBy("reason").count().collect()}
         lines_read = sum(by_reason.values())
-        valid = by_reason.pop(None, 0)
+        by_reason.pop(None, 0)
+        quarantined = sum(by_reason.values())
         stamp = F.lit(started).cast("timestamp")
 
         # One row per record_id: its first occurrence in input order (file, then line), unless
         # bronze holds it already. Worked out on (record_id, pos) keys only; the full rows are
         # then filtered by an anti-join on the (usually few) rejected keys, broadcast when small.
         good = parsed.filter(F.col("reason").isNull())
-        keys = good.select("record_id", "pos")
-        rejected = (keys.groupBy("record_id")
-                    .agg(F.min("pos").alias("first"), F.collect_list("pos").alias("seen"))
-                    .filter(F.size("seen") > 1)
-                    .select("record_id", F.explode(F.array_remove("seen", F.col("first"))).alias("pos")))
         bronze_version = store.version(t.bronze)
-        if bronze_version is not None:
-            held = store.read(t.bronze, bronze_version).select("record_id")
-            rejected = rejected.unionByName(keys.join(held, "record_id", "left_semi"))
-        rejected = rejected.persist(StorageLevel.MEMORY_AND_DISK)
-        n_rejected = rejected.count()
+        held = store.read(t.bronze, bronze_version).select("record_id") if bronze_version is not None else None
+        rejected = rejected_keys(good.select("record_id", "pos"), held).persist(StorageLevel.MEMORY_AND_DISK)
+        existing = {r["why"]: int(r["count"]) for r in rejected.groupBy("why").count().collect()}
+        n_rejected = sum(existing.values())
+        rejected = rejected.select("record_id", "pos")
         if n_rejected == 0:
             new = good
         elif n_rejected <= BROADCAST_KEYS:
@@ -69,39 +76,57 @@ def run(cfg: Config, spark) -> dict:
         else:
             new = good.join(rejected, ["record_id", "pos"], "left_anti")
         new = new.withColumn("ingested_at", stamp).withColumn("run_id", F.lit(cfg.run_id)).select(*BRONZE_COLUMNS)
-        # nothing new: no commit, so bronze keeps its version
-        bronze_version = store.write(new, t.bronze, mode="append", job="ingest", run_id=cfg.run_id,
-                                     skip_empty=True)
-        rows_new = store.last_write_rows
+        # Insert-only merge on record_id: appended as written when bronze is still at the version
+        # the anti-join read (nothing new: no commit), merged when another run committed meanwhile.
+        commit = store.merge(new, t.bronze, keys=["record_id"], update=False, absent_at=bronze_version,
+                             job="ingest", run_id=cfg.run_id)
+        rows_new = commit.inserted
+        if commit.committed and commit.read_version != bronze_version:
+            # Another run committed in between: count the rows it had inserted first, against the
+            # bronze version our merge read.
+            seen = store.read(t.bronze, commit.read_version).select("record_id") \
+                if commit.read_version is not None else None
+            existing["inserted_concurrently"] = 0 if seen is None else \
+                new.select("record_id").join(seen, "record_id", "left_semi").count()
         rejected.unpersist()
+        rows_existing = sum(existing.values())
+        bronze_version = commit.version if commit.committed else store.version(t.bronze)
 
-        quarantined = sum(by_reason.values())
         if quarantined or not store.exists(t.quarantine):
             bad = (parsed.filter(F.col("reason").isNotNull()).withColumn("ingested_at", stamp)
                    .withColumn("run_id", F.lit(cfg.run_id)).select(*QUARANTINE_COLUMNS))
-            if store.exists(t.quarantine):  # the same bad line ingested again is not recorded twice
-                bad = bad.join(store.read(t.quarantine).select("source_file", "source_line", "raw"),
-                               ["source_file", "source_line", "raw"], "left_anti")
-            store.write(bad, t.quarantine, mode="append", job="ingest", run_id=cfg.run_id, skip_empty=True)
+            q_version = store.version(t.quarantine)
+            if q_version is not None:  # the same bad line ingested again is not recorded twice
+                bad = bad.join(store.read(t.quarantine, q_version).select(*QUARANTINE_KEYS), QUARANTINE_KEYS,
+                               "left_anti")
+            store.merge(bad, t.quarantine, keys=QUARANTINE_KEYS, update=False, absent_at=q_version,
+                        job="ingest", run_id=cfg.run_id)
     finally:
         parsed.unpersist()
         if staging:
             remove_dir(staging)
 
+    expect_equal(f"ingest {cfg.run_id} accounting",
+                 ("lines read", lines_read),
+                 (f"rows new ({rows_new}, bronze's commit) + rows existing ({rows_existing}: "
+                  f"{', '.join(f'{k} {v}' for k, v in sorted(existing.items())) or 'none'}) + rows "
+                  f"quarantined ({quarantined})", rows_new + rows_existing + quarantined))
+    skipped = [{"path": p, "reason": r} for p, r in inputs.skipped]
     summary = {
-        "job": "ingest", "run_id": cfg.run_id, "inputs": [f for f, _, _ in files],
-        "files": len(files), "lines_read": lines_read, "rows_new": rows_new,
-        "rows_existing": valid - rows_new, "rows_quarantined": quarantined,
-        "quarantined_by_reason": dict(sorted(by_reason.items())),
+        "job": "ingest", "run_id": cfg.run_id, "inputs": [f.uri for f in inputs.files],
+        "files": len(inputs.files), "skipped_files": skipped, "lines_read": lines_read, "rows_new": rows_new,
+        "rows_existing": rows_existing, "rows_existing_by_kind": dict(sorted(existing.items())),
+        "rows_quarantined": quarantined, "quarantined_by_reason": dict(sorted(by_reason.items())),
         "bronze": store.location(t.bronze), "bronze_version": bronze_version,
+        "bronze_committed": commit.committed,
         "quarantine": store.location(t.quarantine), "backend": store.backend,
+        "backend_reason": store.backend_reason,
     }
-    assert lines_read == summary["rows_new"] + summary["rows_existing"] + quarantined
-    row = (cfg.run_id, started, datetime.now(timezone.utc), summary["inputs"], len(files), lines_read,
-           rows_new, valid - rows_new, quarantined, summary["quarantined_by_reason"], bronze_version,
-           json.dumps(cfg.to_dict()["ingest"], sort_keys=True))
+    row = (cfg.run_id, started, datetime.now(timezone.utc), summary["inputs"], len(inputs.files), lines_read,
+           rows_new, rows_existing, quarantined, summary["quarantined_by_reason"], bronze_version,
+           json.dumps(cfg.to_dict()["ingest"], sort_keys=True), [(s["path"], s["reason"]) for s in skipped])
     store.write(spark.createDataFrame([row], RUNS_DDL), t.ingest_runs, mode="append", job="ingest",
-                run_id=cfg.run_id)
+                run_id=cfg.run_id, evolve_schema=True)
     summary["ingest_runs"] = store.location(t.ingest_runs)
     return summary
 

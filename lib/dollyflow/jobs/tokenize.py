@@ -7,20 +7,24 @@ never truncated, and counted by reason. Records are split train/test by hash of 
 seed. Output:
 
 - the ``tokenized`` table (overwritten): record_id, split, category, input_ids, response_start, length;
-- a shard directory (default ``<warehouse>/shards/<silver table>-v<silver version>``): per split,
-  Parquet shards balanced by tokens, ``manifest.json`` and the ``tokenizer/`` used. The trainer
-  needs only this directory (:class:`dollyflow.core.shards.ShardDataset`).
+- a new shard directory ``<shards root>/v<silver version>-<run id>/``: per split, Parquet shards
+  balanced by tokens, ``manifest.json`` and the ``tokenizer/`` used. The trainer needs only this
+  directory (:class:`dollyflow.core.shards.ShardDataset`), or the root, whose ``LATEST.json``
+  names the newest complete one (:func:`dollyflow.core.shards.resolve_shard_dir`);
+- one row in ``tokenize_runs`` (silver version, shard directory, manifest sha256, counts).
 
-Shards are written by the executors themselves, so on a multi-node cluster the shard directory
-must be shared storage: a ``/dbfs`` or ``/Volumes`` path, or a pyarrow filesystem URI. All of it is
-written to a staging directory first and swapped into place only once complete.
+The shards root (:func:`dollyflow.config.shards_root`) is ``<warehouse>/shards/<silver>`` locally
+and on clusters (where the warehouse must be a shared URI), ``/Volumes/<catalog>/<schema>/<volume>
+/shards/<silver>`` on Databricks. Executors write the shards themselves, so a plain local path is
+refused when they may run on other hosts. The new directory is verified against its manifest
+before the pointer moves to it; older versions beyond ``tokenize.keep_versions`` are pruned only
+after that, so a failed run never costs the previous shards (no delete-then-move, which object
+stores cannot do atomically).
 """
 from __future__ import annotations
 
-import os
-import shutil
+import hashlib
 import time
-import uuid
 from pathlib import Path
 
 from dollyflow.config import Config
@@ -35,16 +39,6 @@ def resolve_settings(cfg: Config) -> dict:
     return {"tokenizer": tk.tokenizer or cfg.model.tokenizer_name, "max_length": int(max_length)}
 
 
-def shard_dir_for(cfg: Config, silver_version: int) -> str:
-    """``tokenize.output_dir`` when set, else ``<warehouse>/shards/<silver>-v<version>``."""
-    if cfg.tokenize.output_dir:
-        out = cfg.tokenize.output_dir
-    else:
-        wh = cfg.tables.warehouse
-        out = f"{wh.rstrip('/')}/shards/{cfg.tables.silver}-v{int(silver_version)}"
-    return out if "://" in out else os.path.abspath(out)
-
-
 def _save_tokenizer(tok, target: str) -> dict:
     """Save the tokenizer under ``target`` (local or URI) and describe it."""
     from dollyflow.core.storage import save_with
@@ -56,32 +50,15 @@ def _save_tokenizer(tok, target: str) -> dict:
     return info
 
 
-def _replace_dir(staging: str, final: str) -> None:
-    """Swap the finished staging directory into place (the old shards go only once the new are
-    complete)."""
-    if "://" in final:
-        from pyarrow import fs as pafs
-        filesystem, root = pafs.FileSystem.from_uri(final)
-        _, sroot = pafs.FileSystem.from_uri(staging)
-        filesystem.delete_dir_contents(root, missing_dir_ok=True)
-        filesystem.move(sroot, root)
-        return
-    old = None
-    if os.path.exists(final):
-        old = f"{final}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(final, old)
-    os.rename(staging, final)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _build(cfg: Config, spark, store, silver_version: int, staging: str, settings: dict) -> dict:
     """Tokenize silver at ``silver_version``, write the ``tokenized`` table and everything of the
-    shard directory (tokenizer, shards, manifest) under ``staging``; return the manifest."""
+    shard directory (tokenizer, shards, manifest) into the new directory ``staging``; return the
+    manifest."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
     from dollyflow.core.shards import TOKENIZER_DIR, build_manifest, histogram_edges, shard_count, write_manifest
+    from dollyflow.core.storage import is_uri, join
     from dollyflow.core.tokens import load_tokenizer
     from dollyflow.engine.tokenize import (TABLE_COLUMNS, assign_split, drop_counts, plan_shards,
                                            tokenize_records, with_parallelism, write_shards)
@@ -91,10 +68,10 @@ def _build(cfg: Config, spark, store, silver_version: int, staging: str, setting
     # The tokenizer: loaded once on the driver and saved next to the shards; the workers rebuild
     # it from exactly the saved tokenizer.json.
     tok = load_tokenizer(settings["tokenizer"])
-    tok_info = _save_tokenizer(tok, f"{staging}/{TOKENIZER_DIR}")
+    tok_info = _save_tokenizer(tok, join(staging, TOKENIZER_DIR))
     tok_info.update(name=settings["tokenizer"], dir=TOKENIZER_DIR)
     tokenizer_json = tok.backend_tokenizer.to_str()
-    if "://" not in staging:
+    if not is_uri(staging):
         tokenizer_json = (Path(staging) / TOKENIZER_DIR / "tokenizer.json").read_text(encoding="utf-8")
 
     silver = with_parallelism(store.read(t.silver, silver_version))
@@ -129,45 +106,74 @@ def _build(cfg: Config, spark, store, silver_version: int, staging: str, setting
     return manifest
 
 
+RUNS_DDL = ("run_id string, started_at timestamp, finished_at timestamp, silver_version long, "
+            "shards_root string, shard_dir string, manifest_sha256 string, tokenizer_sha256 string, "
+            "max_length int, records map<string,long>, tokens map<string,long>, drops map<string,long>, "
+            "tokenized_version long, pruned array<string>")
+
+
 def run(cfg: Config, spark) -> dict:
-    from dollyflow.core.shards import export_mds, mds_available
-    from dollyflow.core.storage import remove_dir
+    from datetime import datetime, timezone
+
+    from dollyflow.config import shards_root
+    from dollyflow.core.shards import (MANIFEST, export_mds, mds_available, prune_versions, verify_shards,
+                                       version_dir_name, write_pointer)
+    from dollyflow.core.storage import absolute, check_reachable, join, read_bytes, remove_dir
     from dollyflow.engine.delta import DeltaStore
+    from dollyflow.engine.session import master_of
 
     t0 = time.time()
+    started = datetime.now(timezone.utc)
     t, tk = cfg.tables, cfg.tokenize
     if tk.mds and not mds_available():
         raise RuntimeError("tokenize.mds=true needs the mosaicml-streaming package (pip install "
                            "mosaicml-streaming), which cannot be imported here")
     settings = resolve_settings(cfg)
+    root = absolute(shards_root(cfg))
+    check_reachable(root, master_of(spark), tk.allow_local_output, "tokenize.output_dir (shards root)")
     store = DeltaStore(spark, cfg.tables)
     silver_version = tk.silver_version if tk.silver_version is not None else store.version(t.silver)
     if silver_version is None:
         raise RuntimeError(f"silver table {store.location(t.silver)} does not exist: run dedupe first")
     silver_version = int(silver_version)
-    shard_dir = shard_dir_for(cfg, silver_version)
-    staging = f"{shard_dir}.staging-{uuid.uuid4().hex[:8]}"
+    # A new directory per run; the root's pointer moves to it only once it is complete and
+    # verified, and nothing of an earlier version is touched before that.
+    name = version_dir_name(silver_version, cfg.run_id)
+    shard_dir = join(root, name)
     try:
-        manifest = _build(cfg, spark, store, silver_version, staging, settings)
+        manifest = _build(cfg, spark, store, silver_version, shard_dir, settings)
+        problems = verify_shards(shard_dir)
+        if problems:
+            raise RuntimeError(f"the shards just written to {shard_dir} do not match their manifest: "
+                               + "; ".join(problems[:10]))
     except BaseException:
-        remove_dir(staging)
+        remove_dir(shard_dir)
         raise
-    _replace_dir(staging, shard_dir)
+    manifest_sha = hashlib.sha256(read_bytes(join(shard_dir, MANIFEST))).hexdigest()
+    write_pointer(root, name, run_id=cfg.run_id, silver_version=silver_version, manifest_sha256=manifest_sha)
+    pruned = prune_versions(root, keep=tk.keep_versions, protect=(name,))
     mds = export_mds(shard_dir) if tk.mds else None
     splits = manifest["splits"]
-    kept = manifest["records"]
+    records = {s: v["records"] for s, v in splits.items()}
+    tokens = {s: v["tokens"] for s, v in splits.items()}
+    row = (cfg.run_id, started, datetime.now(timezone.utc), silver_version, root, shard_dir, manifest_sha,
+           manifest["tokenizer"]["sha256"], settings["max_length"], records, tokens, manifest["drops"],
+           manifest["tokenized_table"]["version"], pruned)
+    store.write(spark.createDataFrame([row], RUNS_DDL), t.tokenize_runs, mode="append", job="tokenize",
+                run_id=cfg.run_id)
     return {
         "job": "tokenize", "run_id": cfg.run_id,
         "silver": store.location(t.silver), "silver_version": silver_version,
         "tokenized": manifest["tokenized_table"]["location"],
         "tokenized_version": manifest["tokenized_table"]["version"],
-        "shard_dir": shard_dir, "tokenizer": settings["tokenizer"],
+        "shards_root": root, "shard_dir": shard_dir, "manifest_sha256": manifest_sha, "pruned": pruned,
+        "tokenizer": settings["tokenizer"],
         "tokenizer_sha256": manifest["tokenizer"]["sha256"], "max_length": settings["max_length"],
-        "records_in": kept + sum(manifest["drops"].values()),
-        "records": {s: v["records"] for s, v in splits.items()},
-        "tokens": {s: v["tokens"] for s, v in splits.items()},
+        "records_in": manifest["records"] + sum(manifest["drops"].values()),
+        "records": records, "tokens": tokens,
         "shards": {s: len(v["shards"]) for s, v in splits.items()},
-        "drops": manifest["drops"], "mds": mds, "job_seconds": round(time.time() - t0, 2),
+        "drops": manifest["drops"], "mds": mds, "tokenize_runs": store.location(t.tokenize_runs),
+        "job_seconds": round(time.time() - t0, 2),
     }
 
 
