@@ -3,37 +3,39 @@
 A random model never emits ``### End``, so stopping, response extraction and early-finishing
 rows could not be exercised with one. :func:`tiny_dolly_model` trains a tiny GPT-NeoX (pythia
 architecture) for a few hundred plain AdamW steps on a handful of Dolly records until it answers
-with a memorised response followed by ``### End``, and saves it as the train job does: a Hugging
-Face model directory (``config.json``, ``model.safetensors``, the tokenizer with Dolly's special
-tokens and pad = eos, ``generation_config.json`` whose ``eos_token_id`` is ``[### End, eos]``,
-``README.md`` and ``dollyflow_model.json``).
+with a memorised response followed by ``### End``, and saves it with the train job's own writer
+(:func:`dollyflow.core.training.output.finish_model_dir`): a Hugging Face model directory
+(``config.json``, ``model.safetensors``, the tokenizer with Dolly's special tokens and pad = eos,
+``generation_config.json`` whose ``eos_token_id`` is ``### End``, the model card ``README.md``
+and the provenance ``dollyflow_model.json``, here with ``kind: fixture``).
 
 Only the transformer blocks are trained; the (random) input and output embeddings stay frozen
 and the loss is computed on the response positions only, which keeps a step to milliseconds
-even with the real 50k-token vocabulary.
+even with the real 50k-token vocabulary. (The train job itself needs Spark-made shards and
+DeepSpeed; ``tests/jobs/test_infer.py`` runs it end to end into the infer job.)
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
-from dollyflow.core.prompt import END_KEY, prompt_prefix, response_suffix
+from dollyflow.core.prompt import prompt_prefix, response_suffix
 
 
 def save_model_dir(model, tokenizer, out_dir: str | Path, info: dict | None = None) -> Path:
-    """Save ``model`` and ``tokenizer`` as a Hugging Face directory with Dolly's generation
-    config (eos = ``[### End, eos]``, pad = eos), a model card and ``dollyflow_model.json``."""
+    """Save ``model`` (safetensors) and complete the directory as the train job does (tokenizer,
+    Dolly's generation config, model card, provenance ``info`` with ``kind: fixture``)."""
+    from dollyflow.core.training.output import finish_model_dir
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    end_id = tokenizer.convert_tokens_to_ids(END_KEY)
-    model.generation_config.eos_token_id = [end_id, tokenizer.eos_token_id]
-    model.generation_config.pad_token_id = tokenizer.eos_token_id
     model.save_pretrained(str(out))   # safetensors
-    tokenizer.save_pretrained(str(out))
-    (out / "README.md").write_text("# tiny Dolly model\n\nA tiny GPT-NeoX fine-tuned on a few Dolly records "
-                                   "(dollyflow test fixture).\n", encoding="utf-8")
-    (out / "dollyflow_model.json").write_text(json.dumps(info or {"kind": "fixture"}, indent=2), encoding="utf-8")
+    info = {"kind": "fixture", **(info or {})}
+    finish_model_dir(str(out), tokenizer, {
+        "name": out.name, "base_model": "tiny-gpt-neox", "method": "full", "weights": "full",
+        "trained_by": "dollyflow's test fixture (plain AdamW on the transformer blocks, frozen embeddings, "
+                      f"{info.get('steps', '?')} steps on {info.get('records', '?')} records)",
+        "processes": 1, **info})
     return out
 
 
