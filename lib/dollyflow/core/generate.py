@@ -245,7 +245,9 @@ class Generator:
 
     ``max_positions``: the model's position limit (default: ``config.max_position_embeddings``);
     prompt + ``max_new_tokens`` must fit in it. ``stop_ids``: tokens that end a response
-    (default: :func:`dollyflow.core.model.stop_token_ids`).
+    (default: :func:`dollyflow.core.model.stop_token_ids`). ``batch_tokens``: the running batch's
+    rows x (cache width + max_new_tokens) at most; ``max_batch_size``: its rows at most;
+    ``prefill_tokens``: padded prompt tokens per prefill forward at most (one prompt at least).
     """
 
     def __init__(self, model, tokenizer, params: GenerationParams | None = None, *, batch_tokens: int = 16384,
