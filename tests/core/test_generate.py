@@ -340,11 +340,18 @@ def test_mlflow_run_uri_loads_the_logged_directory(dolly_model_dir, tmp_path, mo
     mlflow = pytest.importorskip("mlflow")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     monkeypatch.setenv("DOLLYFLOW_MODEL_CACHE", str(tmp_path / "cache"))
-    mlflow.set_tracking_uri(f"file://{tmp_path / 'mlruns'}")
-    with mlflow.start_run() as active:
-        mlflow.log_artifacts(str(dolly_model_dir), artifact_path="model")
-    uri = f"runs:/{active.info.run_id}/model"
-    local = resolve_model_dir(uri)
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI: undo both, or the train job of a later
+    # test in this process would track into this test's store
+    tracking = f"file://{tmp_path / 'mlruns'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)   # the original value comes back at teardown
+    mlflow.set_tracking_uri(tracking)
+    try:
+        with mlflow.start_run() as active:
+            mlflow.log_artifacts(str(dolly_model_dir), artifact_path="model")
+        uri = f"runs:/{active.info.run_id}/model"
+        local = resolve_model_dir(uri)
+    finally:
+        mlflow.set_tracking_uri(None)
     assert model_digest(local) == model_digest(str(dolly_model_dir))
     model, tok = load_for_generation(local)
     assert len(tok) == model.get_input_embeddings().num_embeddings
