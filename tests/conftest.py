@@ -213,10 +213,10 @@ def dolly_records(sample_path) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def dolly_model_dir(tmp_path_factory, tokenizer_path, dolly_records) -> Path:
-    """A Hugging Face model directory shaped like the train job's output (safetensors, the
-    tokenizer with Dolly's tokens, generation_config eos = [### End, eos], README.md,
-    dollyflow_model.json) holding a tiny GPT-NeoX trained for a few hundred AdamW steps on two
-    sample records, so that it really answers and stops at ### End. Built once per session."""
+    """A Hugging Face model directory in the train job's layout, written by the train job's own
+    writer (safetensors, the tokenizer with Dolly's tokens, generation_config eos = ### End,
+    README.md, dollyflow_model.json) holding a tiny GPT-NeoX trained for a few hundred AdamW steps
+    on two sample records, so that it really answers and stops at ### End. Built once per session."""
     pytest.importorskip("transformers")
     from dollyflow.core.fixtures import tiny_dolly_model
     out = tmp_path_factory.mktemp("dolly-model") / "model"

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from dollyflow.core.generate import (ERROR_EMPTY_INSTRUCTION, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP,  # noqa: E402
-                                     GenerationParams, Generator, cached, loads, next_tokens, plan_batches,
+                                     GenerationParams, Generator, cached, loads, next_tokens,
                                      row_generators, row_seed)
 from dollyflow.core.model import (check_dolly_tokenizer, load_for_generation, model_digest,  # noqa: E402
                                   resolve_model_dir, source_kind, stop_token_ids, weight_files)
@@ -62,14 +62,18 @@ def test_the_model_directory_follows_the_train_contract(dolly_model_dir, loaded)
 
 
 def test_greedy_equals_transformers_generate_whatever_the_batch(loaded, rows):
-    """The hand-written loop (left padding, position ids, KV cache, rows leaving the batch) gives
-    exactly transformers' greedy tokens, in one batch or one row at a time."""
+    """The hand-written loop (left padding, position ids, KV cache, rows leaving the batch, rows
+    joining a running batch) gives exactly transformers' greedy tokens, in one batch, one row at
+    a time, or five rows at a time with refills."""
     batched = run(gen(loaded, max_new_tokens=12), rows)
     single = run(gen(loaded, max_new_tokens=12, max_batch_size=1), rows)
+    refilled = gen(loaded, max_new_tokens=12, max_batch_size=5)    # rows join a running batch
+    merged = run(refilled, rows)
+    assert refilled.prefills > len(rows) // 5
     g = gen(loaded, max_new_tokens=12)
-    for r, a, b in zip(rows, batched, single):
+    for r, a, b, c in zip(rows, batched, single, merged):
         ref = hf_greedy(loaded, g.stop_ids, r["instruction"], r["context"], 12)
-        assert a.token_ids == ref and b.token_ids == ref
+        assert a.token_ids == ref and b.token_ids == ref and c.token_ids == ref
     assert any(a.finish_reason == FINISH_STOP for a in batched)
 
 
@@ -100,7 +104,7 @@ def test_rows_finish_independently_and_batches_respect_the_token_budget(loaded, 
     narrow = gen(loaded, max_new_tokens=40, batch_tokens=300)
     b = run(narrow, mixed)
     assert [x.token_ids for x in a] == [y.token_ids for y in b]
-    assert wide.batches_run == 1 and narrow.batches_run > 1
+    assert wide.prefills == 1 and narrow.prefills > 1
     lengths = [len(x.token_ids) for x in a]
     assert len(set(lengths)) > 1   # rows really finished at different steps in one batch
 
@@ -129,16 +133,17 @@ def test_preallocated_cache_with_rows_leaving_and_padding_dropped(loaded):
     assert torch.allclose(step, alone, atol=1e-4)
 
 
-def test_plan_batches():
-    lengths = [10, 300, 50, 40, 5, 200]
-    batches = plan_batches(lengths, max_new_tokens=20, batch_tokens=400, max_batch_size=3)
-    assert sorted(i for b in batches for i in b) == list(range(6))
-    assert batches[0] == [1]                                   # 320 tokens: alone
-    for b in batches:
-        assert len(b) <= 3
-        assert len(b) == 1 or len(b) * (max(lengths[i] for i in b) + 20) <= 400
-    flat = [i for b in batches for i in b]
-    assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)   # longest first
+def test_admission_respects_the_token_budget(loaded):
+    from collections import deque
+
+    from dollyflow.core.generate import _Prompt
+    g = gen(loaded, max_new_tokens=20, batch_tokens=400, max_batch_size=3)
+    queue = deque(_Prompt(i, [1] * n, 0) for i, n in enumerate([300, 200, 50, 40, 10, 5]))
+    assert [p.index for p in g._admit(queue, 0, 0)] == [0]          # 320 tokens: alone
+    assert [p.index for p in g._admit(queue, 0, 0)] == [1]          # 2 x 220 > 400
+    assert [p.index for p in g._admit(queue, 0, 0)] == [2, 3, 4]    # 3 x 70 <= 400, at most 3 rows
+    assert [p.index for p in g._admit(queue, 2, 150)] == []         # 3 x 170 > 400 beside a running batch
+    assert [p.index for p in g._admit(queue, 1, 150)] == [5]
 
 
 def test_seeded_sampling_is_reproducible_across_batches_and_order(loaded, rows):
@@ -335,14 +340,18 @@ def test_mlflow_run_uri_loads_the_logged_directory(dolly_model_dir, tmp_path, mo
     mlflow = pytest.importorskip("mlflow")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     monkeypatch.setenv("DOLLYFLOW_MODEL_CACHE", str(tmp_path / "cache"))
-    # through the environment (restored by monkeypatch): mlflow.set_tracking_uri would also set
-    # $MLFLOW_TRACKING_URI for the rest of the session, and the train job honours that variable
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path / 'mlruns'}")
-    mlflow.set_tracking_uri(None)
-    with mlflow.start_run() as active:
-        mlflow.log_artifacts(str(dolly_model_dir), artifact_path="model")
-    uri = f"runs:/{active.info.run_id}/model"
-    local = resolve_model_dir(uri)
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI: undo both, or the train job of a later
+    # test in this process would track into this test's store
+    tracking = f"file://{tmp_path / 'mlruns'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)   # the original value comes back at teardown
+    mlflow.set_tracking_uri(tracking)
+    try:
+        with mlflow.start_run() as active:
+            mlflow.log_artifacts(str(dolly_model_dir), artifact_path="model")
+        uri = f"runs:/{active.info.run_id}/model"
+        local = resolve_model_dir(uri)
+    finally:
+        mlflow.set_tracking_uri(None)
     assert model_digest(local) == model_digest(str(dolly_model_dir))
     model, tok = load_for_generation(local)
     assert len(tok) == model.get_input_embeddings().num_embeddings

@@ -258,3 +258,63 @@ def test_job_query_input_overwrite_and_key_checks(spark, project):
         run_job(spark, project, "infer.key_columns=[doc_id]")
     with pytest.raises(ValueError, match="infer.model is empty"):
         run_job(spark, project, "infer.model=")
+
+
+# ---------------------------------------------------------------------------------------------
+# train job -> infer job
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_model_the_train_job_wrote_runs_through_the_infer_job(spark, tmp_path, sample_path, tokenizer_path,
+                                                                 dolly_records):
+    """The real chain on the sample: tokenize -> train (tiny preset, 1 rank launched by torchrun,
+    DeepSpeed ZeRO-2 on CPU, 8 epochs of 48 short records) -> the infer job on the test split it held out, reading the
+    train job's output directory as it is (no fixture in between)."""
+    pytest.importorskip("deepspeed")
+    from dollyflow.config import load_config
+    from dollyflow.core.training.output import read_provenance
+    from dollyflow.engine.delta import DeltaStore
+    from dollyflow.jobs import infer, tokenize, train
+
+    warehouse = f"tables.warehouse={tmp_path / 'warehouse'}"
+    cfg = load_config("tokenize", [warehouse, "spark.shuffle_partitions=4", f"tokenize.tokenizer={tokenizer_path}",
+                                   "tokenize.max_length=512", "tokenize.test_size=12", "tokenize.num_shards=1"],
+                      preset="tiny")
+    store = DeltaStore(spark, cfg.tables)
+    # the 60 records with the shortest responses: ### End is then a frequent label, which a few
+    # dozen steps of a random tiny model learn to emit
+    short = sorted(dolly_records, key=lambda r: len(r["response"]))[:60]
+    store.write(spark.createDataFrame(silver_rows(short), SILVER_DDL), cfg.tables.silver, mode="overwrite",
+                job="test", run_id="test")
+    tokenize.run(cfg, spark)
+
+    trained = train.run(load_config("train", [warehouse, "train.launcher=torchrun", "train.processes=1",
+                                              "train.epochs=8", "train.eval_steps=1000", "train.save_steps=1000",
+                                              "train.mlflow=false"], preset="tiny"), spark)
+    out = trained["output_dir"]
+    assert not trained["skipped"] and trained["steps"] == 8 * 12 and trained["processes"] == 1   # 48 records / 4
+    prov = read_provenance(out)
+    assert prov["run_id"] == trained["run_id"]
+
+    args = [warehouse, "spark.shuffle_partitions=4", f"infer.model={out}", "infer.max_new_tokens=32"]
+    first = infer.run(load_config("infer", args), spark)
+    assert first["rows_in"] == 12 and first["generated"] == 12 and first["already_predicted"] == 0
+    assert first["model_sha"] == model_digest(out)
+    table = store.read("predictions").collect()
+    assert len(table) == 12 and len({r["record_id"] for r in table}) == 12
+    reasons = {r["finish_reason"] for r in table}
+    assert reasons <= {"stop", "length"} and not any(r["error"] for r in table), [r["error"] for r in table]
+    assert "stop" in reasons, [(r["finish_reason"], r["response"]) for r in table]   # it learned ### End
+    assert all(0 < r["completion_tokens"] <= 32 and r["prompt_tokens"] > 0 for r in table)
+    assert all(r["response"] is not None for r in table)
+    for r in table:
+        assert r["model"] == out and r["model_sha"] == first["model_sha"] and r["run_id"] == first["run_id"]
+        info = json.loads(r["model_info"])      # the train job's provenance: its run and fingerprint
+        assert info["run_id"] == trained["run_id"] and info["fingerprint"]["sha256"] == prov["fingerprint"]["sha256"]
+        assert json.loads(r["params"])["max_new_tokens"] == 32
+    # a rerun in append mode adds nothing
+    again = infer.run(load_config("infer", args), spark)
+    assert again["generated"] == 0 and again["already_predicted"] == 12
+    assert store.read("predictions").count() == 12
+    assert again["predictions_version"] == first["predictions_version"]

@@ -3,45 +3,48 @@
 A random model never emits ``### End``, so stopping, response extraction and early-finishing
 rows could not be exercised with one. :func:`tiny_dolly_model` trains a tiny GPT-NeoX (pythia
 architecture) for a few hundred plain AdamW steps on a handful of Dolly records until it answers
-with a memorised response followed by ``### End``, and saves it as the train job does: a Hugging
-Face model directory (``config.json``, ``model.safetensors``, the tokenizer with Dolly's special
-tokens and pad = eos, ``generation_config.json`` whose ``eos_token_id`` is ``[### End, eos]``,
-``README.md`` and ``dollyflow_model.json``).
+with a memorised response followed by ``### End``, and saves it with the train job's own writer
+(:func:`dollyflow.core.training.output.finish_model_dir`): a Hugging Face model directory
+(``config.json``, ``model.safetensors``, the tokenizer with Dolly's special tokens and pad = eos,
+``generation_config.json`` whose ``eos_token_id`` is ``### End``, the model card ``README.md``
+and the provenance ``dollyflow_model.json``, here with ``kind: fixture``).
 
 Only the transformer blocks are trained; the (random) input and output embeddings stay frozen
 and the loss is computed on the response positions only, which keeps a step to milliseconds
-even with the real 50k-token vocabulary.
+even with the real 50k-token vocabulary. (The train job itself needs Spark-made shards and
+DeepSpeed; ``tests/jobs/test_infer.py`` runs it end to end into the infer job.)
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
-from dollyflow.core.prompt import END_KEY, prompt_prefix, response_suffix
+from dollyflow.core.prompt import prompt_prefix, response_suffix
 
 
 def save_model_dir(model, tokenizer, out_dir: str | Path, info: dict | None = None) -> Path:
-    """Save ``model`` and ``tokenizer`` as a Hugging Face directory with Dolly's generation
-    config (eos = ``[### End, eos]``, pad = eos), a model card and ``dollyflow_model.json``."""
+    """Save ``model`` (safetensors) and complete the directory as the train job does (tokenizer,
+    Dolly's generation config, model card, provenance ``info`` with ``kind: fixture``)."""
+    from dollyflow.core.training.output import finish_model_dir
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    end_id = tokenizer.convert_tokens_to_ids(END_KEY)
-    model.generation_config.eos_token_id = [end_id, tokenizer.eos_token_id]
-    model.generation_config.pad_token_id = tokenizer.eos_token_id
     model.save_pretrained(str(out))   # safetensors
-    tokenizer.save_pretrained(str(out))
-    (out / "README.md").write_text("# tiny Dolly model\n\nA tiny GPT-NeoX fine-tuned on a few Dolly records "
-                                   "(dollyflow test fixture).\n", encoding="utf-8")
-    (out / "dollyflow_model.json").write_text(json.dumps(info or {"kind": "fixture"}, indent=2), encoding="utf-8")
+    info = {"kind": "fixture", **(info or {})}
+    finish_model_dir(str(out), tokenizer, {
+        "name": out.name, "base_model": "tiny-gpt-neox", "method": "full", "weights": "full",
+        "trained_by": "dollyflow's test fixture (plain AdamW on the transformer blocks, frozen embeddings, "
+                      f"{info.get('steps', '?')} steps on {info.get('records', '?')} records)",
+        "processes": 1, **info})
     return out
 
 
 def tiny_dolly_model(out_dir: str | Path, tokenizer_path: str | Path, records: Sequence[dict], steps: int = 200,
                      lr: float = 1e-2, hidden_size: int = 64, layers: int = 2, heads: int = 4,
-                     max_position_embeddings: int = 512, seed: int = 42) -> Path:
+                     max_position_embeddings: int = 512, seed: int = 42, batch_size: int | None = None) -> Path:
     """Train a tiny GPT-NeoX on ``records`` (dicts with instruction, context, response) until it
-    answers with their responses and ``### End``; save it under ``out_dir`` (see module doc)."""
+    answers with their responses and ``### End``; save it under ``out_dir`` (see module doc).
+    ``batch_size``: records per step (shuffled, seeded); None: all of them every step."""
     import torch
 
     from dollyflow.core.model import tiny_gpt_neox
@@ -56,13 +59,7 @@ def tiny_dolly_model(out_dir: str | Path, tokenizer_path: str | Path, records: S
         s = tok(response_suffix(r["response"]), add_special_tokens=False)["input_ids"]
         seqs.append(p + s)
         labels.append([IGNORE_INDEX] * len(p) + s)
-    width = max(map(len, seqs))
     pad = tok.eos_token_id
-    x = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-    # next-token targets: position t predicts token t + 1
-    y = torch.tensor([lab[1:] + [IGNORE_INDEX] * (width - len(lab) + 1) for lab in labels])
-    sel = y != IGNORE_INDEX
     frozen = {id(p) for p in model.get_input_embeddings().parameters()} | \
              {id(p) for p in model.get_output_embeddings().parameters()}
     params = [p for p in model.parameters() if id(p) not in frozen]
@@ -73,7 +70,19 @@ def tiny_dolly_model(out_dir: str | Path, tokenizer_path: str | Path, records: S
     model.train()
     body = model.base_model
     head = model.get_output_embeddings()
+    rng = torch.Generator().manual_seed(seed)
+    size = len(seqs) if not batch_size else min(int(batch_size), len(seqs))
+    order: list[int] = []
     for _ in range(int(steps)):
+        if len(order) < size:
+            order += torch.randperm(len(seqs), generator=rng).tolist() if size < len(seqs) else list(range(len(seqs)))
+        pick, order = order[:size], order[size:]
+        width = max(len(seqs[i]) for i in pick)
+        x = torch.tensor([seqs[i] + [pad] * (width - len(seqs[i])) for i in pick])
+        mask = torch.tensor([[1] * len(seqs[i]) + [0] * (width - len(seqs[i])) for i in pick])
+        # next-token targets: position t predicts token t + 1
+        y = torch.tensor([labels[i][1:] + [IGNORE_INDEX] * (width - len(labels[i]) + 1) for i in pick])
+        sel = y != IGNORE_INDEX
         hidden = body(input_ids=x, attention_mask=mask).last_hidden_state
         loss = torch.nn.functional.cross_entropy(head(hidden[sel]), y[sel])
         loss.backward()

@@ -14,24 +14,27 @@ How a window of rows is generated (:meth:`Generator.generate`):
    prompt is fitted by trimming its *context from the left* (the end of the passage is kept) at a
    token boundary; if even the prompt without any context is too long, the row is an error. The
    number of context tokens trimmed is reported per row.
-3. Prompts are sorted by length (longest first) and cut into batches whose padded size
-   ``rows x (longest prompt + max_new_tokens)`` stays within ``batch_tokens`` (and at most
-   ``max_batch_size`` rows): one long prompt makes a small batch, never an out-of-memory.
-4. Each batch runs a hand-written decode loop over the model's forward: left padding with
-   position ids counted from each row's first real token, a KV cache (transformers'
-   ``DynamicCache`` whose layers are preallocated for prompt + ``max_new_tokens``, so a step
-   writes its token in place instead of copying the whole cache), logits of the last position
-   only. A row leaves the batch when it emits a stop token (``### End`` or eos) or reaches
-   ``max_new_tokens``; the cache, mask and positions are shrunk to the rows still running and
-   all-padding columns on the left are dropped, so finished rows cost nothing.
+3. Prompts are sorted by length (longest first) and decoded with continuous batching: a batch
+   holds at most ``max_batch_size`` rows and rows x (cache width + ``max_new_tokens``) stays
+   within ``batch_tokens`` (the KV cache's size), so one long prompt makes a small batch, never
+   an out-of-memory; whenever a quarter of that room is free, the next prompts are prefilled and
+   join the running batch.
+4. The decode loop is hand-written over the model's forward: left padding with position ids
+   counted from each row's first real token, a KV cache (transformers' ``DynamicCache`` whose
+   layers are preallocated for prompt + ``max_new_tokens``, so a step writes its token in place
+   instead of copying the whole cache), logits of the last position only. A row leaves the batch
+   when it emits a stop token (``### End`` or eos) or reaches ``max_new_tokens``; the cache,
+   mask and positions shrink to the rows still running and all-padding columns on the left are
+   dropped, so finished rows cost nothing and their room goes to waiting prompts.
 5. Greedy decoding is the argmax (equal to transformers' ``generate`` greedy output, tested).
    Sampling (temperature, top_k, top_p, in that order, as transformers applies them) uses the
    Gumbel-max trick with a ``torch.Generator`` per row seeded with the row's seed, drawing the
    same numbers at every step whatever else is in the batch: a seeded sample is the same
    whatever batch, window or worker the row lands in (on one kind of device: CPU and CUDA
    generators differ).
-6. Any exception in a batch (out of memory, non-finite logits, a bad token) is retried row by
-   row; a row that still fails becomes that row's error; the other rows are answered.
+6. Any exception in a batch (out of memory, non-finite logits, a bad token) retries the rows
+   that were running one by one; a row that still fails becomes that row's error; finished rows
+   keep their answers and waiting rows go on in a new batch.
 
 The per-process model cache (:func:`cached`) keeps loaded models across Spark batches and tasks
 of one Python worker; :func:`loads` counts the loads.
@@ -43,7 +46,7 @@ import inspect
 import json
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
@@ -186,32 +189,51 @@ def next_tokens(logits, params: GenerationParams, generators: Sequence | None = 
 
 
 # ---------------------------------------------------------------------------------------------
-# batching
-
-
-def plan_batches(lengths: Sequence[int], max_new_tokens: int, batch_tokens: int,
-                 max_batch_size: int) -> list[list[int]]:
-    """Indices into ``lengths`` grouped into batches, longest prompts first. A batch's padded
-    size ``rows x (its longest prompt + max_new_tokens)`` stays within ``batch_tokens`` (a row
-    that alone exceeds it runs alone), and holds at most ``max_batch_size`` rows."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    width = 0
-    for i in order:
-        w = lengths[i] + max_new_tokens
-        if current and ((len(current) + 1) * max(width, w) > batch_tokens or len(current) >= max_batch_size):
-            batches.append(current)
-            current, width = [], 0
-        current.append(i)
-        width = max(width, w)
-    if current:
-        batches.append(current)
-    return batches
-
-
-# ---------------------------------------------------------------------------------------------
 # the generator
+
+
+class _Batch:
+    """The running batch of the decode loop: per slot (batch row) the prompt (None once finished),
+    its tokens, start time and generator; the KV cache, attention mask, next positions, last
+    logits and tokens."""
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self.cache = self.mask = self.next_pos = self.logits = self.tokens = None
+        self.slots: list = []
+        self.generated: list[list[int]] = []
+        self.started: list[float] = []
+        self.generators: list = []
+
+    def dead(self) -> int:
+        return sum(r is None for r in self.slots)
+
+    def compact(self, device) -> None:
+        """Drop the finished slots from every tensor (one copy of the cache) and the all-padding
+        columns on the left."""
+        import torch
+
+        keep = [j for j, r in enumerate(self.slots) if r is not None]
+        if len(keep) == len(self.slots):
+            return
+        if not keep:
+            self.clear()
+            return
+        index = torch.tensor(keep, device=device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.next_pos = self.mask[index], self.next_pos[index]
+        if self.logits is not None:
+            self.logits = self.logits[index]
+        if self.tokens is not None:
+            self.tokens = self.tokens[index]
+        self.slots = [self.slots[j] for j in keep]
+        self.generated = [self.generated[j] for j in keep]
+        self.started = [self.started[j] for j in keep]
+        if self.generators:
+            self.generators = [self.generators[j] for j in keep]
+        self.mask = _drop_left_padding(self.cache, self.mask)
 
 
 def _describe(exc: BaseException) -> str:
@@ -223,12 +245,14 @@ class Generator:
 
     ``max_positions``: the model's position limit (default: ``config.max_position_embeddings``);
     prompt + ``max_new_tokens`` must fit in it. ``stop_ids``: tokens that end a response
-    (default: :func:`dollyflow.core.model.stop_token_ids`).
+    (default: :func:`dollyflow.core.model.stop_token_ids`). ``batch_tokens``: the running batch's
+    rows x (cache width + max_new_tokens) at most; ``max_batch_size``: its rows at most;
+    ``prefill_tokens``: padded prompt tokens per prefill forward at most (one prompt at least).
     """
 
     def __init__(self, model, tokenizer, params: GenerationParams | None = None, *, batch_tokens: int = 16384,
                  max_batch_size: int = 64, stop_ids: Sequence[int] | None = None,
-                 max_positions: int | None = None):
+                 max_positions: int | None = None, prefill_tokens: int = 4096):
         from dollyflow.core.model import check_dolly_tokenizer, stop_token_ids
 
         check_dolly_tokenizer(tokenizer)
@@ -237,6 +261,7 @@ class Generator:
         self.params = params or GenerationParams()
         self.batch_tokens = int(batch_tokens)
         self.max_batch_size = int(max_batch_size)
+        self.prefill_tokens = int(prefill_tokens)
         if self.batch_tokens < 1 or self.max_batch_size < 1:
             raise ValueError("batch_tokens and max_batch_size must be >= 1")
         self.stop_ids = sorted(set(int(i) for i in (stop_ids if stop_ids is not None
@@ -254,7 +279,7 @@ class Generator:
         # transformers 5.24 renamed past_key_values to cache (the old name is deprecated)
         self._cache_kw = "cache" if "cache" in forward else "past_key_values"
         self._keep_kw = "logits_to_keep" if "logits_to_keep" in forward else None
-        self.batches_run = 0
+        self.prefills = 0     # prompt groups run through the model (a batch start or a refill)
 
     # -- public -------------------------------------------------------------------------------
 
@@ -344,25 +369,21 @@ class Generator:
     # -- running ------------------------------------------------------------------------------
 
     def _run(self, prompts: list[_Prompt], results: list) -> None:
-        lengths = [len(p.ids) for p in prompts]
-        for batch in plan_batches(lengths, self.params.max_new_tokens, self.batch_tokens, self.max_batch_size):
-            rows = [prompts[j] for j in batch]
+        """Decode every prompt; an exception retries the rows that were running one by one
+        (each failing alone becomes that row's error) and goes on with the rest."""
+        queue = deque(sorted(prompts, key=lambda p: (-len(p.ids), p.index)))
+        while queue:
+            running: list[_Prompt] = []
             try:
-                outs = self._decode(rows)
-            except Exception as exc:  # retry row by row: one bad row must not sink the others
-                if len(rows) == 1:
-                    outs = [Generation.failed(_describe(exc), len(rows[0].ids), rows[0].trimmed)]
-                else:
-                    self._release()
-                    outs = []
-                    for row in rows:
-                        try:
-                            outs.extend(self._decode([row]))
-                        except Exception as exc1:
-                            self._release()
-                            outs.append(Generation.failed(_describe(exc1), len(row.ids), row.trimmed))
-            for row, out in zip(rows, outs):
-                results[row.index] = out
+                self._decode(queue, results, running)
+            except Exception:  # one bad row must not sink the others: retry the running rows alone
+                self._release()
+                for row in running:
+                    try:
+                        self._decode(deque([row]), results, [])
+                    except Exception as exc:
+                        self._release()
+                        results[row.index] = Generation.failed(_describe(exc), len(row.ids), row.trimmed)
 
     def _release(self) -> None:
         _release_gpu_memory()
@@ -374,16 +395,42 @@ class Generator:
             kwargs[self._keep_kw] = 1
         return self.model(**kwargs).logits[:, -1, :]
 
-    def _decode(self, rows: list[_Prompt]) -> list[Generation]:
-        """The decode loop over one batch (see the module docstring)."""
+    def _admit(self, queue: deque, running: int, width: int) -> list[_Prompt]:
+        """The next rows to join a batch of ``running`` rows whose cache is ``width`` columns: the
+        longest waiting first, while rows x (width + max_new_tokens) fits ``batch_tokens`` (a
+        row alone always fits) and there are at most ``max_batch_size`` rows."""
+        take: list[_Prompt] = []
+        room = self.params.max_new_tokens
+        while queue and running + len(take) < self.max_batch_size:
+            w = max(width, len(queue[0].ids))
+            if running + len(take) > 0 and (running + len(take) + 1) * (w + room) > self.batch_tokens:
+                break
+            take.append(queue.popleft())
+            width = w
+        return take
+
+    def _chunks(self, rows: list[_Prompt], mergeable: bool) -> list[list[_Prompt]]:
+        """Prefill groups of at most ``prefill_tokens`` padded tokens (one row at least): big
+        padded prefills materialise rows x heads x width^2 attention scores where the attention
+        kernel has no fused masked path (CPU), and are slower per token than several small ones
+        merged into the batch. Unmergeable caches prefill everything at once."""
+        if not mergeable:
+            return [rows]
+        chunks: list[list[_Prompt]] = []
+        for row in rows:   # longest first: a chunk's first row is its widest
+            if chunks and (len(chunks[-1]) + 1) * len(chunks[-1][0].ids) <= self.prefill_tokens:
+                chunks[-1].append(row)
+            else:
+                chunks.append([row])
+        return chunks
+
+    def _prefill(self, rows: list[_Prompt], device):
+        """Left-padded prompts through the model into a new cache: (cache, mask, next positions,
+        last logits)."""
         import torch
 
-        self.batches_run += 1
-        t0 = time.perf_counter()
-        model, params = self.model, self.params
-        device = next(model.parameters()).device
-        n = len(rows)
-        width = max(len(r.ids) for r in rows)
+        self.prefills += 1
+        n, width = len(rows), max(len(r.ids) for r in rows)
         ids = torch.full((n, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
         for b, r in enumerate(rows):
@@ -391,52 +438,80 @@ class Generator:
             mask[b, width - len(r.ids):] = 1
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)
+        cache = new_cache(self.model, reserve=self.params.max_new_tokens)
+        logits = self._forward(ids, mask, positions, cache, last_only=True)
+        return cache, mask, positions[:, -1] + 1, logits
+
+    def _decode(self, queue: deque, results: list, running: list[_Prompt]) -> None:
+        """The decode loop with continuous batching (see the module docstring): rows from
+        ``queue`` join the batch whenever a quarter of its room is free (when the cache can be
+        merged), finished rows leave it; results go to ``results``; ``running`` holds the rows
+        admitted and not finished (what an exception leaves to retry).
+
+        A finished row stays in the tensors as a dead slot (its extra tokens are ignored) until a
+        quarter of the batch is dead or new rows join: compacting the cache copies it, so it is
+        done in bulk rather than at every step a row finishes."""
+        import torch
+
+        model, params = self.model, self.params
+        device = next(model.parameters()).device
         stops = torch.tensor(self.stop_ids, device=device)
-        generators = row_generators([r.seed for r in rows], device) if params.do_sample else None
-        generated: list[list[int]] = [[] for _ in rows]
-        finish: list[str | None] = [None] * n
-        seconds: list[float] = [0.0] * n
-        active = list(range(n))                  # batch position -> row in ``rows``
+        room = params.max_new_tokens
+        st = _Batch()
         with torch.inference_mode():
-            cache = new_cache(model, reserve=params.max_new_tokens)
-            logits = self._forward(ids, mask, positions, cache, last_only=True)
-            next_pos = positions[:, -1] + 1
-            for _step in range(params.max_new_tokens):
-                tokens = next_tokens(logits, params, generators)
+            while True:
+                width = 0 if st.mask is None else st.mask.shape[1]
+                capacity = min(self.max_batch_size, max(1, self.batch_tokens // (width + room)))
+                mergeable = st.cache is not None and _mergeable(st.cache)
+                free = capacity - len(running)
+                if queue and (not running or (mergeable and free >= max(1, capacity // 4))):
+                    new = self._admit(queue, len(running), width)
+                    if new:
+                        st.compact(device)
+                        t_new = time.perf_counter()
+                        running.extend(new)
+                        for chunk in self._chunks(new, mergeable or st.cache is None):
+                            c2, m2, p2, l2 = self._prefill(chunk, device)
+                            if st.cache is None:
+                                st.cache, st.mask, st.next_pos, st.logits = c2, m2, p2, l2
+                            else:
+                                st.mask = _merge_caches(st.cache, st.mask, c2, m2, room)
+                                st.next_pos = torch.cat([st.next_pos, p2])
+                                st.logits = torch.cat([st.logits, l2])
+                        if params.do_sample:
+                            st.generators += row_generators([r.seed for r in new], device)
+                        st.slots += new
+                        st.generated += [[] for _ in new]
+                        st.started += [t_new] * len(new)
+                if not running:
+                    return
+                tokens = next_tokens(st.logits, params, st.generators if params.do_sample else None)
                 stopped = torch.isin(tokens, stops).tolist()
-                token_list = tokens.tolist()
-                now = time.perf_counter() - t0
-                keep = []
-                for j, b in enumerate(active):
-                    generated[b].append(token_list[j])
-                    if stopped[j]:
-                        finish[b] = FINISH_STOP
-                    elif len(generated[b]) >= params.max_new_tokens:
-                        finish[b] = FINISH_LENGTH
-                    else:
-                        keep.append(j)
+                now = time.perf_counter()
+                for j, (row, tok) in enumerate(zip(st.slots, tokens.tolist())):
+                    if row is None:
                         continue
-                    seconds[b] = now
-                if not keep:
-                    break
-                if len(keep) < len(active):      # finished rows leave the batch
-                    index = torch.tensor(keep, device=device)
-                    cache.batch_select_indices(index)
-                    mask, next_pos, tokens = mask[index], next_pos[index], tokens[index]
-                    if generators is not None:
-                        generators = [generators[j] for j in keep]
-                    active = [active[j] for j in keep]
-                    mask = _drop_left_padding(cache, mask)
-                mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=-1)
-                logits = self._forward(tokens.unsqueeze(-1), mask, next_pos.unsqueeze(-1), cache, last_only=False)
-                next_pos = next_pos + 1
-        out = []
-        for b, r in enumerate(rows):
-            toks = generated[b]
-            body = toks[:-1] if finish[b] == FINISH_STOP else toks
-            out.append(Generation(self.tokenizer.decode(body).strip(), finish[b] or FINISH_LENGTH, len(r.ids),
-                                  len(toks), None, r.trimmed, round(seconds[b], 6), toks))
-        return out
+                    toks = st.generated[j]
+                    toks.append(tok)
+                    if stopped[j] or len(toks) >= room:
+                        results[row.index] = self._result(row, toks, stopped[j], now - st.started[j])
+                        running.remove(row)
+                        st.slots[j] = None
+                st.tokens = tokens
+                if not running:
+                    st.clear()
+                    continue
+                if st.dead() > len(st.slots) // 4:
+                    st.compact(device)
+                st.mask = torch.cat([st.mask, st.mask.new_ones((len(st.slots), 1))], dim=-1)
+                st.logits = self._forward(st.tokens.unsqueeze(-1), st.mask, st.next_pos.unsqueeze(-1), st.cache,
+                                          last_only=False)
+                st.next_pos = st.next_pos + 1
+
+    def _result(self, row: _Prompt, toks: list[int], stopped: bool, seconds: float) -> Generation:
+        body = toks[:-1] if stopped else toks
+        return Generation(self.tokenizer.decode(body).strip(), FINISH_STOP if stopped else FINISH_LENGTH,
+                          len(row.ids), len(toks), None, row.trimmed, round(seconds, 6), list(toks))
 
 
 def _drop_left_padding(cache, mask):
@@ -497,6 +572,24 @@ def _preallocated_layer_class():
                 self.keys = self._k[:, :, :self.length]
                 self.values = self._v[:, :, :self.length]
 
+        def merge(self, other, width: int, reserve: int) -> None:
+            """Rows of ``other`` appended below ours; both right-aligned on ``width`` columns
+            (left padding zero-filled and masked), room for ``reserve`` more tokens."""
+            b1, h, _, d = self._k.shape
+            b2 = other._k.shape[0]
+            k = self._k.new_empty((b1 + b2, h, width + reserve, d))
+            v = self._v.new_empty((b1 + b2, h, width + reserve, d))
+            for buf in (k, v):   # left padding must be finite (masked scores are added, not skipped)
+                buf[:b1, :, :width - self.length].zero_()
+                buf[b1:, :, :width - other.length].zero_()
+            k[:b1, :, width - self.length:width] = self.keys
+            v[:b1, :, width - self.length:width] = self.values
+            k[b1:, :, width - other.length:width] = other.keys
+            v[b1:, :, width - other.length:width] = other.values
+            self._k, self._v, self.length = k, v, width
+            self.keys = self._k[:, :, :width]
+            self.values = self._v[:, :, :width]
+
         def drop_left(self, n: int) -> None:
             self._k, self._v = self._k[:, :, n:], self._v[:, :, n:]
             self.length -= n
@@ -515,6 +608,26 @@ def _preallocated_layer_class():
 def torch_cat_pad(buf, extra: int):
     import torch
     return torch.cat([buf, buf.new_empty((*buf.shape[:2], extra, buf.shape[-1]))], dim=-2)
+
+
+def _mergeable(cache) -> bool:
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(hasattr(layer, "merge") for layer in layers)
+
+
+def _merge_caches(cache, mask, other, other_mask, reserve: int):
+    """Append the rows of ``other`` (a freshly prefilled cache) to ``cache``, both right-aligned
+    on max(width) columns (the narrower side is left-padded with masked zeros); returns the
+    merged attention mask."""
+    import torch
+
+    width = max(mask.shape[1], other_mask.shape[1])
+    for layer, extra in zip(cache.layers, other.layers):
+        layer.merge(extra, width, reserve)
+
+    def pad(m):
+        return torch.cat([m.new_zeros((m.shape[0], width - m.shape[1])), m], dim=1)
+    return torch.cat([pad(mask), pad(other_mask)], dim=0)
 
 
 def new_cache(model, reserve: int):

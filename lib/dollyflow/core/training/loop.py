@@ -415,8 +415,6 @@ def _train(spec: dict, ctx, hooks: Hooks) -> dict:  # noqa: C901 - one recipe, t
         state = modeling.strip_prefix(state)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         saved = modeling.save_model(out_dir, state, lm, method=t["method"], lora_save=t["lora_save"], dtype=dtype)
-        tok.save_pretrained(out_dir)
-        output.generation_config(tok).save_pretrained(out_dir)
         write_atomic(os.path.join(out_dir, "deepspeed_config.json"), json.dumps(ds, indent=2).encode())
         write_atomic(os.path.join(out_dir, "training_config.json"),
                      json.dumps(spec["config"], indent=2, default=str).encode())
@@ -458,8 +456,7 @@ def _train(spec: dict, ctx, hooks: Hooks) -> dict:  # noqa: C901 - one recipe, t
             "mlflow_run_id": mlf.get("run_id"), "mlflow_tracking_uri": mlf.get("uri"),
             "deepspeed": {"preset": preset_name, "zero_stage": stage, "precision": precision},
         }
-        output.write_card(out_dir, prov)
-        output.write_provenance(out_dir, prov)      # last: marks the directory finished
+        output.finish_model_dir(out_dir, tok, prov)   # tokenizer, generation config, card, provenance last
         summary["save_seconds"] = round(time.time() - t_save, 2)
         summary["seconds"] = round(time.time() - t_start, 2)
         _say(f"model written to {out_dir} ({saved['weights']}) in {summary['save_seconds']} s")

@@ -97,10 +97,11 @@ def model_card(p: dict) -> str:
     if base and base != "tiny-gpt-neox":
         lines.append(f"base_model: {base}")
     lines += ["tags:", "  - dollyflow", "  - dolly", "  - gpt-neox", f"  - {p.get('method', 'full')}", "---", ""]
+    by = p.get("trained_by") or (f"dollyflow (DeepSpeed, launched by {p.get('launcher')} on "
+                                 f"{p.get('processes')} process(es))")
     lines += [f"# {p.get('name', 'dollyflow model')}", "",
               f"`{base}` fine-tuned ({p.get('method')}) to follow instructions in Dolly's prompt format by "
-              "dollyflow (DeepSpeed, launched by "
-              f"{p.get('launcher')} on {p.get('processes')} process(es)). Prompt:", "",
+              f"{by}. Prompt:", "",
               "```", "Below is an instruction that describes a task. Write a response that appropriately "
               "completes the request.", "", "### Instruction:", "{instruction}", "", "Input:", "{context}", "",
               "### Response:", "```", "",
@@ -133,6 +134,19 @@ def model_card(p: dict) -> str:
 
 def write_card(output_dir: str, provenance: dict) -> None:
     write_atomic(join(output_dir, CARD), model_card(provenance).encode("utf-8"))
+
+
+def finish_model_dir(output_dir: str, tokenizer, provenance: dict) -> dict:
+    """Complete a model directory whose weights (``config.json``, ``*.safetensors``) are written:
+    the tokenizer (Dolly's special tokens, pad = eos), ``generation_config.json`` (eos =
+    ``### End``), the model card and, last, the provenance that marks it finished (returned).
+    The one writer of these files for the train job and the test/bench fixture
+    (:mod:`dollyflow.core.fixtures`), so that whatever the infer job is tested on has the train
+    job's layout."""
+    tokenizer.save_pretrained(output_dir)
+    generation_config(tokenizer).save_pretrained(output_dir)
+    write_card(output_dir, provenance)
+    return write_provenance(output_dir, provenance)
 
 
 def read_metrics(path: str) -> list[dict]:
