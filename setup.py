@@ -4,7 +4,11 @@ pyspark is not a hard requirement: Databricks runtimes ship their own. Extras:
   spark    pyspark, delta-spark, deltalake (offline Delta), pyarrow, pandas<3
   train    torch, transformers>=5, accelerate, safetensors, deepspeed, mlflow-skinny, peft
   horovod  horovod[pytorch]
-  dev      pytest and friends
+  dev      pytest and friends, databricks-bundles (the bundle's schema, for tests)
+
+No extra is needed on a Databricks ML GPU runtime: it ships CUDA torch; the bundle's train and
+infer tasks add transformers>=5 (and deepspeed, peft for train) as libraries beside it. torch is
+only in the train extra, so installing the wheel never replaces the runtime's torch.
 """
 import shutil
 from pathlib import Path
@@ -56,7 +60,8 @@ setup(
                   "pyarrow>=18"],   # the shard reader (core/shards.py) on a GPU box without Spark
         "horovod": ["horovod[pytorch]>=0.28"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "datasketch>=1.6",
-                "moto[server]>=5"],   # a real S3 endpoint on loopback for the object-store tests
+                "moto[server]>=5",    # a real S3 endpoint on loopback for the object-store tests
+                "databricks-bundles>=1.22"],  # tests load the bundle's jobs into its Job/Volume classes
     },
     entry_points={
         "console_scripts": ["dollyflow=dollyflow.cli:main"]

