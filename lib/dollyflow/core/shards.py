@@ -297,6 +297,34 @@ def shard_versions(root: str) -> list[str]:
     return [name for name, is_dir in list_dir(root) if is_dir and name.startswith("v")]
 
 
+def shard_settings(*, tokenizer_sha256: str, max_length: int, test_size: float, seed: int, num_shards: int,
+                   prompt_format: str = "dolly") -> dict:
+    """Everything besides the source version that decides a shard directory's content; kept in
+    the manifest (``settings``) so a re-run can tell whether it would build the same shards."""
+    return {"tokenizer_sha256": tokenizer_sha256, "max_length": int(max_length), "test_size": float(test_size),
+            "seed": int(seed), "num_shards": int(num_shards), "prompt_format": prompt_format,
+            "format_version": FORMAT_VERSION}
+
+
+def unchanged_shards(root: str, source_location: str, source_version: int, settings: dict) -> dict | None:
+    """The manifest of the directory ``root``'s pointer names when it was built from the same
+    source table and version with the same :func:`shard_settings` (``_dir`` holds the directory),
+    else None (no pointer, an unreadable manifest, anything different)."""
+    try:
+        if read_pointer(root) is None:
+            return None
+        directory = resolve_shard_dir(root)
+        m = read_manifest(directory)
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+    src = m.get("source", {})
+    if (src.get("location"), src.get("version")) != (source_location, int(source_version)):
+        return None
+    if m.get("settings") != settings:
+        return None
+    return {**m, "_dir": directory}
+
+
 # ---------------------------------------------------------------------------------------------
 # reading, for the trainer
 
