@@ -2,7 +2,7 @@
 
 pyspark is not a hard requirement: Databricks runtimes ship their own. Extras:
   spark    pyspark, delta-spark, deltalake (offline Delta), pyarrow, pandas<3
-  train    torch, transformers>=5, accelerate, safetensors, deepspeed, mlflow-skinny
+  train    torch, transformers>=5, accelerate, safetensors, deepspeed, mlflow-skinny, peft
   horovod  horovod[pytorch]
   dev      pytest and friends
 """
@@ -13,7 +13,7 @@ from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).parent
-JOBS = ["ingest", "dedupe", "tokenize"]
+JOBS = ["ingest", "dedupe", "tokenize", "train", "infer"]
 
 
 class BuildWithConf(build_py):
@@ -51,6 +51,8 @@ setup(
                   "pandas>=2.2,<3"],
         "train": ["torch>=2.4", "transformers>=5", "tokenizers>=0.21", "accelerate>=1.2",
                   "safetensors>=0.4", "deepspeed>=0.16", "mlflow-skinny>=3",
+                  "peft>=0.15",     # LoRA (train.method=lora) with trainable_token_indices
+                  "tqdm>=4.66",     # the training progress bar
                   "pyarrow>=18"],   # the shard reader (core/shards.py) on a GPU box without Spark
         "horovod": ["horovod[pytorch]>=0.28"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "datasketch>=1.6",

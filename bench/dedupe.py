@@ -27,6 +27,9 @@ Steps (all on one make_corpus corpus, ``--edit-rate`` 0.03 by default):
    buckets are exactly the clusters its full run removes duplicates from;
 4. **datasketch**: ``MinHashLSH`` in this single process (same normalisation, shingles,
    threshold and permutations as ours), query-then-insert per record, union-find clusters;
+   like text-dedup it shingles each record as one text (instruction, context, response), the
+   conventional rule, where ours compares instruction+response and context separately (so a
+   shared passage alone never makes a duplicate, see :mod:`dollyflow.engine.dedupe`);
 5. scores: pair-level precision/recall/F1 of each method's clusters against the truth file
    (:mod:`dollyflow.core.evaluate`), records/s, and the ratios ours/baseline; peak RSS of
    our driver process (Python) and of its JVM, sampled every 0.2 s.

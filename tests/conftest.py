@@ -87,6 +87,49 @@ def make_corpus(tmp_path_factory):
     return build
 
 
+SHARED_PASSAGE_QA = [  # different questions (and answers) about one passage, dolly closed_qa style
+    ("When was Lamborghini founded, by whom, and why?",
+     "Ferruccio Lamborghini, an Italian manufacturing magnate, founded Automobili Ferruccio "
+     "Lamborghini S.p.A. in 1963 to compete with Ferrari."),
+    ("Summarize the ownership history of Lamborghini from 1973 to 1998.",
+     "After the 1973 downturn Ferruccio Lamborghini sold the company to Georges-Henri Rossetti and "
+     "René Leimer. It went bankrupt in 1978, was run in receivership by the Mimran brothers from "
+     "1980, who bought it by 1984 and sold it to Chrysler in 1987. Chrysler sold it to Mycom Setdco "
+     "and V'Power in 1994, and they sold it to the Volkswagen Group, under Audi, in 1998."),
+    ("Which engines power the cars that Lamborghini currently produces?",
+     "The Aventador has a V12, the Huracán a V10 and the Urus SUV a twin-turbo V8."),
+    ("Is Lamborghini Trattori part of the car company?",
+     "No. Ferruccio Lamborghini founded Lamborghini Trattori in 1948 and it still makes tractors, "
+     "but it has been a separate entity from the automobile manufacturer since 1973."),
+    ("List the cars built by Squadra Corse upon customer request.",
+     "Essenza SCV12, SC18 Alston and SC20."),
+]
+
+
+@pytest.fixture(scope="session")
+def shared_passage(sample_path) -> dict:
+    """Records asking different questions about one long passage (the real sample's longest
+    context, 658 words, when ../shared is present; else ~650 generated words), plus a near copy of
+    one of them (one word edited in the instruction and one in the response, same passage) and an
+    exact copy (case and spaces) of another: {"passage", "questions", "near", "exact"}."""
+    import json
+
+    rows = [json.loads(line) for line in open(sample_path, encoding="utf-8") if line.strip()]
+    passage = max((r.get("context") or "" for r in rows), key=lambda c: len(c.split()))
+    if len(passage.split()) < 400:  # generated sample: build a long passage from its contexts
+        words = " ".join(r["context"] for r in rows if r.get("context")).split()
+        passage = " ".join(words[:650])
+    assert len(passage.split()) >= 400
+    questions = [{"instruction": q, "context": passage, "response": a, "category": "closed_qa"}
+                 for q, a in SHARED_PASSAGE_QA]
+    base = questions[1]
+    near = dict(base, instruction=base["instruction"].replace("Summarize", "Summarise"),
+                response=base["response"].replace("sold it to Chrysler", "sold it on to Chrysler"))
+    exact = dict(questions[2], instruction="  " + questions[2]["instruction"].upper(),
+                 response=questions[2]["response"].replace(" ", "  ", 2))
+    return {"passage": passage, "questions": questions, "near": near, "exact": exact}
+
+
 @pytest.fixture
 def tmp_config(tmp_path):
     """tmp_config(job, *overrides) -> Config whose warehouse lies under this test's tmp_path."""
@@ -156,3 +199,25 @@ def s3_bucket():
 
     yield uri
     server.stop()
+
+
+# Two short sample records the tiny Dolly model memorises (answers, then "### End").
+DOLLY_FIXTURE_RECORDS = (1, 3)
+
+
+@pytest.fixture(scope="session")
+def dolly_records(sample_path) -> list[dict]:
+    import json
+    return [json.loads(line) for line in open(sample_path, encoding="utf-8")]
+
+
+@pytest.fixture(scope="session")
+def dolly_model_dir(tmp_path_factory, tokenizer_path, dolly_records) -> Path:
+    """A Hugging Face model directory shaped like the train job's output (safetensors, the
+    tokenizer with Dolly's tokens, generation_config eos = [### End, eos], README.md,
+    dollyflow_model.json) holding a tiny GPT-NeoX trained for a few hundred AdamW steps on two
+    sample records, so that it really answers and stops at ### End. Built once per session."""
+    pytest.importorskip("transformers")
+    from dollyflow.core.fixtures import tiny_dolly_model
+    out = tmp_path_factory.mktemp("dolly-model") / "model"
+    return tiny_dolly_model(out, tokenizer_path, [dolly_records[i] for i in DOLLY_FIXTURE_RECORDS])

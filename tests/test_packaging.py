@@ -22,7 +22,7 @@ def test_wheel_carries_conf_and_entry_points(tmp_path):
         assert not any(n.startswith("pyspark") for n in names)
         entry = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
         meta = z.read(next(n for n in names if n.endswith("METADATA"))).decode()
-    for job in ("ingest", "dedupe", "tokenize"):
+    for job in ("ingest", "dedupe", "tokenize", "infer"):
         assert f"dollyflow-{job} = dollyflow.jobs.{job}:main" in entry
     assert "dollyflow = dollyflow.cli:main" in entry
     requires = [l for l in meta.splitlines() if l.startswith("Requires-Dist:")]
@@ -43,7 +43,7 @@ def test_bundle_tasks_match_jobs():
         assert (REPO / "lib" / "dollyflow" / "jobs" / f"{name}.py").is_file()
 
 
-@pytest.mark.parametrize("job", ["ingest", "dedupe", "tokenize"])
+@pytest.mark.parametrize("job", ["ingest", "dedupe", "tokenize", "infer"])
 def test_spark_submit_scripts_start(job):
     """jobs/<job>.py run as scripts (sys.path[0] = jobs/, where tokenize.py would shadow the
     standard library's tokenize) must start and parse arguments."""

@@ -19,7 +19,7 @@ from datetime import date, datetime
 
 from dollyflow.config import ConfigError, available, load_config
 
-JOBS = ["ingest", "dedupe", "tokenize"]   # pipeline order
+JOBS = ["ingest", "dedupe", "tokenize", "train", "infer"]   # pipeline order
 
 
 def job_module(name: str):
@@ -83,7 +83,8 @@ def run_job(name: str, argv: list[str] | None = None) -> int:
 
 
 def run_pipeline(argv: list[str] | None = None) -> int:
-    """Every installed job in order (ingest -> dedupe -> tokenize), one config, one session."""
+    """Every installed job in order (ingest -> dedupe -> tokenize -> infer), one config, one
+    session. A job module may define ``skip_reason(cfg)``: a non-empty answer skips it."""
     args = _parser("dollyflow pipeline").parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config("pipeline", args.overrides, preset=args.preset, env=args.env, conf=args.conf)
@@ -95,10 +96,16 @@ def run_pipeline(argv: list[str] | None = None) -> int:
     results = {}
     base_run = cfg.run_id
     for name in installed_jobs():
+        module = job_module(name)
+        reason = module.skip_reason(cfg) if hasattr(module, "skip_reason") else None
+        if reason:   # e.g. infer without a model: the pipeline runs what it can
+            print(f"== {name} skipped: {reason} ==", flush=True)
+            results[name] = {"skipped": reason}
+            continue
         cfg.job = name
         cfg.run_id = f"{base_run}-{name}"
         t0 = time.time()
-        summary = job_module(name).run(cfg, spark)
+        summary = module.run(cfg, spark)
         summary["seconds"] = round(time.time() - t0, 2)
         print(f"== {name} ==", flush=True)
         print_summary(summary)

@@ -63,6 +63,8 @@ class TablesConfig:
     dedupe_runs: str = "dedupe_runs"
     tokenized: str = "tokenized"
     tokenize_runs: str = "tokenize_runs"
+    train_runs: str = "train_runs"
+    predictions: str = "predictions"
     volume: str = "files"             # Unity Catalog Volume under catalog.schema for files (shards,
                                       # checkpoints, models) when catalog is set
 
@@ -101,8 +103,10 @@ class IngestConfig:
 class DedupeConfig:
     ngram: int = 2                         # word n-gram size of the shingles
     num_perm: int = 128                    # MinHash permutations (signature length)
-    threshold: float = 0.7                 # Jaccard similarity at or above which records are near duplicates
-    bands: int | None = None               # LSH bands; None: chosen from threshold and num_perm (with rows)
+    threshold: float = 0.7                 # near duplicates: Jaccard of instruction+response AND of context
+                                           # (or both without context) at or above this
+    bands: int | None = None               # LSH bands (of the instruction+response signature); None: chosen
+                                           # from threshold and num_perm (with rows)
     rows: int | None = None                # rows per band; None: chosen with bands
     seed: int = 42                         # seed of the hash permutations
     bronze_version: int | None = None      # bronze version to read; None: the current one
@@ -131,6 +135,93 @@ class TokenizeConfig:
                                            # version and settings and tokenized is still at their version
 
 
+TRAIN_LAUNCHERS = ("torch_distributor", "torchrun", "horovod")
+TRAIN_METHODS = ("full", "lora")
+DEEPSPEED_PRESETS = ("auto", "a100", "a10", "v100", "cpu")
+GPT_NEOX_LORA_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+
+
+@dataclass
+class TrainConfig:
+    """The train job (conf/jobs/train.yaml documents every key and marks Dolly's values)."""
+    shard_dir: str = ""                    # a shard directory or a shards root; empty: shards_root(cfg)
+    output_dir: str = ""                   # empty: <files_root>/models/<model>-<method>-<manifest sha8>
+    checkpoint_dir: str = ""               # empty: <output_dir>/checkpoints
+    overwrite: bool = False                # replace an output dir trained with a different fingerprint
+    launcher: str = "torch_distributor"    # torch_distributor | torchrun | horovod
+    processes: int = 0                     # ranks; 0: the GPUs the driver sees, else 1
+    local_mode: bool = True                # TorchDistributor: ranks on the driver (true) or on executors
+    use_gpu: bool | None = None            # None: true when CUDA is available where the ranks run
+    deepspeed: str = "auto"                # auto | a100 | a10 | v100 | cpu | path to a DeepSpeed JSON
+    zero_stage: int | None = None          # None: the preset's stage
+    method: str = "full"                   # full | lora
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: list(GPT_NEOX_LORA_TARGETS))
+    lora_train_new_tokens: bool = True     # also train the rows of Dolly's added tokens
+    lora_save: str = "both"                # merged | adapter | both
+    epochs: int = 2
+    max_steps: int = 0                     # 0: all epochs
+    learning_rate: float = 5e-6
+    lr_scheduler: str = "constant"         # constant (after warmup) | cosine
+    warmup_steps: int = 50
+    warmup_type: str = "log"               # log | linear (DeepSpeed WarmupLR)
+    min_lr_ratio: float = 0.0              # cosine: final lr / peak lr
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    batch_size: int = 6                    # records per micro-batch per rank
+    batch_tokens: int = 0                  # > 0: token budget per micro-batch instead of batch_size
+    eval_batch_size: int = 0               # 0: batch_size
+    grad_accum: int = 1
+    gradient_clipping: float = 1.0
+    gradient_checkpointing: bool = True
+    precision: str = "auto"                # auto | bf16 | fp16 | fp32
+    seed: int = 42
+    group_size: int = 64                   # length grouping: micro-batches per sorted bucket
+    pad_to_multiple_of: int = 8
+    eval_steps: int = 50
+    save_steps: int = 200
+    keep_checkpoints: int = 2
+    log_steps: int = 10
+    progress: str = "auto"                 # auto (bar on a terminal) | bar | log
+    mlflow: bool = True
+    mlflow_tracking_uri: str = ""          # empty: Databricks' server there, else <warehouse>/mlruns
+    mlflow_experiment: str = ""            # empty: /Shared/dollyflow on Databricks, else dollyflow
+    mlflow_log_model: bool = True          # log the model with MLflow's transformers flavour
+    timeout_minutes: int = 30              # collective operations' timeout
+
+
+@dataclass
+class InferConfig:
+    model: str = ""                        # train output dir, MLflow URI (runs:/, models:/), file/object-store URI or hub name
+    input_table: str = "silver"            # logical table to score (used when query is empty)
+    split: str = "test"                    # test | train | all: rows of input_table in that split of the tokenized table
+    query: str = ""                        # SQL giving the rows to score instead (silver/tokenized are temp views)
+    key_columns: list[str] = field(default_factory=lambda: ["record_id"])  # identify a row in predictions
+    extra_columns: list[str] = field(default_factory=list)  # more input columns copied to predictions
+    instruction_column: str = "instruction"
+    context_column: str = "context"        # empty: no context
+    limit: int | None = None               # score at most this many rows (smoke runs)
+    mode: str = "append"                   # append (skip rows already predicted) | overwrite
+    retry_errors: bool = True              # append: regenerate rows whose earlier prediction is an error
+    function_name: str = "dolly_generate"  # SQL name given by register_udf
+    max_new_tokens: int = 256              # Dolly: 256
+    do_sample: bool = False                # Dolly: true (we default to greedy: reproducible batch scoring)
+    temperature: float = 1.0               # Dolly: 1.0 (transformers' default)
+    top_p: float = 0.92                    # Dolly: 0.92
+    top_k: int = 0                         # Dolly: 0 (off)
+    seed: int = 42                         # base of the per-row sampling seeds
+    device: str = "auto"                   # auto (the task's GPU when there is one, else cpu) | cpu | cuda | cuda:N
+    dtype: str = "auto"                    # auto (bf16 on Ampere+, fp16 on older GPUs, fp32 on cpu) | float32 | bfloat16 | float16
+    batch_tokens: int = 16384              # rows x (longest prompt + max_new_tokens) per batch
+    max_batch_size: int = 64               # rows per batch at most
+    window_rows: int = 256                 # rows sorted by prompt length together
+    partitions: int = 0                    # tasks to spread the rows over; 0: the session's default parallelism
+
+
 @dataclass
 class Config:
     job: str = ""
@@ -143,6 +234,8 @@ class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     dedupe: DedupeConfig = field(default_factory=DedupeConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -223,6 +316,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
+            return float(value)   # YAML 1.1 reads 5e-6 (no dot) as a string; a number was meant
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -352,9 +447,28 @@ def validate(cfg: Config) -> None:
     if bad:
         raise ConfigError(f"ingest.field_map: unknown target field(s) {sorted(bad)}; "
                           "targets are instruction, context, response, category")
+    inf = cfg.infer
+    if inf.mode not in ("append", "overwrite"):
+        raise ConfigError(f"infer.mode: {inf.mode!r} is not one of append, overwrite")
+    if inf.split not in ("test", "train", "all"):
+        raise ConfigError(f"infer.split: {inf.split!r} is not one of test, train, all")
+    if not inf.key_columns:
+        raise ConfigError("infer.key_columns: at least one key column is needed")
+    for k in [*inf.key_columns, *inf.extra_columns, inf.instruction_column] + \
+             ([inf.context_column] if inf.context_column else []):
+        check_identifier(k, "infer column")
+    check_identifier(inf.function_name, "infer.function_name")
+    for key in ("max_new_tokens", "batch_tokens", "max_batch_size", "window_rows"):
+        if getattr(inf, key) < 1:
+            raise ConfigError(f"infer.{key} must be >= 1, got {getattr(inf, key)}")
+    if inf.partitions < 0 or (inf.limit is not None and inf.limit < 0):
+        raise ConfigError("infer.partitions and infer.limit must not be negative")
+    if inf.do_sample and not (inf.temperature > 0 and 0 < inf.top_p <= 1 and inf.top_k >= 0):
+        raise ConfigError("infer: sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0")
     if not re.match(r"^[A-Za-z0-9_.:-]{1,128}$", cfg.run_id):
         raise ConfigError(f"run_id: {cfg.run_id!r} may hold only letters, digits and _ . : -")
     check_ranges(cfg)
+    validate_train(cfg.train)
 
 
 def _positive(value: Any, key: str, minimum: int = 1) -> None:
@@ -399,6 +513,47 @@ def check_ranges(cfg: Config) -> None:
         parse_test_size(cfg.tokenize.test_size)
     except ValueError as exc:
         raise ConfigError(f"tokenize.test_size: {exc}") from None
+
+
+def _one_of(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _at_least(key: str, value, low, *, strict: bool = False) -> None:
+    if value is not None and (value <= low if strict else value < low):
+        raise ConfigError(f"{key}: {value!r} must be {'>' if strict else '>='} {low}")
+
+
+def validate_train(t: TrainConfig) -> None:
+    """Range checks of the ``train:`` section; each error names its key."""
+    _one_of("train.launcher", t.launcher, TRAIN_LAUNCHERS)
+    _one_of("train.method", t.method, TRAIN_METHODS)
+    _one_of("train.lora_save", t.lora_save, ("merged", "adapter", "both"))
+    _one_of("train.lr_scheduler", t.lr_scheduler, ("constant", "cosine"))
+    _one_of("train.warmup_type", t.warmup_type, ("log", "linear"))
+    _one_of("train.precision", t.precision, ("auto", "bf16", "fp16", "fp32"))
+    _one_of("train.progress", t.progress, ("auto", "bar", "log"))
+    if t.zero_stage is not None:
+        _one_of("train.zero_stage", t.zero_stage, (0, 1, 2, 3))
+    if not t.deepspeed:
+        raise ConfigError("train.deepspeed: empty; use auto, a preset "
+                          f"({', '.join(DEEPSPEED_PRESETS[1:])}) or a path to a DeepSpeed JSON file")
+    for key in ("processes", "max_steps", "batch_tokens", "eval_batch_size", "warmup_steps", "keep_checkpoints"):
+        _at_least(f"train.{key}", getattr(t, key), 0)
+    for key in ("epochs", "batch_size", "grad_accum", "group_size", "pad_to_multiple_of", "eval_steps",
+                "save_steps", "log_steps", "lora_r", "timeout_minutes"):
+        _at_least(f"train.{key}", getattr(t, key), 1)
+    for key in ("learning_rate", "lora_alpha", "adam_eps"):
+        _at_least(f"train.{key}", getattr(t, key), 0, strict=True)
+    for key in ("weight_decay", "gradient_clipping"):
+        _at_least(f"train.{key}", getattr(t, key), 0)
+    for key in ("lora_dropout", "adam_beta1", "adam_beta2", "min_lr_ratio"):
+        v = getattr(t, key)
+        if not 0 <= v < 1 and not (key == "min_lr_ratio" and v == 1):
+            raise ConfigError(f"train.{key}: {v!r} must be in [0, 1)")
+    if t.method == "lora" and not t.lora_target_modules:
+        raise ConfigError("train.lora_target_modules: empty; LoRA needs at least one module name")
 
 
 def require_warehouse(warehouse: str) -> str:

@@ -103,3 +103,16 @@ def test_in_range_values_and_how_test_size_is_read():
     assert parse_test_size(cfg.tokenize.test_size) == ("count", 1)      # 1.0 is one record, not 100%
     assert parse_test_size(load_config("", ["tokenize.test_size=0.999"]).tokenize.test_size) == ("fraction", 0.999)
     assert parse_test_size(load_config("", ["tokenize.test_size=0"]).tokenize.test_size) == ("count", 0)
+
+
+def test_infer_section_defaults_and_checks():
+    from dollyflow.config import ConfigError, load_config
+    inf = load_config("infer").infer
+    # Dolly's generation numbers, decoded greedily by default (reproducible batch scoring)
+    assert (inf.max_new_tokens, inf.top_p, inf.top_k, inf.temperature, inf.do_sample) == (256, 0.92, 0, 1.0, False)
+    assert inf.key_columns == ["record_id"] and inf.split == "test" and inf.mode == "append"
+    assert load_config("infer").tables.predictions == "predictions"
+    for bad in ("infer.mode=upsert", "infer.split=dev", "infer.key_columns=[]", "infer.max_new_tokens=0",
+                "infer.function_name=drop table", "infer.key_columns=[a-b]"):
+        with pytest.raises(ConfigError, match="infer"):
+            load_config("infer", [bad])

@@ -8,8 +8,10 @@ import pytest
 
 from dollyflow.core.evaluate import score_clusters
 from dollyflow.core.minhash import (EMPTY, band_keys, bucket_pairs, compact, estimate_jaccard,
-                                    estimate_jaccard_compact, optimal_bands, permutations, signatures)
-from dollyflow.core.text import batch_shingles, jaccard, shingle_set
+                                    estimate_jaccard_compact, optimal_bands, part_similarity,
+                                    permutations, signatures)
+from dollyflow.core.text import (batch_shingles, fields_and_key, jaccard, normalized_document,
+                                 part_shingles, shingle_set)
 
 
 def naive_signature(shingles, perms):
@@ -84,6 +86,42 @@ def test_estimate_on_text_near_copies():
         est.append(estimate_jaccard(sig[0], sig[1]))
     diff = np.array(est) - np.array(exact)
     assert abs(diff.mean()) < 0.02 and np.abs(diff).max() < 0.2
+
+
+def part_signatures(records, num_perm=128, seed=42):
+    """Compact (qa, context) signatures and has-context flags of records, as the dedupe signer."""
+    fields = [fields_and_key(r["instruction"], r["context"], r["response"]) for r in records]
+    shingles, parts = part_shingles(*([f[k] for f in fields] for k in range(3)), 2)
+    m = len(records)
+    sigs = compact(signatures(shingles, parts, 2 * m, permutations(num_perm, seed)))
+    return sigs[:m], sigs[m:], np.bincount(parts, minlength=2 * m)[m:] > 0
+
+
+def test_part_similarity_compares_contexts_only_when_both_have_one():
+    rng = np.random.default_rng(0)
+    qa = rng.integers(0, 2**16, size=(4, 64), dtype=np.uint16)
+    ctx = rng.integers(0, 2**16, size=(4, 64), dtype=np.uint16)
+    other = ctx.copy()
+    other[:, :16] ^= 1                                   # 48 of 64 positions equal: 0.75
+    q, c = part_similarity(qa, qa, ctx, other, [True, False, True, False], [True, False, False, True])
+    assert q.tolist() == [1.0] * 4
+    assert c[0] == pytest.approx(0.75, abs=1e-4) and c[1:].tolist() == [1.0, 0.0, 0.0]
+
+
+def test_a_shared_passage_alone_never_makes_a_near_duplicate(shared_passage):
+    """Different questions about one long passage: as one text they are near copies, compared by
+    part they are far apart; a record's near copy (same passage) and exact copy stay close."""
+    qs, near, exact = shared_passage["questions"], shared_passage["near"], shared_passage["exact"]
+    whole = [shingle_set(normalized_document(r["instruction"], r["context"], r["response"]), 2) for r in qs]
+    assert min(jaccard(a, b) for a, b in itertools.combinations(whole, 2)) > 0.7   # the old rule's failure
+    qa, ctx, has_ctx = part_signatures([*qs, near, exact])
+    i, j = np.array(list(itertools.combinations(range(len(qs)), 2))).T
+    q, c = part_similarity(qa[i], qa[j], ctx[i], ctx[j], has_ctx[i], has_ctx[j])
+    assert np.all(c > 0.99) and np.all(q < 0.3), q      # same passage, different questions
+    n, e = len(qs), len(qs) + 1
+    q, c = part_similarity(qa[[n, e]], qa[[1, 2]], ctx[[n, e]], ctx[[1, 2]], has_ctx[[n, e]], has_ctx[[1, 2]])
+    assert 0.7 <= q[0] < 1.0 and c[0] == 1.0            # near copy: one word edited in each field
+    assert q[1] == c[1] == 1.0                          # exact copy
 
 
 @pytest.mark.parametrize("threshold,num_perm,fp", [(0.7, 128, 0.5), (0.5, 64, 0.5), (0.8, 256, 0.5),

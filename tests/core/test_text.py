@@ -4,8 +4,9 @@ import unicodedata
 import numpy as np
 import pytest
 
-from dollyflow.core.text import (batch_shingles, document_and_key, exact_key, jaccard, normalize,
-                                 normalized_document, shingle_set, token_hashes, utf8_buffer)
+from dollyflow.core.text import (batch_shingles, exact_key, fields_and_key, jaccard, normalize,
+                                 normalized_document, part_shingles, shingle_set, token_hashes,
+                                 utf8_buffer)
 
 
 def test_normalize_nfc_casefold_whitespace():
@@ -35,10 +36,30 @@ def test_exact_key_separates_content_and_fields():
     assert len(exact_key("a", "", "b")) == 16
 
 
-def test_document_and_key_agree_with_separate_functions():
-    doc, key = document_and_key(" Hello  World ", "", "ANSWER")
-    assert doc == normalized_document(" Hello  World ", "", "ANSWER") == "hello world answer"
+def test_fields_and_key_agree_with_separate_functions():
+    ins, ctx, res, key = fields_and_key(" Hello  World ", None, "ANSWER")
+    assert (ins, ctx, res) == ("hello world", "", "answer")
+    assert " ".join(f for f in (ins, ctx, res) if f) == normalized_document(" Hello  World ", "", "ANSWER")
     assert key == exact_key(" Hello  World ", "", "ANSWER")
+
+
+def test_part_shingles_split_the_question_and_answer_from_the_passage():
+    ins = ["the quick brown fox", "why", "", "a b"]
+    ctx = ["a long shared passage", "", "only a passage", "a long shared passage"]
+    res = ["jumps over", "because", "", "c"]
+    shingles, parts = part_shingles(ins, ctx, res, 2)
+    assert np.all(np.diff(parts) >= 0)
+    m = len(ins)
+    for i in range(m):
+        qa = set(shingles[parts == i].tolist())
+        assert qa == shingle_set(f"{ins[i]} {res[i]}".strip(), 2)
+        assert set(shingles[parts == m + i].tolist()) == shingle_set(ctx[i], 2)
+        if not ctx[i]:   # without context the qa part is the whole-record document
+            assert qa == shingle_set(normalized_document(ins[i], ctx[i], res[i]), 2)
+    assert not (set(shingles[parts == 2].tolist()))                           # no words: no shingles
+    assert set(shingles[parts == m].tolist()) == set(shingles[parts == m + 3].tolist())
+    with pytest.raises(ValueError):
+        part_shingles(["a"], [], ["b"], 2)
 
 
 def test_tokens_split_on_ascii_whitespace_and_punctuation_and_stay_in_their_document():

@@ -1,6 +1,6 @@
 """The dedupe job end to end on Spark: one ingest of a make_corpus corpus plus the real dolly
-sample with planted copies, one dedupe, then accuracy, outputs, survivor rule, idempotency,
-partition independence and bronze time travel.
+sample with planted copies and different questions about one shared passage, one dedupe, then
+accuracy, outputs, survivor rule, idempotency, partition independence and bronze time travel.
 
 Tests in this module share one warehouse and run in file order (the last one appends to bronze).
 """
@@ -26,12 +26,14 @@ PLANTED = 20
 def planted_copies(sample_path: Path, out: Path) -> list[dict]:
     """The sample's records (returned, not written), then, written to ``out``, an exact variant
     (case/space) and a near variant (one word of the response replaced) of the first PLANTED
-    records that have at least 40 words."""
+    records whose instruction and response have at least 15 words together: the edit is measured
+    against that part alone (a shared context does not count), and one replaced word in 15 words
+    keeps its bigram Jaccard near 0.75, clear of the 0.7 threshold."""
     rows = [json.loads(line) for line in open(sample_path, encoding="utf-8") if line.strip()]
     rng = random.Random(3)
     lines = [dict(r, _kind="original", _of=i) for i, r in enumerate(rows)]
     picked = [i for i, r in enumerate(rows)
-              if len(f"{r['instruction']} {r.get('context') or ''} {r['response']}".split()) >= 40
+              if len(f"{r['instruction']} {r['response']}".split()) >= 15
               and len(r["response"].split()) >= 6][:PLANTED]
     for i in picked:
         r = rows[i]
@@ -49,26 +51,38 @@ def rid_of(line: dict) -> str:
     return record_id(line["instruction"], line.get("context") or "", line["response"], line["category"])
 
 
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
 @pytest.fixture(scope="module")
-def world(spark, make_corpus, sample_path, tmp_path_factory):
+def world(spark, make_corpus, sample_path, shared_passage, tmp_path_factory):
     from dollyflow.engine.delta import DeltaStore
     from dollyflow.jobs import dedupe, ingest
 
     corpus, truth = make_corpus(CORPUS_LINES, edit_rate=0.03)
     root = tmp_path_factory.mktemp("dedupe")
-    inputs = root / "inputs"
+    first, inputs = root / "first", root / "inputs"
+    first.mkdir()
     inputs.mkdir()
+    shutil.copy(sample_path, first / "sample.jsonl")
+    write_jsonl(first / "shared-passage.jsonl", shared_passage["questions"])
     shutil.copy(corpus, inputs / "corpus.jsonl")
     planted = planted_copies(sample_path, inputs / "sample-planted.jsonl")
-    base = [f"tables.warehouse={root / 'warehouse'}", "spark.shuffle_partitions=4"]
-    # The real sample first, then (a later ingested_at) the corpus and the planted copies.
-    ingest.run(load_config("ingest", [*base, f"ingest.input={sample_path}"]), spark)
+    write_jsonl(inputs / "shared-passage-copies.jsonl", [shared_passage["near"], shared_passage["exact"]])
+    base = [f"tables.warehouse={root / 'warehouse'}"]
+    # The real sample and the questions about one passage first, then (a later ingested_at) the
+    # corpus and the planted copies.
+    ingest.run(load_config("ingest", [*base, f"ingest.input={first}"]), spark)
     ingest.run(load_config("ingest", [*base, f"ingest.input={inputs}"]), spark)
     cfg = load_config("dedupe", base)
     summary = dedupe.run(cfg, spark)
     store = DeltaStore(spark, cfg.tables)
     return {"cfg": cfg, "base": base, "root": root, "store": store, "summary": summary,
-            "corpus": corpus, "truth": truth, "planted": planted, "spark": spark}
+            "corpus": corpus, "truth": truth, "planted": planted, "spark": spark,
+            "shared_passage": shared_passage}
 
 
 def table(world, name: str, version=None):
@@ -106,6 +120,22 @@ def test_planted_copies_of_the_real_sample(world):
         cluster, survivor, kind, sim = dups[rid]
         assert (cluster, survivor, kind) == (originals[line["_of"]], originals[line["_of"]], line["_kind"])
         assert sim == 1.0 if kind == "exact" else 0.7 <= sim <= 1.0
+
+
+def test_different_questions_about_one_passage_all_survive(world):
+    """Records sharing one long passage with different instructions and responses are all kept
+    (a shared passage alone never makes a duplicate, nor chains one question to another), while
+    a near copy of one of them (same passage) and an exact copy of another are removed."""
+    dups = duplicates_map(world)
+    sp = world["shared_passage"]
+    for q in sp["questions"]:
+        assert rid_of(q) not in dups, (q["instruction"], dups.get(rid_of(q)))
+    original = rid_of(sp["questions"][1])
+    cluster, survivor, kind, sim = dups[rid_of(sp["near"])]
+    assert (cluster, survivor, kind) == (original, original, "near") and 0.7 <= sim < 1.0
+    original = rid_of(sp["questions"][2])
+    assert dups[rid_of(sp["exact"])] == (original, original, "exact", 1.0)
+    assert sum(1 for d in dups.values() if d[0] in {rid_of(q) for q in sp["questions"]}) == 2
 
 
 def test_outputs_partition_bronze_and_follow_the_survivor_rule(world):
@@ -152,23 +182,37 @@ def test_rerun_on_unchanged_bronze_writes_nothing(world):
 
 
 def test_same_result_whatever_the_partitioning(world):
-    """A forced re-run with one shuffle partition and many small input splits gives the same
-    silver and duplicates as the first run (four shuffle partitions)."""
-    from dollyflow.jobs import dedupe
-    spark = world["spark"]
-    first_dups = duplicates_map(world)
-    first_silver = sorted(tuple(r) for r in table(world, "silver").collect())
-    old = {k: spark.conf.get(k) for k in ("spark.sql.shuffle.partitions", "spark.sql.files.maxPartitionBytes")}
-    spark.conf.set("spark.sql.shuffle.partitions", "1")
-    spark.conf.set("spark.sql.files.maxPartitionBytes", str(64 * 1024))
+    """The same bronze version split into more input partitions (round-robin, so rows move) and
+    deduplicated with another number of shuffle partitions, set on the running session with
+    adaptive execution off so that it holds, gives exactly the job's duplicates and silver."""
+    from dollyflow.engine.dedupe import DedupeParams, candidate_pairs, find_duplicates, silver_of
+    spark, cfg = world["spark"], world["cfg"]
+    params = DedupeParams.from_config(cfg.dedupe)
+    bronze = world["store"].read(cfg.tables.bronze, world["summary"]["bronze_version"])
+    inputs = bronze.rdd.getNumPartitions() + 3
+    shuffle = int(spark.conf.get("spark.sql.shuffle.partitions")) + 3   # the job's run had at most
+    settings = {"spark.sql.shuffle.partitions": str(shuffle),          # the session's (AQE only lowers it)
+                "spark.sql.adaptive.enabled": "false"}
+    old = {k: spark.conf.get(k) for k in settings}
+    for k, v in settings.items():
+        spark.conf.set(k, v)
     try:
-        out = dedupe.run(load_config("dedupe", [*world["base"], "dedupe.skip_unchanged=false"]), spark)
+        moved = bronze.repartition(inputs)
+        frames = find_duplicates(moved, params, cfg.dedupe.max_cc_iterations)
+        try:  # the settings took effect: signatures per input partition, candidates per shuffle one
+            assert frames.signed.rdd.getNumPartitions() == inputs
+            assert candidate_pairs(frames.signed, params.all_pairs_bucket).rdd.getNumPartitions() == shuffle
+            dups = {r["record_id"]: (r["cluster_id"], r["survivor_id"], r["kind"], r["similarity"])
+                    for r in frames.duplicates.collect()}
+            silver = sorted(tuple(r) for r in silver_of(moved, frames.duplicates).collect())
+        finally:
+            frames.signed.unpersist()
     finally:
         for k, v in old.items():
             spark.conf.set(k, v)
-    assert out["skipped"] is False and out["silver_version"] == world["summary"]["silver_version"] + 1
-    assert duplicates_map(world) == first_dups
-    assert sorted(tuple(r) for r in table(world, "silver").collect()) == first_silver
+    assert {k: spark.conf.get(k) for k in settings} == old
+    assert dups == duplicates_map(world)
+    assert silver == sorted(tuple(r) for r in table(world, "silver").collect())
 
 
 def test_reads_bronze_at_the_recorded_version(world, tmp_path):
@@ -201,7 +245,7 @@ def test_no_originals_merged_in_a_100k_line_corpus(spark, make_corpus, tmp_path)
     (edit rate 0.03) at pair-level F1 >= 0.97, and no two distinct originals in one cluster."""
     from dollyflow.jobs import dedupe, ingest
     corpus, truth = make_corpus(100_000, edit_rate=0.03)
-    base = [f"tables.warehouse={tmp_path / 'warehouse'}", "spark.shuffle_partitions=4"]
+    base = [f"tables.warehouse={tmp_path / 'warehouse'}"]
     ingest.run(load_config("ingest", [*base, f"ingest.input={corpus}"]), spark)
     cfg = load_config("dedupe", base)
     dedupe.run(cfg, spark)

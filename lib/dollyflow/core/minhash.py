@@ -10,6 +10,9 @@ Signatures are computed for a whole batch of documents as a (num_perm x shingles
 blocks that fit in cache, reduced per document with ``np.minimum.reduceat``; there is no Python
 loop per shingle or per document.
 
+Near duplicates compare two signatures per record, one of its instruction+response shingles and
+one of its context shingles (:func:`part_similarity`); only the first is banded.
+
 Banding: ``optimal_bands`` picks (bands, rows) with bands*rows <= num_perm minimising the weighted
 false-positive and false-negative areas under the LSH S-curve, as datasketch's ``_optimal_param``
 does (same objective, integrated numerically with numpy).
@@ -157,6 +160,25 @@ def estimate_jaccard_compact(sig_a: np.ndarray, sig_b: np.ndarray) -> np.ndarray
     c = 2.0 ** -16
     raw = np.mean(np.asarray(sig_a) == np.asarray(sig_b), axis=-1)
     return np.clip((raw - c) / (1.0 - c), 0.0, 1.0)
+
+
+def part_similarity(qa_a: np.ndarray, qa_b: np.ndarray, ctx_a: np.ndarray, ctx_b: np.ndarray,
+                    has_ctx_a: np.ndarray, has_ctx_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise estimated Jaccard of the two parts of record pairs, from compact signatures.
+
+    Returns (qa, context): qa from the instruction+response signatures; context from the context
+    signatures where both records have a context, 1.0 where neither has one (both empty: the
+    same, absent passage) and 0.0 where only one has. Context rows of a record without context
+    are ignored. The near-duplicate rule of :mod:`dollyflow.engine.dedupe` is
+    ``min(qa, context) >= threshold``.
+    """
+    qa = estimate_jaccard_compact(qa_a, qa_b) if len(qa_a) else np.zeros(0)
+    has_a, has_b = np.asarray(has_ctx_a, dtype=bool), np.asarray(has_ctx_b, dtype=bool)
+    ctx = np.where(has_a == has_b, 1.0, 0.0)
+    both = np.flatnonzero(has_a & has_b)
+    if both.size:
+        ctx[both] = estimate_jaccard_compact(np.asarray(ctx_a)[both], np.asarray(ctx_b)[both])
+    return qa, ctx
 
 
 def bucket_pairs(keys: np.ndarray, nids: np.ndarray, all_pairs_bucket: int) -> tuple[np.ndarray, np.ndarray]:

@@ -389,6 +389,20 @@ class ShardDataset:
                            t.column("response_start").to_numpy(), t.column("record_id").to_pylist())
         return self._index
 
+    def arrays(self) -> dict:
+        """This reader's records as flat columns, for trainers that batch by index: ``values``
+        (all input ids, int32) with ``offsets`` (record i is ``values[offsets[i]:offsets[i+1]]``),
+        ``response_start`` and ``length`` (int64), ``category`` and ``record_id`` (lists)."""
+        tables = list(self._tables())
+        t = pa.concat_tables(tables) if tables else SHARD_SCHEMA.empty_table()
+        col = t.column("input_ids").combine_chunks()
+        return {"values": col.values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False),
+                "offsets": col.offsets.to_numpy().astype(np.int64),
+                "response_start": t.column("response_start").to_numpy().astype(np.int64),
+                "length": t.column("length").to_numpy().astype(np.int64),
+                "category": [c or "" for c in t.column("category").to_pylist()],
+                "record_id": t.column("record_id").to_pylist()}
+
     def __getitem__(self, i: int) -> dict:
         values, offsets, starts, rids = self._load()
         if i < 0:

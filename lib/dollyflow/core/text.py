@@ -12,6 +12,13 @@ Shingling works on a *batch* of normalised texts at once, on their UTF-8 bytes, 
 - a shingle is a word n-gram: the n token hashes of a window combined position-sensitively and
   mixed again, folded to 32 bits. A text with fewer than n tokens (but at least one) gets one
   shingle made of all its tokens; a text without tokens gets none.
+
+Near-duplicate detection shingles a record in two *parts* (:func:`part_shingles`): the
+instruction and the response joined (the "qa" part: what is asked and what is answered), and the
+context (the passage) on its own. No shingle mixes the passage with the question or the answer,
+and comparing the parts separately is what keeps different questions about one shared passage
+apart (see :mod:`dollyflow.engine.dedupe`). A record without context has the same qa shingles as
+its whole-record document (:func:`normalized_document`).
 """
 from __future__ import annotations
 
@@ -44,15 +51,19 @@ def normalize(text: str | None) -> str:
 
 
 def normalized_document(instruction: str | None, context: str | None, response: str | None) -> str:
-    """The text that is shingled for near-duplicate detection: the three normalised fields."""
+    """The three normalised fields joined by spaces: the whole record as one text, as a
+    conventional MinHash dedupe shingles it (the benchmarks' datasketch baseline does). dollyflow
+    itself shingles the parts separately (:func:`part_shingles`)."""
     return " ".join(p for p in (normalize(instruction), normalize(context), normalize(response)) if p)
 
 
-def document_and_key(instruction: str | None, context: str | None, response: str | None) -> tuple[str, bytes]:
-    """Both :func:`normalized_document` and :func:`exact_key`, normalising each field once."""
+def fields_and_key(instruction: str | None, context: str | None,
+                   response: str | None) -> tuple[str, str, str, bytes]:
+    """The normalised instruction, context and response and their :func:`exact_key`,
+    normalising each field once."""
     fields = (normalize(instruction), normalize(context), normalize(response))
     key = xxhash.xxh3_128_digest(FIELD_SEPARATOR.join(fields).encode("utf-8", "surrogatepass"))
-    return " ".join(f for f in fields if f), key
+    return fields[0], fields[1], fields[2], key
 
 
 def exact_key(instruction: str | None, context: str | None, response: str | None) -> bytes:
@@ -189,3 +200,18 @@ def jaccard(a: set, b: set) -> float:
     if not a and not b:
         return 1.0
     return len(a & b) / len(a | b)
+
+
+def part_shingles(instructions: list[str], contexts: list[str], responses: list[str],
+                  n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shingles of the two parts of ``m`` records (already-normalised fields), in one pass.
+
+    Returns (shingle hashes uint32, part index int64, non-decreasing) where part ``i < m`` is
+    record i's qa part (its instruction and response joined by a space) and part ``m + i`` its
+    context. A part without any word has no shingles.
+    """
+    m = len(instructions)
+    if not len(contexts) == len(responses) == m:
+        raise ValueError("instructions, contexts and responses must have the same length")
+    qa = [f"{i} {r}" if i and r else i or r for i, r in zip(instructions, responses)]
+    return batch_shingles(qa + list(contexts), n)

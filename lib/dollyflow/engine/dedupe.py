@@ -1,28 +1,57 @@
 """Exact and near-duplicate removal on Spark DataFrames (the engine side of the dedupe job).
 
+The near-duplicate rule. A record has two parts: its *qa part*, the instruction and the response
+joined (what is asked and what is answered), and its *context*, the passage. Each part is
+shingled into word n-grams on its own (:func:`dollyflow.core.text.part_shingles`) and gets its
+own MinHash signature. Two records are near duplicates when
+
+    J(qa_a, qa_b) >= threshold  and  (J(ctx_a, ctx_b) >= threshold  or  neither has a context),
+
+with J the MinHash estimate of the Jaccard similarity of the two parts' shingle sets. A context
+without any word counts as no context; a record with a context never matches one without.
+
+So a shared passage alone never makes a duplicate. In databricks-dolly-15k, closed_qa,
+information_extraction and summarization records often ask different questions about the same
+Wikipedia passage; shingled as one text, two such records over the sample's longest passage (658
+words) score J = 0.92 (MinHash estimate 0.95), and one was removed. By parts their qa J is 0.0.
+The passage cannot help either: a near copy needs a near-identical question and answer whatever
+the passage, exactly as a record without context always did (for those, the qa part is the whole
+record, so their result is unchanged). The consequence for short question-answers: one replaced
+word in a 12-bigram qa part gives J = 10/14 = 0.71, at the threshold, where a long shared passage
+used to lift it to 0.97. The instruction and the response are compared as one text, not field by
+field: a short instruction with one edited word would fall below the threshold on its own
+(9 bigrams, one replaced word: 7/11) while the question-answer as a whole stays a near copy. The
+limit of that choice: with a long instruction and short responses, the instruction dominates
+J(qa), so two different one-line answers to one long, identical instruction can still meet the
+threshold.
+
 Pipeline (every step is a DataFrame transformation; nothing is collected to the driver):
 
 1. ``sign``: one ``mapInArrow`` pass over bronze computes, per record, the exact key (xxh3-128 of
-   the normalised instruction/context/response), the MinHash signature of its word n-gram
-   shingles (kept as 16-bit values for verification) and its LSH band keys
-   (:mod:`dollyflow.core.text`, :mod:`dollyflow.core.minhash`); a 64-bit node id
-   (xxhash64 of record_id) keys the graph. The result is persisted (disk) once.
+   the normalised instruction/context/response), the MinHash signatures of its two parts (kept
+   as 16-bit values for verification; the context one is null without a context) and LSH band
+   keys of the *qa* signature only (:mod:`dollyflow.core.text`, :mod:`dollyflow.core.minhash`),
+   so the passage never makes two records candidates; a 64-bit node id (xxhash64 of record_id)
+   keys the graph. The result is persisted (disk) once.
 2. candidates: band keys are exploded and hash-partitioned; per partition, numpy finds the
    buckets with two or more records and emits candidate pairs (all pairs up to
    ``all_pairs_bucket`` members, else a star on the smallest node id); pairs are made distinct.
-3. verification: both compact signatures are joined onto each pair (only the signatures of
-   records that are in some pair) and the estimated Jaccard is compared with the threshold.
-   Exact duplicates need no separate pass: equal normalised text gives equal shingles, equal
-   signatures and band keys, hence a verified pair of similarity 1.0 (records without any
-   word get a single band key from their exact key, so only their exact copies meet them).
+3. verification: both parts' compact signatures are joined onto each pair (only those of records
+   that are in some pair) and a pair is kept when both parts meet the threshold (the rule
+   above); its similarity is ``min(J(qa), J(context))``, the weaker part. Exact duplicates need
+   no separate pass: equal normalised fields give equal shingles, equal signatures and band
+   keys, hence a verified pair of similarity 1.0 (a record whose qa part has no word gets a
+   single band key from its exact key, so only its exact copies meet it).
 4. connected components of the verified pairs (alternating large-star / small-star rounds of
    Kiveris et al., "Connected Components in MapReduce and Beyond", 2014, on DataFrames, with
    ``localCheckpoint`` cutting the lineage each round), so chains of near copies form one cluster.
+   Every edge of a chain is a verified pair, so a chain never links two different questions
+   through their passage: each link is a near copy of both the question-answer and the passage.
 5. survivors: in every component the survivor is the earliest ``ingested_at``, then the
    smallest ``record_id``; ``cluster_id`` is the survivor's ``record_id``. Every other member is
    a duplicate of kind ``exact`` (same exact key as the survivor, similarity 1.0) or ``near``
-   (similarity: estimated Jaccard to the survivor, which may be below the threshold for a
-   member reached through a chain).
+   (similarity: ``min(J(qa), J(context))`` to the survivor, which may be below the threshold for
+   a member reached through a chain).
 
 All choices depend only on record content and ids, never on partitioning or task order, so the
 same bronze version gives the same silver and duplicates tables under any parallelism.
@@ -40,14 +69,16 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from dollyflow.core.minhash import (band_keys, bucket_pairs, compact, estimate_jaccard_compact,
-                                    optimal_bands, permutations, signatures, signatures_from_buffer)
-from dollyflow.core.text import document_and_key, utf8_buffer, token_hashes, shingle_hashes
+from dollyflow.core.minhash import (band_keys, bucket_pairs, compact, optimal_bands, part_similarity,
+                                    permutations, signatures, signatures_from_buffer)
+from dollyflow.core.text import fields_and_key, part_shingles
 
-ALGORITHM_VERSION = 1
+# 2: near duplicates compare the instruction+response part and the context part separately
+# (1: one signature of the three fields shingled as one text).
+ALGORITHM_VERSION = 2
 _CHUNK_ROWS = 1024
 
-SIGNED_DDL = ("record_id string, ingested_at timestamp, ekey binary, shingles int, sig binary, "
+SIGNED_DDL = ("record_id string, ingested_at timestamp, ekey binary, sig binary, csig binary, "
               "bands array<bigint>")
 DUPLICATES_DDL = ("record_id string, cluster_id string, survivor_id string, kind string, "
                   "similarity double")
@@ -101,7 +132,10 @@ def _fixed_width_buffer(column: pa.Array, width: int) -> memoryview | bytes:
 
 
 class Signer:
-    """``mapInArrow`` function: bronze rows -> (record_id, ingested_at, ekey, shingles, sig, bands)."""
+    """``mapInArrow`` function: bronze rows -> (record_id, ingested_at, ekey, sig, csig, bands).
+
+    ``sig``: compact signature of the qa part (instruction + response); ``csig``: of the context,
+    null when the context has no word; ``bands``: LSH band keys of ``sig``."""
 
     def __init__(self, params: DedupeParams):
         self.params = params
@@ -116,28 +150,39 @@ class Signer:
     def sign(self, batch: pa.RecordBatch, perms) -> pa.RecordBatch:
         p = self.params
         cols = {name: batch.column(name).to_pylist() for name in ("instruction", "context", "response")}
-        docs, keys = [], []
-        for ins, ctx, res in zip(cols["instruction"], cols["context"], cols["response"]):
-            doc, key = document_and_key(ins, ctx, res)
-            docs.append(doc)
+        n = batch.num_rows
+        ins, ctx, res, keys = [], [], [], []
+        for i, c, r in zip(cols["instruction"], cols["context"], cols["response"]):
+            fi, fc, fr, key = fields_and_key(i, c, r)
+            ins.append(fi)
+            ctx.append(fc)
+            res.append(fr)
             keys.append(key)
-        n = len(docs)
-        data, offsets = utf8_buffer(docs)
-        tokens, token_docs = token_hashes(data, offsets)
-        shingles, shingle_docs = shingle_hashes(tokens, token_docs, p.ngram)
-        counts = np.bincount(shingle_docs, minlength=n).astype(np.int32)
-        sigs = signatures(shingles, shingle_docs, n, perms)
-        keys_arr = band_keys(sigs, p.bands, p.rows)
-        bands = self.band_lists(keys_arr, counts, keys)
+        shingles, parts = part_shingles(ins, ctx, res, p.ngram)
+        counts = np.bincount(parts, minlength=2 * n)
+        sigs = signatures(shingles, parts, 2 * n, perms)  # rows 0..n-1: qa parts; n..2n-1: contexts
+        qa_counts, has_ctx = counts[:n], counts[n:] > 0
+        bands = self.band_lists(band_keys(sigs[:n], p.bands, p.rows), qa_counts, keys)
         small = np.ascontiguousarray(compact(sigs).astype("<u2"))
-        width = p.num_perm * 2
-        sig_col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n,
-                                                       [None, pa.py_buffer(small.tobytes())])
         return pa.RecordBatch.from_arrays(
-            [batch.column("record_id"), batch.column("ingested_at"),
-             pa.array(keys, type=pa.binary()), pa.array(counts, type=pa.int32()),
-             sig_col.cast(pa.binary()), bands],
-            names=["record_id", "ingested_at", "ekey", "shingles", "sig", "bands"])
+            [batch.column("record_id"), batch.column("ingested_at"), pa.array(keys, type=pa.binary()),
+             self.binary_column(small[:n], None), self.binary_column(small[n:], has_ctx), bands],
+            names=["record_id", "ingested_at", "ekey", "sig", "csig", "bands"])
+
+    @staticmethod
+    def binary_column(rows: np.ndarray, valid: np.ndarray | None) -> pa.Array:
+        """One binary value per row of a contiguous uint16 matrix; null (and no bytes at all)
+        where ``valid`` is False."""
+        n, width = rows.shape[0], rows.shape[1] * 2
+        if valid is None or valid.all():
+            fixed = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pa.py_buffer(rows.tobytes())])
+            return fixed.cast(pa.binary())
+        offsets = np.zeros(n + 1, dtype=np.int32)
+        np.cumsum(valid * np.int32(width), out=offsets[1:])
+        validity = pa.py_buffer(np.packbits(valid, bitorder="little").tobytes())
+        return pa.BinaryArray.from_buffers(pa.binary(), n, [validity, pa.py_buffer(offsets.tobytes()),
+                                                            pa.py_buffer(rows[valid].tobytes())],
+                                           null_count=int(n - valid.sum()))
 
     @staticmethod
     def band_lists(keys_arr: np.ndarray, counts: np.ndarray, exact_keys: list[bytes]) -> pa.ListArray:
@@ -157,7 +202,7 @@ class Signer:
 
 
 def sign(bronze: DataFrame, params: DedupeParams) -> DataFrame:
-    """Per-record exact key, shingle count, compact signature and band keys."""
+    """Per-record exact key, compact signatures of both parts and band keys of the qa part."""
     cols = bronze.select("record_id", "ingested_at", "instruction", "context", "response")
     return cols.mapInArrow(Signer(params), SIGNED_DDL)
 
@@ -200,8 +245,22 @@ def candidate_pairs(signed: DataFrame, all_pairs_bucket: int) -> DataFrame:
             .distinct())
 
 
+def _signature_rows(column: pa.Array, n: int, num_perm: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, num_perm) compact signatures of a nullable binary column and its validity mask
+    (rows of null values are zeros)."""
+    width = num_perm * 2
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if column.null_count == 0:
+        return signatures_from_buffer(_fixed_width_buffer(column, width), n, num_perm), np.ones(n, dtype=bool)
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    filled = column.fill_null(pa.scalar(bytes(width), pa.binary()))
+    return signatures_from_buffer(_fixed_width_buffer(filled, width), n, num_perm), valid
+
+
 class Verifier:
-    """``mapInArrow`` function: (a, b, sig_a, sig_b) -> (a, b, similarity) at/above threshold."""
+    """``mapInArrow`` function: (a, b, sig_a, sig_b, csig_a, csig_b) -> (a, b, similarity), the
+    pairs whose qa part and context both meet the threshold (all pairs when ``keep_all``);
+    similarity = min(J(qa), J(context)) (:func:`dollyflow.core.minhash.part_similarity`)."""
 
     def __init__(self, num_perm: int, threshold: float, keep_all: bool = False):
         self.num_perm = num_perm
@@ -209,12 +268,14 @@ class Verifier:
         self.keep_all = keep_all
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        width = self.num_perm * 2
         for batch in batches:
             n = batch.num_rows
-            sa = signatures_from_buffer(_fixed_width_buffer(batch.column("sig_a"), width), n, self.num_perm)
-            sb = signatures_from_buffer(_fixed_width_buffer(batch.column("sig_b"), width), n, self.num_perm)
-            sim = estimate_jaccard_compact(sa, sb) if n else np.zeros(0)
+            qa_a, _ = _signature_rows(batch.column("sig_a"), n, self.num_perm)
+            qa_b, _ = _signature_rows(batch.column("sig_b"), n, self.num_perm)
+            ctx_a, has_a = _signature_rows(batch.column("csig_a"), n, self.num_perm)
+            ctx_b, has_b = _signature_rows(batch.column("csig_b"), n, self.num_perm)
+            qa, ctx = part_similarity(qa_a, qa_b, ctx_a, ctx_b, has_a, has_b)
+            sim = np.minimum(qa, ctx)
             keep = np.ones(n, dtype=bool) if self.keep_all else sim >= self.threshold
             idx = pa.array(np.flatnonzero(keep))
             yield pa.RecordBatch.from_arrays(
@@ -224,10 +285,13 @@ class Verifier:
 
 def with_similarity(pairs: DataFrame, sigs: DataFrame, num_perm: int, threshold: float,
                     keep_all: bool = False) -> DataFrame:
-    """Join both signatures onto (a, b) pairs and estimate their Jaccard similarity."""
-    joined = (pairs.join(sigs.select(F.col("nid").alias("a"), F.col("sig").alias("sig_a")), "a")
-              .join(sigs.select(F.col("nid").alias("b"), F.col("sig").alias("sig_b")), "b")
-              .select("a", "b", "sig_a", "sig_b"))
+    """Join both records' signatures (``nid, sig, csig``) onto (a, b) pairs and keep the pairs
+    that are near duplicates (all when ``keep_all``), with their similarity."""
+    joined = (pairs.join(sigs.select(F.col("nid").alias("a"), F.col("sig").alias("sig_a"),
+                                     F.col("csig").alias("csig_a")), "a")
+              .join(sigs.select(F.col("nid").alias("b"), F.col("sig").alias("sig_b"),
+                                F.col("csig").alias("csig_b")), "b")
+              .select("a", "b", "sig_a", "sig_b", "csig_a", "csig_b"))
     return joined.mapInArrow(Verifier(num_perm, threshold, keep_all), "a long, b long, similarity double")
 
 
@@ -305,10 +369,11 @@ def find_duplicates(bronze: DataFrame, params: DedupeParams, max_cc_iterations: 
                     timings: dict | None = None) -> DedupeFrames:
     """All removed records of ``bronze`` with their cluster, survivor, kind and similarity.
 
-    Exact duplicates need no separate pass: equal normalised text gives equal shingles, so equal
-    signatures and band keys, so a verified pair of similarity 1.0. A record without any shingle
-    (no word character at all) gets a single band key derived from its exact key instead, so that
-    only its exact copies meet it.
+    Near duplicates follow the rule of the module docstring (qa part and context each at or above
+    the threshold). Exact duplicates need no separate pass: equal normalised fields give equal
+    shingles, so equal signatures and band keys, so a verified pair of similarity 1.0. A record
+    whose qa part has no shingle (no word character in instruction and response) gets a single
+    band key derived from its exact key instead, so that only its exact copies meet it.
     """
     clock = _Clock(timings)
     signed = sign(bronze, params).withColumn("nid", node_id()).persist(StorageLevel.DISK_ONLY)
@@ -318,7 +383,7 @@ def find_duplicates(bronze: DataFrame, params: DedupeParams, max_cc_iterations: 
     clock("candidates")
     nodes = (pairs.select(F.col("a").alias("nid")).unionByName(pairs.select(F.col("b").alias("nid")))
              .distinct())
-    node_sigs = signed.select("nid", "sig").join(nodes, "nid", "left_semi").localCheckpoint()
+    node_sigs = signed.select("nid", "sig", "csig").join(nodes, "nid", "left_semi").localCheckpoint()
     verified = with_similarity(pairs, node_sigs, params.num_perm, params.threshold).localCheckpoint()
     clock("verify")
     components = connected_components(verified.select("a", "b"), max_cc_iterations).localCheckpoint()

@@ -2,7 +2,8 @@
 
 - silver: one survivor per duplicate cluster, all bronze columns.
 - duplicates: every removed record: record_id, cluster_id, survivor_id, kind (exact | near),
-  similarity (estimated Jaccard to the survivor; 1.0 for exact).
+  similarity (1.0 for exact; for near, the estimated Jaccard to the survivor of the less similar
+  part: min(instruction+response, context), a context counting 1.0 when neither has one).
 - dedupe_runs: run_id, times, bronze_version, input_rows, survivors, removed_exact,
   removed_near, clusters (clusters with at least one removed record), verified_pairs,
   parameters (JSON), silver_version, duplicates_version (the versions of this run's own commits).
@@ -12,9 +13,11 @@ equal the rows dedupe read and the rows of silver's plus duplicates' commits; ot
 fails naming the numbers.
 
 Exact duplicates: equal after normalisation (NFC, case-fold, whitespace collapsed and trimmed) of
-instruction, context and response. Near duplicates: MinHash/LSH over word n-grams, verified
-against the Jaccard threshold, clustered by connected components (see
-:mod:`dollyflow.engine.dedupe`). Survivor: earliest ``ingested_at``, then smallest ``record_id``;
+instruction, context and response. Near duplicates: the instruction+response part and the
+context are compared separately, and both must reach the Jaccard threshold (or neither record
+has a context), so a shared passage alone never makes a duplicate; MinHash/LSH over word n-grams
+of the instruction+response part finds candidates, both parts are verified, and connected
+components cluster them (see :mod:`dollyflow.engine.dedupe`). Survivor: earliest ``ingested_at``, then smallest ``record_id``;
 ``cluster_id`` is the survivor's ``record_id``.
 
 Idempotent: when ``dedupe.skip_unchanged`` is on (default) and the last dedupe run used the same

@@ -1,0 +1,298 @@
+#!/usr/bin/env python
+"""Generation throughput: dollyflow's batched core and the infer job against Dolly-style
+generation, in the same run, on the same model and prompts, greedy, same max_new_tokens.
+
+    .venv/bin/python bench/infer.py --workdir /tmp/infer-bench            # CPU (+ the Spark job)
+    .venv/bin/python bench/infer.py --gpu --workdir /tmp/infer-bench-gpu  # CUDA, no Spark needed
+
+Prompts: the 100 real dolly-15k sample records (``../shared``; a generated sample without it),
+each used three times so that 300 prompts are all different: as is (instruction + context), with
+the context dropped (instruction only), and with "Answer briefly: " before the instruction (with
+its context). Each side renders them with Dolly's generation prompt.
+
+CPU mode (default):
+
+- model: a tiny GPT-NeoX with a realistic-for-CPU shape (hidden 256, 4 layers, 8 heads, the real
+  50k-token pythia vocabulary, 2048 positions), trained for a few hundred steps on 16 sample
+  records (:func:`dollyflow.core.fixtures.tiny_dolly_model`) so that it answers and emits
+  ``### End``: responses end at different lengths, as a real fine-tuned model's do. Built once
+  into ``<workdir>/model``.
+- **baseline, Dolly-style**: what ``InstructionTextGenerationPipeline`` does per call -- tokenize
+  one prompt, ``model.generate(input_ids, attention_mask, pad_token_id=eos,
+  eos_token_id=<### End id>, max_new_tokens, do_sample=False)``, find the ``### Response:`` token
+  and ``### End`` in the sequence and decode between them -- one prompt per call, in order.
+- **core**: :class:`dollyflow.core.generate.Generator` over the same prompts, in windows of
+  ``window_rows`` (as the UDF does), one process using every core (torch's default threads).
+- **job**: ``dollyflow.jobs.infer.run`` on local Spark (``local[<cores>]``: one task and one
+  Python worker per core, one torch thread each) over the same prompts from a temp view, mode
+  overwrite, into a Delta table: its tokens/s over the generation action (model loads in the
+  workers, Spark and the UDF included) against the core's = the UDF overhead ratio.
+
+Reported: generated tokens/s of each side (``### End`` counted as generated on both sides),
+speedup = core / baseline, overhead = job / core, p50/p95 seconds per row (baseline: one call;
+core: from the start of the row's batch to its last token), and how many responses are equal
+between baseline and core.
+
+GPU mode (``--gpu``): a pythia-410m-shaped GPT-NeoX with random weights (24 layers, hidden 1024,
+16 heads, vocabulary 50304) in bf16 on CUDA; the core against transformers ``generate`` with
+static batching (fixed batches of ``--batch-size`` prompts in input order, left padded, each
+batch running until all its rows stop or reach max_new_tokens). Random weights almost never emit
+``### End``, so every row runs to max_new_tokens on both sides: this measures the loop, not the
+early exits of a fine-tuned model.
+
+Prints one JSON object, also written to ``<workdir>/result.json``. Run it alone (it uses every
+core): ``flock /tmp/dollyflow-heavy.lock python bench/infer.py``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# bench/ holds tokenize.py, which would shadow the standard library's tokenize module: take this
+# directory off the import path before anything imports it.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "lib"))
+SHARED = Path(os.environ.get("DOLLYFLOW_SHARED", REPO.parent / "shared")).resolve()
+
+
+def records() -> list[dict]:
+    sample = SHARED / "data" / "dolly-sample.jsonl"
+    if sample.is_file():
+        return [json.loads(line) for line in open(sample, encoding="utf-8")]
+    from dollyflow.core.samples import generate_records
+    return generate_records(100)
+
+
+def tokenizer_path(workdir: Path) -> Path:
+    real = SHARED / "assets" / "gpt-neox-20b"
+    if real.is_dir():
+        return real
+    from dollyflow.core.tokens import train_small_tokenizer
+    out = workdir / "tokenizer"
+    if not (out / "tokenizer.json").is_file():
+        train_small_tokenizer([v for r in records() for v in (r["instruction"], r["context"], r["response"])], out)
+    return out
+
+
+def prompts(n: int) -> list[tuple[str, str]]:
+    """(instruction, context) x n: the sample as is, without context, and with a prefix."""
+    recs = records()
+    variants = [lambda r: (r["instruction"], r["context"] or ""),
+                lambda r: (r["instruction"], ""),
+                lambda r: ("Answer briefly: " + r["instruction"], r["context"] or "")]
+    out = [v(r) for v in variants for r in recs]
+    return out[:n]
+
+
+def percentiles(xs: list[float]) -> dict:
+    q = statistics.quantiles(xs, n=100, method="inclusive")
+    return {"p50": round(q[49], 4), "p95": round(q[94], 4)}
+
+
+def dolly_style(model, tok, rows, max_new_tokens: int) -> dict:
+    """One prompt per call, as Dolly's InstructionTextGenerationPipeline does."""
+    import torch
+
+    from dollyflow.core.prompt import END_KEY, RESPONSE_KEY_NL, format_inference_prompt
+
+    end_id = tok.convert_tokens_to_ids(END_KEY)
+    response_id = tok.convert_tokens_to_ids(RESPONSE_KEY_NL)
+    device = next(model.parameters()).device
+    responses, seconds, tokens = [], [], 0
+    t0 = time.perf_counter()
+    for ins, ctx in rows:
+        t = time.perf_counter()
+        enc = tok(format_inference_prompt(ins, ctx), return_tensors="pt").to(device)
+        with torch.inference_mode():
+            seq = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                 pad_token_id=tok.pad_token_id, eos_token_id=end_id, do_sample=False,
+                                 max_new_tokens=max_new_tokens)[0].tolist()
+        tokens += len(seq) - enc["input_ids"].shape[1]
+        start = seq.index(response_id) + 1
+        end = seq.index(end_id) if end_id in seq[start:] else None
+        text = tok.decode(seq[start:end]).strip()
+        if not text:   # Dolly's regex fallback
+            m = re.search(r"#+\s*Response:\s*(.+?)#+\s*End", tok.decode(seq), flags=re.DOTALL)
+            text = m.group(1).strip() if m else ""
+        responses.append(text)
+        seconds.append(time.perf_counter() - t)
+    wall = time.perf_counter() - t0
+    return {"tokens": tokens, "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 2),
+            "per_row_s": percentiles(seconds), "responses": responses}
+
+
+def core(model, tok, rows, max_new_tokens: int, window: int, batch_tokens: int, max_batch_size: int) -> dict:
+    from dollyflow.core.generate import GenerationParams, Generator
+
+    g = Generator(model, tok, GenerationParams(max_new_tokens=max_new_tokens), batch_tokens=batch_tokens,
+                  max_batch_size=max_batch_size)
+    out = []
+    t0 = time.perf_counter()
+    for i in range(0, len(rows), window):
+        part = rows[i:i + window]
+        out += g.generate([r[0] for r in part], [r[1] for r in part])
+    wall = time.perf_counter() - t0
+    tokens = sum(o.completion_tokens or 0 for o in out)
+    return {"tokens": tokens, "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 2),
+            "per_row_s": percentiles([o.seconds for o in out]), "batches": g.batches_run,
+            "finish_reasons": {k: sum(o.finish_reason == k for o in out) for k in ("stop", "length", "error")},
+            "responses": [o.response for o in out]}
+
+
+def static_batches(model, tok, rows, max_new_tokens: int, batch_size: int) -> dict:
+    """transformers generate, fixed batches in input order, left padding."""
+    import torch
+
+    from dollyflow.core.prompt import END_KEY, format_inference_prompt
+
+    end_id = tok.convert_tokens_to_ids(END_KEY)
+    tok.padding_side = "left"
+    device = next(model.parameters()).device
+    tokens = 0
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(0, len(rows), batch_size):
+        enc = tok([format_inference_prompt(a, b) for a, b in rows[i:i + batch_size]], return_tensors="pt",
+                  padding=True).to(device)
+        with torch.inference_mode():
+            seq = model.generate(**enc, pad_token_id=tok.pad_token_id, eos_token_id=[end_id, tok.eos_token_id],
+                                 do_sample=False, max_new_tokens=max_new_tokens)
+        new = seq[:, enc["input_ids"].shape[1]:]
+        for row in new.tolist():   # count each row up to and including its stop token
+            stop = next((j for j, t in enumerate(row) if t in (end_id, tok.eos_token_id)), None)
+            tokens += len(row) if stop is None else stop + 1
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    return {"tokens": tokens, "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 2)}
+
+
+def spark_job(workdir: Path, model_dir: Path, rows, max_new_tokens: int, window: int, batch_tokens: int,
+              max_batch_size: int, cores: int) -> dict:
+    from dollyflow.config import SparkConfig, load_config
+    from dollyflow.engine.session import get_session
+    from dollyflow.jobs import infer
+
+    spark = get_session(SparkConfig(master=f"local[{cores}]", shuffle_partitions=cores, driver_memory="4g"))
+    try:
+        spark.createDataFrame([(i, a, b) for i, (a, b) in enumerate(rows)], "id int, instruction string, context string") \
+            .createOrReplaceTempView("bench_prompts")
+        cfg = load_config("infer", [f"tables.warehouse={workdir / 'warehouse'}", f"infer.model={model_dir}",
+                                    "infer.query=SELECT id, instruction, context FROM bench_prompts",
+                                    "infer.key_columns=[id]", "infer.mode=overwrite",
+                                    f"infer.max_new_tokens={max_new_tokens}", f"infer.window_rows={window}",
+                                    f"infer.batch_tokens={batch_tokens}", f"infer.max_batch_size={max_batch_size}",
+                                    f"infer.partitions={cores}"])
+        summary = infer.run(cfg, spark)
+        from dollyflow.engine.delta import DeltaStore
+        table = {r["id"]: r["response"] for r in DeltaStore(spark, cfg.tables).read("predictions").collect()}
+    finally:
+        spark.stop()
+    return {"tokens": summary["completion_tokens"], "seconds": summary["generation_seconds"],
+            "tokens_per_s": summary["tokens_per_second"], "job_seconds": summary["job_seconds"],
+            "workers": summary["workers"], "responses": [table[i] for i in range(len(rows))]}
+
+
+def cpu(args) -> dict:
+    import torch
+
+    from dollyflow.core.fixtures import tiny_dolly_model
+    from dollyflow.core.model import load_for_generation
+
+    workdir = Path(args.workdir)
+    model_dir = workdir / "model"
+    if not (model_dir / "model.safetensors").is_file():
+        recs = [r for r in records() if len(r["response"]) < 300][:16]
+        tiny_dolly_model(model_dir, tokenizer_path(workdir), recs, steps=args.train_steps, lr=3e-3,
+                         hidden_size=256, layers=4, heads=8, max_position_embeddings=2048)
+    model, tok = load_for_generation(str(model_dir))
+    rows = prompts(args.prompts)
+    cores = os.cpu_count() or 1
+    result = {"mode": "cpu", "torch_threads": torch.get_num_threads(), "cores": cores, "prompts": len(rows),
+              "max_new_tokens": args.max_new_tokens,
+              "model": {"dir": str(model_dir), "hidden": 256, "layers": 4, "heads": 8, "vocab": len(tok),
+                        "params": sum(p.numel() for p in model.parameters())}}
+    base = dolly_style(model, tok, rows, args.max_new_tokens)
+    ours = core(model, tok, rows, args.max_new_tokens, args.window, args.batch_tokens, args.batch_size)
+    same = sum(a == b for a, b in zip(base["responses"], ours["responses"]))
+    result.update(baseline=base, core=ours, speedup=round(ours["tokens_per_s"] / base["tokens_per_s"], 2),
+                  equal_responses=f"{same}/{len(rows)}")
+    if not args.no_spark:
+        job = spark_job(workdir, model_dir, rows, args.max_new_tokens, args.window, args.batch_tokens,
+                        args.batch_size, cores)
+        result.update(job=job, udf_overhead_ratio=round(job["tokens_per_s"] / ours["tokens_per_s"], 3),
+                      job_equal_to_core=f"{sum(a == b for a, b in zip(job['responses'], ours['responses']))}/{len(rows)}")
+    return result
+
+
+def gpu(args) -> dict:
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from dollyflow.core.tokens import load_tokenizer
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--gpu needs CUDA")
+    tok = load_tokenizer(str(tokenizer_path(Path(args.workdir))))
+    config = GPTNeoXConfig(vocab_size=50304, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                           intermediate_size=4096, max_position_embeddings=2048, use_parallel_residual=True,
+                           tie_word_embeddings=False)   # rotary on 25% of the head dims, theta 10000: pythia's
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(config).to("cuda", dtype=torch.bfloat16).eval()
+    model.generation_config.eos_token_id = [tok.convert_tokens_to_ids("### End"), tok.eos_token_id]
+    rows = prompts(args.prompts)
+    warm = rows[: min(8, len(rows))]
+    static_batches(model, tok, warm, 8, args.batch_size)     # CUDA init, kernels
+    base = static_batches(model, tok, rows, args.max_new_tokens, args.batch_size)
+    core(model, tok, warm, 8, args.window, args.batch_tokens, args.batch_size)
+    torch.cuda.synchronize()
+    ours = core(model, tok, rows, args.max_new_tokens, args.window, args.batch_tokens, args.batch_size)
+    torch.cuda.synchronize()
+    ours.pop("responses")
+    return {"mode": "gpu", "device": torch.cuda.get_device_name(0), "dtype": "bfloat16", "prompts": len(rows),
+            "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "batch_tokens": args.batch_tokens,
+            "model": "pythia-410m shape, random weights", "baseline_static_batching": base, "core": ours,
+            "speedup": round(ours["tokens_per_s"] / base["tokens_per_s"], 2),
+            "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", default="/tmp/dollyflow-infer-bench")
+    p.add_argument("--prompts", type=int, default=300)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 64 on CPU, 256 (Dolly's) on GPU")
+    p.add_argument("--window", type=int, default=256, help="rows sorted together (infer.window_rows)")
+    p.add_argument("--batch-tokens", type=int, default=None, help="default: 16384 on CPU, 131072 on GPU")
+    p.add_argument("--batch-size", type=int, default=64, help="rows per batch at most (both sides on GPU)")
+    p.add_argument("--train-steps", type=int, default=300)
+    p.add_argument("--no-spark", action="store_true", help="CPU: skip the Spark job")
+    p.add_argument("--gpu", action="store_true")
+    args = p.parse_args()
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 256 if args.gpu else 64
+    if args.batch_tokens is None:
+        args.batch_tokens = 131072 if args.gpu else 16384
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    result = gpu(args) if args.gpu else cpu(args)
+    for side in ("baseline", "core", "job"):
+        if isinstance(result.get(side), dict):
+            result[side].pop("responses", None)
+    text = json.dumps(result, indent=2)
+    print(text)
+    (Path(args.workdir) / "result.json").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

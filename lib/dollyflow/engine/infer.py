@@ -1,0 +1,253 @@
+"""Spark glue for generation: the ``dolly_generate`` UDF, for DataFrames and SQL.
+
+    from dollyflow.engine.infer import register_udf
+    register_udf(spark, cfg)                      # cfg.infer: model, generation parameters, name
+    spark.sql("SELECT record_id, dolly_generate(instruction, context).response FROM silver")
+    spark.sql("SELECT dolly_generate('Name three primary colours.') AS g")
+
+One UDF, three call forms: ``(instruction)``, ``(instruction, context)`` and
+``(instruction, context, seed)`` (a per-row sampling seed, BIGINT). It returns
+:data:`RESULT_DDL`: ``response``, ``finish_reason`` (stop | length | error), ``prompt_tokens``,
+``completion_tokens``, ``error`` and ``trimmed_context_tokens``. Generation parameters come from
+config, never from the rows. Select the struct once (``SELECT g.response, g.error FROM (SELECT
+dolly_generate(...) AS g FROM t)``) so the model runs once per row.
+
+Why an iterator pandas UDF and not ``pyspark.ml.functions.predict_batch_udf``:
+
+- the model cache: predict_batch_udf keys its per-worker cache by a uuid made at each
+  ``predict_batch_udf`` call, so every registration (each job run, each SQL session) loads the
+  model again; ours is keyed by (model sha, device, dtype) in :func:`dollyflow.core.generate.cached`
+  and survives re-registration for as long as Spark keeps the Python worker;
+- the result: predict_batch_udf's struct results take only numeric/string/array fields and fail
+  on None inside a list of dicts; ours returns nulls (``error`` is null on success) freely;
+- batching: predict_batch_udf cuts fixed row counts; we buffer ``window_rows`` rows, sort them
+  by length and batch them by a token budget (:mod:`dollyflow.core.generate`);
+- one UDF that takes one, two or three arguments (SQL forms) and counts its model loads.
+
+The model is loaded lazily by the first window a Python worker sees, once per worker (Spark
+reuses workers across tasks with ``spark.python.worker.reuse``, the default), on the task's GPU
+when Spark assigned one (``TaskContext.resources()["gpu"]``), else the first CUDA device, else
+the CPU. Workers read the model where the driver resolved it (a shared path such as ``/dbfs`` or
+``/Volumes`` on clusters; remote URIs are downloaded once per machine) and check that its weight
+files match what the driver hashed.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Iterator, Tuple
+
+import pandas as pd
+
+from dollyflow.core.generate import GenerationParams
+
+RESULT_FIELDS = (("response", "string"), ("finish_reason", "string"), ("prompt_tokens", "int"),
+                 ("completion_tokens", "int"), ("error", "string"), ("trimmed_context_tokens", "int"))
+RESULT_DDL = "struct<" + ", ".join(f"{n}: {t}" for n, t in RESULT_FIELDS) + ">"
+
+
+@dataclass(frozen=True)
+class InferSpec:
+    """Everything a worker needs to generate, small enough to travel in the UDF's closure."""
+    source: str                      # as configured (path, URI or hub name)
+    model_dir: str                   # where the driver found it (the same path on workers for local/shared dirs)
+    digest: str                      # sha256 of the weight files (the predictions' model_sha)
+    signature: tuple = ()            # ((file name, size), ...) of the weights, checked on workers
+    params: GenerationParams = field(default_factory=GenerationParams)
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_tokens: int = 16384
+    max_batch_size: int = 64
+    window_rows: int = 256
+
+
+def resolve_spec(infer_cfg) -> InferSpec:
+    """On the driver: find the model (downloading a remote one), hash its weights and freeze the
+    generation parameters of ``cfg.infer``."""
+    from dollyflow.core.model import model_digest, resolve_model_dir, source_kind, weight_signature
+
+    source = str(infer_cfg.model or "")
+    if not source:
+        raise ValueError("infer.model is empty: set it to the train job's output directory, an MLflow model "
+                         "URI (runs:/..., models:/...) or a hub name")
+    if source_kind(source) == "dir":
+        source = os.path.abspath(os.path.expanduser(source))
+    model_dir = resolve_model_dir(source)
+    params = GenerationParams(max_new_tokens=infer_cfg.max_new_tokens, do_sample=infer_cfg.do_sample,
+                              temperature=infer_cfg.temperature, top_p=infer_cfg.top_p, top_k=infer_cfg.top_k,
+                              seed=infer_cfg.seed)
+    return InferSpec(source=source, model_dir=model_dir, digest=model_digest(model_dir),
+                     signature=tuple(sorted(weight_signature(model_dir).items())), params=params,
+                     device=infer_cfg.device, dtype=infer_cfg.dtype, batch_tokens=infer_cfg.batch_tokens,
+                     max_batch_size=infer_cfg.max_batch_size, window_rows=infer_cfg.window_rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# in the Python worker
+
+
+def _task_gpus() -> list[str] | None:
+    try:
+        from pyspark import TaskContext
+        ctx = TaskContext.get()
+        if ctx is None:
+            return None
+        gpu = ctx.resources().get("gpu")
+        return list(gpu.addresses) if gpu is not None else None
+    except Exception:
+        return None
+
+
+def worker_generator(spec: InferSpec):
+    """(Generator, model loaded now?) for this Python worker. The model and tokenizer are loaded
+    once per (weights, device, dtype) and kept by :func:`dollyflow.core.generate.cached`; the
+    Generator around them (parameters, batching) is cheap and made per call."""
+    from dollyflow.core.generate import Generator, cached
+    from dollyflow.core.model import load_for_generation, pick_device, pick_dtype, resolve_model_dir, weight_signature
+    from dollyflow.core.tokens import set_single_thread
+
+    set_single_thread()
+    device = pick_device(spec.device, _task_gpus())
+    dtype = str(pick_dtype(device, spec.dtype)).replace("torch.", "")
+
+    def load():
+        # the driver's directory when this machine sees it (local runs, /dbfs, /Volumes), else a
+        # download of the source on this machine
+        model_dir = spec.model_dir if os.path.isdir(spec.model_dir) else resolve_model_dir(spec.source)
+        found = tuple(sorted(weight_signature(model_dir).items()))
+        if spec.signature and found != spec.signature:
+            raise RuntimeError(f"the model weights at {model_dir} differ from those the driver hashed "
+                               f"({dict(found)} vs {dict(spec.signature)}): was the model rewritten during the job?")
+        return load_for_generation(model_dir, device=device, dtype=dtype)
+
+    (model, tokenizer), loaded = cached((spec.digest, device, dtype), load)
+    return Generator(model, tokenizer, spec.params, batch_tokens=spec.batch_tokens,
+                     max_batch_size=spec.max_batch_size), loaded
+
+
+def _seed(v) -> int | None:
+    if v is None or (isinstance(v, float) and v != v) or v is pd.NA:
+        return None
+    return int(v)
+
+
+def _text(v):
+    if v is None or v is pd.NA or (isinstance(v, float) and v != v):
+        return None
+    return v
+
+
+def _frame(results) -> pd.DataFrame:
+    return pd.DataFrame({
+        "response": pd.array([r.response for r in results], dtype=object),
+        "finish_reason": pd.array([r.finish_reason for r in results], dtype=object),
+        "prompt_tokens": pd.array([r.prompt_tokens for r in results], dtype="Int32"),
+        "completion_tokens": pd.array([r.completion_tokens for r in results], dtype="Int32"),
+        "error": pd.array([r.error for r in results], dtype=object),
+        "trimmed_context_tokens": pd.array([r.trimmed_context_tokens for r in results], dtype="Int32"),
+    })
+
+
+class LoadCounts:
+    """A Spark accumulator param: {(event, pid): count} summed over tasks. Events: ``load``
+    (a model loaded by a Python worker), ``window`` (windows generated), ``task`` (UDF calls)."""
+
+    def zero(self, value):
+        return {}
+
+    def addInPlace(self, a, b):
+        for k, v in b.items():
+            a[k] = a.get(k, 0) + v
+        return a
+
+
+def load_accumulator(spark):
+    """A :class:`LoadCounts` accumulator, or None where the session has no SparkContext (Spark
+    Connect): the job then reports no load counts."""
+    try:
+        from pyspark.accumulators import AccumulatorParam
+
+        class _Param(LoadCounts, AccumulatorParam):
+            pass
+        return spark.sparkContext.accumulator({}, _Param())
+    except Exception:
+        return None
+
+
+def summarize_counts(counts: dict | None) -> dict | None:
+    """{"workers": n, "loads": total, "loads_per_worker": max, "windows": total, "tasks": total}."""
+    if counts is None:
+        return None
+    by = {}
+    for (event, pid), n in counts.items():
+        by.setdefault(event, {})[pid] = n
+    loads = by.get("load", {})
+    return {"workers": len(set(by.get("task", {})) | set(loads)), "loads": sum(loads.values()),
+            "loads_per_worker": max(loads.values(), default=0), "windows": sum(by.get("window", {}).values()),
+            "tasks": sum(by.get("task", {}).values())}
+
+
+def generate_udf(spec: InferSpec, counts=None):
+    """The ``dolly_generate`` iterator pandas UDF for ``spec`` (see the module docstring).
+    ``counts``: an optional :func:`load_accumulator`."""
+    from pyspark.sql.functions import pandas_udf
+
+    window = int(spec.window_rows)
+
+    def note(event: str, n: int = 1) -> None:
+        if counts is not None:
+            counts.add({(event, os.getpid()): n})
+
+    @pandas_udf(RESULT_DDL)
+    def dolly_generate(batches: Iterator[Tuple[pd.Series, ...]]) -> Iterator[pd.DataFrame]:
+        note("task")
+        gen = None
+        pending: list[tuple] = []
+        size = 0
+
+        def flush():
+            nonlocal gen, pending, size
+            if gen is None:
+                gen, built = worker_generator(spec)
+                if built:
+                    note("load")
+            ins, ctx, seeds = [], [], []
+            for cols in pending:
+                n = len(cols[0])
+                ins += [_text(v) for v in cols[0]]
+                ctx += [_text(v) for v in cols[1]] if len(cols) > 1 else [None] * n
+                seeds += [_seed(v) for v in cols[2]] if len(cols) > 2 else [None] * n
+            pending, size = [], 0
+            note("window")
+            return _frame(gen.generate(ins, ctx, seeds))
+
+        for batch in batches:
+            cols = batch if isinstance(batch, tuple) else (batch,)
+            if len(cols) > 3:
+                raise TypeError("dolly_generate takes (instruction[, context[, seed]])")
+            if len(cols[0]) == 0:
+                continue
+            pending.append(cols)
+            size += len(cols[0])
+            if size >= window:
+                yield flush()
+        if pending:
+            yield flush()
+
+    return dolly_generate
+
+
+def register_udf(spark, cfg_or_spec, name: str | None = None, counts=None):
+    """Register ``dolly_generate`` (or ``name``, default ``cfg.infer.function_name``) for SQL in
+    ``spark`` and return the UDF (usable on DataFrames too). ``cfg_or_spec``: the project
+    :class:`~dollyflow.config.Config` or an :class:`InferSpec`."""
+    from dollyflow.config import check_identifier
+
+    if isinstance(cfg_or_spec, InferSpec):
+        spec, default = cfg_or_spec, "dolly_generate"
+    else:
+        spec, default = resolve_spec(cfg_or_spec.infer), cfg_or_spec.infer.function_name
+    name = check_identifier(name or default, "function name")
+    udf = generate_udf(spec, counts)
+    spark.udf.register(name, udf)
+    return udf

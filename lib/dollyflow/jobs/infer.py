@@ -1,0 +1,184 @@
+"""infer: batch generation with a fine-tuned model -> the ``predictions`` Delta table.
+
+Input (``conf/jobs/infer.yaml``): ``infer.query`` (SQL; the project's silver and tokenized
+tables are temp views under those names) or ``infer.input_table`` (default silver) restricted
+to one split of the ``tokenized`` table (``infer.split``, default test: the held-out records).
+Rows need the key columns (``infer.key_columns``, default record_id) and an instruction; rows
+with a null key are skipped and duplicate keys keep one row (both counted in the summary).
+
+Each row goes through the ``dolly_generate`` UDF (:mod:`dollyflow.engine.infer`; the model is
+loaded once per Python worker) and lands in ``predictions`` with its keys, the result fields,
+``model`` (the source as configured), ``model_sha`` (sha256 of the weight files),
+``params`` (the generation parameters as JSON) and ``params_sha``, ``model_info``
+(``dollyflow_model.json`` when the model has one), ``run_id`` and ``created_at``.
+
+``infer.mode=append`` (default): rows that already have a prediction for the same model_sha and
+params_sha are removed *before* generating (an anti-join on the keys), and the new rows are
+added by an insert-only merge on (keys, model_sha, params_sha), so re-running adds nothing
+twice and a concurrent run cannot duplicate rows. With ``retry_errors`` (default) rows whose
+stored prediction is an error are generated again and updated in place. ``overwrite`` replaces
+the table. Generated rows are computed once (persisted) and then written.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from dollyflow.config import Config
+
+RESULT_COLUMNS = ["response", "finish_reason", "prompt_tokens", "completion_tokens", "error",
+                  "trimmed_context_tokens"]
+
+
+def read_input(cfg: Config, spark, store):
+    """The rows to score (a DataFrame) and a description of where they came from."""
+    from pyspark.sql import functions as F
+
+    inf, t = cfg.infer, cfg.tables
+    if inf.query.strip():
+        views = []
+        for name in (t.silver, t.tokenized):
+            if store.exists(name):
+                views.append(store.view(name))
+        return spark.sql(inf.query), {"query": inf.query, "views": views}
+    if not store.exists(inf.input_table):
+        raise RuntimeError(f"input table {store.location(inf.input_table)} does not exist")
+    df = store.read(inf.input_table)
+    source = {"table": inf.input_table, "location": store.location(inf.input_table),
+              "version": store.version(inf.input_table), "split": inf.split}
+    if inf.split != "all":
+        if not store.exists(t.tokenized):
+            raise RuntimeError(f"infer.split={inf.split} needs the {t.tokenized} table (run tokenize first), "
+                               "or set infer.split=all")
+        if "record_id" not in df.columns:
+            raise RuntimeError(f"infer.split={inf.split} selects rows by record_id, which {inf.input_table} lacks")
+        ids = store.read(t.tokenized).where(F.col("split") == inf.split).select("record_id")
+        df = df.join(ids, "record_id", "left_semi")
+        source["tokenized_version"] = store.version(t.tokenized)
+    return df, source
+
+
+def check_columns(df, cfg: Config) -> None:
+    inf = cfg.infer
+    cols = set(df.columns)
+    missing = [k for k in inf.key_columns if k not in cols]
+    if missing:
+        raise ValueError(f"the input lacks the key column(s) {missing} (infer.key_columns); it has {sorted(cols)}")
+    needed = [inf.instruction_column] + ([inf.context_column] if inf.context_column else []) + inf.extra_columns
+    absent = [c for c in needed if c not in cols]
+    if absent:
+        raise ValueError(f"the input lacks the column(s) {absent}; it has {sorted(cols)}")
+    clash = set(inf.key_columns + inf.extra_columns) & set(RESULT_COLUMNS + [
+        "model", "model_sha", "params", "params_sha", "model_info", "run_id", "created_at"])
+    if clash:
+        raise ValueError(f"input column(s) {sorted(clash)} clash with predictions columns: rename them")
+
+
+def _partitions(spark, configured: int) -> int:
+    if configured:
+        return int(configured)
+    try:
+        return int(spark.sparkContext.defaultParallelism)
+    except Exception:   # Spark Connect
+        return int(spark.conf.get("spark.default.parallelism", "8") or 8)
+
+
+def run(cfg: Config, spark) -> dict:
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    from dollyflow.core.model import model_info
+    from dollyflow.engine.delta import DeltaStore
+    from dollyflow.engine.infer import generate_udf, load_accumulator, resolve_spec, summarize_counts
+
+    t0 = time.time()
+    inf, t = cfg.infer, cfg.tables
+    store = DeltaStore(spark, cfg.tables)
+    spec = resolve_spec(inf)
+    info = model_info(spec.model_dir)
+    params_json, params_sha = spec.params.to_json(), spec.params.digest()
+    keys = list(inf.key_columns)
+
+    df, source = read_input(cfg, spark, store)
+    check_columns(df, cfg)
+    if inf.limit is not None:   # ordered, so every action of this run sees the same rows
+        df = df.orderBy(*keys).limit(int(inf.limit))
+    cols = keys + [c for c in inf.extra_columns if c not in keys]
+    text = [inf.instruction_column] + ([inf.context_column] if inf.context_column else [])
+    df = df.select(*cols, *[c for c in text if c not in cols])
+    rows_in = df.count()
+    non_null = df.dropna(subset=keys)
+    unique = non_null.dropDuplicates(keys)
+    null_keys = rows_in - non_null.count()
+    rows_unique = unique.count()
+
+    existing = 0
+    todo = unique
+    append = inf.mode == "append" and store.exists(t.predictions)
+    if append:
+        done = (store.read(t.predictions)
+                .where((F.col("model_sha") == spec.digest) & (F.col("params_sha") == params_sha)))
+        if inf.retry_errors:
+            done = done.where(F.col("finish_reason") != "error")
+        todo = unique.join(done.select(*keys).distinct(), keys, "left_anti")
+        existing = rows_unique - todo.count()
+
+    counts = load_accumulator(spark)
+    udf = generate_udf(spec, counts)
+    args = [F.col(c) for c in text]
+    n_parts = _partitions(spark, inf.partitions)
+    generated = (todo.repartition(n_parts)
+                 .select(*cols, udf(*args).alias("_g"))
+                 .select(*cols, *[F.col(f"_g.{c}").alias(c) for c in RESULT_COLUMNS])
+                 .withColumn("model", F.lit(spec.source))
+                 .withColumn("model_sha", F.lit(spec.digest))
+                 .withColumn("params", F.lit(params_json))
+                 .withColumn("params_sha", F.lit(params_sha))
+                 .withColumn("model_info", F.lit(json.dumps(info, sort_keys=True) if info else None).cast("string"))
+                 .withColumn("run_id", F.lit(cfg.run_id))
+                 .withColumn("created_at", F.current_timestamp()))
+
+    t_gen = time.time()
+    generated = generated.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        n_generated = generated.count()    # the generation itself, once
+        gen_seconds = time.time() - t_gen
+        stats = {r["finish_reason"]: (int(r["n"]), int(r["p"] or 0), int(r["c"] or 0)) for r in
+                 generated.groupBy("finish_reason").agg(F.count("*").alias("n"), F.sum("prompt_tokens").alias("p"),
+                                                        F.sum("completion_tokens").alias("c")).collect()}
+        trimmed = generated.where(F.col("trimmed_context_tokens") > 0).count()
+        version = store.version(t.predictions)
+        if inf.mode == "overwrite":
+            version = store.write(generated, t.predictions, mode="overwrite", job="infer", run_id=cfg.run_id)
+        elif n_generated:
+            version = store.merge(generated, t.predictions, keys + ["model_sha", "params_sha"], job="infer",
+                                  run_id=cfg.run_id, update=inf.retry_errors)
+    finally:
+        generated.unpersist()
+
+    completion = sum(c for _, _, c in stats.values())
+    return {
+        "job": "infer", "run_id": cfg.run_id, "mode": inf.mode,
+        "input": source, "model": spec.source, "model_dir": spec.model_dir, "model_sha": spec.digest,
+        "model_info": info, "params": json.loads(params_json), "params_sha": params_sha,
+        "predictions": store.location(t.predictions), "predictions_version": version,
+        "rows_in": rows_in, "null_keys_skipped": null_keys, "duplicate_keys_dropped": rows_in - null_keys - rows_unique,
+        "already_predicted": existing, "generated": n_generated,
+        "finish_reasons": {k: v[0] for k, v in sorted(stats.items(), key=lambda kv: str(kv[0]))},
+        "context_trimmed_rows": trimmed,
+        "prompt_tokens": sum(p for _, p, _ in stats.values()), "completion_tokens": completion,
+        "generation_seconds": round(gen_seconds, 3),
+        "tokens_per_second": round(completion / gen_seconds, 2) if gen_seconds > 0 and completion else 0.0,
+        "partitions": n_parts, "workers": summarize_counts(counts.value if counts is not None else None),
+        "job_seconds": round(time.time() - t0, 2),
+    }
+
+
+def skip_reason(cfg: Config) -> str | None:
+    """``dollyflow pipeline`` skips scoring when no model is configured."""
+    return None if cfg.infer.model else "infer.model is not set (the train job's output directory or an MLflow URI)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dollyflow.cli import run_job
+    return run_job("infer", argv)

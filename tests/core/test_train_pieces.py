@@ -1,0 +1,184 @@
+"""Checkpoint selection, fingerprints, provenance and model card, DeepSpeed presets, train config
+checks (milliseconds, no Spark, no training)."""
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+
+from dollyflow.config import ConfigError, TrainConfig, load_config
+from dollyflow.core.training import checkpoint, dsconfig, output
+
+
+def make_ckpt(root, step, complete=True, **info):
+    path = os.path.join(root, checkpoint.tag(step))
+    os.makedirs(path)
+    open(os.path.join(path, "mp_rank_00_model_states.pt"), "wb").close()
+    if complete:
+        checkpoint.mark_complete(path, {"step": step, "fingerprint": "fp", **info})
+    return path
+
+
+def test_half_written_checkpoint_is_never_picked(tmp_path):
+    root = str(tmp_path)
+    make_ckpt(root, 10)
+    make_ckpt(root, 20)
+    make_ckpt(root, 30, complete=False)                       # killed while saving
+    bad = make_ckpt(root, 40, complete=False)
+    open(os.path.join(bad, checkpoint.MARKER), "w").write("{not json")   # a torn marker
+    os.makedirs(os.path.join(root, "step-x"))                 # not a checkpoint name
+    c = checkpoint.latest_complete(root)
+    assert c.step == 20 and c.complete
+    assert checkpoint.latest_complete(root, fingerprint="other") is None
+    assert checkpoint.remove_incomplete(root) == ["step-00000030", "step-00000040"]
+    assert [c.step for c in checkpoint.list_checkpoints(root)] == [10, 20]
+    assert checkpoint.latest_complete(str(tmp_path / "missing")) is None
+
+
+def test_prune_keeps_the_newest(tmp_path):
+    root = str(tmp_path)
+    for s in (10, 20, 30, 40):
+        make_ckpt(root, s)
+    assert checkpoint.prune(root, 2) == ["step-00000010", "step-00000020"]
+    assert [c.step for c in checkpoint.list_checkpoints(root)] == [30, 40]
+    assert checkpoint.prune(root, 0) == []
+
+
+def test_rng_state_round_trip(tmp_path):
+    torch = pytest.importorskip("torch")
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    checkpoint.save_rng(str(tmp_path), rank=3)
+    expect = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(2), np.random.seed(2), torch.manual_seed(2)
+    checkpoint.load_rng(str(tmp_path), rank=3)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expect
+
+
+def test_fingerprint_names_what_differs():
+    t = TrainConfig().__dict__
+    a = output.fingerprint(model_name="m", manifest_sha256="abc", train=t, processes=2)
+    b = output.fingerprint(model_name="m", manifest_sha256="abc", train=dict(t, eval_steps=7, output_dir="x"),
+                           processes=2)
+    assert a["sha256"] == b["sha256"]                         # intervals and paths do not change the weights
+    c = output.fingerprint(model_name="m", manifest_sha256="abd", train=dict(t, learning_rate=1e-4), processes=4)
+    diff = output.differences(a["fields"], c["fields"])
+    assert a["sha256"] != c["sha256"]
+    assert any(d.startswith("train.learning_rate: 5e-06 -> 0.0001") for d in diff)
+    assert any(d.startswith("manifest_sha256") for d in diff) and any(d.startswith("processes: 2 -> 4") for d in diff)
+
+
+def test_provenance_and_card(tmp_path):
+    assert output.read_provenance(str(tmp_path)) is None
+    prov = {"name": "m", "base_model": "EleutherAI/pythia-70m", "method": "lora", "launcher": "torchrun",
+            "processes": 2, "run_id": "r1",
+            "dataset": {"source": {"table": "silver", "location": "/wh/silver", "version": 3}, "shard_dir": "/s",
+                        "manifest_sha256": "f" * 64, "shards": [{"file": "train-00000-of-00001.parquet",
+                                                                 "records": 5, "sha256": "a" * 64}]},
+            "metrics": {"train_loss": 1.5, "eval_loss": 2.0,
+                        "eval_loss_per_category": {"open_qa": {"loss": 2.25, "records": 3, "tokens": 9}}},
+            "config": {"train": {"learning_rate": 5e-6}}, "fingerprint": {"sha256": "e" * 64}}
+    output.write_provenance(str(tmp_path), prov)
+    output.write_card(str(tmp_path), prov)
+    back = output.read_provenance(str(tmp_path))
+    assert back["format"] == output.FORMAT and back["run_id"] == "r1"
+    card = (tmp_path / "README.md").read_text()
+    assert "base_model: EleutherAI/pythia-70m" in card
+    assert "| Delta version | 3 |" in card and "`silver`" in card
+    assert "| open_qa | 3 | 2.2500 |" in card
+    assert "a" * 64 in card and '"learning_rate": 5e-06' in card
+
+
+def test_generation_config_stops_at_end(tokenizer_path):
+    from dollyflow.core.tokens import load_tokenizer
+    tok = load_tokenizer(tokenizer_path)
+    gen = output.generation_config(tok)
+    assert gen.eos_token_id == tok.convert_tokens_to_ids("### End")
+    assert gen.pad_token_id == tok.eos_token_id
+    assert (gen.top_p, gen.top_k, gen.max_new_tokens, gen.do_sample) == (0.92, 0, 256, True)
+
+
+def t_dict(**kw):
+    return dict(TrainConfig().__dict__, **kw)
+
+
+@pytest.mark.parametrize("name", dsconfig.PRESETS)
+def test_presets_fill_every_auto(name):
+    preset = dsconfig.load_preset(name)
+    precision = {"a100": "bf16", "a10": "bf16", "v100": "fp16", "cpu": "fp32"}[name]
+    ds = dsconfig.fill(preset, t_dict(batch_size=6, grad_accum=2), world_size=8, total_steps=100,
+                       hidden_size=2560, precision=precision)
+    assert "auto" not in json.dumps(ds)
+    assert ds["train_batch_size"] == 6 * 2 * 8 and ds["train_micro_batch_size_per_gpu"] == 6
+    assert ds["optimizer"]["params"]["lr"] == 5e-6 and ds["gradient_clipping"] == 1.0
+    assert ds["bf16"]["enabled"] == (precision == "bf16") and ds["fp16"]["enabled"] == (precision == "fp16")
+    assert ds["scheduler"] == {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 5e-6,
+                                                              "warmup_num_steps": 50, "warmup_type": "log"}}
+    z = ds["zero_optimization"]
+    assert z["stage"] == (2 if name == "cpu" else 3)
+    assert z["reduce_bucket_size"] == 2560 * 2560
+    if name in ("a10", "v100"):
+        assert z["offload_optimizer"]["device"] == "cpu"
+    if name != "cpu":
+        assert z["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_fill_cosine_stage_override_and_leftover_auto():
+    ds = dsconfig.fill(dsconfig.load_preset("cpu"), t_dict(lr_scheduler="cosine", zero_stage=3, min_lr_ratio=0.1),
+                       world_size=2, total_steps=40, hidden_size=64, precision="fp32")
+    assert ds["scheduler"]["type"] == "WarmupCosineLR"
+    assert ds["scheduler"]["params"]["total_num_steps"] == 40 and ds["scheduler"]["params"]["cos_min_ratio"] == 0.1
+    assert ds["zero_optimization"]["stage"] == 3
+    with pytest.raises(ValueError, match="'auto' left for zero_optimization.sub_group_size"):
+        dsconfig.fill({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}}, t_dict(), world_size=1,
+                      total_steps=1, hidden_size=8, precision="fp32")
+
+
+def test_auto_preset_and_precision():
+    assert dsconfig.auto_preset({"cuda": False}) == "cpu"
+    assert dsconfig.auto_preset({"cuda": True, "bf16": True, "memory_gib": 79.6}) == "a100"
+    assert dsconfig.auto_preset({"cuda": True, "bf16": True, "memory_gib": 22.0}) == "a10"
+    assert dsconfig.auto_preset({"cuda": True, "bf16": False, "memory_gib": 32}) == "v100"
+    a100 = dsconfig.load_preset("a100")
+    assert dsconfig.resolve_precision("auto", a100, {"cuda": False}) == "fp32"
+    assert dsconfig.resolve_precision("auto", a100, {"cuda": True, "bf16": True}) == "bf16"
+    assert dsconfig.resolve_precision("auto", a100, {"cuda": True, "bf16": False}) == "fp16"
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        dsconfig.resolve_precision("bf16", a100, {"cuda": False})
+
+
+def test_train_config_defaults_are_dollys_and_tiny_is_fast():
+    t = load_config("train").train
+    assert (t.epochs, t.learning_rate, t.warmup_steps, t.batch_size, t.eval_steps, t.save_steps, t.seed,
+            t.pad_to_multiple_of, t.gradient_checkpointing, t.lr_scheduler) == (
+        2, 5e-6, 50, 6, 50, 200, 42, 8, True, "constant")
+    tiny = load_config("train", preset="tiny").train
+    assert tiny.processes == 2 and tiny.learning_rate > 1e-4
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.launcher=mpirun", "train.launcher"), ("train.method=qlora", "train.method"),
+    ("train.batch_size=0", "train.batch_size"), ("train.learning_rate=0", "train.learning_rate"),
+    ("train.lora_dropout=1.5", "train.lora_dropout"), ("train.zero_stage=4", "train.zero_stage"),
+    ("train.processes=-1", "train.processes"), ("train.precision=int8", "train.precision"),
+    ("train.lr_scheduler=linear", "train.lr_scheduler"), ("train.grad_accum=0", "train.grad_accum"),
+])
+def test_train_range_checks_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("train", [override])
+
+
+def test_exponent_without_a_dot_is_a_float():
+    assert load_config("train", ["train.learning_rate=5e-6"]).train.learning_rate == 5e-6
+    with pytest.raises(ConfigError, match="train.learning_rate: expected float"):
+        load_config("train", ["train.learning_rate=fast"])
+
+
+def test_no_warmup_starts_at_the_peak():
+    ds = dsconfig.fill(dsconfig.load_preset("cpu"), t_dict(warmup_steps=0, learning_rate=1e-3), world_size=1,
+                       total_steps=10, hidden_size=8, precision="fp32")
+    assert ds["scheduler"]["params"]["warmup_min_lr"] == ds["scheduler"]["params"]["warmup_max_lr"] == 1e-3
+    assert ds["scheduler"]["params"]["warmup_num_steps"] == 1
+    cos = dsconfig.fill(dsconfig.load_preset("cpu"), t_dict(warmup_steps=0, lr_scheduler="cosine"), world_size=1,
+                        total_steps=10, hidden_size=8, precision="fp32")
+    assert cos["scheduler"]["params"]["warmup_min_ratio"] == 1.0
