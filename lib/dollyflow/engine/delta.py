@@ -220,7 +220,10 @@ class PartSink:
         fs.create_dir(root, recursive=True)
         table = table.select(self.schema.names).cast(self.schema)
         path = f"{root}/{name}"
-        pq.write_table(table, path, filesystem=fs, compression="zstd")
+        # no dictionary for list columns (token ids: slower and, after zstd, larger; see
+        # core.shards.write_shard)
+        dictionary = [f.name for f in self.schema if not pa.types.is_list(f.type)]
+        pq.write_table(table, path, filesystem=fs, compression="zstd", use_dictionary=dictionary)
         size = fs.get_file_info(path).size
         return (f"{self.prefix}/{name}" if self.prefix else name, int(size), int(table.num_rows))
 
