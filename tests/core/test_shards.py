@@ -168,3 +168,36 @@ def test_shards_read_and_verify_over_s3(shard_dir, s3_bucket):
     assert verify_shards(d) == []
     assert [e["record_id"] for e in ShardDataset(d, "train")] == \
            [e["record_id"] for e in ShardDataset(shard_dir[0], "train")]
+
+
+def test_mds_export_without_streaming_says_what_to_install(shard_dir, monkeypatch):
+    import sys
+
+    from dollyflow.core.shards import export_mds, mds_available
+    monkeypatch.setitem(sys.modules, "streaming", None)      # "import streaming" now raises ImportError
+    assert mds_available() is False
+    with pytest.raises(RuntimeError, match="pip install mosaicml-streaming"):
+        export_mds(shard_dir[0])
+
+
+def test_unchanged_shards_matches_source_version_and_every_setting(shard_dir, tmp_path):
+    import shutil
+
+    from dollyflow.core.shards import shard_settings, unchanged_shards, write_pointer
+
+    root = tmp_path / "root"
+    shutil.copytree(shard_dir[0], root / "v3-a")
+    settings = shard_settings(tokenizer_sha256="abc", max_length=1024, test_size=10, seed=42, num_shards=4)
+    m = read_manifest(root / "v3-a")
+    m["source"]["location"] = "/wh/silver"
+    m["settings"] = settings
+    write_manifest(str(root / "v3-a"), m)
+    assert unchanged_shards(str(root), "/wh/silver", 3, settings) is None          # no pointer yet
+    write_pointer(str(root), "v3-a")
+    got = unchanged_shards(str(root), "/wh/silver", 3, settings)
+    assert got["_dir"] == str(root / "v3-a") and got["run_id"] == m["run_id"]
+    assert unchanged_shards(str(root), "/wh/silver", 4, settings) is None
+    assert unchanged_shards(str(root), "/wh/other", 3, settings) is None
+    for change in ({"tokenizer_sha256": "abd"}, {"max_length": 2048}, {"test_size": 0.1}, {"seed": 7},
+                   {"num_shards": 8}):
+        assert unchanged_shards(str(root), "/wh/silver", 3, {**settings, **change}) is None, change

@@ -50,3 +50,15 @@ def test_test_size_parsing_and_errors():
         parse_test_size(-1)
     with pytest.raises(ValueError, match="no training records"):
         assign_splits(IDS[:10], 10)
+
+
+def test_test_mask_breaks_key_ties_by_record_id():
+    import numpy as np
+
+    from dollyflow.core.split import select_test
+    keys = [5, 3, 3, 3, 9, 1]
+    rids = ["e", "c2", "c1", "c3", "x", "a"]
+    assert select_test(keys, rids, 3).tolist() == [False, True, True, False, False, True]   # a, c1, c2
+    assert select_test(keys, rids, 1).tolist() == [False, False, False, False, False, True]
+    assert select_test(np.array(keys), rids, 0).sum() == 0
+    assert select_test([1, 2, 3], ["a", "b", "c"], 0.5).tolist() == [True, True, True]   # keys far below 2**62

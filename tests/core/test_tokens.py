@@ -121,3 +121,39 @@ def test_small_tokenizer_and_saved_copy(tmp_path, records):
     # changing a file changes the digest
     (tmp_path / "saved" / "tokenizer_config.json").write_text("{}")
     assert tokenizer_sha256(tmp_path / "saved")[0] != info["sha256"]
+
+
+def test_non_ascii_and_odd_records_find_the_response_start(tok, backend):
+    """The response start is located by character position in the whole prompt: text before it
+    in other scripts, emoji, the key itself or an unfinished key in the record do not move it."""
+    recs = [{"instruction": "Übersetze: 你好，世界 🌍", "context": "Контекст — ok", "response": "Hallo, Welt!"},
+            {"instruction": "What does ### Response: mean?", "context": "### Response:\n### End",
+             "response": "A marker ### Response:\n inside."},
+            {"instruction": "Trailing spaces   ", "context": "", "response": "  leading spaces"}]
+    enc = encode(backend, recs)
+    for r, ids, start in zip(recs, enc.input_ids, enc.response_start):
+        assert ids == tok(format_training_prompt(r["instruction"], r["response"], r["context"]))["input_ids"]
+        assert ids[:start] == tok(format_inference_prompt(r["instruction"], r["context"]))["input_ids"]
+
+
+def test_prefix_and_suffix_encoding_is_the_fallback(tok, backend, records):
+    """Where the whole prompt's token at the prefix's end is not the key (char_to_token finds
+    nothing), the record is encoded as prefix + suffix: same ids, same start."""
+    class NoOffsets:
+        """The real tokenizer, with encodings that cannot map characters to tokens."""
+        def __init__(self, real):
+            self.real = real
+
+        def token_to_id(self, t):
+            return self.real.token_to_id(t)
+
+        def encode_batch(self, texts, **kw):
+            class Enc:
+                def __init__(self, e):
+                    self.ids = e.ids
+
+                def char_to_token(self, _pos):
+                    return None
+            return [Enc(e) for e in self.real.encode_batch(texts, **kw)]
+
+    assert encode(NoOffsets(backend), records[:10]).__dict__ == encode(backend, records[:10]).__dict__

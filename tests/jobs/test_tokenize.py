@@ -66,7 +66,9 @@ def test_summary_counts_splits_and_drops(job):
     assert too_long > 0
     assert s["drops"] == {"too_long": too_long, "empty_response": 1}
     assert s["records"] == {"test": 10, "train": len(rows) - 1 - too_long - 10}
-    assert s["records_in"] == len(rows)
+    assert s["records_in"] == s["silver_rows"] == len(rows)          # measured from silver's log
+    assert s["records_tokenized"] + s["records_dropped"] == len(rows)
+    assert s["backend_reason"] and s["skipped"] is False
     assert s["silver_version"] == job["silver_version"]
     assert s["shard_dir"] == f"{s['shards_root']}/v{job['silver_version']}-{job['cfg'].run_id}"
     assert s["shards_root"].endswith("warehouse/shards/silver")
@@ -156,41 +158,30 @@ def test_rerun_with_other_partitioning_is_identical(job, spark, tmp_path):
     assert s2["drops"] == job["summary"]["drops"]
 
 
-def _mds_config(job, out):
-    from dollyflow.config import load_config
-
-    cfg = job["cfg"]
-    return load_config("tokenize", [f"tables.warehouse={cfg.tables.warehouse}",
-                                    f"tokenize.tokenizer={job['tokenizer_path']}",
-                                    f"tokenize.max_length={MAX_LENGTH}", "tokenize.test_size=0.2",
-                                    "tokenize.num_shards=1", f"tokenize.output_dir={out}",
-                                    "tokenize.mds=true", "tokenize.skip_unchanged=false"])
-
-
-def test_mds_without_streaming_fails_before_writing_anything(job, spark, tmp_path, monkeypatch):
-    """tokenize.mds=true where mosaicml-streaming does not import: a clear error, and no shard
-    directory, pointer or table version is written first."""
-    from dollyflow.core import shards
-    from dollyflow.engine.delta import DeltaStore
+def test_mds_requested_without_streaming_fails_before_any_work(job, spark, tmp_path, monkeypatch):
+    """tokenize.mds=true where mosaicml-streaming cannot be imported: a clear error, and nothing
+    written (no shard directory, no new tokenized version)."""
+    import dollyflow.core.shards as shards
     from dollyflow.jobs import tokenize
 
     monkeypatch.setattr(shards, "mds_available", lambda: False)
-    cfg = _mds_config(job, tmp_path / "mds")
-    store = DeltaStore(spark, cfg.tables)
-    before = store.version(cfg.tables.tokenized)
+    before = job["store"].version(job["cfg"].tables.tokenized)
     with pytest.raises(RuntimeError, match="mosaicml-streaming"):
-        tokenize.run(cfg, spark)
+        tokenize.run(_cfg(job, f"tokenize.output_dir={tmp_path / 'mds'}", "tokenize.mds=true"), spark)
     assert not (tmp_path / "mds").exists()
-    assert store.version(cfg.tables.tokenized) == before
+    assert job["store"].version(job["cfg"].tables.tokenized) == before
 
 
-@pytest.mark.skipif(not __import__("dollyflow.core.shards", fromlist=["x"]).mds_available(),
-                    reason="mosaicml-streaming is not installed (it pins transformers<5 and needs torchvision)")
 def test_mds_export_writes_every_split(job, spark, tmp_path):
+    """With mosaicml-streaming installed: both splits exported and readable record for record."""
+    streaming = pytest.importorskip("streaming", reason="mosaicml-streaming is not installable here")
     from dollyflow.jobs import tokenize
 
-    s = tokenize.run(_mds_config(job, tmp_path / "mds"), spark)
+    s = tokenize.run(_cfg(job, f"tokenize.output_dir={tmp_path / 'mds'}", "tokenize.mds=true"), spark)
     assert set(s["mds"]) == {"train", "test"}
+    for split, path in s["mds"].items():
+        got = sorted(r["record_id"] for r in streaming.LocalDataset(local=path))
+        assert got == sorted(e["record_id"] for e in ShardDataset(s["shard_dir"], split))
 
 
 def test_tokenizer_is_built_once_per_worker_not_per_batch(job, spark):
@@ -255,14 +246,15 @@ def test_each_run_writes_a_new_version_and_moves_the_pointer_only_when_verified(
 
     real_verify = shards.verify_shards
     monkeypatch.setattr(shards, "verify_shards", lambda d: real_verify(d) + ["train-00000: injected mismatch"])
-    cfg2 = _cfg(job, f"tokenize.output_dir={root}")
+    cfg2 = _cfg(job, f"tokenize.output_dir={root}", "tokenize.skip_unchanged=false")
     with pytest.raises(RuntimeError, match="injected mismatch"):
         tokenize.run(cfg2, spark)
     monkeypatch.setattr(shards, "verify_shards", real_verify)
     assert resolve_shard_dir(str(root)) == s1["shard_dir"] and verify_shards(s1["shard_dir"]) == []
     assert sorted(p.name for p in root.iterdir()) == ["LATEST.json", Path(s1["shard_dir"]).name]
 
-    s3 = tokenize.run(_cfg(job, f"tokenize.output_dir={root}", "tokenize.keep_versions=1"), spark)
+    s3 = tokenize.run(_cfg(job, f"tokenize.output_dir={root}", "tokenize.keep_versions=1",
+                           "tokenize.skip_unchanged=false"), spark)
     assert resolve_shard_dir(str(root)) == s3["shard_dir"] != s1["shard_dir"]
     assert s3["pruned"] == [Path(s1["shard_dir"]).name]
     assert sorted(p.name for p in root.iterdir()) == ["LATEST.json", Path(s3["shard_dir"]).name]
@@ -296,3 +288,68 @@ def test_local_output_is_refused_on_a_multi_host_master(job, spark, monkeypatch)
     monkeypatch.setattr(session, "master_of", lambda _spark: "yarn")
     with pytest.raises(ValueError, match="executors on other hosts"):
         tokenize.run(_cfg(job), spark)
+
+
+def test_rerun_with_unchanged_inputs_writes_nothing(job, spark, tmp_path):
+    """Same silver version and settings: skipped, no new shard version, no tokenized overwrite,
+    no run row; a changed setting (num_shards) or skip_unchanged=false builds again."""
+    from dollyflow.jobs import tokenize
+
+    store, t = job["store"], job["cfg"].tables
+    root = tmp_path / "root"
+    s1 = tokenize.run(_cfg(job, f"tokenize.output_dir={root}"), spark)
+    runs = store.read(t.tokenize_runs).count()
+    v_table = store.version(t.tokenized)
+    s2 = tokenize.run(_cfg(job, f"tokenize.output_dir={root}"), spark)
+    assert s2["skipped"] is True and s2["previous_run_id"] == s1["run_id"]
+    assert s2["shard_dir"] == s1["shard_dir"] and s2["records"] == s1["records"]
+    assert s2["tokenized_version"] == s1["tokenized_version"] == store.version(t.tokenized) == v_table
+    assert store.read(t.tokenize_runs).count() == runs
+    assert sorted(p.name for p in root.iterdir()) == ["LATEST.json", Path(s1["shard_dir"]).name]
+    s3 = tokenize.run(_cfg(job, f"tokenize.output_dir={root}", "tokenize.num_shards=3"), spark)
+    assert s3["skipped"] is False and s3["shard_dir"] != s1["shard_dir"] and s3["shards"]["train"] == 3
+    s4 = tokenize.run(_cfg(job, f"tokenize.output_dir={root}", "tokenize.num_shards=3",
+                           "tokenize.skip_unchanged=false"), spark)
+    assert s4["skipped"] is False and s4["tokenized_version"] == s3["tokenized_version"] + 1
+
+
+def test_silver_rows_that_do_not_add_up_fail_before_anything_is_written(job, spark, tmp_path, monkeypatch):
+    """silver's row count (from its Delta log) must equal tokenized + dropped; a mismatch stops
+    the run before any shard, table version or pointer is written."""
+    from dollyflow.core.counts import CountMismatch
+    from dollyflow.engine.delta import DeltaStore
+    from dollyflow.jobs import tokenize
+
+    real_count = DeltaStore.count
+    monkeypatch.setattr(DeltaStore, "count", lambda self, name, version=None: real_count(self, name, version) + 1)
+    before = job["store"].version(job["cfg"].tables.tokenized)
+    n = len(job["rows"])
+    with pytest.raises(CountMismatch, match=rf"silver v\d+: rows of .* = {n + 1}, but rows tokenized .* = {n} "):
+        tokenize.run(_cfg(job, f"tokenize.output_dir={tmp_path / 'r'}"), spark)
+    assert job["store"].version(job["cfg"].tables.tokenized) == before
+    assert not any((tmp_path / "r").glob("v*")) and not (tmp_path / "r" / "LATEST.json").exists()
+
+
+def test_shards_missing_a_record_fail_the_run(job, spark, tmp_path, monkeypatch):
+    """If the shard writers lose a record, the per-split counts disagree with the split: the
+    run fails, its table files are discarded and its shard directory removed."""
+    import dollyflow.engine.tokenize as engine
+    from dollyflow.core.counts import CountMismatch
+    from dollyflow.jobs import tokenize
+
+    real = engine.write_outputs
+
+    def lossy(kept, plan, *args, **kwargs):
+        victim = plan.where("split = 'train'").agg({"split_key": "min"}).first()[0]
+        return real(kept.where(kept.split_key != victim), plan, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "write_outputs", lossy)
+    store, t = job["store"], job["cfg"].tables
+    before = store.version(t.tokenized)
+    table_dir = Path(store.location(t.tokenized))
+    folders = sorted(p.name for p in table_dir.iterdir())
+    with pytest.raises(CountMismatch, match=r"records per split \[train\]: the split = (\d+), but the shards written"):
+        tokenize.run(_cfg(job, f"tokenize.output_dir={tmp_path / 'r'}", "tokenize.skip_unchanged=false"), spark)
+    assert store.version(t.tokenized) == before
+    assert not any((tmp_path / "r").glob("v*"))
+    assert sorted(p.name for p in table_dir.iterdir()) == folders      # the run's table files are gone

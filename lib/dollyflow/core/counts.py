@@ -9,6 +9,8 @@ concurrent change the job did not account for, never something to report and mov
 """
 from __future__ import annotations
 
+import time
+
 
 class CountMismatch(RuntimeError):
     """Two measurements of the same quantity disagree."""
@@ -31,3 +33,16 @@ def expect_equal_maps(what: str, left: tuple[str, dict], right: tuple[str, dict]
     """Per-key :func:`expect_equal` of two ``{key: count}`` maps (a key missing on one side is 0)."""
     for key in sorted(set(left[1]) | set(right[1])):
         expect_equal(f"{what} [{key}]", (left[0], int(left[1].get(key, 0))), (right[0], int(right[1].get(key, 0))))
+
+
+class StepClock:
+    """Seconds per named step of a job, accumulated into ``timings`` (a summary's ``step_seconds``):
+    each call closes the step that began at the previous call (or at construction)."""
+
+    def __init__(self, timings: dict):
+        self.timings, self.t = timings, time.time()
+
+    def __call__(self, step: str) -> None:
+        now = time.time()
+        self.timings[step] = round(self.timings.get(step, 0.0) + now - self.t, 3)
+        self.t = now

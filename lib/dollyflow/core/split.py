@@ -66,13 +66,28 @@ def fraction_threshold(fraction: float) -> int:
 def assign_splits(record_ids: Sequence[str], test_size: float | int, seed: int = 42) -> list[str]:
     """The split of each record (pure Python reference; the Spark job computes the same)."""
     keys = split_keys(record_ids, seed)
+    mask = select_test(keys, record_ids, test_size)
+    return [TEST if t else TRAIN for t in mask]
+
+
+def select_test(keys: Sequence[int], record_ids: Sequence[str], test_size: float | int):
+    """Which records are in test (a numpy bool array), given their split keys: below the
+    fraction's threshold, or the ``n`` smallest ``(key, record_id)`` for a count."""
+    import numpy as np
+
+    keys = np.asarray(keys, dtype=np.int64)
     mode, value = parse_test_size(test_size)
     if mode == "fraction":
-        t = fraction_threshold(value)
-        return [TEST if k < t else TRAIN for k in keys]
-    check_count(value, len(record_ids))
+        return keys < fraction_threshold(value)
+    check_count(value, len(keys))
+    mask = np.zeros(len(keys), dtype=bool)
     if value == 0:
-        return [TRAIN] * len(record_ids)
-    order = sorted(range(len(record_ids)), key=lambda i: (keys[i], record_ids[i]))
-    test = set(order[:value])
-    return [TEST if i in test else TRAIN for i in range(len(record_ids))]
+        return mask
+    # the value-th smallest key; ties at it are broken by record_id
+    kth = np.partition(keys, value - 1)[value - 1]
+    mask[keys < kth] = True
+    need = value - int(mask.sum())
+    tied = np.flatnonzero(keys == kth)
+    tied = sorted(tied.tolist(), key=lambda i: record_ids[i])
+    mask[tied[:need]] = True
+    return mask

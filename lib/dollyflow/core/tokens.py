@@ -9,10 +9,12 @@ Two views of one tokenizer are used:
   :func:`encode_records` for fast batched encoding.
 
 Labels follow Dolly's collator: everything up to and including ``### Response:\\n`` is ignored,
-the response and ``### End`` count. Because ``### Response:\\n`` is a special token, the text
-is split at it before pre-tokenization, so encoding the prompt prefix and the response suffix
-separately gives exactly the ids of the whole training prompt, and the response start offset
-is simply the length of the prefix -- even when a record's own text contains the key.
+the response and ``### End`` count. Each training prompt is encoded whole, in one batched call
+(the same work as the fast tokenizer's own batch encoding); the response starts right after the
+token that covers the last character of the prompt prefix, which is the prefix's own
+``### Response:\\n`` (a special token, so the text is split at it before pre-tokenization) --
+even when a record's own text contains the key. A record where that does not hold (a tokenizer
+whose special tokens do not split the text) is encoded as prefix and suffix separately.
 """
 from __future__ import annotations
 
@@ -206,28 +208,37 @@ def encode_records(backend, instructions: Sequence[str | None], contexts: Sequen
         else:
             keep.append(i)
     prefixes = [prompt_prefix(instructions[i], contexts[i]) for i in keep]
-    suffixes = [response_suffix(responses[i]) for i in keep]
-    pre = backend.encode_batch(prefixes, add_special_tokens=True) if keep else []
-    suf = backend.encode_batch(suffixes, add_special_tokens=False) if keep else []
+    texts = [p + response_suffix(responses[i]) for p, i in zip(prefixes, keep)]
+    encoded = backend.encode_batch(texts, add_special_tokens=True) if keep else []
     resp_id = backend.token_to_id(RESPONSE_KEY_NL)
     if keep and resp_id is None:
         raise ValueError("the tokenizer lacks Dolly's special tokens (load it with load_tokenizer)")
     ids: list = [None] * n
     starts: list = [None] * n
     lengths: list = [None] * n
+    split: list[int] = []       # records whose prefix end is not a token boundary at "### Response:\n"
     for j, i in enumerate(keep):
-        p = pre[j].ids
-        s = suf[j].ids
-        if not p or p[-1] != resp_id:
-            raise ValueError("the prompt prefix does not end with the '### Response:\\n' token; "
-                             "the tokenizer must add it as a special token and append nothing")
-        total = len(p) + len(s)
-        lengths[i] = total
-        if total > max_length:
-            reasons[i] = DROP_TOO_LONG
+        e = encoded[j]
+        at = e.char_to_token(len(prefixes[j]) - 1)      # the token holding the prefix's last character
+        whole = e.ids
+        if at is None or whole[at] != resp_id:
+            split.append(j)
             continue
-        starts[i] = len(p)
-        ids[i] = p + s
+        starts[i], ids[i] = at + 1, whole
+    if split:   # prefix and suffix encoded apart: the prefix must end with the key's token
+        pre = backend.encode_batch([prefixes[j] for j in split], add_special_tokens=True)
+        suf = backend.encode_batch([response_suffix(responses[keep[j]]) for j in split], add_special_tokens=False)
+        for j, p, s in zip(split, pre, suf):
+            p, s = p.ids, s.ids
+            if not p or p[-1] != resp_id:
+                raise ValueError("the prompt prefix does not end with the '### Response:\\n' token; "
+                                 "the tokenizer must add it as a special token and append nothing")
+            starts[keep[j]], ids[keep[j]] = len(p), p + s
+    for i in keep:
+        lengths[i] = len(ids[i])
+        if lengths[i] > max_length:
+            reasons[i] = DROP_TOO_LONG
+            ids[i] = starts[i] = None
     out.input_ids, out.response_start, out.length, out.drop_reason = ids, starts, lengths, reasons
     return out
 

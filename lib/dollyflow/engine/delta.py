@@ -220,7 +220,10 @@ class PartSink:
         fs.create_dir(root, recursive=True)
         table = table.select(self.schema.names).cast(self.schema)
         path = f"{root}/{name}"
-        pq.write_table(table, path, filesystem=fs, compression="zstd")
+        # no dictionary for list columns (token ids: slower and, after zstd, larger; see
+        # core.shards.write_shard)
+        dictionary = [f.name for f in self.schema if not pa.types.is_list(f.type)]
+        pq.write_table(table, path, filesystem=fs, compression="zstd", use_dictionary=dictionary)
         size = fs.get_file_info(path).size
         return (f"{self.prefix}/{name}" if self.prefix else name, int(size), int(table.num_rows))
 
@@ -375,14 +378,33 @@ class DeltaStore:
             remove_dir(join(ref.path, folder))
             raise
 
+    def append_rows(self, rows: list[tuple], ddl: str, name: str, job: str = "", run_id: str = "",
+                    evolve_schema: bool = False) -> Commit:
+        """Append a few rows (tuples in the column order of ``ddl``), as the run tables take one per
+        run: offline written by pyarrow and committed by delta-rs, no Spark job; natively one
+        Delta write."""
+        schema = self.spark.createDataFrame([], ddl).schema     # parses the DDL, runs nothing
+        if self.native:
+            return self.write(self.spark.createDataFrame(rows, schema), name, mode="append", job=job,
+                              run_id=run_id, evolve_schema=evolve_schema)
+        sink = self.part_sink(name, schema)
+        table = pa.Table.from_pylist([dict(zip(sink.schema.names, r)) for r in rows], schema=sink.schema)
+        try:
+            part = sink.write(table)
+            return self._rs_commit(self.ref(name), sink.schema, [part], False, job, run_id, sink.write_id,
+                                   evolve_schema)
+        except BaseException:
+            self.discard_parts(sink)
+            raise
+
     def part_sink(self, name: str, schema) -> PartSink:
         """A :class:`PartSink` for a write of ``name`` whose Parquet files the Spark tasks write
-        themselves (``schema``: the Spark schema of the rows). Offline they go straight into the
+        themselves (``schema``: the rows' Spark or Arrow schema). Offline they go straight into the
         table's directory and are committed as they are; natively into a staging directory that
         one Delta write then reads."""
         ref = self.ref(name)
         write_id = uuid.uuid4().hex
-        arrow = _arrow_schema(schema)
+        arrow = schema if isinstance(schema, pa.Schema) else _arrow_schema(schema)
         if not self.native:
             folder = f"w-{write_id}"
             return PartSink(join(ref.path, folder), folder, arrow, write_id)

@@ -6,32 +6,77 @@
   (PySpark broadcasts large commands by itself, and closures work with classic Spark and Spark
   Connect alike) and is built once per Python worker process (:func:`backend_from_json` caches it
   by sha256; Spark reuses workers), never per row or per batch.
-- :func:`assign_split`: hash split of the core (:mod:`dollyflow.core.split`), exact for counts.
-- :func:`plan_shards`: per split, the core's token-balanced plan (``applyInArrow``).
-- :func:`write_shards`: each shard is written by one task, straight to the shard directory (a
-  local path, a FUSE path such as ``/dbfs`` or ``/Volumes`` on clusters, or a pyarrow URI);
-  the tasks return each shard's stats for the manifest.
+- :func:`summarize`: one small pass over the (cached) tokenized rows: rows per drop reason and
+  the narrow columns of the kept ones, from which the driver works out the hash split of the
+  core (:mod:`dollyflow.core.split`, exact for counts) and each split's token-balanced shard
+  plan (:func:`dollyflow.core.shards.plan_shards`).
+- :func:`write_outputs`: one task per shard writes, from the same Arrow rows, the shard file
+  (straight to the shard directory: a local path, a FUSE path such as ``/dbfs`` or ``/Volumes``,
+  or a pyarrow URI) and the ``tokenized`` table's Parquet file for that shard (through the
+  :class:`~dollyflow.engine.delta.PartSink` the Delta store gave it); the tasks return each
+  shard's stats for the manifest and each table file for the commit. One pass, no second scan.
 """
 from __future__ import annotations
 
 import json
+import re
+import time
+from dataclasses import dataclass, field
+from itertools import chain
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from dollyflow.core.counts import expect_equal
 from dollyflow.core.shards import plan_shards as core_plan_shards
 from dollyflow.core.shards import shard_file_name, write_shard
 from dollyflow.core.storage import join
-from dollyflow.core.split import TEST, TRAIN, check_count, fraction_threshold, parse_test_size, split_keys
+from dollyflow.core.split import TEST, TRAIN, select_test, split_keys
 from dollyflow.core.tokens import backend_from_json, encode_records, set_single_thread
 
-TOKENIZED_DDL = ("record_id string, category string, split_key long, input_ids array<int>, "
+#: The tokenizer's output inside the job. ``ids`` holds a record's token ids as little-endian
+#: int32 bytes: a binary column crosses Arrow <-> JVM, the cache and the shuffle as one copy,
+#: where an array<int> is converted element by element each time. The written table and shards
+#: hold them as list<int32> (``input_ids``): :func:`ids_to_list` turns one into the other.
+TOKENIZED_DDL = ("record_id string, category string, split_key long, ids binary, "
                  "response_start int, length int, drop_reason string")
 TOKENIZED_ARROW = pa.schema([
     ("record_id", pa.string()), ("category", pa.string()), ("split_key", pa.int64()),
-    ("input_ids", pa.list_(pa.int32())), ("response_start", pa.int32()), ("length", pa.int32()),
+    ("ids", pa.binary()), ("response_start", pa.int32()), ("length", pa.int32()),
     ("drop_reason", pa.string()),
 ])
-TABLE_COLUMNS = ["record_id", "split", "category", "input_ids", "response_start", "length"]
+TABLE_ARROW = pa.schema([("record_id", pa.string()), ("split", pa.string()), ("category", pa.string()),
+                         ("input_ids", pa.list_(pa.int32())), ("response_start", pa.int32()),
+                         ("length", pa.int32())])
+
+
+def ids_to_binary(input_ids: list) -> pa.Array:
+    """Token id lists (None for dropped records) -> a binary array of little-endian int32."""
+    sizes = np.fromiter((0 if x is None else len(x) for x in input_ids), dtype=np.int64, count=len(input_ids))
+    offsets = np.zeros(len(input_ids) + 1, dtype=np.int32)
+    np.cumsum(sizes * 4, out=offsets[1:])
+    data = np.fromiter(chain.from_iterable(x for x in input_ids if x is not None), dtype="<i4",
+                       count=int(sizes.sum()))
+    valid = pa.array([x is not None for x in input_ids], type=pa.bool_())
+    nulls = len(input_ids) - int(valid.sum().as_py() or 0)
+    return pa.Array.from_buffers(pa.binary(), len(input_ids),
+                                 [valid.buffers()[1] if nulls else None, pa.py_buffer(offsets), pa.py_buffer(data)],
+                                 null_count=nulls)
+
+
+def ids_to_list(ids: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """The binary ``ids`` column -> ``list<int32>`` (zero-copy for the values)."""
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    n = len(ids)
+    offsets = np.frombuffer(ids.buffers()[1], dtype=np.int32)[ids.offset:ids.offset + n + 1]
+    data = ids.buffers()[2]
+    values = np.frombuffer(data, dtype="<i4", count=(int(offsets[-1]) - int(offsets[0])) // 4,
+                           offset=int(offsets[0])) if data is not None and n else np.zeros(0, dtype="<i4")
+    return pa.ListArray.from_arrays(pa.array((offsets - offsets[0]) // 4, type=pa.int32()),
+                                    pa.array(values, type=pa.int32()),
+                                    mask=ids.is_null() if ids.null_count else None)
 
 
 def _encode_batch(rb: pa.RecordBatch, backend, max_length: int, seed: int) -> pa.RecordBatch:
@@ -42,7 +87,7 @@ def _encode_batch(rb: pa.RecordBatch, backend, max_length: int, seed: int) -> pa
         rb.column("record_id").cast(pa.string()),
         rb.column("category").cast(pa.string()),
         pa.array(split_keys(rids, seed), type=pa.int64()),
-        pa.array(enc.input_ids, type=pa.list_(pa.int32())),
+        ids_to_binary(enc.input_ids),
         pa.array(enc.response_start, type=pa.int32()),
         pa.array(enc.length, type=pa.int32()),
         pa.array(enc.drop_reason, type=pa.string()),
@@ -64,8 +109,9 @@ def with_parallelism(df, factor: int = 1):
 
 
 def tokenize_records(df, tokenizer_json: str, max_length: int, seed: int = 42):
-    """silver-shaped rows -> one row per record: split_key, input_ids, response_start, length and
-    drop_reason (null when kept; input_ids and response_start are null for dropped records)."""
+    """silver-shaped rows -> one row per record: split_key, ids (token ids as int32 bytes),
+    response_start, length and drop_reason (null when kept; ids and response_start are null for
+    dropped records)."""
     cols = ["record_id", "instruction", "context", "response", "category"]
     return df.select(*cols).mapInArrow(encoder(tokenizer_json, max_length, seed), TOKENIZED_DDL)
 
@@ -85,46 +131,71 @@ def encoder(tokenizer_json: str, max_length: int, seed: int = 42):
     return encode
 
 
-def drop_counts(tokenized) -> tuple[int, dict[str, int]]:
-    """(records kept, {drop reason: count}) of :func:`tokenize_records`' output."""
-    counts = {r["drop_reason"]: int(r["count"]) for r in tokenized.groupBy("drop_reason").count().collect()}
-    kept = counts.pop(None, 0)
-    return kept, dict(sorted(counts.items()))
+@dataclass
+class TokenizeCounts:
+    """What :func:`summarize` measured and decided: rows seen (kept + dropped), drops per
+    reason, records per split, shards per split and the plan: (split_key, record_id, split,
+    shard) of every kept record."""
+    rows: int
+    kept: int
+    drops: dict[str, int]
+    split_records: dict[str, int] = field(default_factory=dict)
+    shard_counts: dict[str, int] = field(default_factory=dict)
+    plan: pa.Table | None = None
 
 
-def assign_split(kept, test_size: float, total: int):
-    """Add ``split`` (train/test) by split key: a fraction is a key threshold; a count takes
-    the ``n`` smallest ``(split_key, record_id)`` (one small top-n job), so it is exact and the
-    same whatever the partitioning."""
-    from pyspark.sql import functions as F
+def summarize(tokenized, test_size: float | int, num_shards: int) -> TokenizeCounts:
+    """One pass over :func:`tokenize_records`' output (the action that fills its cache): its
+    narrow columns (split_key, record_id, length, drop_reason; never the ids) come to the driver
+    as Arrow. There the rows are counted per drop reason, and the split
+    (:func:`dollyflow.core.split.select_test`, exact for counts) and each split's token-balanced
+    shard plan (:func:`dollyflow.core.shards.plan_shards`) are worked out in numpy: no further
+    Spark job, no Python worker."""
+    from dollyflow.core.shards import shard_count
 
-    mode, value = parse_test_size(test_size)
-    if mode == "fraction":
-        is_test = F.col("split_key") < F.lit(fraction_threshold(value))
-    else:
-        check_count(value, total)
-        if value == 0:
-            return kept.withColumn("split", F.lit(TRAIN))
-        top = kept.select("split_key", "record_id").orderBy("split_key", "record_id").limit(value)
-        last = top.orderBy(F.desc("split_key"), F.desc("record_id")).first()
-        k, r = int(last["split_key"]), last["record_id"]
-        is_test = (F.col("split_key") < F.lit(k)) | ((F.col("split_key") == F.lit(k)) & (F.col("record_id") <= F.lit(r)))
-    return kept.withColumn("split", F.when(is_test, F.lit(TEST)).otherwise(F.lit(TRAIN)))
+    got = tokenized.select("split_key", "record_id", "length", "drop_reason").toArrow()
+    reasons = {r["values"]: int(r["counts"]) for r in pc.value_counts(got.column("drop_reason")).to_pylist()}
+    rows = got.filter(pc.is_null(got.column("drop_reason")))
+    kept = reasons.pop(None, 0)
+    counts = TokenizeCounts(rows=got.num_rows, kept=kept, drops=dict(sorted(reasons.items())))
+    expect_equal("tokenize: kept records", ("counted by drop reason", kept), ("rows that came back", rows.num_rows))
+    keys = rows.column("split_key").to_numpy()
+    rids = rows.column("record_id").to_pylist()
+    lengths = rows.column("length").to_numpy()
+    test = select_test(keys, rids, test_size)
+    split = np.where(test, TEST, TRAIN).astype(object)
+    shard = np.zeros(len(keys), dtype=np.int32)
+    for name, mask in ((TEST, test), (TRAIN, ~test)):
+        n = int(mask.sum())
+        if n:
+            counts.split_records[name] = n
+            counts.shard_counts[name] = shard_count(num_shards, n)
+            shard[mask] = core_plan_shards(lengths[mask], keys[mask], num_shards)
+    counts.plan = pa.table({"split_key": pa.array(keys, pa.int64()), "record_id": pa.array(rids, pa.string()),
+                            "split": pa.array(split.tolist(), pa.string()), "shard": pa.array(shard, pa.int32())})
+    return counts
 
 
-def plan_shards(split_df, num_shards: int):
-    """(record_id, split, shard) for every record: per split, the core's plan balancing tokens
-    over ``min(num_shards, records)`` shards."""
-    num_shards = int(num_shards)
+def plan_frame(spark, plan: pa.Table):
+    """The plan as a DataFrame to join the kept rows with: on split_key alone when the keys are
+    unique (one long per row; 63-bit hashes practically always are), else on (split_key,
+    record_id). Returns (DataFrame, join columns)."""
+    keys = plan.column("split_key").to_numpy()
+    if len(np.unique(keys)) == len(keys):
+        return spark.createDataFrame(plan.drop_columns(["record_id"])), ["split_key"]
+    return spark.createDataFrame(plan), ["split_key", "record_id"]
 
-    def plan(table: pa.Table) -> pa.Table:
-        shard = core_plan_shards(table.column("length").to_numpy(), table.column("split_key").to_numpy(),
-                                 num_shards)
-        return pa.table({"record_id": table.column("record_id"), "split": table.column("split"),
-                         "shard": pa.array(shard, type=pa.int32())})
 
-    return (split_df.select("record_id", "split", "split_key", "length")
-            .groupBy("split").applyInArrow(plan, "record_id string, split string, shard int"))
+def _cores(spark, default: int) -> int:
+    """Task slots of the session: N of a ``local[N]`` master, else the default parallelism (no
+    more writer tasks than that: each Python task costs a round trip, a slot writes several
+    shards)."""
+    try:
+        sc = spark.sparkContext
+        m = re.fullmatch(r"local\[(\d+)(?:,\d+)?\]", sc.master or "")
+        return int(m.group(1)) if m else int(sc.defaultParallelism)
+    except Exception:  # Spark Connect
+        return default
 
 
 #: Up to this many records the (record_id, split, shard) plan is broadcast to the join, so the
@@ -132,27 +203,39 @@ def plan_shards(split_df, num_shards: int):
 BROADCAST_PLAN_RECORDS = 5_000_000
 
 
-def write_shards(split_df, plan, out_dir: str, shard_counts: dict[str, int], edges: list[int],
-                 records: int | None = None) -> list[dict]:
-    """Write every (split, shard) as one Parquet file under ``out_dir``, records ordered by split
-    key; returns each shard's stats (records, tokens, categories, histogram, bytes, sha256)."""
+def write_outputs(kept, plan, on: list[str], out_dir: str, shard_counts: dict[str, int], edges: list[int],
+                  table_sink, records: int | None = None) -> list[dict]:
+    """Join the kept rows with their plan (``on``: the join columns, see :func:`plan_frame`)
+    and write every (split, shard) as one shard file under ``out_dir`` (records ordered by split
+    key) and, from the same Arrow rows, one Parquet file of the ``tokenized`` table through
+    ``table_sink``. Returns, per shard, its stats (records, tokens, categories, histogram,
+    bytes, sha256) with ``table_part``: the table file written (path, bytes, rows)."""
     from pyspark.sql import functions as F
 
     out_dir = str(out_dir)
     counts = dict(shard_counts)
     total = sum(counts.values())
-    cols = ["split", "shard", "split_key", "record_id", "category", "input_ids", "response_start", "length"]
+    cols = ["split", "shard", "split_key", "record_id", "category", "ids", "response_start", "length"]
     if records is not None and records <= BROADCAST_PLAN_RECORDS:
         plan = F.broadcast(plan)
-    rows = (split_df.join(plan, ["record_id", "split"]).select(*cols)
-            .repartition(max(1, total), "split", "shard")
-            .sortWithinPartitions("split", "shard", "split_key"))
+    rows = kept.join(plan, on).select(*cols).repartition(max(1, total), "split", "shard")
+    cores = _cores(kept.sparkSession, total)
+    if cores < total:
+        rows = rows.coalesce(max(1, cores))
+    rows = rows.sortWithinPartitions("split", "shard", "split_key", "record_id")
 
     def flush(key, parts):
+        t0 = time.perf_counter()
         split, shard = key
         table = pa.Table.from_batches(parts)
+        table = table.append_column("input_ids", ids_to_list(table.column("ids"))).drop_columns(["ids"])
+        t1 = time.perf_counter()
         stats = write_shard(table, join(out_dir, shard_file_name(split, shard, counts[split])), edges)
-        stats.update(split=split, shard=int(shard))
+        t2 = time.perf_counter()
+        stats.update(split=split, shard=int(shard),
+                     table_part=list(table_sink.write(table, key=f"{split}-{int(shard):05d}")),
+                     seconds={"arrow": round(t1 - t0, 4), "shard": round(t2 - t1, 4),
+                              "table_part": round(time.perf_counter() - t2, 4)})
         return pa.RecordBatch.from_arrays([pa.array([json.dumps(stats)])], names=["stats"])
 
     def write(batches):
@@ -175,4 +258,3 @@ def write_shards(split_df, plan, out_dir: str, shard_counts: dict[str, int], edg
 
     out = rows.mapInArrow(write, "stats string").collect()
     return [json.loads(r["stats"]) for r in out]
-

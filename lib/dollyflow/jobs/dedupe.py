@@ -112,8 +112,7 @@ def run(cfg: Config, spark) -> dict:
     row = (cfg.run_id, started, datetime.now(timezone.utc), int(bronze_version), counts["input_rows"],
            counts["survivors"], counts["removed_exact"], counts["removed_near"], counts["clusters"],
            int(verified_pairs), params.to_json(), int(silver_version), int(duplicates_version), float(seconds))
-    store.write(spark.createDataFrame([row], RUNS_DDL), t.dedupe_runs, mode="append", job="dedupe",
-                run_id=cfg.run_id)
+    store.append_rows([row], RUNS_DDL, t.dedupe_runs, job="dedupe", run_id=cfg.run_id)
     return {**base, "skipped": False, **counts, "verified_pairs": int(verified_pairs),
             "silver_version": int(silver_version), "duplicates_version": int(duplicates_version),
             "step_seconds": timings}

@@ -125,8 +125,7 @@ def run(cfg: Config, spark) -> dict:
     row = (cfg.run_id, started, datetime.now(timezone.utc), summary["inputs"], len(inputs.files), lines_read,
            rows_new, rows_existing, quarantined, summary["quarantined_by_reason"], bronze_version,
            json.dumps(cfg.to_dict()["ingest"], sort_keys=True), [(s["path"], s["reason"]) for s in skipped])
-    store.write(spark.createDataFrame([row], RUNS_DDL), t.ingest_runs, mode="append", job="ingest",
-                run_id=cfg.run_id, evolve_schema=True)
+    store.append_rows([row], RUNS_DDL, t.ingest_runs, job="ingest", run_id=cfg.run_id, evolve_schema=True)
     summary["ingest_runs"] = store.location(t.ingest_runs)
     return summary
 

@@ -13,21 +13,41 @@ seed. Output:
   names the newest complete one (:func:`dollyflow.core.shards.resolve_shard_dir`);
 - one row in ``tokenize_runs`` (silver version, shard directory, manifest sha256, counts).
 
+One pass: silver is tokenized once (cached; token ids travel as int32 bytes), the narrow columns
+(split key, record id, length, drop reason: about 50 bytes a record) come to the driver, which
+counts the drops and works out the split and the token-balanced shard plan, and each writer task
+writes, for its shards, both the shard file and the table's Parquet file from the same rows; the
+table files are then committed to ``tokenized`` at once. Four Spark jobs in all: the
+tokenization, the plan's broadcast, and the two stages of the shuffle to the writers.
+
+Counts are measured, compared stage to stage, and a mismatch fails the run naming both numbers:
+silver's rows at the version read (from its Delta log) = tokenized + dropped; records per split
+of the split = records in the shards the tasks wrote = rows of the ``tokenized`` commit; and the
+shards are re-read and checked against the manifest before the pointer moves.
+
 The shards root (:func:`dollyflow.config.shards_root`) is ``<warehouse>/shards/<silver>`` locally
 and on clusters (where the warehouse must be a shared URI), ``/Volumes/<catalog>/<schema>/<volume>
 /shards/<silver>`` on Databricks. Executors write the shards themselves, so a plain local path is
-refused when they may run on other hosts. The new directory is verified against its manifest
-before the pointer moves to it; older versions beyond ``tokenize.keep_versions`` are pruned only
-after that, so a failed run never costs the previous shards (no delete-then-move, which object
-stores cannot do atomically).
+refused when they may run on other hosts. Nothing of an earlier version is touched before the
+new one is complete and verified; older versions beyond ``tokenize.keep_versions`` are pruned
+only after that.
+
+Idempotent: with ``tokenize.skip_unchanged`` (default) a run whose pointer already names shards
+built from the same silver version with the same settings (tokenizer sha256, max_length,
+test_size, seed, num_shards, format version), while ``tokenized`` is still at the version that
+run wrote, writes nothing and reports ``skipped: true``.
 """
 from __future__ import annotations
 
 import hashlib
 import time
-from pathlib import Path
 
 from dollyflow.config import Config
+
+RUNS_DDL = ("run_id string, started_at timestamp, finished_at timestamp, silver_version long, "
+            "shards_root string, shard_dir string, manifest_sha256 string, tokenizer_sha256 string, "
+            "max_length int, records map<string,long>, tokens map<string,long>, drops map<string,long>, "
+            "tokenized_version long, pruned array<string>, silver_rows long")
 
 
 def resolve_settings(cfg: Config) -> dict:
@@ -39,86 +59,96 @@ def resolve_settings(cfg: Config) -> dict:
     return {"tokenizer": tk.tokenizer or cfg.model.tokenizer_name, "max_length": int(max_length)}
 
 
-def _save_tokenizer(tok, target: str) -> dict:
-    """Save the tokenizer under ``target`` (local or URI) and describe it."""
-    from dollyflow.core.storage import save_with
-    from dollyflow.core.tokens import save_tokenizer
-
-    info: dict = {}
-    save_with(target, lambda d: info.update(save_tokenizer(tok, d)))
-    info["dir"] = target
-    return info
-
-
-def _build(cfg: Config, spark, store, silver_version: int, staging: str, settings: dict) -> dict:
-    """Tokenize silver at ``silver_version``, write the ``tokenized`` table and everything of the
-    shard directory (tokenizer, shards, manifest) into the new directory ``staging``; return the
-    manifest."""
+def _build(cfg: Config, spark, store, silver_version: int, shard_dir: str, settings: dict, tok_dir: str,
+           tok_info: dict, build: dict, timings: dict) -> dict:
+    """Tokenize silver at ``silver_version`` once; write the shards and the ``tokenized`` table's
+    files in one pass, check every count, verify the shards, commit the table; return the
+    manifest (written into ``shard_dir``)."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    from dollyflow.core.shards import TOKENIZER_DIR, build_manifest, histogram_edges, shard_count, write_manifest
-    from dollyflow.core.storage import is_uri, join
-    from dollyflow.core.tokens import load_tokenizer
-    from dollyflow.engine.tokenize import (TABLE_COLUMNS, assign_split, drop_counts, plan_shards,
-                                           tokenize_records, with_parallelism, write_shards)
+    from dollyflow.core.counts import StepClock, expect_equal, expect_equal_maps
+    from dollyflow.core.shards import TOKENIZER_DIR, build_manifest, histogram_edges, verify_shards, write_manifest
+    from dollyflow.core.storage import join, upload_dir
+    from dollyflow.engine.tokenize import (TABLE_ARROW, plan_frame, summarize, tokenize_records, with_parallelism,
+                                           write_outputs)
 
     t, tk = cfg.tables, cfg.tokenize
+    clock = StepClock(timings)
     max_length = settings["max_length"]
-    # The tokenizer: loaded once on the driver and saved next to the shards; the workers rebuild
-    # it from exactly the saved tokenizer.json.
-    tok = load_tokenizer(settings["tokenizer"])
-    tok_info = _save_tokenizer(tok, join(staging, TOKENIZER_DIR))
-    tok_info.update(name=settings["tokenizer"], dir=TOKENIZER_DIR)
-    tokenizer_json = tok.backend_tokenizer.to_str()
-    if not is_uri(staging):
-        tokenizer_json = (Path(staging) / TOKENIZER_DIR / "tokenizer.json").read_text(encoding="utf-8")
+    upload_dir(tok_dir, join(shard_dir, TOKENIZER_DIR))
+    with open(f"{tok_dir}/tokenizer.json", encoding="utf-8") as f:
+        tokenizer_json = f.read()     # the workers rebuild exactly the saved tokenizer
 
+    silver_rows = store.count(t.silver, silver_version)       # from silver's Delta log, not from us
     silver = with_parallelism(store.read(t.silver, silver_version))
     tokenized = tokenize_records(silver, tokenizer_json, max_length, tk.seed).persist(StorageLevel.MEMORY_AND_DISK)
+    sink = None
+    clock("prepare")
     try:
-        kept_count, drops = drop_counts(tokenized)
-        if kept_count == 0:
-            raise RuntimeError(f"no record of silver v{silver_version} can be tokenized (drops: {drops})")
+        counts = summarize(tokenized, tk.test_size, tk.num_shards)   # tokenizes (once), fills the cache, plans
+        clock("tokenize")
+        expect_equal(f"tokenize: silver v{silver_version}",
+                     (f"rows of {store.location(t.silver)} v{silver_version}", silver_rows),
+                     (f"rows tokenized ({counts.kept}) + dropped ({sum(counts.drops.values())}: {counts.drops})",
+                      counts.rows))
+        if counts.kept == 0:
+            raise RuntimeError(f"no record of silver v{silver_version} can be tokenized (drops: {counts.drops})")
         kept = tokenized.where(F.col("drop_reason").isNull())
-        with_split = assign_split(kept, tk.test_size, kept_count)
-        tokenized_version = store.write(with_split.select(*TABLE_COLUMNS), t.tokenized, mode="overwrite",
-                                        job="tokenize", run_id=cfg.run_id)
-        split_records = {r["split"]: int(r["count"]) for r in with_split.groupBy("split").count().collect()}
-        shard_counts = {s: shard_count(tk.num_shards, n) for s, n in split_records.items()}
+        plan, on = plan_frame(spark, counts.plan)
         edges = histogram_edges(max_length)
-        stats = write_shards(with_split, plan_shards(with_split, tk.num_shards), staging, shard_counts, edges,
-                             records=kept_count)
+        sink = store.part_sink(t.tokenized, TABLE_ARROW)
+        stats = write_outputs(kept, plan, on, shard_dir, counts.shard_counts, edges, sink, records=counts.kept)
+        clock("write")
+        timings["write_tasks"] = {k: round(sum(st["seconds"][k] for st in stats), 3) for k in stats[0]["seconds"]}
+        by_split: dict[str, list[dict]] = {s: [] for s in counts.split_records}
+        for st in stats:
+            by_split.setdefault(st["split"], []).append(st)
+        expect_equal_maps("tokenize: records per split", ("the split", counts.split_records),
+                          ("the shards written", {s: sum(x["records"] for x in v) for s, v in by_split.items()}))
+        parts = [tuple(st["table_part"]) for st in stats]
+        expect_equal("tokenize: tokenized table files", ("records kept", counts.kept),
+                     ("rows of the table files written", sum(p[2] for p in parts)))
+        source = {"table": t.silver, "location": store.location(t.silver), "version": silver_version,
+                  "rows": silver_rows, "backend": store.backend}
+        tok = {**tok_info, "name": settings["tokenizer"], "dir": TOKENIZER_DIR}
+        manifest = build_manifest(source=source, tokenizer=tok, max_length=max_length, seed=tk.seed,
+                                  test_size=tk.test_size, edges=edges, split_shards=by_split, drops=counts.drops,
+                                  run_id=cfg.run_id)
+        manifest["settings"] = build
+        expect_equal("tokenize: manifest", ("records kept", counts.kept), ("manifest records", manifest["records"]))
+        write_manifest(shard_dir, manifest)
+        problems = verify_shards(shard_dir)                       # re-reads every shard
+        if problems:
+            raise RuntimeError(f"the shards just written to {shard_dir} do not match their manifest: "
+                               + "; ".join(problems[:10]))
+        clock("verify")
+        commit = store.commit_parts(sink, parts, t.tokenized, mode="overwrite", job="tokenize", run_id=cfg.run_id)
+        sink = None
+        expect_equal("tokenize: tokenized table", ("records kept", counts.kept),
+                     (f"rows of {store.location(t.tokenized)} v{commit.version} (its commit)", commit.rows))
+    except BaseException:
+        if sink is not None:
+            store.discard_parts(sink)
+        raise
     finally:
         tokenized.unpersist()
-
-    by_split: dict[str, list[dict]] = {s: [] for s in split_records}
-    for st in stats:
-        by_split[st["split"]].append(st)
-    source = {"table": t.silver, "location": store.location(t.silver), "version": silver_version,
-              "backend": store.backend}
-    manifest = build_manifest(source=source, tokenizer=tok_info, max_length=max_length, seed=tk.seed,
-                              test_size=tk.test_size, edges=edges, split_shards=by_split, drops=drops,
-                              run_id=cfg.run_id)
     manifest["tokenized_table"] = {"table": t.tokenized, "location": store.location(t.tokenized),
-                                   "version": int(tokenized_version)}
-    write_manifest(staging, manifest)
+                                   "version": commit.version}
+    write_manifest(shard_dir, manifest)
+    clock("commit")
     return manifest
 
 
-RUNS_DDL = ("run_id string, started_at timestamp, finished_at timestamp, silver_version long, "
-            "shards_root string, shard_dir string, manifest_sha256 string, tokenizer_sha256 string, "
-            "max_length int, records map<string,long>, tokens map<string,long>, drops map<string,long>, "
-            "tokenized_version long, pruned array<string>")
-
-
 def run(cfg: Config, spark) -> dict:
+    import tempfile
     from datetime import datetime, timezone
 
     from dollyflow.config import shards_root
-    from dollyflow.core.shards import (MANIFEST, export_mds, mds_available, prune_versions, verify_shards,
-                                       version_dir_name, write_pointer)
+    from dollyflow.core.shards import (MANIFEST, export_mds, mds_available, prune_versions, shard_settings,
+                                       unchanged_shards, version_dir_name, write_pointer)
     from dollyflow.core.storage import absolute, check_reachable, join, read_bytes, remove_dir
+    from dollyflow.core.tokens import load_tokenizer, save_tokenizer
     from dollyflow.engine.delta import DeltaStore
     from dollyflow.engine.session import master_of
 
@@ -136,19 +166,47 @@ def run(cfg: Config, spark) -> dict:
     if silver_version is None:
         raise RuntimeError(f"silver table {store.location(t.silver)} does not exist: run dedupe first")
     silver_version = int(silver_version)
-    # A new directory per run; the root's pointer moves to it only once it is complete and
-    # verified, and nothing of an earlier version is touched before that.
-    name = version_dir_name(silver_version, cfg.run_id)
-    shard_dir = join(root, name)
-    try:
-        manifest = _build(cfg, spark, store, silver_version, shard_dir, settings)
-        problems = verify_shards(shard_dir)
-        if problems:
-            raise RuntimeError(f"the shards just written to {shard_dir} do not match their manifest: "
-                               + "; ".join(problems[:10]))
-    except BaseException:
-        remove_dir(shard_dir)
-        raise
+    base = {"job": "tokenize", "run_id": cfg.run_id, "silver": store.location(t.silver),
+            "silver_version": silver_version, "shards_root": root, "tokenizer": settings["tokenizer"],
+            "max_length": settings["max_length"], "backend": store.backend, "backend_reason": store.backend_reason,
+            "tokenize_runs": store.location(t.tokenize_runs)}
+    timings: dict = {}
+    with tempfile.TemporaryDirectory(prefix="dollyflow-tokenizer-") as tok_dir:
+        # The tokenizer, saved once on the driver: its sha256 decides skip_unchanged, its files go
+        # next to the shards, its tokenizer.json to the workers.
+        t1 = time.time()
+        tok_info = save_tokenizer(load_tokenizer(settings["tokenizer"]), tok_dir)
+        timings["start"] = round(t1 - t0, 3)
+        timings["tokenizer"] = round(time.time() - t1, 3)
+        build = shard_settings(tokenizer_sha256=tok_info["sha256"], max_length=settings["max_length"],
+                               test_size=tk.test_size, seed=tk.seed, num_shards=tk.num_shards)
+        prev = None
+        if tk.skip_unchanged:
+            prev = unchanged_shards(root, store.location(t.silver), silver_version, build)
+            # ... and only while the tokenized table is still at the version that run wrote
+            if prev is not None and (prev["tokenized_table"]["location"] != store.location(t.tokenized) or
+                                     store.version(t.tokenized) != prev["tokenized_table"]["version"]):
+                prev = None
+        if prev is not None:
+            return {**base, "skipped": True, "previous_run_id": prev["run_id"], "shard_dir": prev["_dir"],
+                    "manifest_sha256": hashlib.sha256(read_bytes(join(prev["_dir"], MANIFEST))).hexdigest(),
+                    "tokenized": prev["tokenized_table"]["location"],
+                    "tokenized_version": prev["tokenized_table"]["version"],
+                    "tokenizer_sha256": build["tokenizer_sha256"],
+                    "records": {s: v["records"] for s, v in prev["splits"].items()},
+                    "tokens": {s: v["tokens"] for s, v in prev["splits"].items()}, "drops": prev["drops"],
+                    "job_seconds": round(time.time() - t0, 2)}
+        # A new directory per run; the root's pointer moves to it only once it is complete and
+        # verified, and nothing of an earlier version is touched before that.
+        name = version_dir_name(silver_version, cfg.run_id)
+        shard_dir = join(root, name)
+        try:
+            manifest = _build(cfg, spark, store, silver_version, shard_dir, settings, tok_dir, tok_info, build,
+                              timings)
+        except BaseException:
+            remove_dir(shard_dir)
+            raise
+    t1 = time.time()
     manifest_sha = hashlib.sha256(read_bytes(join(shard_dir, MANIFEST))).hexdigest()
     write_pointer(root, name, run_id=cfg.run_id, silver_version=silver_version, manifest_sha256=manifest_sha)
     pruned = prune_versions(root, keep=tk.keep_versions, protect=(name,))
@@ -156,23 +214,23 @@ def run(cfg: Config, spark) -> dict:
     splits = manifest["splits"]
     records = {s: v["records"] for s, v in splits.items()}
     tokens = {s: v["tokens"] for s, v in splits.items()}
+    silver_rows = manifest["source"]["rows"]
     row = (cfg.run_id, started, datetime.now(timezone.utc), silver_version, root, shard_dir, manifest_sha,
            manifest["tokenizer"]["sha256"], settings["max_length"], records, tokens, manifest["drops"],
-           manifest["tokenized_table"]["version"], pruned)
-    store.write(spark.createDataFrame([row], RUNS_DDL), t.tokenize_runs, mode="append", job="tokenize",
-                run_id=cfg.run_id)
+           manifest["tokenized_table"]["version"], pruned, silver_rows)
+    store.append_rows([row], RUNS_DDL, t.tokenize_runs, job="tokenize", run_id=cfg.run_id, evolve_schema=True)
+    timings["finish"] = round(time.time() - t1, 3)
     return {
-        "job": "tokenize", "run_id": cfg.run_id,
-        "silver": store.location(t.silver), "silver_version": silver_version,
+        **base, "skipped": False,
         "tokenized": manifest["tokenized_table"]["location"],
         "tokenized_version": manifest["tokenized_table"]["version"],
-        "shards_root": root, "shard_dir": shard_dir, "manifest_sha256": manifest_sha, "pruned": pruned,
-        "tokenizer": settings["tokenizer"],
-        "tokenizer_sha256": manifest["tokenizer"]["sha256"], "max_length": settings["max_length"],
-        "records_in": manifest["records"] + sum(manifest["drops"].values()),
+        "shard_dir": shard_dir, "manifest_sha256": manifest_sha, "pruned": pruned,
+        "tokenizer_sha256": manifest["tokenizer"]["sha256"],
+        "silver_rows": silver_rows, "records_in": silver_rows, "records_tokenized": manifest["records"],
+        "records_dropped": sum(manifest["drops"].values()),
         "records": records, "tokens": tokens,
         "shards": {s: len(v["shards"]) for s, v in splits.items()},
-        "drops": manifest["drops"], "mds": mds, "tokenize_runs": store.location(t.tokenize_runs),
+        "drops": manifest["drops"], "mds": mds, "step_seconds": timings,
         "job_seconds": round(time.time() - t0, 2),
     }
 
