@@ -1,7 +1,7 @@
 """dollyflow: a wheel for Databricks python_wheel_task, spark-submit, and local runs.
 
 pyspark is not a hard requirement: Databricks runtimes ship their own. Extras:
-  spark    pyspark, delta-spark, deltalake (offline Delta), pyarrow, pandas<3
+  spark    pyspark, delta-spark, deltalake (offline Delta), pyarrow, pandas<3, matplotlib (run report)
   train    torch, transformers>=5, accelerate, safetensors, deepspeed, mlflow-skinny, peft
   horovod  horovod[pytorch]
   dev      pytest and friends, databricks-bundles (the bundle's schema, for tests)
@@ -52,7 +52,8 @@ setup(
     ],
     extras_require={
         "spark": ["pyspark>=4.0.1,<=4.2.0", "delta-spark>=4.0", "deltalake>=1.2", "pyarrow>=18",
-                  "pandas>=2.2,<3"],
+                  "pandas>=2.2,<3",
+                  "matplotlib>=3.8"],   # the pipeline's run report (plots as embedded PNGs)
         "train": ["torch>=2.4", "transformers>=5", "tokenizers>=0.21", "accelerate>=1.2",
                   "safetensors>=0.4", "deepspeed>=0.16", "mlflow-skinny>=3",
                   "peft>=0.15",     # LoRA (train.method=lora) with trainable_token_indices

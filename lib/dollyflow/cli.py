@@ -2,7 +2,9 @@
 
     dollyflow ingest --preset tiny ingest.input=../shared/data/dolly-sample.jsonl
     dollyflow config dedupe dedupe.threshold=0.8
-    dollyflow pipeline --preset tiny ingest.input=data.jsonl     # every job, in order
+    dollyflow pipeline --preset tiny ingest.input=data.jsonl     # every job, in order, + report
+    dollyflow pipeline --preset tiny                             # the same on the sample data
+    dollyflow report [--run-id ID]                               # rebuild a pipeline run's report
 
 Each job is also its own console script (``dollyflow-ingest``) for a bundle's
 ``python_wheel_task``, and a spark-submit script (``jobs/ingest.py``). All of them take the same
@@ -83,39 +85,19 @@ def run_job(name: str, argv: list[str] | None = None) -> int:
 
 
 def run_pipeline(argv: list[str] | None = None) -> int:
-    """Every installed job in order (ingest -> dedupe -> tokenize -> infer), one config, one
-    session. A job module may define ``skip_reason(cfg)``: a non-empty answer skips it."""
-    args = _parser("dollyflow pipeline").parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = load_config("pipeline", args.overrides, preset=args.preset, env=args.env, conf=args.conf)
-    except ConfigError as exc:
-        print(f"dollyflow pipeline: config error: {exc}", file=sys.stderr)
-        return 2
-    from dollyflow.engine.session import get_session
-    spark = get_session(cfg.spark)
-    results = {}
-    base_run = cfg.run_id
-    for name in installed_jobs():
-        module = job_module(name)
-        reason = module.skip_reason(cfg) if hasattr(module, "skip_reason") else None
-        if reason:   # e.g. infer without a model: the pipeline runs what it can
-            print(f"== {name} skipped: {reason} ==", flush=True)
-            results[name] = {"skipped": reason}
-            continue
-        cfg.job = name
-        cfg.run_id = f"{base_run}-{name}"
-        t0 = time.time()
-        summary = module.run(cfg, spark)
-        summary["seconds"] = round(time.time() - t0, 2)
-        print(f"== {name} ==", flush=True)
-        print_summary(summary)
-        results[name] = summary
-    return 0
+    """Every installed job in order on one session, then the run report (:mod:`dollyflow.pipeline`)."""
+    from dollyflow.pipeline import run_pipeline as run
+    return run(argv)
+
+
+def run_report(argv: list[str] | None = None) -> int:
+    from dollyflow.pipeline import report_main
+    return report_main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ["pipeline", "config"] + JOBS
+    commands = ["pipeline", "report", "config"] + JOBS
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(f"usage: dollyflow {{{','.join(commands)}}} [--preset P] [--env E] [section.key=value ...]\n\n"
               + __doc__, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
@@ -123,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "pipeline":
         return run_pipeline(rest)
+    if cmd == "report":
+        return run_report(rest)
     if cmd == "config":
         job = rest.pop(0) if rest and not rest[0].startswith("-") and "=" not in rest[0] else ""
         args = _parser(f"dollyflow config {job}").parse_args(rest)

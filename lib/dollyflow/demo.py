@@ -13,20 +13,24 @@ import os
 import sys
 from pathlib import Path
 
-from dollyflow.cli import run_pipeline
+from dollyflow.pipeline import run_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("DOLLYFLOW_SHARED", REPO.parent / "shared"))
 
 
-def prepare_inputs(work: Path) -> tuple[Path, Path]:
-    """(sample JSON Lines file, tokenizer directory) for the demo."""
+def prepare_inputs(work: Path, tokenizer: bool = True) -> tuple[Path, Path | None]:
+    """(sample JSON Lines file, tokenizer directory) for the demo; no tokenizer is looked for or
+    trained when ``tokenizer`` is false."""
     sample = SHARED / "data" / "dolly-sample.jsonl"
-    tokenizer = SHARED / "assets" / "gpt-neox-20b"
+    work.mkdir(parents=True, exist_ok=True)
     if not sample.is_file():
         from dollyflow.core.samples import generate_records, write_jsonl
         sample = write_jsonl(generate_records(200), work / "sample.jsonl")
         print(f"[demo] ../shared not found: generated {sample}", flush=True)
+    if not tokenizer:
+        return sample, None
+    tokenizer = SHARED / "assets" / "gpt-neox-20b"
     if not tokenizer.is_dir():
         tokenizer = work / "tokenizer"
         if not (tokenizer / "tokenizer.json").is_file():
@@ -40,14 +44,10 @@ def prepare_inputs(work: Path) -> tuple[Path, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    work = REPO / "warehouse" / "_demo_inputs"
-    work.mkdir(parents=True, exist_ok=True)
-    sample, tokenizer = prepare_inputs(work)
-    print(f"[demo] input {sample}\n[demo] tokenizer {tokenizer}", flush=True)
+    sample, tokenizer = prepare_inputs(Path("warehouse") / "_demo_inputs")
     # 100-200 records: a tenth of them for test (Dolly held out 1000 of 15k)
     return run_pipeline(["--preset", "tiny", f"ingest.input={sample}", f"model.tokenizer={tokenizer}",
-                         "tokenize.test_size=0.1",
-                         "tables.warehouse=warehouse", *argv])
+                         "tokenize.test_size=0.1", "tables.warehouse=warehouse", *argv])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,97 @@
+"""Short human summaries of the jobs' machine-readable summaries (engine-free).
+
+``dollyflow pipeline`` prints one line per job from these (``--json`` prints the summaries
+themselves); :mod:`dollyflow.core.report` reuses them in the run report.
+"""
+from __future__ import annotations
+
+# The data tables each job writes; run-log tables (ingest_runs, ...) get a row every run and are
+# not counted as a change.
+JOB_TABLES = {
+    "ingest": ["bronze", "quarantine"],
+    "dedupe": ["silver", "duplicates"],
+    "tokenize": ["tokenized"],
+    "train": [],
+    "infer": ["predictions"],
+}
+LOG_TABLES = ["ingest_runs", "dedupe_runs", "tokenize_runs", "train_runs"]
+ALL_TABLES = ["bronze", "quarantine", "ingest_runs", "silver", "duplicates", "dedupe_runs", "tokenized",
+              "tokenize_runs", "train_runs", "predictions"]
+
+
+def _n(x) -> str:
+    if x is None:
+        return "?"
+    if isinstance(x, float):
+        return f"{x:,.4g}" if abs(x) < 1000 else f"{x:,.0f}"
+    return f"{x:,}"
+
+
+def _reasons(d: dict | None) -> str:
+    d = {k: v for k, v in (d or {}).items() if v}
+    return ", ".join(f"{k} {_n(v)}" for k, v in sorted(d.items())) if d else "none"
+
+
+def _versions(changes: dict) -> str:
+    """``bronze v0->v1, quarantine v0`` from {table: [before, after]}."""
+    out = []
+    for name, (before, after) in changes.items():
+        if after is None:
+            continue
+        out.append(f"{name} v{after}" if before == after else
+                   f"{name} {'new' if before is None else f'v{before}'}->v{after}")
+    return ", ".join(out)
+
+
+def job_status(name: str, summary: dict, changes: dict) -> str:
+    """``unchanged`` when the job wrote no new version of its data tables (and, for train,
+    trained nothing; for tokenize, wrote no new shard directory), else ``changed``."""
+    if summary.get("skipped") is True:
+        return "unchanged"
+    if name == "train":
+        return "changed"
+    if name == "tokenize":   # a new shard directory is a change even when the table reads the same
+        return "changed"
+    if any(before != after for before, after in changes.values()):
+        return "changed"
+    return "unchanged"
+
+
+def human_line(name: str, s: dict, changes: dict | None = None) -> str:
+    """One line (maybe two) a person reads: records in/out, drops by reason, loss, tokens/s,
+    table versions."""
+    changes = changes or {}
+    v = _versions(changes)
+    tail = f" | {v}" if v else ""
+    if "skipped" in s and isinstance(s["skipped"], str):   # not run (e.g. infer without a model)
+        return f"skipped: {s['skipped']}"
+    if name == "ingest":
+        return (f"{_n(s.get('lines_read'))} lines from {_n(s.get('files'))} file(s) -> {_n(s.get('rows_new'))} new, "
+                f"{_n(s.get('rows_existing'))} already in bronze or repeated, {_n(s.get('rows_quarantined'))} "
+                f"quarantined ({_reasons(s.get('quarantined_by_reason'))}){tail}")
+    if name == "dedupe":
+        pre = "same bronze version and parameters as the last run: nothing to do; " if s.get("skipped") else ""
+        return (f"{pre}{_n(s.get('input_rows'))} records -> {_n(s.get('survivors'))} kept, removed "
+                f"{_n(s.get('removed_exact'))} exact + {_n(s.get('removed_near'))} near duplicates in "
+                f"{_n(s.get('clusters'))} clusters{tail}")
+    if name == "tokenize":
+        rec, tok = s.get("records") or {}, s.get("tokens") or {}
+        splits = ", ".join(f"{k} {_n(rec[k])} records / {_n(tok.get(k))} tokens" for k in sorted(rec))
+        pre = "shards already built from this silver version: nothing to do; " if s.get("skipped") else ""
+        return (f"{pre}{_n(s.get('records_in'))} records -> {splits or '?'}; dropped: {_reasons(s.get('drops'))} "
+                f"(max_length {_n(s.get('max_length'))}){tail}")
+    if name == "train":
+        if s.get("skipped"):
+            return (f"{s.get('output_dir')} already holds this model (same shards and config): nothing to do; "
+                    f"eval loss {_n(s.get('eval_loss'))}")
+        return (f"{_n(s.get('steps'))} steps, loss {_n(s.get('train_loss_first'))} -> {_n(s.get('train_loss'))}, "
+                f"eval loss {_n(s.get('eval_loss'))}, {_n(s.get('tokens_per_s'))} tokens/s "
+                f"({_n(s.get('useful_tokens_per_s'))} on response tokens) | model {s.get('output_dir')}"
+                + (f" | MLflow run {s['mlflow_run_id']}" if s.get("mlflow_run_id") else ""))
+    if name == "infer":
+        inp = s.get("input") or {}
+        where = f"{inp.get('table')} ({inp.get('split')} split)" if inp.get("table") else "the query"
+        return (f"{_n(s.get('rows_in'))} rows of {where}: {_n(s.get('generated'))} generated, "
+                f"{_n(s.get('already_predicted'))} already predicted; finish {_reasons(s.get('finish_reasons'))}; "
+                f"{_n(s.get('completion_tokens'))} tokens at {_n(s.get('tokens_per_second'))} tokens/s{tail}")
+    return tail.lstrip(" |")

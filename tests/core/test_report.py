@@ -1,0 +1,101 @@
+"""The run report's plots and HTML, and the pipeline's human summary lines, on synthetic data."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from dollyflow.core import report
+from dollyflow.core.summaries import human_line, job_status
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def synthetic() -> dict:
+    metrics = [{"kind": "train", "step": s, "loss": 10 - s * 0.1} for s in range(1, 61)]
+    metrics += [{"kind": "eval", "step": s, "eval_loss": 9.5 - s * 0.05,
+                 "eval_loss_per_category": {"open_qa": {"loss": 7.1, "records": 3},
+                                            "closed_qa": {"loss": 6.9, "records": 2}}} for s in (20, 40, 60)]
+    return {
+        "run": {"run_id": "pipeline-x", "status": "succeeded", "seconds": 61.5, "preset": "tiny", "env": "local",
+                "unchanged": True},
+        "jobs": {"ingest": {"status": "unchanged", "seconds": 3.2}, "train": {"status": "unchanged", "seconds": 1.0}},
+        "categories": {"open_qa": {"bronze": 30, "silver": 28}, "closed_qa": {"bronze": 10, "silver": 10}},
+        "quarantine": {"invalid_json": 2, "empty_response": 1},
+        "quarantine_examples": [{"reason": "invalid_json", "where": "a.jsonl:3", "detail": "Expecting value"}],
+        "duplicates": {"exact": 1, "near": 1},
+        "duplicate_examples": [{"kind": "near", "similarity": 0.81, "record_id": "r2", "survivor_id": "r1",
+                                "instruction": "What is <b>Spark</b>?", "response": "An engine.",
+                                "survivor_instruction": "What is Spark?", "survivor_response": "An engine"}],
+        "tokens": {"max_length": 512, "drops": {"too_long": 4}, "shard_dir": "/w/shards/v0", "manifest_sha256": "ab" * 32,
+                   "splits": {"train": {"width": 16, "bins": {"2": 5, "3": 9, "10": 1}, "records": 15, "tokens": 900},
+                              "test": {"width": 16, "bins": {"3": 2}, "records": 2, "tokens": 100}}},
+        "train": {"output_dir": "/w/models/m", "steps": 60, "train_loss": 4.0, "eval_loss": 6.5, "decision": "skip",
+                  "metrics": metrics, "mlflow": {"run_id": "abc123", "experiment": "dollyflow", "tracking_uri": "file:/w"}},
+        "infer": {"model": "/w/models/m", "rows_in": 2, "generated": 2, "already_predicted": 0,
+                  "completion_tokens": 20, "generation_seconds": 2.0, "tokens_per_second": 10.0, "params": {"t": 1},
+                  "finish_reasons": {"stop": 1, "length": 1},
+                  "samples": [{"record_id": "r9", "category": "open_qa", "instruction": "Say <script>x</script>",
+                               "context": "", "reference": "ref answer", "response": "model answer",
+                               "finish_reason": "stop", "completion_tokens": 5}]},
+        "tables": [{"table": "bronze", "version": 3, "operation": "MERGE", "written_by": "pipeline-x-ingest",
+                    "location": "/w/dollyflow/bronze"}],
+    }
+
+
+def test_every_plot_is_a_png():
+    d = synthetic()
+    for png in (report.plot_categories(d["categories"]), report.plot_counts(d["quarantine"], "t", "lines"),
+                report.plot_lengths(d["tokens"]), report.plot_loss(d["train"]["metrics"]),
+                report.plot_category_loss(d["train"]["metrics"][-1]["eval_loss_per_category"])):
+        assert png.startswith(PNG) and len(png) > 2000
+
+
+def test_html_has_every_section_the_images_and_escapes_text():
+    html = report.render_html(synthetic())
+    for key, title in report.SECTIONS:
+        assert f'<h2 id="{key}">{title}</h2>' in html
+    # categories, quarantine, duplicates, lengths, loss, per-category loss, finish reasons
+    assert len(re.findall(r'<img alt="[^"]+" src="data:image/png;base64,', html)) == 7
+    assert "<script>" not in html and "Say &lt;script&gt;x&lt;/script&gt;" in html
+    assert "ref answer" in html and "model answer" in html
+    assert "abc123" in html and "too_long 4" in html and "unchanged" in html
+    assert "<td class=\"num\">3</td>" in html       # bronze's version in the tables section
+
+
+def test_empty_sections_say_so_instead_of_drawing():
+    d = synthetic()
+    d.update(quarantine={}, duplicates={}, infer={})
+    d["train"]["metrics"] = []
+    html = report.render_html(d)
+    assert "No line was quarantined" in html and "No duplicates" in html
+    assert "inference did not run" in html and "no training metrics" in html
+    assert len(re.findall(r"<img ", html)) == 2     # categories, lengths
+
+
+@pytest.mark.parametrize("name,summary,changes,status", [
+    ("ingest", {"lines_read": 100, "files": 1, "rows_new": 0, "rows_existing": 100, "rows_quarantined": 0},
+     {"bronze": [0, 0], "quarantine": [0, 0]}, "unchanged"),
+    ("ingest", {"lines_read": 100, "files": 1, "rows_new": 3, "rows_existing": 97, "rows_quarantined": 0},
+     {"bronze": [0, 1], "quarantine": [0, 0]}, "changed"),
+    ("dedupe", {"skipped": True, "input_rows": 5}, {"silver": [0, 0]}, "unchanged"),
+    ("tokenize", {"skipped": False, "records": {"train": 9}}, {"tokenized": [0, 0]}, "changed"),
+    ("train", {"skipped": True, "output_dir": "/m"}, {}, "unchanged"),
+    ("train", {"skipped": False, "steps": 3}, {}, "changed"),
+    ("infer", {"generated": 0}, {"predictions": [2, 2]}, "unchanged"),
+])
+def test_job_status(name, summary, changes, status):
+    assert job_status(name, summary, changes) == status
+
+
+def test_human_lines_name_the_numbers():
+    line = human_line("ingest", {"lines_read": 1200, "files": 2, "rows_new": 1000, "rows_existing": 150,
+                                 "rows_quarantined": 50, "quarantined_by_reason": {"invalid_json": 50}},
+                      {"bronze": [None, 0], "quarantine": [0, 1]})
+    assert line == ("1,200 lines from 2 file(s) -> 1,000 new, 150 already in bronze or repeated, 50 quarantined "
+                    "(invalid_json 50) | bronze new->v0, quarantine v0->v1")
+    line = human_line("train", {"steps": 33, "train_loss_first": 10.83, "train_loss": 6.796, "eval_loss": 8.484,
+                                "tokens_per_s": 2889.2, "useful_tokens_per_s": 1292.0, "output_dir": "/m",
+                                "mlflow_run_id": "r1"})
+    assert "33 steps, loss 10.83 -> 6.796, eval loss 8.484, 2,889 tokens/s (1,292 on response tokens)" in line
+    assert human_line("infer", {"skipped": "infer.model is not set"}) == "skipped: infer.model is not set"

@@ -1,0 +1,101 @@
+"""``dollyflow pipeline`` end to end on the sample with the tiny preset (ingest -> dedupe ->
+tokenize -> train -> infer on local Spark, then the run report), a rerun with the same inputs,
+and ``dollyflow report`` rebuilding the first run's report from the versions it recorded."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dollyflow.cli import main
+from dollyflow.core.report import SECTIONS
+from dollyflow.core.summaries import ALL_TABLES, JOB_TABLES
+
+pytestmark = [pytest.mark.spark, pytest.mark.slow]
+
+DATA_TABLES = [t for tables in JOB_TABLES.values() for t in tables]
+
+
+def contents(spark, warehouse: Path) -> dict:
+    """Every data table's rows (all columns but write timestamps), sorted: its content."""
+    store = _store(spark, warehouse)
+    out = {}
+    for name in DATA_TABLES:
+        df = store.read(name)
+        cols = sorted(c for c in df.columns if c not in ("ingested_at", "created_at"))
+        out[name] = sorted(tuple(str(r[c]) for c in cols) for r in df.select(*cols).collect())
+    return out
+
+
+def test_pipeline_end_to_end_rerun_and_report(spark, tmp_path, capsys, sample_path, tokenizer_path):
+    wh = tmp_path / "wh"
+    # the sample plus a line that is not JSON (quarantined) and a case-changed copy of the first
+    # record (an exact duplicate after normalisation), so every table gets rows
+    lines = sample_path.read_text(encoding="utf-8").splitlines()
+    copy = json.loads(lines[0])
+    copy["instruction"] = copy["instruction"].upper()
+    data_file = tmp_path / "input.jsonl"
+    data_file.write_text("\n".join(lines + ['{"instruction": "broken', json.dumps(copy)]) + "\n", encoding="utf-8")
+    args = ["pipeline", "--preset", "tiny", "--json", f"tables.warehouse={wh}", f"ingest.input={data_file}",
+            f"model.tokenizer={tokenizer_path}", "tokenize.test_size=0.1"]
+    assert main(args) == 0
+    out = capsys.readouterr()
+    first = json.loads(out.out)                       # --json: stdout is one JSON document
+    assert "[5/5] infer" in out.err and "report" in out.err   # the progress lines went to stderr
+    assert first["status"] == "succeeded" and not first["unchanged"]
+    assert [j["status"] for j in first["jobs"].values()] == ["changed"] * 5
+    for name in ALL_TABLES:                           # every table exists and has rows
+        assert first["tables"][name]["version"] is not None, name
+    data = contents(spark, wh)
+    assert all(data[t] for t in DATA_TABLES), {t: len(v) for t, v in data.items()}
+    assert first["jobs"]["ingest"]["summary"]["rows_quarantined"] == 1
+    assert first["jobs"]["dedupe"]["summary"]["removed_exact"] == 1
+    # infer scored exactly the test split into predictions, with the model train just wrote
+    store = _store(spark, wh)
+    test_ids = {r["record_id"] for r in store.read("tokenized").where("split = 'test'").select("record_id").collect()}
+    pred = first["jobs"]["infer"]["summary"]
+    assert pred["model"] == first["jobs"]["train"]["summary"]["output_dir"]
+    assert pred["generated"] == len(test_ids) > 0
+    assert {r["record_id"] for r in store.read("predictions").select("record_id").collect()} == test_ids
+    assert store.count("predictions") == len(test_ids)
+    # the human summaries (without --json) are one line per job, no JSON
+    for name in JOB_TABLES:
+        assert f"] {name}" in out.err
+    assert "{" not in "".join(line for line in out.err.splitlines() if line.startswith("["))
+
+    report = Path(first["report"])
+    html = report.read_text(encoding="utf-8")
+    assert report.parent == wh / "reports"
+    for key, title in SECTIONS:
+        assert f'<h2 id="{key}">{title}</h2>' in html
+    # categories, quarantine, duplicates, lengths, loss, per-category loss, finish reasons
+    assert html.count('<img alt="') == 7 and "data:image/png;base64," in html
+    assert copy["instruction"] in html                # the duplicate pair is shown
+    assert first["jobs"]["train"]["summary"]["mlflow_run_id"] in html
+    assert Path(first["jobs"]["train"]["log"]).is_file()  # the job's own output, kept beside the record
+
+    # rerun with the same inputs: no data table's content changes, and the pipeline says so
+    assert main(args) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert contents(spark, wh) == data
+    status = {n: j["status"] for n, j in second["jobs"].items()}
+    assert status["ingest"] == status["dedupe"] == status["infer"] == "unchanged", status
+    for name in ("ingest", "dedupe", "infer"):
+        assert all(a == b for a, b in second["jobs"][name]["changes"].values())
+    if "skipped" in second["jobs"]["tokenize"]["summary"]:   # the tokenize job with skip_unchanged
+        assert status["tokenize"] == status["train"] == "unchanged" and second["unchanged"], status
+
+    # the report of the first run, rebuilt later: the versions that run recorded, not the latest
+    rebuilt = tmp_path / "rebuilt.html"
+    assert main(["report", "--run-id", first["run_id"], f"tables.warehouse={wh}", "--out", str(rebuilt)]) == 0
+    assert first["run_id"] in capsys.readouterr().out
+    assert rebuilt.read_text(encoding="utf-8") == html
+    assert main(["report", "--run-id", "no-such-run", f"tables.warehouse={wh}"]) == 2
+    assert "no pipeline run 'no-such-run'" in capsys.readouterr().err
+
+
+def _store(spark, wh: Path):
+    from dollyflow.config import TablesConfig
+    from dollyflow.engine.delta import DeltaStore
+    return DeltaStore(spark, TablesConfig(warehouse=str(wh)))
