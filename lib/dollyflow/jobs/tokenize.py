@@ -195,6 +195,8 @@ def run(cfg: Config, spark) -> dict:
                     "tokenizer_sha256": build["tokenizer_sha256"],
                     "records": {s: v["records"] for s, v in prev["splits"].items()},
                     "tokens": {s: v["tokens"] for s, v in prev["splits"].items()}, "drops": prev["drops"],
+                    "silver_rows": prev["source"].get("rows"), "records_in": prev["source"].get("rows"),
+                    "records_tokenized": prev["records"], "records_dropped": sum(prev["drops"].values()),
                     "job_seconds": round(time.time() - t0, 2)}
         # A new directory per run; the root's pointer moves to it only once it is complete and
         # verified, and nothing of an earlier version is touched before that.
