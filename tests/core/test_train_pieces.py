@@ -182,3 +182,23 @@ def test_no_warmup_starts_at_the_peak():
     cos = dsconfig.fill(dsconfig.load_preset("cpu"), t_dict(warmup_steps=0, lr_scheduler="cosine"), world_size=1,
                         total_steps=10, hidden_size=8, precision="fp32")
     assert cos["scheduler"]["params"]["warmup_min_ratio"] == 1.0
+
+
+@pytest.mark.slow
+def test_logging_the_model_leaves_the_process_tracking_uri_alone(dolly_model_dir, tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri exports $MLFLOW_TRACKING_URI; the train job's model logging must
+    undo it, or the next train job in the same process (a pipeline, a notebook) tracks into the
+    previous run's store."""
+    mlflow = pytest.importorskip("mlflow")
+    pytest.importorskip("mlflow.transformers")
+    from dollyflow.core.training import tracking
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"file:{tmp_path / 'mlruns'}"
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment("t"))
+    got = tracking._log_transformers_model(uri, run.info.run_id, str(dolly_model_dir))
+    assert got["model_logged"], got
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert mlflow.get_tracking_uri() != uri

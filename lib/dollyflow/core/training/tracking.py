@@ -198,7 +198,10 @@ def _log_transformers_model(uri: str, run_id: str, output_dir: str) -> dict:
         import mlflow.transformers
     except Exception as exc:  # noqa: BLE001 - the flavour is optional
         return {"model_logged": False, "model_error": f"mlflow.transformers not importable: {exc}"}
-    old = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    # mlflow.set_tracking_uri also exports $MLFLOW_TRACKING_URI to the whole process: restore it
+    # (and mlflow's global URI) afterwards, or the next train job in this process would track
+    # into this run's store
+    old = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MLFLOW_TRACKING_URI")}
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     try:
         import torch
@@ -219,6 +222,7 @@ def _log_transformers_model(uri: str, run_id: str, output_dir: str) -> dict:
     except Exception as exc:  # noqa: BLE001 - the run and the model directory stay valid without it
         return {"model_logged": False, "model_error": f"{type(exc).__name__}: {exc}"[:500]}
     finally:
+        mlflow.set_tracking_uri(None)
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
