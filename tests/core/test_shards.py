@@ -7,7 +7,7 @@ import pytest
 
 from dollyflow.core.prompt import RESPONSE_KEY_NL
 from dollyflow.core.shards import (ShardDataset, build_manifest, collate, histogram_edges, plan_shards,
-                                   read_manifest, shard_count, shard_file_name, verify_shards, write_manifest,
+                                   read_manifest, shard_count, shard_file_name, shard_starts, verify_shards, write_manifest,
                                    write_shard)
 from dollyflow.core.split import assign_splits, split_keys
 from dollyflow.core.tokens import backend_from_json, encode_records, load_tokenizer, save_tokenizer
@@ -20,7 +20,15 @@ def test_plan_balances_tokens_and_is_deterministic():
     plan = plan_shards(lengths, keys, 8)
     loads = np.bincount(plan, weights=lengths, minlength=8)
     assert set(plan.tolist()) == set(range(8))
-    assert loads.max() - loads.min() <= lengths.max()
+    assert np.abs(loads - lengths.sum() / 8).max() <= lengths.max()      # within one record of the mean
+    order = np.argsort(keys)
+    assert (np.diff(plan[order]) >= 0).all()                             # contiguous ranges of split keys
+    rids = [f"r{i}" for i in range(1000)]
+    starts = shard_starts(plan, keys, rids)
+    assert len(starts) == 7
+    assert [sum((int(k), r) >= st for st in starts) for k, r in zip(keys, rids)] == plan.tolist()
+    tied = plan_shards([10, 10, 10, 10], [5, 5, 5, 5], 2, ["d", "c", "b", "a"])
+    assert tied.tolist() == [1, 1, 0, 0]                                 # equal keys: record id decides
     assert (plan_shards(lengths, keys, 8) == plan).all()
     assert shard_count(8, 3) == 3 and set(plan_shards([5, 6, 7], [1, 2, 3], 8).tolist()) == {0, 1, 2}
     with pytest.raises(ValueError):

@@ -11,7 +11,7 @@ import pytest
 from dollyflow.core.prompt import format_training_prompt
 from dollyflow.core.records import record_id
 from dollyflow.core.shards import ShardDataset, read_manifest, read_pointer, resolve_shard_dir, verify_shards
-from dollyflow.core.split import assign_splits
+from dollyflow.core.split import assign_splits, split_key
 from dollyflow.core.tokens import load_tokenizer
 
 pytestmark = pytest.mark.spark
@@ -110,7 +110,9 @@ def test_manifest_matches_shards(job):
         assert sum(t.num_rows for t in tables) == s["records"] == job["summary"]["records"][split]
         tokens = [sum(t.column("length").to_pylist()) for t in tables]
         assert sum(tokens) == s["tokens"]
-        assert max(tokens) - min(tokens) <= MAX_LENGTH   # balanced by tokens
+        assert max(abs(t - sum(tokens) / len(tokens)) for t in tokens) <= MAX_LENGTH   # balanced by tokens
+        keys = [(split_key(r), r) for t in tables for r in t.column("record_id").to_pylist()]
+        assert keys == sorted(keys)        # shard i holds a range of split keys, below shard i+1's
         cats = {}
         for t in tables:
             for c in t.column("category").to_pylist():
@@ -339,9 +341,9 @@ def test_shards_missing_a_record_fail_the_run(job, spark, tmp_path, monkeypatch)
 
     real = engine.write_outputs
 
-    def lossy(kept, plan, *args, **kwargs):
-        victim = plan.where("split = 'train'").agg({"split_key": "min"}).first()[0]
-        return real(kept.where(kept.split_key != victim), plan, *args, **kwargs)
+    def lossy(kept, counts, *args, **kwargs):
+        victim = kept.agg({"split_key": "max"}).first()[0]      # the largest key: a train record
+        return real(kept.where(kept.split_key != victim), counts, *args, **kwargs)
 
     monkeypatch.setattr(engine, "write_outputs", lossy)
     store, t = job["store"], job["cfg"].tables
@@ -353,3 +355,4 @@ def test_shards_missing_a_record_fail_the_run(job, spark, tmp_path, monkeypatch)
     assert store.version(t.tokenized) == before
     assert not any((tmp_path / "r").glob("v*"))
     assert sorted(p.name for p in table_dir.iterdir()) == folders      # the run's table files are gone
+

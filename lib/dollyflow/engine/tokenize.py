@@ -9,7 +9,9 @@
 - :func:`summarize`: one small pass over the (cached) tokenized rows: rows per drop reason and
   the narrow columns of the kept ones, from which the driver works out the hash split of the
   core (:mod:`dollyflow.core.split`, exact for counts) and each split's token-balanced shard
-  plan (:func:`dollyflow.core.shards.plan_shards`).
+  plan (:func:`dollyflow.core.shards.plan_shards`), both as ranges of (split_key, record_id).
+- :func:`assign_shards`: those ranges as a column expression (a short CASE on split_key), so
+  the token rows get their split and shard where they are, without a join with a plan.
 - :func:`write_outputs`: one task per shard writes, from the same Arrow rows, the shard file
   (straight to the shard directory: a local path, a FUSE path such as ``/dbfs`` or ``/Volumes``,
   or a pyarrow URI) and the ``tokenized`` table's Parquet file for that shard (through the
@@ -134,14 +136,18 @@ def encoder(tokenizer_json: str, max_length: int, seed: int = 42):
 @dataclass
 class TokenizeCounts:
     """What :func:`summarize` measured and decided: rows seen (kept + dropped), drops per
-    reason, records per split, shards per split and the plan: (split_key, record_id, split,
-    shard) of every kept record."""
+    reason, records per split, shards per split, and the plan as ranges of (split_key,
+    record_id): ``test_last``, the last test record (None without a test split), and per split
+    the first record of each shard after the first (``shard_starts``), with the records each
+    shard gets (``shard_records``, checked against what the writers wrote)."""
     rows: int
     kept: int
     drops: dict[str, int]
     split_records: dict[str, int] = field(default_factory=dict)
     shard_counts: dict[str, int] = field(default_factory=dict)
-    plan: pa.Table | None = None
+    test_last: tuple[int, str] | None = None
+    shard_starts: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
+    shard_records: dict[str, list[int]] = field(default_factory=dict)
 
 
 def summarize(tokenized, test_size: float | int, num_shards: int) -> TokenizeCounts:
@@ -149,9 +155,10 @@ def summarize(tokenized, test_size: float | int, num_shards: int) -> TokenizeCou
     narrow columns (split_key, record_id, length, drop_reason; never the ids) come to the driver
     as Arrow. There the rows are counted per drop reason, and the split
     (:func:`dollyflow.core.split.select_test`, exact for counts) and each split's token-balanced
-    shard plan (:func:`dollyflow.core.shards.plan_shards`) are worked out in numpy: no further
-    Spark job, no Python worker."""
-    from dollyflow.core.shards import shard_count
+    shard ranges (:func:`dollyflow.core.shards.plan_shards`) are worked out in numpy: no further
+    Spark job, no Python worker. Both are ranges of (split_key, record_id), so the writers get
+    them as a column expression (:func:`assign_shards`), not a join."""
+    from dollyflow.core.shards import shard_count, shard_starts
 
     got = tokenized.select("split_key", "record_id", "length", "drop_reason").toArrow()
     reasons = {r["values"]: int(r["counts"]) for r in pc.value_counts(got.column("drop_reason")).to_pylist()}
@@ -160,30 +167,53 @@ def summarize(tokenized, test_size: float | int, num_shards: int) -> TokenizeCou
     counts = TokenizeCounts(rows=got.num_rows, kept=kept, drops=dict(sorted(reasons.items())))
     expect_equal("tokenize: kept records", ("counted by drop reason", kept), ("rows that came back", rows.num_rows))
     keys = rows.column("split_key").to_numpy()
-    rids = rows.column("record_id").to_pylist()
+    rids = np.asarray(rows.column("record_id").to_pylist(), dtype=object)
     lengths = rows.column("length").to_numpy()
     test = select_test(keys, rids, test_size)
-    split = np.where(test, TEST, TRAIN).astype(object)
-    shard = np.zeros(len(keys), dtype=np.int32)
     for name, mask in ((TEST, test), (TRAIN, ~test)):
         n = int(mask.sum())
         if n:
             counts.split_records[name] = n
             counts.shard_counts[name] = shard_count(num_shards, n)
-            shard[mask] = core_plan_shards(lengths[mask], keys[mask], num_shards)
-    counts.plan = pa.table({"split_key": pa.array(keys, pa.int64()), "record_id": pa.array(rids, pa.string()),
-                            "split": pa.array(split.tolist(), pa.string()), "shard": pa.array(shard, pa.int32())})
+            k, r = keys[mask], rids[mask]
+            plan = core_plan_shards(lengths[mask], k, num_shards, r)
+            counts.shard_starts[name] = shard_starts(plan, k, r)
+            counts.shard_records[name] = np.bincount(plan, minlength=counts.shard_counts[name]).tolist()
+            if name == TEST:
+                last = np.lexsort((r.astype(str), k))[-1]
+                counts.test_last = (int(k[last]), str(r[last]))
     return counts
 
 
-def plan_frame(spark, plan: pa.Table):
-    """The plan as a DataFrame to join the kept rows with: on split_key alone when the keys are
-    unique (one long per row; 63-bit hashes practically always are), else on (split_key,
-    record_id). Returns (DataFrame, join columns)."""
-    keys = plan.column("split_key").to_numpy()
-    if len(np.unique(keys)) == len(keys):
-        return spark.createDataFrame(plan.drop_columns(["record_id"])), ["split_key"]
-    return spark.createDataFrame(plan), ["split_key", "record_id"]
+def _at_or_after(key: int, rid: str):
+    from pyspark.sql import functions as F
+    k = F.col("split_key")
+    return (k > F.lit(key)) | ((k == F.lit(key)) & (F.col("record_id") >= F.lit(rid)))
+
+
+def assign_shards(kept, counts: TokenizeCounts):
+    """Add ``split`` and ``shard`` to the kept rows from :func:`summarize`'s ranges: plain
+    comparisons on (split_key, record_id), evaluated in the JVM where the rows already are."""
+    from pyspark.sql import functions as F
+
+    if counts.test_last is None:
+        split = F.lit(TRAIN)
+    else:
+        key, rid = counts.test_last
+        k = F.col("split_key")
+        after = (k > F.lit(key)) | ((k == F.lit(key)) & (F.col("record_id") > F.lit(rid)))
+        split = F.when(after, F.lit(TRAIN)).otherwise(F.lit(TEST))
+
+    def shard_of(starts):
+        expr = F.lit(0)
+        for i, (key, rid) in enumerate(starts, 1):
+            expr = F.when(_at_or_after(key, rid), F.lit(i)).otherwise(expr)
+        return expr
+
+    shard = shard_of(counts.shard_starts.get(TRAIN, []))
+    if TEST in counts.shard_starts:
+        shard = F.when(F.col("split") == F.lit(TEST), shard_of(counts.shard_starts[TEST])).otherwise(shard)
+    return kept.withColumn("split", split).withColumn("shard", shard.cast("int"))
 
 
 def _cores(spark, default: int) -> int:
@@ -198,27 +228,18 @@ def _cores(spark, default: int) -> int:
         return default
 
 
-#: Up to this many records the (record_id, split, shard) plan is broadcast to the join, so the
-#: token rows are shuffled once (to their shard) instead of twice.
-BROADCAST_PLAN_RECORDS = 5_000_000
-
-
-def write_outputs(kept, plan, on: list[str], out_dir: str, shard_counts: dict[str, int], edges: list[int],
-                  table_sink, records: int | None = None) -> list[dict]:
-    """Join the kept rows with their plan (``on``: the join columns, see :func:`plan_frame`)
-    and write every (split, shard) as one shard file under ``out_dir`` (records ordered by split
+def write_outputs(kept, counts: TokenizeCounts, out_dir: str, edges: list[int], table_sink) -> list[dict]:
+    """Give the kept rows their split and shard (:func:`assign_shards`), shuffle them to the
+    writer tasks and write every (split, shard) as one shard file under ``out_dir`` (records ordered by split
     key) and, from the same Arrow rows, one Parquet file of the ``tokenized`` table through
     ``table_sink``. Returns, per shard, its stats (records, tokens, categories, histogram,
     bytes, sha256) with ``table_part``: the table file written (path, bytes, rows)."""
-    from pyspark.sql import functions as F
-
     out_dir = str(out_dir)
-    counts = dict(shard_counts)
+    plan = counts
+    counts = dict(plan.shard_counts)
     total = sum(counts.values())
     cols = ["split", "shard", "split_key", "record_id", "category", "ids", "response_start", "length"]
-    if records is not None and records <= BROADCAST_PLAN_RECORDS:
-        plan = F.broadcast(plan)
-    rows = kept.join(plan, on).select(*cols).repartition(max(1, total), "split", "shard")
+    rows = assign_shards(kept, plan).select(*cols).repartition(max(1, total), "split", "shard")
     cores = _cores(kept.sparkSession, total)
     if cores < total:
         rows = rows.coalesce(max(1, cores))

@@ -15,14 +15,16 @@ seed. Output:
 
 One pass: silver is tokenized once (cached; token ids travel as int32 bytes), the narrow columns
 (split key, record id, length, drop reason: about 50 bytes a record) come to the driver, which
-counts the drops and works out the split and the token-balanced shard plan, and each writer task
-writes, for its shards, both the shard file and the table's Parquet file from the same rows; the
-table files are then committed to ``tokenized`` at once. Four Spark jobs in all: the
-tokenization, the plan's broadcast, and the two stages of the shuffle to the writers.
+counts the drops and works out the split and the token-balanced shard plan (both ranges of
+split keys, so the rows get their split and shard from a column expression, with no join), and
+each writer task writes, for its shards, both the shard file and the table's Parquet file from
+the same rows; the table files are then committed to ``tokenized`` at once. Three Spark jobs in
+all: the tokenization and the two stages of the shuffle to the writers.
 
 Counts are measured, compared stage to stage, and a mismatch fails the run naming both numbers:
 silver's rows at the version read (from its Delta log) = tokenized + dropped; records per split
-of the split = records in the shards the tasks wrote = rows of the ``tokenized`` commit; and the
+of the split = records in the shards the tasks wrote = rows of the ``tokenized`` commit; records
+per shard of the plan = records in that shard's file; and the
 shards are re-read and checked against the manifest before the pointer moves.
 
 The shards root (:func:`dollyflow.config.shards_root`) is ``<warehouse>/shards/<silver>`` locally
@@ -70,8 +72,7 @@ def _build(cfg: Config, spark, store, silver_version: int, shard_dir: str, setti
     from dollyflow.core.counts import StepClock, expect_equal, expect_equal_maps
     from dollyflow.core.shards import TOKENIZER_DIR, build_manifest, histogram_edges, verify_shards, write_manifest
     from dollyflow.core.storage import join, upload_dir
-    from dollyflow.engine.tokenize import (TABLE_ARROW, plan_frame, summarize, tokenize_records, with_parallelism,
-                                           write_outputs)
+    from dollyflow.engine.tokenize import TABLE_ARROW, summarize, tokenize_records, with_parallelism, write_outputs
 
     t, tk = cfg.tables, cfg.tokenize
     clock = StepClock(timings)
@@ -95,10 +96,9 @@ def _build(cfg: Config, spark, store, silver_version: int, shard_dir: str, setti
         if counts.kept == 0:
             raise RuntimeError(f"no record of silver v{silver_version} can be tokenized (drops: {counts.drops})")
         kept = tokenized.where(F.col("drop_reason").isNull())
-        plan, on = plan_frame(spark, counts.plan)
         edges = histogram_edges(max_length)
         sink = store.part_sink(t.tokenized, TABLE_ARROW)
-        stats = write_outputs(kept, plan, on, shard_dir, counts.shard_counts, edges, sink, records=counts.kept)
+        stats = write_outputs(kept, counts, shard_dir, edges, sink)
         clock("write")
         timings["write_tasks"] = {k: round(sum(st["seconds"][k] for st in stats), 3) for k in stats[0]["seconds"]}
         by_split: dict[str, list[dict]] = {s: [] for s in counts.split_records}
@@ -106,6 +106,10 @@ def _build(cfg: Config, spark, store, silver_version: int, shard_dir: str, setti
             by_split.setdefault(st["split"], []).append(st)
         expect_equal_maps("tokenize: records per split", ("the split", counts.split_records),
                           ("the shards written", {s: sum(x["records"] for x in v) for s, v in by_split.items()}))
+        expect_equal_maps("tokenize: records per shard",
+                          ("the shard plan", {f"{s}-{i}": n for s, v in counts.shard_records.items()
+                                              for i, n in enumerate(v)}),
+                          ("the shards written", {f"{st['split']}-{st['shard']}": st["records"] for st in stats}))
         parts = [tuple(st["table_part"]) for st in stats]
         expect_equal("tokenize: tokenized table files", ("records kept", counts.kept),
                      ("rows of the table files written", sum(p[2] for p in parts)))

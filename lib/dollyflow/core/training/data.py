@@ -137,7 +137,7 @@ def build_shard_dir(records: Iterable[dict], tokenizer_path: str | os.PathLike, 
     for split in sorted(set(splits)):
         rows = [k for k, s in zip(kept, splits) if s == split]
         lengths = [len(k[2]) for k in rows]
-        plan = plan_shards(lengths, split_keys([k[0] for k in rows], seed), num_shards)
+        plan = plan_shards(lengths, split_keys([k[0] for k in rows], seed), num_shards, [k[0] for k in rows])
         count = shard_count(num_shards, len(rows))
         stats = []
         for s in range(count):
