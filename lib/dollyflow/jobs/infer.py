@@ -106,11 +106,14 @@ def run(cfg: Config, spark) -> dict:
     cols = keys + [c for c in inf.extra_columns if c not in keys]
     text = [inf.instruction_column] + ([inf.context_column] if inf.context_column else [])
     df = df.select(*cols, *[c for c in text if c not in cols])
-    rows_in = df.count()
-    non_null = df.dropna(subset=keys)
-    unique = non_null.dropDuplicates(keys)
-    null_keys = rows_in - non_null.count()
-    rows_unique = unique.count()
+    # one pass over the input for its three counts (a query input is not run three times)
+    any_null = F.lit(False)
+    for k in keys:
+        any_null = any_null | F.col(k).isNull()
+    c = df.agg(F.count(F.lit(1)).alias("rows"), F.sum(F.when(any_null, 1).otherwise(0)).alias("nulls"),
+               F.count_distinct(F.when(~any_null, F.struct(*keys))).alias("unique")).first()
+    rows_in, null_keys, rows_unique = int(c["rows"]), int(c["nulls"] or 0), int(c["unique"])
+    unique = df.dropna(subset=keys).dropDuplicates(keys)
 
     existing = 0
     todo = unique
@@ -143,10 +146,13 @@ def run(cfg: Config, spark) -> dict:
     try:
         n_generated = generated.count()    # the generation itself, once
         gen_seconds = time.time() - t_gen
-        stats = {r["finish_reason"]: (int(r["n"]), int(r["p"] or 0), int(r["c"] or 0)) for r in
-                 generated.groupBy("finish_reason").agg(F.count("*").alias("n"), F.sum("prompt_tokens").alias("p"),
-                                                        F.sum("completion_tokens").alias("c")).collect()}
-        trimmed = generated.where(F.col("trimmed_context_tokens") > 0).count()
+        by_reason = (generated.groupBy("finish_reason")
+                     .agg(F.count("*").alias("n"), F.sum("prompt_tokens").alias("p"),
+                          F.sum("completion_tokens").alias("c"),
+                          F.sum(F.when(F.col("trimmed_context_tokens") > 0, 1).otherwise(0)).alias("t"))
+                     .collect())
+        stats = {r["finish_reason"]: (int(r["n"]), int(r["p"] or 0), int(r["c"] or 0)) for r in by_reason}
+        trimmed = sum(int(r["t"] or 0) for r in by_reason)
         version = store.version(t.predictions)
         if inf.mode == "overwrite":
             version = store.write(generated, t.predictions, mode="overwrite", job="infer", run_id=cfg.run_id)

@@ -53,8 +53,7 @@ def run(cfg: Config, spark, *, fn: str = DEFAULT_FN) -> dict:
 
     summary = run_training(cfg, spark, fn=fn)
     store = DeltaStore(spark, cfg.tables)
-    store.write(spark.createDataFrame([runs_row(summary)], RUNS_DDL), cfg.tables.train_runs, mode="append",
-                job="train", run_id=cfg.run_id)
+    store.append_rows([runs_row(summary)], RUNS_DDL, cfg.tables.train_runs, job="train", run_id=cfg.run_id)
     summary["train_runs"] = store.location(cfg.tables.train_runs)
     summary.pop("started_at", None)
     return summary

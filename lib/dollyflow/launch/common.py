@@ -21,6 +21,8 @@ import socket
 import time
 import traceback
 
+from dollyflow.core.storage import write_atomic
+
 
 class TrainingFailed(RuntimeError):
     """A rank failed; the message starts with ``rank <r> failed: <error>``."""
@@ -61,16 +63,10 @@ def run_rank(fn_ref: str, spec: dict):
     except BaseException as exc:
         record = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
                   "type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
-        tmp = os.path.join(sdir, f".rank-{rank}.error.json.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(record, f)
-        os.replace(tmp, os.path.join(sdir, f"rank-{rank}.error.json"))
+        write_atomic(os.path.join(sdir, f"rank-{rank}.error.json"), json.dumps(record).encode("utf-8"))
         raise
     if rank == 0:
-        tmp = os.path.join(sdir, ".result.json.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(result, f, default=str)
-        os.replace(tmp, os.path.join(sdir, "result.json"))
+        write_atomic(os.path.join(sdir, "result.json"), json.dumps(result, default=str).encode("utf-8"))
     return result
 
 
