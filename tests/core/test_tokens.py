@@ -157,3 +157,23 @@ def test_prefix_and_suffix_encoding_is_the_fallback(tok, backend, records):
             return [Enc(e) for e in self.real.encode_batch(texts, **kw)]
 
     assert encode(NoOffsets(backend), records[:10]).__dict__ == encode(backend, records[:10]).__dict__
+
+
+def test_the_intro_is_encoded_once_where_that_gives_the_same_ids(tok, backend, records):
+    """Dolly's intro line is the same first segment of every prompt (``### Instruction:`` splits
+    the text): it is encoded once per tokenizer, and the ids are still the whole prompt's. A
+    tokenizer where the key does not split the text encodes whole prompts."""
+    from tokenizers import Tokenizer
+
+    from dollyflow.core.tokens import INTRO_SEGMENT, intro_ids
+
+    assert intro_ids(backend) == tok(INTRO_SEGMENT)["input_ids"]
+    # the key as an ordinary text: no split, so no reuse; ids still equal the tokenizer's own
+    plain = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    raw = json.loads(plain.to_str())
+    raw["added_tokens"] = [t for t in raw["added_tokens"] if t["content"] != INSTRUCTION_KEY]
+    plain = Tokenizer.from_str(json.dumps(raw))
+    assert intro_ids(plain) is None
+    enc = encode(plain, records[:10])
+    for r, ids in zip(records[:10], enc.input_ids):
+        assert ids == plain.encode(format_training_prompt(r["instruction"], r["response"], r["context"])).ids

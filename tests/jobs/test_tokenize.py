@@ -104,6 +104,7 @@ def test_manifest_matches_shards(job):
     assert m["max_length"] == MAX_LENGTH and m["drops"] == job["summary"]["drops"]
     files = sorted(p.name for p in d.glob("*.parquet"))
     assert files == sorted(e["file"] for s in m["splits"].values() for e in s["shards"])
+    assert sorted(p.name for p in d.iterdir() if p.is_dir()) == ["tokenizer"]     # staging files removed
     assert len(m["splits"]["train"]["shards"]) == 3 and len(m["splits"]["test"]["shards"]) == 3
     for split, s in m["splits"].items():
         tables = [pq.read_table(d / e["file"]) for e in s["shards"]]
@@ -129,6 +130,42 @@ def test_manifest_matches_shards(job):
     start = ex["labels"].tolist().count(-100)
     assert ex["input_ids"][start - 1] == tok.convert_tokens_to_ids("### Response:\n")
     assert tok.decode(ex["input_ids"][start:]).endswith("### End")
+
+
+def test_staged_rows_read_back_as_each_shard(job, spark, tmp_path):
+    """Five tokenize tasks, each writing one sorted staging file: the plan's row ranges of every
+    shard, read back from all five files, are exactly the job's shard, in split-key order; a
+    staging file out of order is refused."""
+    import numpy as np
+    import pyarrow as pa
+
+    from dollyflow.engine.tokenize import plan_outputs, read_pieces, staging_name, tokenize_to_staging
+
+    d = Path(job["summary"]["shard_dir"])
+    text = (d / "tokenizer" / "tokenizer.json").read_text(encoding="utf-8")
+    silver = job["store"].read(job["cfg"].tables.silver).repartition(5)
+    narrow = tokenize_to_staging(silver, text, MAX_LENGTH, 42, str(tmp_path / "staging")).toArrow()
+    assert sorted(p.name for p in (tmp_path / "staging").iterdir()) == [staging_name(i << 16) for i in range(5)]
+    counts = plan_outputs(narrow, 10, 3)
+    assert counts.drops == job["summary"]["drops"] and counts.split_records == job["summary"]["records"]
+    readers = {}
+    for split, n in counts.shard_counts.items():
+        for i in range(n):
+            pieces = counts.pieces[(split, i)]
+            assert len({part for part, _, _ in pieces}) == len(pieces) > 1    # one row range per file
+            got = read_pieces(str(tmp_path / "staging"), pieces, readers)
+            shard = pq.read_table(d / f"{split}-{i:05d}-of-{n:05d}.parquet")
+            assert got.column("record_id").to_pylist() == shard.column("record_id").to_pylist()
+            assert got.column("length").to_pylist() == shard.column("length").to_pylist()
+    # a file whose rows are not in (split_key, record_id) order cannot be cut into shard ranges
+    shuffled = narrow.filter(pa.compute.is_valid(narrow.column("part")))
+    rows = shuffled.column("row").to_numpy().copy()
+    first = np.flatnonzero(shuffled.column("part").to_numpy() == shuffled.column("part")[0].as_py())
+    lo, hi = first[np.argmin(rows[first])], first[np.argmax(rows[first])]
+    rows[lo], rows[hi] = rows[hi], rows[lo]          # the file's first and last record swap places
+    bad = shuffled.set_column(shuffled.schema.get_field_index("row"), "row", pa.array(rows, type=pa.int32()))
+    with pytest.raises(RuntimeError, match="is not in \\(split_key, record_id\\) order"):
+        plan_outputs(bad, 10, 3)
 
 
 def test_rerun_with_other_partitioning_is_identical(job, spark, tmp_path):
@@ -341,9 +378,11 @@ def test_shards_missing_a_record_fail_the_run(job, spark, tmp_path, monkeypatch)
 
     real = engine.write_outputs
 
-    def lossy(kept, counts, *args, **kwargs):
-        victim = kept.agg({"split_key": "max"}).first()[0]      # the largest key: a train record
-        return real(kept.where(kept.split_key != victim), counts, *args, **kwargs)
+    def lossy(spark, counts, *args, **kwargs):
+        key = ("train", counts.shard_counts["train"] - 1)      # one record of the last train shard
+        part, lo, hi = counts.pieces[key][-1]
+        counts.pieces[key][-1] = (part, lo, hi - 1)
+        return real(spark, counts, *args, **kwargs)
 
     monkeypatch.setattr(engine, "write_outputs", lossy)
     store, t = job["store"], job["cfg"].tables

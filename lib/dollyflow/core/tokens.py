@@ -9,8 +9,9 @@ Two views of one tokenizer are used:
   :func:`encode_records` for fast batched encoding.
 
 Labels follow Dolly's collator: everything up to and including ``### Response:\\n`` is ignored,
-the response and ``### End`` count. Each training prompt is encoded whole, in one batched call
-(the same work as the fast tokenizer's own batch encoding); the response starts right after the
+the response and ``### End`` count. Each training prompt is encoded in one batched call (the
+same work as the fast tokenizer's own batch encoding, less the intro line that every prompt
+starts with: it is encoded once, see :func:`intro_ids`); the response starts right after the
 token that covers the last character of the prompt prefix, which is the prefix's own
 ``### Response:\\n`` (a special token, so the text is split at it before pre-tokenization) --
 even when a record's own text contains the key. A record where that does not hold (a tokenizer
@@ -25,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from dollyflow.core.prompt import DOLLY_SPECIAL_TOKENS, RESPONSE_KEY_NL, prompt_prefix, response_suffix
+from dollyflow.core.prompt import (DOLLY_SPECIAL_TOKENS, INTRO_BLURB, RESPONSE_KEY_NL, format_training_prompt,
+                                   prompt_prefix, response_suffix)
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -186,6 +188,35 @@ def _blank(s: str | None) -> bool:
     return s is None or not s.strip()
 
 
+#: Every prompt starts with this text, then ``### Instruction:``.
+INTRO_SEGMENT = f"{INTRO_BLURB}\n\n"
+_PROBES = (("Q", "R", "C"), ("  leading spaces", "x", ""), ("\nnewline first", "y", "z"),
+           ("Übersetze: 你好 🌍", "Hallo ### End", "### Response:\n"), ("### Instruction: twice", "r", None))
+_INTROS: dict[int, tuple[object, list[int] | None]] = {}
+
+
+def intro_ids(backend) -> list[int] | None:
+    """The ids of :data:`INTRO_SEGMENT` when it may be encoded once for all prompts: the ids of
+    a whole prompt are then the intro's followed by those of the rest encoded alone. That holds
+    when ``### Instruction:`` is an added token that splits the text (the pieces between added
+    tokens are normalized and pre-tokenized each on its own, and the first piece is always the
+    same) and the post-processor adds no token; checked once per backend on probe prompts.
+    None (encode whole prompts) otherwise. Saves re-encoding ~20 tokens of every record."""
+    with _LOCK:
+        hit = _INTROS.get(id(backend))
+        if hit is not None and hit[0] is backend:
+            return hit[1]
+    texts = [format_training_prompt(i, r, c) for i, r, c in _PROBES]
+    enc = backend.encode_batch([INTRO_SEGMENT, *texts, *(t[len(INTRO_SEGMENT):] for t in texts)],
+                               add_special_tokens=True)
+    intro, n = enc[0].ids, len(texts)
+    ok = bool(intro) and all(t.startswith(INTRO_SEGMENT) and enc[1 + k].ids == intro + enc[1 + n + k].ids
+                             for k, t in enumerate(texts))
+    with _LOCK:
+        _INTROS[id(backend)] = (backend, intro if ok else None)   # holding the backend keeps its id unique
+    return intro if ok else None
+
+
 def encode_records(backend, instructions: Sequence[str | None], contexts: Sequence[str | None],
                    responses: Sequence[str | None], max_length: int) -> EncodedBatch:
     """Encode a batch of records into Dolly training prompts with one batched call.
@@ -208,7 +239,9 @@ def encode_records(backend, instructions: Sequence[str | None], contexts: Sequen
         else:
             keep.append(i)
     prefixes = [prompt_prefix(instructions[i], contexts[i]) for i in keep]
-    texts = [p + response_suffix(responses[i]) for p, i in zip(prefixes, keep)]
+    intro = intro_ids(backend) if keep else None
+    cut = len(INTRO_SEGMENT) if intro is not None else 0     # prompt_prefix starts with INTRO_SEGMENT
+    texts = [p[cut:] + response_suffix(responses[i]) for p, i in zip(prefixes, keep)]
     encoded = backend.encode_batch(texts, add_special_tokens=True) if keep else []
     resp_id = backend.token_to_id(RESPONSE_KEY_NL)
     if keep and resp_id is None:
@@ -219,8 +252,10 @@ def encode_records(backend, instructions: Sequence[str | None], contexts: Sequen
     split: list[int] = []       # records whose prefix end is not a token boundary at "### Response:\n"
     for j, i in enumerate(keep):
         e = encoded[j]
-        at = e.char_to_token(len(prefixes[j]) - 1)      # the token holding the prefix's last character
-        whole = e.ids
+        at = e.char_to_token(len(prefixes[j]) - 1 - cut)      # the token holding the prefix's last character
+        if at is not None and cut:
+            at += len(intro)
+        whole = intro + e.ids if cut else e.ids
         if at is None or whole[at] != resp_id:
             split.append(j)
             continue

@@ -6,17 +6,24 @@
   (PySpark broadcasts large commands by itself, and closures work with classic Spark and Spark
   Connect alike) and is built once per Python worker process (:func:`backend_from_json` caches it
   by sha256; Spark reuses workers), never per row or per batch.
-- :func:`summarize`: one small pass over the (cached) tokenized rows: rows per drop reason and
-  the narrow columns of the kept ones, from which the driver works out the hash split of the
-  core (:mod:`dollyflow.core.split`, exact for counts) and each split's token-balanced shard
-  plan (:func:`dollyflow.core.shards.plan_shards`), both as ranges of (split_key, record_id).
-- :func:`assign_shards`: those ranges as a column expression (a short CASE on split_key), so
-  the token rows get their split and shard where they are, without a join with a plan.
-- :func:`write_outputs`: one task per shard writes, from the same Arrow rows, the shard file
-  (straight to the shard directory: a local path, a FUSE path such as ``/dbfs`` or ``/Volumes``,
-  or a pyarrow URI) and the ``tokenized`` table's Parquet file for that shard (through the
-  :class:`~dollyflow.engine.delta.PartSink` the Delta store gave it); the tasks return each
-  shard's stats for the manifest and each table file for the commit. One pass, no second scan.
+- :func:`tokenize_to_staging`: the job's pass over silver: the same encoder, and each task
+  writes its kept rows (token ids as int32 bytes, sorted by split key) as one Arrow IPC staging
+  file under the run's shard directory and returns only the narrow columns of every record
+  (record id, split key, length, drop reason, and the kept record's file and row).
+- :func:`plan_outputs`: on the driver, from those narrow rows: drops per reason, the hash split
+  of the core (:mod:`dollyflow.core.split`, exact for counts) and each split's token-balanced
+  shard plan (:func:`dollyflow.core.shards.plan_shards`); a shard is a contiguous run of the
+  (split_key, record_id) order, hence one row range of each staging file.
+- :func:`write_outputs`: one task per core writes whole shards: it reads just the record batches
+  of the staging files holding a shard's rows and writes, from the same Arrow rows, the shard
+  file (straight to the shard directory: a local path, a FUSE path such as ``/dbfs`` or
+  ``/Volumes``, or a pyarrow URI) and the ``tokenized`` table's Parquet file for that shard
+  (through the :class:`~dollyflow.engine.delta.PartSink` the Delta store gave it); the tasks
+  return each shard's stats for the manifest and each table file for the commit.
+
+Token ids never cross into the JVM: no cache, no shuffle, no second scan. Staging files are on
+the shard storage, which every executor reaches already; a retried task writes a file of its
+own (named by partition and attempt) and only the attempt whose rows the driver got is read.
 """
 from __future__ import annotations
 
@@ -29,11 +36,12 @@ from itertools import chain
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
 from dollyflow.core.counts import expect_equal
 from dollyflow.core.shards import plan_shards as core_plan_shards
 from dollyflow.core.shards import shard_file_name, write_shard
-from dollyflow.core.storage import join
+from dollyflow.core.storage import filesystem, join
 from dollyflow.core.split import TEST, TRAIN, select_test, split_keys
 from dollyflow.core.tokens import backend_from_json, encode_records, set_single_thread
 
@@ -133,87 +141,150 @@ def encoder(tokenizer_json: str, max_length: int, seed: int = 42):
     return encode
 
 
+#: What each tokenize task sends back for a record (about 50 bytes, never its token ids): the
+#: narrow columns the driver plans from, and where the kept record's row is in the staging files.
+NARROW_DDL = "record_id string, split_key long, length int, drop_reason string, part long, row int"
+NARROW_ARROW = pa.schema([("record_id", pa.string()), ("split_key", pa.int64()), ("length", pa.int32()),
+                          ("drop_reason", pa.string()), ("part", pa.int64()), ("row", pa.int32())])
+#: Under the run's shard directory (shared storage: executors write there already): one Arrow IPC
+#: file per tokenize task attempt, removed once the shards and table files are written.
+STAGING_DIR = "_staging"
+#: Rows per record batch of a staging file, so a writer reads only the batches its rows are in.
+STAGING_BATCH_ROWS = 2048
+_STAGING_SORT = [("split_key", "ascending"), ("record_id", "ascending")]
+
+
+def staging_name(part: int) -> str:
+    """The staging file of a task attempt: ``part`` = partition id << 16 | attempt number, so a
+    retried or speculative attempt never overwrites the file of the attempt whose rows count."""
+    return f"part-{int(part) >> 16:05d}-{int(part) & 0xFFFF}.arrow"
+
+
+def _open_readable(path: str):
+    fs, p = filesystem(path)
+    return pa.memory_map(p) if isinstance(fs, pafs.LocalFileSystem) else fs.open_input_file(p)
+
+
+def tokenize_to_staging(df, tokenizer_json: str, max_length: int, seed: int, staging_dir: str):
+    """silver-shaped rows -> :data:`NARROW_DDL` rows, one per record. Each task tokenizes its
+    rows (:func:`encoder`), writes the kept ones -- sorted by (split_key, record_id), token ids
+    as int32 bytes -- as one Arrow IPC file under ``staging_dir`` and returns for every record
+    its narrow columns, with ``part``/``row`` locating a kept record in that file (null for a
+    dropped one). The token ids never go through the JVM."""
+    cols = ["record_id", "instruction", "context", "response", "category"]
+    return df.select(*cols).mapInArrow(stager(tokenizer_json, max_length, seed, str(staging_dir)), NARROW_DDL)
+
+
+def stager(tokenizer_json: str, max_length: int, seed: int, staging_dir: str):
+    """The mapInArrow function of :func:`tokenize_to_staging`."""
+    encode = encoder(tokenizer_json, max_length, seed)
+
+    def stage(batches):
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+        part = (ctx.partitionId() << 16) | (ctx.attemptNumber() & 0xFFFF) if ctx is not None else 0
+        encoded = [rb for rb in encode(batches)]
+        if not encoded:
+            return
+        table = pa.Table.from_batches(encoded, schema=TOKENIZED_ARROW)
+        dropped = table.filter(pc.is_valid(table.column("drop_reason")))
+        kept = table.filter(pc.is_null(table.column("drop_reason"))).drop_columns(["drop_reason"])
+        kept = kept.take(pc.sort_indices(kept, sort_keys=_STAGING_SORT)).combine_chunks()
+        if kept.num_rows:
+            fs, path = filesystem(join(staging_dir, staging_name(part)))
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            with fs.open_output_stream(path) as out, pa.ipc.new_file(out, kept.schema) as w:
+                w.write_table(kept, max_chunksize=STAGING_BATCH_ROWS)
+        n = kept.num_rows
+        yield pa.RecordBatch.from_arrays(
+            [kept.column("record_id").combine_chunks(), kept.column("split_key").combine_chunks(),
+             kept.column("length").combine_chunks(), pa.nulls(n, pa.string()),
+             pa.array(np.full(n, part, dtype=np.int64)), pa.array(np.arange(n, dtype=np.int32))],
+            schema=NARROW_ARROW)
+        if dropped.num_rows:
+            m = dropped.num_rows
+            yield pa.RecordBatch.from_arrays(
+                [dropped.column(c).combine_chunks() for c in ("record_id", "split_key", "length", "drop_reason")]
+                + [pa.nulls(m, pa.int64()), pa.nulls(m, pa.int32())], schema=NARROW_ARROW)
+
+    return stage
+
+
 @dataclass
 class TokenizeCounts:
-    """What :func:`summarize` measured and decided: rows seen (kept + dropped), drops per
-    reason, records per split, shards per split, and the plan as ranges of (split_key,
-    record_id): ``test_last``, the last test record (None without a test split), and per split
-    the first record of each shard after the first (``shard_starts``), with the records each
-    shard gets (``shard_records``, checked against what the writers wrote)."""
+    """What :func:`plan_outputs` measured and decided: rows seen (kept + dropped), drops per
+    reason, records per split, shards per split, the records each shard gets (checked against
+    what the writers wrote) and where they are: ``pieces[(split, shard)]`` lists the row ranges
+    ``(part, lo, hi)`` of the staging files that make up the shard."""
     rows: int
     kept: int
     drops: dict[str, int]
     split_records: dict[str, int] = field(default_factory=dict)
     shard_counts: dict[str, int] = field(default_factory=dict)
-    test_last: tuple[int, str] | None = None
-    shard_starts: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
     shard_records: dict[str, list[int]] = field(default_factory=dict)
+    pieces: dict[tuple[str, int], list[tuple[int, int, int]]] = field(default_factory=dict)
 
 
-def summarize(tokenized, test_size: float | int, num_shards: int) -> TokenizeCounts:
-    """One pass over :func:`tokenize_records`' output (the action that fills its cache): its
-    narrow columns (split_key, record_id, length, drop_reason; never the ids) come to the driver
-    as Arrow. There the rows are counted per drop reason, and the split
-    (:func:`dollyflow.core.split.select_test`, exact for counts) and each split's token-balanced
-    shard ranges (:func:`dollyflow.core.shards.plan_shards`) are worked out in numpy: no further
-    Spark job, no Python worker. Both are ranges of (split_key, record_id), so the writers get
-    them as a column expression (:func:`assign_shards`), not a join."""
-    from dollyflow.core.shards import shard_count, shard_starts
+def plan_outputs(narrow: pa.Table, test_size: float | int, num_shards: int) -> TokenizeCounts:
+    """On the driver, from :func:`tokenize_to_staging`'s narrow rows (as Arrow): count the rows
+    per drop reason, split the kept ones (:func:`dollyflow.core.split.select_test`, exact for
+    counts) and plan each split's token-balanced shards
+    (:func:`dollyflow.core.shards.plan_shards`). A split is a prefix (test) or the rest (train) of
+    the (split_key, record_id) order and a shard a contiguous run of its split, so within a
+    staging file -- sorted the same way -- a shard's records are one row range; checked."""
+    from dollyflow.core.shards import shard_count
 
-    got = tokenized.select("split_key", "record_id", "length", "drop_reason").toArrow()
-    reasons = {r["values"]: int(r["counts"]) for r in pc.value_counts(got.column("drop_reason")).to_pylist()}
-    rows = got.filter(pc.is_null(got.column("drop_reason")))
+    reasons = {r["values"]: int(r["counts"]) for r in pc.value_counts(narrow.column("drop_reason")).to_pylist()}
+    rows = narrow.filter(pc.is_null(narrow.column("drop_reason")))
     kept = reasons.pop(None, 0)
-    counts = TokenizeCounts(rows=got.num_rows, kept=kept, drops=dict(sorted(reasons.items())))
+    counts = TokenizeCounts(rows=narrow.num_rows, kept=kept, drops=dict(sorted(reasons.items())))
     expect_equal("tokenize: kept records", ("counted by drop reason", kept), ("rows that came back", rows.num_rows))
     keys = rows.column("split_key").to_numpy()
     rids = np.asarray(rows.column("record_id").to_pylist(), dtype=object)
     lengths = rows.column("length").to_numpy()
+    parts = rows.column("part").to_numpy()
+    at = rows.column("row").to_numpy()
     test = select_test(keys, rids, test_size)
     for name, mask in ((TEST, test), (TRAIN, ~test)):
         n = int(mask.sum())
-        if n:
-            counts.split_records[name] = n
-            counts.shard_counts[name] = shard_count(num_shards, n)
-            k, r = keys[mask], rids[mask]
-            plan = core_plan_shards(lengths[mask], k, num_shards, r)
-            counts.shard_starts[name] = shard_starts(plan, k, r)
-            counts.shard_records[name] = np.bincount(plan, minlength=counts.shard_counts[name]).tolist()
-            if name == TEST:
-                last = np.lexsort((r.astype(str), k))[-1]
-                counts.test_last = (int(k[last]), str(r[last]))
+        if not n:
+            continue
+        counts.split_records[name] = n
+        counts.shard_counts[name] = shard_count(num_shards, n)
+        plan = core_plan_shards(lengths[mask], keys[mask], num_shards, rids[mask])
+        counts.shard_records[name] = np.bincount(plan, minlength=counts.shard_counts[name]).tolist()
+        p, r = parts[mask], at[mask]
+        order = np.lexsort((r, p, plan))                  # by shard, then file, then row
+        plan, p, r = plan[order], p[order], r[order]
+        bounds = np.flatnonzero((np.diff(plan) != 0) | (np.diff(p) != 0)) + 1
+        for lo_i, hi_i in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [n]])):
+            lo, hi = int(r[lo_i]), int(r[hi_i - 1]) + 1
+            if hi - lo != hi_i - lo_i:
+                raise RuntimeError(f"tokenize: staging file {staging_name(int(p[lo_i]))} is not in (split_key, "
+                                   f"record_id) order: shard {name}-{int(plan[lo_i])} has {hi_i - lo_i} of its "
+                                   f"rows spread over rows {lo}..{hi - 1}")
+            counts.pieces.setdefault((name, int(plan[lo_i])), []).append((int(p[lo_i]), lo, hi))
     return counts
 
 
-def _at_or_after(key: int, rid: str):
-    from pyspark.sql import functions as F
-    k = F.col("split_key")
-    return (k > F.lit(key)) | ((k == F.lit(key)) & (F.col("record_id") >= F.lit(rid)))
-
-
-def assign_shards(kept, counts: TokenizeCounts):
-    """Add ``split`` and ``shard`` to the kept rows from :func:`summarize`'s ranges: plain
-    comparisons on (split_key, record_id), evaluated in the JVM where the rows already are."""
-    from pyspark.sql import functions as F
-
-    if counts.test_last is None:
-        split = F.lit(TRAIN)
-    else:
-        key, rid = counts.test_last
-        k = F.col("split_key")
-        after = (k > F.lit(key)) | ((k == F.lit(key)) & (F.col("record_id") > F.lit(rid)))
-        split = F.when(after, F.lit(TRAIN)).otherwise(F.lit(TEST))
-
-    def shard_of(starts):
-        expr = F.lit(0)
-        for i, (key, rid) in enumerate(starts, 1):
-            expr = F.when(_at_or_after(key, rid), F.lit(i)).otherwise(expr)
-        return expr
-
-    shard = shard_of(counts.shard_starts.get(TRAIN, []))
-    if TEST in counts.shard_starts:
-        shard = F.when(F.col("split") == F.lit(TEST), shard_of(counts.shard_starts[TEST])).otherwise(shard)
-    return kept.withColumn("split", split).withColumn("shard", shard.cast("int"))
+def read_pieces(staging_dir: str, pieces: list[tuple[int, int, int]], readers: dict) -> pa.Table:
+    """The rows ``(part, lo, hi)`` of the staging files, in (split_key, record_id) order. Only
+    the record batches holding them are read; ``readers`` caches the open files of a task."""
+    tables = []
+    for part, lo, hi in pieces:
+        if hi <= lo:
+            continue
+        reader = readers.get(part)
+        if reader is None:
+            reader = readers[part] = pa.ipc.open_file(_open_readable(join(staging_dir, staging_name(part))))
+        first, last = lo // STAGING_BATCH_ROWS, (hi - 1) // STAGING_BATCH_ROWS
+        got = pa.Table.from_batches([reader.get_batch(b) for b in range(first, last + 1)])
+        tables.append(got.slice(lo - first * STAGING_BATCH_ROWS, hi - lo))
+    table = pa.concat_tables(tables) if tables else TOKENIZED_ARROW.remove(6).empty_table()
+    expect_equal("tokenize: staged rows read", ("rows asked for", sum(max(0, h - lo) for _, lo, h in pieces)),
+                 ("rows read", table.num_rows))
+    return table.take(pc.sort_indices(table, sort_keys=_STAGING_SORT)) if len(tables) > 1 else table
 
 
 def _cores(spark, default: int) -> int:
@@ -228,31 +299,33 @@ def _cores(spark, default: int) -> int:
         return default
 
 
-def write_outputs(kept, counts: TokenizeCounts, out_dir: str, edges: list[int], table_sink) -> list[dict]:
-    """Give the kept rows their split and shard (:func:`assign_shards`), shuffle them to the
-    writer tasks and write every (split, shard) as one shard file under ``out_dir`` (records ordered by split
-    key) and, from the same Arrow rows, one Parquet file of the ``tokenized`` table through
-    ``table_sink``. Returns, per shard, its stats (records, tokens, categories, histogram,
-    bytes, sha256) with ``table_part``: the table file written (path, bytes, rows)."""
-    out_dir = str(out_dir)
-    plan = counts
-    counts = dict(plan.shard_counts)
-    total = sum(counts.values())
-    cols = ["split", "shard", "split_key", "record_id", "category", "ids", "response_start", "length"]
-    rows = assign_shards(kept, plan).select(*cols).repartition(max(1, total), "split", "shard")
-    cores = _cores(kept.sparkSession, total)
-    if cores < total:
-        rows = rows.coalesce(max(1, cores))
-    rows = rows.sortWithinPartitions("split", "shard", "split_key", "record_id")
+def write_outputs(spark, counts: TokenizeCounts, staging_dir: str, out_dir: str, edges: list[int],
+                  table_sink) -> list[dict]:
+    """Write every (split, shard) of the plan from its staging rows (:func:`read_pieces`): one
+    shard file under ``out_dir`` (records ordered by split key) and, from the same Arrow rows,
+    one Parquet file of the ``tokenized`` table through ``table_sink``. One Spark task per core
+    (never more than shards), each writing whole shards, the largest first. Returns, per shard,
+    its stats (records, tokens, categories, histogram, bytes, sha256) with ``table_part``: the
+    table file written (path, bytes, rows)."""
+    out_dir, staging_dir = str(out_dir), str(staging_dir)
+    shard_counts = dict(counts.shard_counts)
+    shards = sorted(((counts.shard_records[s][i], s, i) for s, n in shard_counts.items() for i in range(n)),
+                    reverse=True)
+    tasks = max(1, min(len(shards), _cores(spark, len(shards))))
+    work: list[list[tuple[str, int, list]]] = [[] for _ in range(tasks)]
+    load = [0] * tasks
+    for records, split, shard in shards:                     # largest first onto the least loaded
+        t = load.index(min(load))
+        load[t] += records
+        work[t].append((split, shard, counts.pieces.get((split, shard), [])))
 
-    def flush(key, parts):
+    def write_one(split: str, shard: int, table: pa.Table) -> pa.RecordBatch:
         t0 = time.perf_counter()
-        split, shard = key
-        table = pa.Table.from_batches(parts)
         table = table.append_column("input_ids", ids_to_list(table.column("ids"))).drop_columns(["ids"])
         t1 = time.perf_counter()
-        stats = write_shard(table, join(out_dir, shard_file_name(split, shard, counts[split])), edges)
+        stats = write_shard(table, join(out_dir, shard_file_name(split, shard, shard_counts[split])), edges)
         t2 = time.perf_counter()
+        table = table.append_column("split", pa.array([split] * table.num_rows, type=pa.string()))
         stats.update(split=split, shard=int(shard),
                      table_part=list(table_sink.write(table, key=f"{split}-{int(shard):05d}")),
                      seconds={"arrow": round(t1 - t0, 4), "shard": round(t2 - t1, 4),
@@ -260,22 +333,11 @@ def write_outputs(kept, counts: TokenizeCounts, out_dir: str, edges: list[int], 
         return pa.RecordBatch.from_arrays([pa.array([json.dumps(stats)])], names=["stats"])
 
     def write(batches):
-        key, parts = None, []
+        readers: dict = {}
         for rb in batches:
-            splits = rb.column("split").to_pylist()
-            shards = rb.column("shard").to_pylist()
-            start = 0
-            for i in range(1, rb.num_rows + 1):
-                if i == rb.num_rows or (splits[i], shards[i]) != (splits[start], shards[start]):
-                    k = (splits[start], shards[start])
-                    if key is not None and k != key:
-                        yield flush(key, parts)
-                        parts = []
-                    key = k
-                    parts.append(rb.slice(start, i - start))
-                    start = i
-        if key is not None:
-            yield flush(key, parts)
+            for task in rb.column("id").to_pylist():
+                for split, shard, pieces in work[task]:
+                    yield write_one(split, shard, read_pieces(staging_dir, pieces, readers))
 
-    out = rows.mapInArrow(write, "stats string").collect()
+    out = spark.range(tasks, numPartitions=tasks).mapInArrow(write, "stats string").collect()
     return [json.loads(r["stats"]) for r in out]

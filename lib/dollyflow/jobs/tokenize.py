@@ -13,13 +13,14 @@ seed. Output:
   names the newest complete one (:func:`dollyflow.core.shards.resolve_shard_dir`);
 - one row in ``tokenize_runs`` (silver version, shard directory, manifest sha256, counts).
 
-One pass: silver is tokenized once (cached; token ids travel as int32 bytes), the narrow columns
-(split key, record id, length, drop reason: about 50 bytes a record) come to the driver, which
-counts the drops and works out the split and the token-balanced shard plan (both ranges of
-split keys, so the rows get their split and shard from a column expression, with no join), and
-each writer task writes, for its shards, both the shard file and the table's Parquet file from
-the same rows; the table files are then committed to ``tokenized`` at once. Three Spark jobs in
-all: the tokenization and the two stages of the shuffle to the writers.
+One pass: silver is tokenized once; each task writes its kept rows (token ids as int32 bytes,
+sorted by split key) to one Arrow staging file under the new shard directory and sends only the
+narrow columns (record id, split key, length, drop reason, file and row: about 50 bytes a
+record) to the driver, which counts the drops and works out the split and the token-balanced
+shard plan; a shard is then a row range of each staging file, and each writer task reads just
+those ranges and writes, for its shards, both the shard file and the table's Parquet file from
+the same rows; the table files are then committed to ``tokenized`` at once. Two Spark jobs in
+all, and the token ids never go through the JVM.
 
 Counts are measured, compared stage to stage, and a mismatch fails the run naming both numbers:
 silver's rows at the version read (from its Delta log) = tokenized + dropped; records per split
@@ -66,13 +67,11 @@ def _build(cfg: Config, spark, store, silver_version: int, shard_dir: str, setti
     """Tokenize silver at ``silver_version`` once; write the shards and the ``tokenized`` table's
     files in one pass, check every count, verify the shards, commit the table; return the
     manifest (written into ``shard_dir``)."""
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as F
-
     from dollyflow.core.counts import StepClock, expect_equal, expect_equal_maps
     from dollyflow.core.shards import TOKENIZER_DIR, build_manifest, histogram_edges, verify_shards, write_manifest
-    from dollyflow.core.storage import join, upload_dir
-    from dollyflow.engine.tokenize import TABLE_ARROW, summarize, tokenize_records, with_parallelism, write_outputs
+    from dollyflow.core.storage import join, remove_dir, upload_dir
+    from dollyflow.engine.tokenize import (STAGING_DIR, TABLE_ARROW, plan_outputs, tokenize_to_staging,
+                                           with_parallelism, write_outputs)
 
     t, tk = cfg.tables, cfg.tokenize
     clock = StepClock(timings)
@@ -83,22 +82,25 @@ def _build(cfg: Config, spark, store, silver_version: int, shard_dir: str, setti
 
     silver_rows = store.count(t.silver, silver_version)       # from silver's Delta log, not from us
     silver = with_parallelism(store.read(t.silver, silver_version))
-    tokenized = tokenize_records(silver, tokenizer_json, max_length, tk.seed).persist(StorageLevel.MEMORY_AND_DISK)
+    staging = join(shard_dir, STAGING_DIR)
     sink = None
     clock("prepare")
     try:
-        counts = summarize(tokenized, tk.test_size, tk.num_shards)   # tokenizes (once), fills the cache, plans
+        # tokenizes (once): the kept rows go to staging files, their narrow columns come here
+        narrow = tokenize_to_staging(silver, tokenizer_json, max_length, tk.seed, staging).toArrow()
         clock("tokenize")
+        counts = plan_outputs(narrow, tk.test_size, tk.num_shards)
         expect_equal(f"tokenize: silver v{silver_version}",
                      (f"rows of {store.location(t.silver)} v{silver_version}", silver_rows),
                      (f"rows tokenized ({counts.kept}) + dropped ({sum(counts.drops.values())}: {counts.drops})",
                       counts.rows))
         if counts.kept == 0:
             raise RuntimeError(f"no record of silver v{silver_version} can be tokenized (drops: {counts.drops})")
-        kept = tokenized.where(F.col("drop_reason").isNull())
+        clock("plan")
         edges = histogram_edges(max_length)
         sink = store.part_sink(t.tokenized, TABLE_ARROW)
-        stats = write_outputs(kept, counts, shard_dir, edges, sink)
+        stats = write_outputs(spark, counts, staging, shard_dir, edges, sink)
+        remove_dir(staging)
         clock("write")
         timings["write_tasks"] = {k: round(sum(st["seconds"][k] for st in stats), 3) for k in stats[0]["seconds"]}
         by_split: dict[str, list[dict]] = {s: [] for s in counts.split_records}
@@ -135,8 +137,6 @@ def _build(cfg: Config, spark, store, silver_version: int, shard_dir: str, setti
         if sink is not None:
             store.discard_parts(sink)
         raise
-    finally:
-        tokenized.unpersist()
     manifest["tokenized_table"] = {"table": t.tokenized, "location": store.location(t.tokenized),
                                    "version": commit.version}
     write_manifest(shard_dir, manifest)
