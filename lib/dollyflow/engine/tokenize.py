@@ -41,7 +41,7 @@ import pyarrow.fs as pafs
 from dollyflow.core.counts import expect_equal
 from dollyflow.core.shards import plan_shards as core_plan_shards
 from dollyflow.core.shards import shard_file_name, write_shard
-from dollyflow.core.storage import filesystem, join
+from dollyflow.core.storage import filesystem, is_shared, join
 from dollyflow.core.split import TEST, TRAIN, select_test, split_keys
 from dollyflow.core.tokens import backend_from_json, encode_records, set_single_thread
 
@@ -161,8 +161,12 @@ def staging_name(part: int) -> str:
 
 
 def _open_readable(path: str):
+    """A random-access file: memory-mapped on a plain local disk, read through the filesystem
+    elsewhere (object stores, and FUSE mounts such as /Volumes where mmap is not to be relied on)."""
     fs, p = filesystem(path)
-    return pa.memory_map(p) if isinstance(fs, pafs.LocalFileSystem) else fs.open_input_file(p)
+    if isinstance(fs, pafs.LocalFileSystem) and not is_shared(path):
+        return pa.memory_map(p)
+    return fs.open_input_file(p)
 
 
 def tokenize_to_staging(df, tokenizer_json: str, max_length: int, seed: int, staging_dir: str):
