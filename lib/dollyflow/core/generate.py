@@ -24,8 +24,12 @@ How a window of rows is generated (:meth:`Generator.generate`):
    layers are preallocated for prompt + ``max_new_tokens``, so a step writes its token in place
    instead of copying the whole cache), logits of the last position only. A row leaves the batch
    when it emits a stop token (``### End`` or eos) or reaches ``max_new_tokens``; the cache,
-   mask and positions shrink to the rows still running and all-padding columns on the left are
-   dropped, so finished rows cost nothing and their room goes to waiting prompts.
+   mask and positions shrink to the rows still running (in place) and all-padding columns on the
+   left are dropped, so finished rows cost nothing and their room goes to waiting prompts.
+   GPT-NeoX models (with SDPA attention) decode through :class:`dollyflow.core.neox.NeoXStep`,
+   the model's own modules called by hand: each group of rows attends over only the cache
+   columns its rows use (most of a mixed-length batch's cache is left padding), and finished
+   rows skip attention and the output projection; other models go through their ``forward``.
 5. Greedy decoding is the argmax (equal to transformers' ``generate`` greedy output, tested).
    Sampling (temperature, top_k, top_p, in that order, as transformers applies them) uses the
    Gumbel-max trick with a ``torch.Generator`` per row seeded with the row's seed, drawing the
