@@ -34,7 +34,7 @@ def rows(dolly_records):
 
 def gen(loaded, **kw):
     model, tok = loaded
-    batching = {k: kw.pop(k) for k in ("batch_tokens", "max_batch_size", "max_positions") if k in kw}
+    batching = {k: kw.pop(k) for k in ("batch_tokens", "max_batch_size", "max_positions", "fast") if k in kw}
     return Generator(model, tok, GenerationParams(**kw), **batching)
 
 
@@ -64,17 +64,71 @@ def test_the_model_directory_follows_the_train_contract(dolly_model_dir, loaded)
 def test_greedy_equals_transformers_generate_whatever_the_batch(loaded, rows):
     """The hand-written loop (left padding, position ids, KV cache, rows leaving the batch, rows
     joining a running batch) gives exactly transformers' greedy tokens, in one batch, one row at
-    a time, or five rows at a time with refills."""
-    batched = run(gen(loaded, max_new_tokens=12), rows)
-    single = run(gen(loaded, max_new_tokens=12, max_batch_size=1), rows)
-    refilled = gen(loaded, max_new_tokens=12, max_batch_size=5)    # rows join a running batch
-    merged = run(refilled, rows)
-    assert refilled.prefills > len(rows) // 5
-    g = gen(loaded, max_new_tokens=12)
-    for r, a, b, c in zip(rows, batched, single, merged):
+    a time, or five rows at a time with refills; through the GPT-NeoX decode step
+    (core/neox.py) and through the model's own forward."""
+    runs = {}
+    for fast in (True, False):
+        g = gen(loaded, max_new_tokens=12, fast=fast)
+        assert (g._step is not None) == fast
+        batched = run(g, rows)
+        single = run(gen(loaded, max_new_tokens=12, max_batch_size=1, fast=fast), rows)
+        refilled = gen(loaded, max_new_tokens=12, max_batch_size=5, fast=fast)    # rows join a running batch
+        merged = run(refilled, rows)
+        assert refilled.prefills > len(rows) // 5
+        assert g.retried == refilled.retried == 0    # no batch failed (its rows would be retried alone)
+        runs[fast] = (batched, single, merged)
+    for i, r in enumerate(rows):
         ref = hf_greedy(loaded, g.stop_ids, r["instruction"], r["context"], 12)
-        assert a.token_ids == ref and b.token_ids == ref and c.token_ids == ref
-    assert any(a.finish_reason == FINISH_STOP for a in batched)
+        assert all(side[i].token_ids == ref for sides in runs.values() for side in sides)
+    assert any(a.finish_reason == FINISH_STOP for a in runs[True][0])
+
+
+def test_neox_step_equals_the_model_forward_on_a_padded_batch(loaded):
+    """The hand-written GPT-NeoX decode step on a batch of rows right-aligned at different
+    columns (grouped attention), for some rows only (finished ones skipped), gives the logits
+    of the model's forward."""
+    from dollyflow.core import neox
+    from dollyflow.core.generate import new_cache
+
+    model, _ = loaded
+    assert neox.supports(model)
+    lengths = [40, 38, 9, 7, 25, 3]
+    width = max(lengths)
+    torch.manual_seed(0)
+    ids = torch.randint(10, 500, (len(lengths), width))
+    mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    step = neox.NeoXStep(model)
+    with torch.inference_mode():
+        caches = [new_cache(model, reserve=4) for _ in range(2)]
+        for cache in caches:
+            model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        new = torch.tensor([11, 12, 13, 14, 15, 16])
+        mask2 = torch.cat([mask, mask.new_ones((len(lengths), 1))], -1)
+        want = model(input_ids=new[:, None], attention_mask=mask2, position_ids=pos[:, -1:] + 1, cache=caches[0],
+                     use_cache=True).logits[:, -1]
+        starts = (mask2 != 0).int().argmax(dim=1).tolist()
+        live = [True, True, False, True, True, True]
+        groups = neox.attention_groups(starts, live, width + 1)
+        assert groups == [(0, 2, 0, True), (3, 6, 15, True)]     # finished row 2 attends to nothing
+        rows = torch.tensor([j for j, alive in enumerate(live) if alive])
+        got = step(new, pos[:, -1] + 1, caches[1], mask2, groups, rows)
+    assert got.shape == (5, want.shape[-1])
+    assert torch.allclose(got, want[rows], atol=1e-4)
+    assert torch.equal(got.argmax(-1), want[rows].argmax(-1))
+
+
+def test_attention_groups_trade_padding_against_calls():
+    from dollyflow.core.neox import GROUP_COST_COLUMNS, attention_groups
+
+    # equal starts: one group, no mask; finished rows split runs and are left out
+    assert attention_groups([5, 5, 5], [True] * 3, 100) == [(0, 3, 5, False)]
+    assert attention_groups([5, 5, 5, 5], [True, False, True, True], 100) == [(0, 1, 5, False), (2, 4, 5, False)]
+    # a short row beside long ones: its own group when the padding saved exceeds a call's cost
+    far = 1000 - GROUP_COST_COLUMNS // 2
+    assert attention_groups([0, 0, 0, 0, far], [True] * 5, 1000) == [(0, 4, 0, False), (4, 5, far, False)]
+    assert attention_groups([0, 0, 0, 0, 200], [True] * 5, 1000) == [(0, 5, 0, True)]
+    assert attention_groups([0, 0, 3], [True] * 3, 100) == [(0, 3, 0, True)]   # a little padding: masked
 
 
 def test_stops_at_end_and_extracts_the_response(loaded, dolly_records):
@@ -131,6 +185,36 @@ def test_preallocated_cache_with_rows_leaving_and_padding_dropped(loaded):
                      cache=cache, use_cache=True).logits[0, -1]
         alone = model(input_ids=torch.tensor([short_ids + [7]])).logits[0, -1]
     assert torch.allclose(step, alone, atol=1e-4)
+
+
+def test_preallocated_cache_keeps_rows_in_place_and_merges_kept_rows():
+    """Dropping finished rows moves the kept ones up inside the buffer (any subset, overlapping
+    moves included); a merge takes the kept rows and drops the columns padding in all of them."""
+    import random
+
+    from dollyflow.core.generate import _preallocated_layer_class
+    layer_class = _preallocated_layer_class()
+    rng = random.Random(0)
+    for _ in range(200):
+        b, n = rng.randint(1, 12), rng.randint(1, 6)
+        layer = layer_class(3)
+        k, v = torch.randn(b, 2, n, 4), torch.randn(b, 2, n, 4)
+        layer.update(k, v)
+        buffer = layer._k.data_ptr()
+        keep = sorted(rng.sample(range(b), rng.randint(1, b)))
+        layer.batch_select_indices(torch.tensor(keep))
+        assert torch.equal(layer.keys, k[keep]) and torch.equal(layer.values, v[keep])
+        assert layer._k.data_ptr() == buffer                       # in place
+        step = torch.randn(len(keep), 2, 1, 4)
+        layer.update(step, step)
+        assert torch.equal(layer.keys[:, :, -1:], step)
+    # merge: rows 0 and 2 of a 3-row cache whose first column is padding for both
+    a, other = layer_class(2), layer_class(2)
+    a.update(torch.arange(3 * 4.0).view(3, 1, 4, 1), torch.zeros(3, 1, 4, 1))
+    other.update(torch.full((1, 1, 2, 1), -1.0), torch.zeros(1, 1, 2, 1))
+    a.merge(other, width=3, reserve=2, keep=[0, 2], first=1)
+    assert a.keys[:, 0, :, 0].tolist() == [[1, 2, 3], [9, 10, 11], [0, -1, -1]]
+    assert a._k.shape[2] == 5
 
 
 def test_admission_respects_the_token_budget(loaded):

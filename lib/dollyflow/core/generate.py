@@ -24,8 +24,12 @@ How a window of rows is generated (:meth:`Generator.generate`):
    layers are preallocated for prompt + ``max_new_tokens``, so a step writes its token in place
    instead of copying the whole cache), logits of the last position only. A row leaves the batch
    when it emits a stop token (``### End`` or eos) or reaches ``max_new_tokens``; the cache,
-   mask and positions shrink to the rows still running and all-padding columns on the left are
-   dropped, so finished rows cost nothing and their room goes to waiting prompts.
+   mask and positions shrink to the rows still running (in place) and all-padding columns on the
+   left are dropped, so finished rows cost nothing and their room goes to waiting prompts.
+   GPT-NeoX models (with SDPA attention) decode through :class:`dollyflow.core.neox.NeoXStep`,
+   the model's own modules called by hand: each group of rows attends over only the cache
+   columns its rows use (most of a mixed-length batch's cache is left padding), and finished
+   rows skip attention and the output projection; other models go through their ``forward``.
 5. Greedy decoding is the argmax (equal to transformers' ``generate`` greedy output, tested).
    Sampling (temperature, top_k, top_p, in that order, as transformers applies them) uses the
    Gumbel-max trick with a ``torch.Generator`` per row seeded with the row's seed, drawing the
@@ -50,6 +54,7 @@ from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
+from dollyflow.core import neox
 from dollyflow.core.prompt import format_inference_prompt
 
 FINISH_STOP = "stop"
@@ -195,13 +200,13 @@ def next_tokens(logits, params: GenerationParams, generators: Sequence | None = 
 class _Batch:
     """The running batch of the decode loop: per slot (batch row) the prompt (None once finished),
     its tokens, start time and generator; the KV cache, attention mask, next positions, last
-    logits and tokens."""
+    logits and tokens. ``rows``: the slots the logits belong to, in order (None: every slot)."""
 
     def __init__(self):
         self.clear()
 
     def clear(self) -> None:
-        self.cache = self.mask = self.next_pos = self.logits = self.tokens = None
+        self.cache = self.mask = self.next_pos = self.logits = self.tokens = self.rows = None
         self.slots: list = []
         self.generated: list[list[int]] = []
         self.started: list[float] = []
@@ -210,22 +215,25 @@ class _Batch:
     def dead(self) -> int:
         return sum(r is None for r in self.slots)
 
-    def compact(self, device) -> None:
-        """Drop the finished slots from every tensor (one copy of the cache) and the all-padding
-        columns on the left."""
+    def compact(self, device, cache: bool = True) -> list[int] | None:
+        """Drop the finished slots from every tensor and the all-padding columns on the left.
+        ``cache=False``: leave the KV cache as it is and return the slots kept (None: all), for
+        :func:`_merge_caches` to select them in the copy it makes anyway."""
         import torch
 
         keep = [j for j, r in enumerate(self.slots) if r is not None]
         if len(keep) == len(self.slots):
-            return
+            return None
         if not keep:
             self.clear()
-            return
+            return None
         index = torch.tensor(keep, device=device)
-        self.cache.batch_select_indices(index)
+        if cache:
+            self.cache.batch_select_indices(index)
         self.mask, self.next_pos = self.mask[index], self.next_pos[index]
-        if self.logits is not None:
+        if self.logits is not None and self.rows is None:
             self.logits = self.logits[index]
+        self.rows = None   # logits of some rows only are those of the live (kept) rows, or stale
         if self.tokens is not None:
             self.tokens = self.tokens[index]
         self.slots = [self.slots[j] for j in keep]
@@ -233,7 +241,9 @@ class _Batch:
         self.started = [self.started[j] for j in keep]
         if self.generators:
             self.generators = [self.generators[j] for j in keep]
-        self.mask = _drop_left_padding(self.cache, self.mask)
+        if cache:
+            self.mask = _drop_left_padding(self.cache, self.mask)
+        return keep
 
 
 def _describe(exc: BaseException) -> str:
@@ -248,11 +258,13 @@ class Generator:
     (default: :func:`dollyflow.core.model.stop_token_ids`). ``batch_tokens``: the running batch's
     rows x (cache width + max_new_tokens) at most; ``max_batch_size``: its rows at most;
     ``prefill_tokens``: padded prompt tokens per prefill forward at most (one prompt at least).
+    ``fast``: decode GPT-NeoX models with :class:`dollyflow.core.neox.NeoXStep` (False: always
+    through the model's forward).
     """
 
     def __init__(self, model, tokenizer, params: GenerationParams | None = None, *, batch_tokens: int = 16384,
                  max_batch_size: int = 64, stop_ids: Sequence[int] | None = None,
-                 max_positions: int | None = None, prefill_tokens: int = 4096):
+                 max_positions: int | None = None, prefill_tokens: int = 4096, fast: bool = True):
         from dollyflow.core.model import check_dolly_tokenizer, stop_token_ids
 
         check_dolly_tokenizer(tokenizer)
@@ -279,7 +291,10 @@ class Generator:
         # transformers 5.24 renamed past_key_values to cache (the old name is deprecated)
         self._cache_kw = "cache" if "cache" in forward else "past_key_values"
         self._keep_kw = "logits_to_keep" if "logits_to_keep" in forward else None
+        # GPT-NeoX decode steps by hand (grouped attention, live rows only): see core/neox.py
+        self._step = neox.NeoXStep(model) if fast and neox.supports(model) else None
         self.prefills = 0     # prompt groups run through the model (a batch start or a refill)
+        self.retried = 0      # rows retried alone after an exception in their batch
 
     # -- public -------------------------------------------------------------------------------
 
@@ -378,6 +393,7 @@ class Generator:
                 self._decode(queue, results, running)
             except Exception:  # one bad row must not sink the others: retry the running rows alone
                 self._release()
+                self.retried += len(running)
                 for row in running:
                     try:
                         self._decode(deque([row]), results, [])
@@ -467,7 +483,7 @@ class Generator:
                 if queue and (not running or (mergeable and free >= max(1, capacity // 4))):
                     new = self._admit(queue, len(running), width)
                     if new:
-                        st.compact(device)
+                        keep = st.compact(device, cache=not mergeable)   # the first merge selects the rows
                         t_new = time.perf_counter()
                         running.extend(new)
                         for chunk in self._chunks(new, mergeable or st.cache is None):
@@ -475,7 +491,8 @@ class Generator:
                             if st.cache is None:
                                 st.cache, st.mask, st.next_pos, st.logits = c2, m2, p2, l2
                             else:
-                                st.mask = _merge_caches(st.cache, st.mask, c2, m2, room)
+                                st.mask = _merge_caches(st.cache, st.mask, c2, m2, room, keep)
+                                keep = None
                                 st.next_pos = torch.cat([st.next_pos, p2])
                                 st.logits = torch.cat([st.logits, l2])
                         if params.do_sample:
@@ -485,27 +502,43 @@ class Generator:
                         st.started += [t_new] * len(new)
                 if not running:
                     return
-                tokens = next_tokens(st.logits, params, st.generators if params.do_sample else None)
+                slots = range(len(st.slots)) if st.rows is None else st.rows
+                generators = [st.generators[j] for j in slots] if params.do_sample else None
+                tokens = next_tokens(st.logits, params, generators)
                 stopped = torch.isin(tokens, stops).tolist()
                 now = time.perf_counter()
-                for j, (row, tok) in enumerate(zip(st.slots, tokens.tolist())):
+                for j, tok, stop in zip(slots, tokens.tolist(), stopped):
+                    row = st.slots[j]
                     if row is None:
                         continue
                     toks = st.generated[j]
                     toks.append(tok)
-                    if stopped[j] or len(toks) >= room:
-                        results[row.index] = self._result(row, toks, stopped[j], now - st.started[j])
+                    if stop or len(toks) >= room:
+                        results[row.index] = self._result(row, toks, stop, now - st.started[j])
                         running.remove(row)
                         st.slots[j] = None
-                st.tokens = tokens
+                if st.rows is None:
+                    st.tokens = tokens
+                else:   # finished slots get the pad token (their output is ignored)
+                    st.tokens = torch.full((len(st.slots),), self.pad_id, dtype=tokens.dtype, device=device)
+                    st.tokens[st.rows] = tokens
                 if not running:
                     st.clear()
                     continue
                 if st.dead() > len(st.slots) // 4:
                     st.compact(device)
                 st.mask = torch.cat([st.mask, st.mask.new_ones((len(st.slots), 1))], dim=-1)
-                st.logits = self._forward(st.tokens.unsqueeze(-1), st.mask, st.next_pos.unsqueeze(-1), st.cache,
-                                          last_only=False)
+                if self._step is not None:
+                    live = [r is not None for r in st.slots]
+                    groups = neox.attention_groups((st.mask != 0).int().argmax(dim=1).tolist(), live,
+                                                   st.mask.shape[1])
+                    st.rows = [j for j, alive in enumerate(live) if alive]
+                    index = None if len(st.rows) == len(live) else torch.tensor(st.rows, device=device)
+                    st.rows = st.rows if index is not None else None
+                    st.logits = self._step(st.tokens, st.next_pos, st.cache, st.mask, groups, index)
+                else:
+                    st.logits = self._forward(st.tokens.unsqueeze(-1), st.mask, st.next_pos.unsqueeze(-1),
+                                              st.cache, last_only=False)
                 st.next_pos = st.next_pos + 1
 
     def _result(self, row: _Prompt, toks: list[int], stopped: bool, seconds: float) -> Generation:
@@ -567,23 +600,40 @@ def _preallocated_layer_class():
             return self.length
 
         def batch_select_indices(self, indices) -> None:
-            if self.is_initialized:
+            """Keep the rows ``indices``. Increasing indices (dropping finished rows) move the
+            kept rows' used columns up in place, no new buffer; any other order copies."""
+            if not self.is_initialized:
+                return
+            rows = [int(i) for i in indices]
+            if any(b <= a for a, b in zip(rows, rows[1:])):
                 self._k, self._v = self._k[indices], self._v[indices]
-                self.keys = self._k[:, :, :self.length]
-                self.values = self._v[:, :, :self.length]
+            else:
+                used = slice(0, self.length)
+                for src, dst, n in _runs(rows):
+                    step = n if src - dst >= n else max(1, src - dst)   # never copy onto rows not yet read
+                    for i in range(0, n if src != dst else 0, step):
+                        m = min(step, n - i)
+                        self._k[dst + i:dst + i + m, :, used] = self._k[src + i:src + i + m, :, used]
+                        self._v[dst + i:dst + i + m, :, used] = self._v[src + i:src + i + m, :, used]
+                self._k, self._v = self._k[:len(rows)], self._v[:len(rows)]
+            self.keys = self._k[:, :, :self.length]
+            self.values = self._v[:, :, :self.length]
 
-        def merge(self, other, width: int, reserve: int) -> None:
-            """Rows of ``other`` appended below ours; both right-aligned on ``width`` columns
-            (left padding zero-filled and masked), room for ``reserve`` more tokens."""
-            b1, h, _, d = self._k.shape
-            b2 = other._k.shape[0]
+        def merge(self, other, width: int, reserve: int, keep=None, first: int = 0) -> None:
+            """Rows of ``other`` appended below our rows ``keep`` (None: all) without our first
+            ``first`` columns; both right-aligned on ``width`` columns (left padding zero-filled
+            and masked), room for ``reserve`` more tokens."""
+            keep = list(range(self._k.shape[0])) if keep is None else list(keep)
+            b1, b2, length = len(keep), other._k.shape[0], self.length - first
+            _, h, _, d = self._k.shape
             k = self._k.new_empty((b1 + b2, h, width + reserve, d))
             v = self._v.new_empty((b1 + b2, h, width + reserve, d))
             for buf in (k, v):   # left padding must be finite (masked scores are added, not skipped)
-                buf[:b1, :, :width - self.length].zero_()
+                buf[:b1, :, :width - length].zero_()
                 buf[b1:, :, :width - other.length].zero_()
-            k[:b1, :, width - self.length:width] = self.keys
-            v[:b1, :, width - self.length:width] = self.values
+            for src, dst, n in _runs(keep):
+                k[dst:dst + n, :, width - length:width] = self._k[src:src + n, :, first:self.length]
+                v[dst:dst + n, :, width - length:width] = self._v[src:src + n, :, first:self.length]
             k[b1:, :, width - other.length:width] = other.keys
             v[b1:, :, width - other.length:width] = other.values
             self._k, self._v, self.length = k, v, width
@@ -605,6 +655,17 @@ def _preallocated_layer_class():
     return PreallocatedLayer
 
 
+def _runs(rows: Sequence[int]):
+    """(first source row, first destination row, count) of each run of consecutive ``rows``."""
+    runs: list[list[int]] = []
+    for dst, src in enumerate(rows):
+        if runs and runs[-1][0] + runs[-1][2] == src:
+            runs[-1][2] += 1
+        else:
+            runs.append([src, dst, 1])
+    return [tuple(r) for r in runs]
+
+
 def torch_cat_pad(buf, extra: int):
     import torch
     return torch.cat([buf, buf.new_empty((*buf.shape[:2], extra, buf.shape[-1]))], dim=-2)
@@ -615,15 +676,19 @@ def _mergeable(cache) -> bool:
     return bool(layers) and all(hasattr(layer, "merge") for layer in layers)
 
 
-def _merge_caches(cache, mask, other, other_mask, reserve: int):
-    """Append the rows of ``other`` (a freshly prefilled cache) to ``cache``, both right-aligned
-    on max(width) columns (the narrower side is left-padded with masked zeros); returns the
-    merged attention mask."""
+def _merge_caches(cache, mask, other, other_mask, reserve: int, keep: Sequence[int] | None = None):
+    """Append the rows of ``other`` (a freshly prefilled cache) to the rows ``keep`` of ``cache``
+    (None: all; ``mask`` has those rows only), both right-aligned on max(width) columns (the
+    narrower side is left-padded with masked zeros, columns that are padding in every kept row
+    are dropped); returns the merged attention mask. One copy of the kept cache."""
     import torch
 
+    real = mask.any(dim=0).nonzero()
+    first = int(real[0]) if len(real) else 0
+    mask = mask[:, first:]
     width = max(mask.shape[1], other_mask.shape[1])
     for layer, extra in zip(cache.layers, other.layers):
-        layer.merge(extra, width, reserve)
+        layer.merge(extra, width, reserve, keep, first)
 
     def pad(m):
         return torch.cat([m.new_zeros((m.shape[0], width - m.shape[1])), m], dim=1)
