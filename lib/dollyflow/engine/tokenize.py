@@ -14,6 +14,8 @@
   of the core (:mod:`dollyflow.core.split`, exact for counts) and each split's token-balanced
   shard plan (:func:`dollyflow.core.shards.plan_shards`); a shard is a contiguous run of the
   (split_key, record_id) order, hence one row range of each staging file.
+- :func:`build_version`: the job's build of one shard version from these steps, with every
+  count checked stage to stage and the ``tokenized`` commit last.
 - :func:`write_outputs`: one task per core writes whole shards: it reads just the record batches
   of the staging files holding a shard's rows and writes, from the same Arrow rows, the shard
   file (straight to the shard directory: a local path, a FUSE path such as ``/dbfs`` or
@@ -345,3 +347,86 @@ def write_outputs(spark, counts: TokenizeCounts, staging_dir: str, out_dir: str,
 
     out = spark.range(tasks, numPartitions=tasks).mapInArrow(write, "stats string").collect()
     return [json.loads(r["stats"]) for r in out]
+
+
+def build_version(cfg, spark, store, silver_version: int, shard_dir: str, settings: dict, tok_dir: str,
+                  tok_info: dict, build: dict, timings: dict) -> dict:
+    """The tokenize job's build of one shard version (``cfg`` is the job's
+    :class:`~dollyflow.config.Config`): tokenize silver at ``silver_version`` once; write the
+    shards and the ``tokenized`` table's files in one pass, check every count, verify the shards,
+    commit the table; return the manifest (written into ``shard_dir``). ``timings`` gets each
+    step's seconds. On failure the table files written are discarded; removing ``shard_dir`` is
+    the caller's."""
+    from dollyflow.core.counts import StepClock, expect_equal, expect_equal_maps
+    from dollyflow.core.shards import TOKENIZER_DIR, build_manifest, histogram_edges, verify_shards, write_manifest
+    from dollyflow.core.storage import remove_dir, upload_dir
+
+    t, tk = cfg.tables, cfg.tokenize
+    clock = StepClock(timings)
+    max_length = settings["max_length"]
+    upload_dir(tok_dir, join(shard_dir, TOKENIZER_DIR))
+    with open(f"{tok_dir}/tokenizer.json", encoding="utf-8") as f:
+        tokenizer_json = f.read()     # the workers rebuild exactly the saved tokenizer
+
+    silver_rows = store.count(t.silver, silver_version)       # from silver's Delta log, not from us
+    silver = with_parallelism(store.read(t.silver, silver_version))
+    staging = join(shard_dir, STAGING_DIR)
+    sink = None
+    clock("prepare")
+    try:
+        # tokenizes (once): the kept rows go to staging files, their narrow columns come here
+        narrow = tokenize_to_staging(silver, tokenizer_json, max_length, tk.seed, staging).toArrow()
+        clock("tokenize")
+        counts = plan_outputs(narrow, tk.test_size, tk.num_shards)
+        expect_equal(f"tokenize: silver v{silver_version}",
+                     (f"rows of {store.location(t.silver)} v{silver_version}", silver_rows),
+                     (f"rows tokenized ({counts.kept}) + dropped ({sum(counts.drops.values())}: {counts.drops})",
+                      counts.rows))
+        if counts.kept == 0:
+            raise RuntimeError(f"no record of silver v{silver_version} can be tokenized (drops: {counts.drops})")
+        clock("plan")
+        edges = histogram_edges(max_length)
+        sink = store.part_sink(t.tokenized, TABLE_ARROW)
+        stats = write_outputs(spark, counts, staging, shard_dir, edges, sink)
+        remove_dir(staging)
+        clock("write")
+        timings["write_tasks"] = {k: round(sum(st["seconds"][k] for st in stats), 3) for k in stats[0]["seconds"]}
+        by_split: dict[str, list[dict]] = {s: [] for s in counts.split_records}
+        for st in stats:
+            by_split.setdefault(st["split"], []).append(st)
+        expect_equal_maps("tokenize: records per split", ("the split", counts.split_records),
+                          ("the shards written", {s: sum(x["records"] for x in v) for s, v in by_split.items()}))
+        expect_equal_maps("tokenize: records per shard",
+                          ("the shard plan", {f"{s}-{i}": n for s, v in counts.shard_records.items()
+                                              for i, n in enumerate(v)}),
+                          ("the shards written", {f"{st['split']}-{st['shard']}": st["records"] for st in stats}))
+        parts = [tuple(st["table_part"]) for st in stats]
+        expect_equal("tokenize: tokenized table files", ("records kept", counts.kept),
+                     ("rows of the table files written", sum(p[2] for p in parts)))
+        source = {"table": t.silver, "location": store.location(t.silver), "version": silver_version,
+                  "rows": silver_rows, "backend": store.backend}
+        tok = {**tok_info, "name": settings["tokenizer"], "dir": TOKENIZER_DIR}
+        manifest = build_manifest(source=source, tokenizer=tok, max_length=max_length, seed=tk.seed,
+                                  test_size=tk.test_size, edges=edges, split_shards=by_split, drops=counts.drops,
+                                  run_id=cfg.run_id)
+        manifest["settings"] = build
+        expect_equal("tokenize: manifest", ("records kept", counts.kept), ("manifest records", manifest["records"]))
+        write_manifest(shard_dir, manifest)
+        problems = verify_shards(shard_dir)                       # re-reads every shard
+        if problems:
+            raise RuntimeError(f"the shards just written to {shard_dir} do not match their manifest: "
+                               + "; ".join(problems[:10]))
+        clock("verify")
+        commit = store.commit_parts(sink, parts, t.tokenized, mode="overwrite", job="tokenize", run_id=cfg.run_id)
+        sink = None
+        expect_equal("tokenize: tokenized table", ("records kept", counts.kept),
+                     (f"rows of {store.location(t.tokenized)} v{commit.version} (its commit)", commit.rows))
+    except BaseException:
+        if sink is not None:
+            store.discard_parts(sink)
+        raise
+    manifest["tokenized_table"] = {"table": t.tokenized, "location": store.location(t.tokenized),
+                                   "version": commit.version}
+    write_manifest(shard_dir, manifest)
+    clock("commit")
+    return manifest

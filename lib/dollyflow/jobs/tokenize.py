@@ -62,88 +62,6 @@ def resolve_settings(cfg: Config) -> dict:
     return {"tokenizer": tk.tokenizer or cfg.model.tokenizer_name, "max_length": int(max_length)}
 
 
-def _build(cfg: Config, spark, store, silver_version: int, shard_dir: str, settings: dict, tok_dir: str,
-           tok_info: dict, build: dict, timings: dict) -> dict:
-    """Tokenize silver at ``silver_version`` once; write the shards and the ``tokenized`` table's
-    files in one pass, check every count, verify the shards, commit the table; return the
-    manifest (written into ``shard_dir``)."""
-    from dollyflow.core.counts import StepClock, expect_equal, expect_equal_maps
-    from dollyflow.core.shards import TOKENIZER_DIR, build_manifest, histogram_edges, verify_shards, write_manifest
-    from dollyflow.core.storage import join, remove_dir, upload_dir
-    from dollyflow.engine.tokenize import (STAGING_DIR, TABLE_ARROW, plan_outputs, tokenize_to_staging,
-                                           with_parallelism, write_outputs)
-
-    t, tk = cfg.tables, cfg.tokenize
-    clock = StepClock(timings)
-    max_length = settings["max_length"]
-    upload_dir(tok_dir, join(shard_dir, TOKENIZER_DIR))
-    with open(f"{tok_dir}/tokenizer.json", encoding="utf-8") as f:
-        tokenizer_json = f.read()     # the workers rebuild exactly the saved tokenizer
-
-    silver_rows = store.count(t.silver, silver_version)       # from silver's Delta log, not from us
-    silver = with_parallelism(store.read(t.silver, silver_version))
-    staging = join(shard_dir, STAGING_DIR)
-    sink = None
-    clock("prepare")
-    try:
-        # tokenizes (once): the kept rows go to staging files, their narrow columns come here
-        narrow = tokenize_to_staging(silver, tokenizer_json, max_length, tk.seed, staging).toArrow()
-        clock("tokenize")
-        counts = plan_outputs(narrow, tk.test_size, tk.num_shards)
-        expect_equal(f"tokenize: silver v{silver_version}",
-                     (f"rows of {store.location(t.silver)} v{silver_version}", silver_rows),
-                     (f"rows tokenized ({counts.kept}) + dropped ({sum(counts.drops.values())}: {counts.drops})",
-                      counts.rows))
-        if counts.kept == 0:
-            raise RuntimeError(f"no record of silver v{silver_version} can be tokenized (drops: {counts.drops})")
-        clock("plan")
-        edges = histogram_edges(max_length)
-        sink = store.part_sink(t.tokenized, TABLE_ARROW)
-        stats = write_outputs(spark, counts, staging, shard_dir, edges, sink)
-        remove_dir(staging)
-        clock("write")
-        timings["write_tasks"] = {k: round(sum(st["seconds"][k] for st in stats), 3) for k in stats[0]["seconds"]}
-        by_split: dict[str, list[dict]] = {s: [] for s in counts.split_records}
-        for st in stats:
-            by_split.setdefault(st["split"], []).append(st)
-        expect_equal_maps("tokenize: records per split", ("the split", counts.split_records),
-                          ("the shards written", {s: sum(x["records"] for x in v) for s, v in by_split.items()}))
-        expect_equal_maps("tokenize: records per shard",
-                          ("the shard plan", {f"{s}-{i}": n for s, v in counts.shard_records.items()
-                                              for i, n in enumerate(v)}),
-                          ("the shards written", {f"{st['split']}-{st['shard']}": st["records"] for st in stats}))
-        parts = [tuple(st["table_part"]) for st in stats]
-        expect_equal("tokenize: tokenized table files", ("records kept", counts.kept),
-                     ("rows of the table files written", sum(p[2] for p in parts)))
-        source = {"table": t.silver, "location": store.location(t.silver), "version": silver_version,
-                  "rows": silver_rows, "backend": store.backend}
-        tok = {**tok_info, "name": settings["tokenizer"], "dir": TOKENIZER_DIR}
-        manifest = build_manifest(source=source, tokenizer=tok, max_length=max_length, seed=tk.seed,
-                                  test_size=tk.test_size, edges=edges, split_shards=by_split, drops=counts.drops,
-                                  run_id=cfg.run_id)
-        manifest["settings"] = build
-        expect_equal("tokenize: manifest", ("records kept", counts.kept), ("manifest records", manifest["records"]))
-        write_manifest(shard_dir, manifest)
-        problems = verify_shards(shard_dir)                       # re-reads every shard
-        if problems:
-            raise RuntimeError(f"the shards just written to {shard_dir} do not match their manifest: "
-                               + "; ".join(problems[:10]))
-        clock("verify")
-        commit = store.commit_parts(sink, parts, t.tokenized, mode="overwrite", job="tokenize", run_id=cfg.run_id)
-        sink = None
-        expect_equal("tokenize: tokenized table", ("records kept", counts.kept),
-                     (f"rows of {store.location(t.tokenized)} v{commit.version} (its commit)", commit.rows))
-    except BaseException:
-        if sink is not None:
-            store.discard_parts(sink)
-        raise
-    manifest["tokenized_table"] = {"table": t.tokenized, "location": store.location(t.tokenized),
-                                   "version": commit.version}
-    write_manifest(shard_dir, manifest)
-    clock("commit")
-    return manifest
-
-
 def run(cfg: Config, spark) -> dict:
     import tempfile
     from datetime import datetime, timezone
@@ -155,6 +73,7 @@ def run(cfg: Config, spark) -> dict:
     from dollyflow.core.tokens import load_tokenizer, save_tokenizer
     from dollyflow.engine.delta import DeltaStore
     from dollyflow.engine.session import master_of
+    from dollyflow.engine.tokenize import build_version
 
     t0 = time.time()
     started = datetime.now(timezone.utc)
@@ -207,8 +126,8 @@ def run(cfg: Config, spark) -> dict:
         name = version_dir_name(silver_version, cfg.run_id)
         shard_dir = join(root, name)
         try:
-            manifest = _build(cfg, spark, store, silver_version, shard_dir, settings, tok_dir, tok_info, build,
-                              timings)
+            manifest = build_version(cfg, spark, store, silver_version, shard_dir, settings, tok_dir, tok_info,
+                                     build, timings)
         except BaseException:
             remove_dir(shard_dir)
             raise
