@@ -99,3 +99,13 @@ def test_human_lines_name_the_numbers():
                                 "mlflow_run_id": "r1"})
     assert "33 steps, loss 10.83 -> 6.796, eval loss 8.484, 2,889 tokens/s (1,292 on response tokens)" in line
     assert human_line("infer", {"skipped": "infer.model is not set"}) == "skipped: infer.model is not set"
+
+
+def test_infer_line_says_how_long_the_model_loads_took():
+    s = {"rows_in": 6, "input": {"table": "silver", "split": "test"}, "generated": 6, "already_predicted": 0,
+         "finish_reasons": {"length": 6}, "completion_tokens": 1536, "tokens_per_second": 214.7,
+         "workers": {"workers": 2, "loads": 2, "loads_per_worker": 1, "load_seconds": 4.06}}
+    assert human_line("infer", s) == ("6 rows of silver (test split): 6 generated, 0 already predicted; finish "
+                                      "length 6; 1,536 tokens at 214.7 tokens/s (model loads: 2, slowest 4.1 s)")
+    s["workers"] = {"workers": 2, "loads": 0, "loads_per_worker": 0, "load_seconds": 0.0}    # reused workers
+    assert human_line("infer", s).endswith("1,536 tokens at 214.7 tokens/s")

@@ -85,11 +85,12 @@ def test_sql_and_dataframe_give_the_core_answers_and_load_once_per_worker(spark,
     assert stats["tasks"] == 12 and stats["windows"] > stats["tasks"]
     assert 1 <= stats["workers"] <= 4 and stats["loads_per_worker"] == 1
     assert stats["loads"] == len({pid for (event, pid) in counts.value if event == "load"})
+    assert stats["load_seconds"] > 0          # the loads were timed (imports, tokenizer, weights)
     # registering again (a new UDF object, new closure) reuses the workers' loaded model
     again = load_accumulator(spark)
     register_udf(spark, udf_cfg, counts=again)
     assert spark.sql("SELECT dolly_generate(instruction, context).response AS r FROM prompts").count() == len(recs)
-    assert summarize_counts(again.value)["loads"] == 0
+    assert summarize_counts(again.value)["loads"] == 0 and summarize_counts(again.value)["load_seconds"] == 0
 
 
 def test_one_argument_form_and_seeds_through_sql(spark, udf_cfg, dolly_records, core_answers):

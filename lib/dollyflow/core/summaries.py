@@ -93,5 +93,7 @@ def human_line(name: str, s: dict, changes: dict | None = None) -> str:
         where = f"{inp.get('table')} ({inp.get('split')} split)" if inp.get("table") else "the query"
         return (f"{_n(s.get('rows_in'))} rows of {where}: {_n(s.get('generated'))} generated, "
                 f"{_n(s.get('already_predicted'))} already predicted; finish {_reasons(s.get('finish_reasons'))}; "
-                f"{_n(s.get('completion_tokens'))} tokens at {_n(s.get('tokens_per_second'))} tokens/s{tail}")
+                f"{_n(s.get('completion_tokens'))} tokens at {_n(s.get('tokens_per_second'))} tokens/s"
+                + (f" (model loads: {_n(w['loads'])}, slowest {w['load_seconds']:.1f} s)"
+                   if (w := s.get("workers") or {}).get("loads") else "") + tail)
     return tail.lstrip(" |")

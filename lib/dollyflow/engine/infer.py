@@ -34,6 +34,7 @@ files match what the driver hashed.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, Tuple
 
@@ -150,7 +151,8 @@ def _frame(results) -> pd.DataFrame:
 
 class LoadCounts:
     """A Spark accumulator param: {(event, pid): count} summed over tasks. Events: ``load``
-    (a model loaded by a Python worker), ``window`` (windows generated), ``task`` (UDF calls)."""
+    (a model loaded by a Python worker), ``load_ms`` (milliseconds those loads took, imports
+    included), ``window`` (windows generated), ``task`` (UDF calls)."""
 
     def zero(self, value):
         return {}
@@ -175,7 +177,9 @@ def load_accumulator(spark):
 
 
 def summarize_counts(counts: dict | None) -> dict | None:
-    """{"workers": n, "loads": total, "loads_per_worker": max, "windows": total, "tasks": total}."""
+    """{"workers": n, "loads": total, "loads_per_worker": max, "load_seconds": the slowest
+    worker's loading time (imports, tokenizer and weights; 0.0 when nothing was loaded),
+    "windows": total, "tasks": total}."""
     if counts is None:
         return None
     by = {}
@@ -183,7 +187,8 @@ def summarize_counts(counts: dict | None) -> dict | None:
         by.setdefault(event, {})[pid] = n
     loads = by.get("load", {})
     return {"workers": len(set(by.get("task", {})) | set(loads)), "loads": sum(loads.values()),
-            "loads_per_worker": max(loads.values(), default=0), "windows": sum(by.get("window", {}).values()),
+            "loads_per_worker": max(loads.values(), default=0),
+            "load_seconds": round(max(by.get("load_ms", {}).values(), default=0) / 1000, 3), "windows": sum(by.get("window", {}).values()),
             "tasks": sum(by.get("task", {}).values())}
 
 
@@ -208,9 +213,11 @@ def generate_udf(spec: InferSpec, counts=None):
         def flush():
             nonlocal gen, pending, size
             if gen is None:
+                t0 = time.perf_counter()
                 gen, built = worker_generator(spec)
                 if built:
                     note("load")
+                    note("load_ms", int(round((time.perf_counter() - t0) * 1000)))
             ins, ctx, seeds = [], [], []
             for cols in pending:
                 n = len(cols[0])
