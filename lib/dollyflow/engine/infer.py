@@ -188,8 +188,8 @@ def summarize_counts(counts: dict | None) -> dict | None:
     loads = by.get("load", {})
     return {"workers": len(set(by.get("task", {})) | set(loads)), "loads": sum(loads.values()),
             "loads_per_worker": max(loads.values(), default=0),
-            "load_seconds": round(max(by.get("load_ms", {}).values(), default=0) / 1000, 3), "windows": sum(by.get("window", {}).values()),
-            "tasks": sum(by.get("task", {}).values())}
+            "load_seconds": round(max(by.get("load_ms", {}).values(), default=0) / 1000, 3),
+            "windows": sum(by.get("window", {}).values()), "tasks": sum(by.get("task", {}).values())}
 
 
 def generate_udf(spec: InferSpec, counts=None):

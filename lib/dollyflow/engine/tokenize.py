@@ -357,7 +357,7 @@ def build_version(cfg, spark, store, silver_version: int, shard_dir: str, settin
     commit the table; return the manifest (written into ``shard_dir``). ``timings`` gets each
     step's seconds. On failure the table files written are discarded; removing ``shard_dir`` is
     the caller's."""
-    from dollyflow.core.counts import StepClock, expect_equal, expect_equal_maps
+    from dollyflow.core.counts import StepClock, expect_equal_maps
     from dollyflow.core.shards import TOKENIZER_DIR, build_manifest, histogram_edges, verify_shards, write_manifest
     from dollyflow.core.storage import remove_dir, upload_dir
 
