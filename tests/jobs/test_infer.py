@@ -90,7 +90,8 @@ def test_sql_and_dataframe_give_the_core_answers_and_load_once_per_worker(spark,
     again = load_accumulator(spark)
     register_udf(spark, udf_cfg, counts=again)
     assert spark.sql("SELECT dolly_generate(instruction, context).response AS r FROM prompts").count() == len(recs)
-    assert summarize_counts(again.value)["loads"] == 0 and summarize_counts(again.value)["load_seconds"] == 0
+    reused = summarize_counts(again.value)
+    assert reused["loads"] == 0 and reused["load_seconds"] == 0
 
 
 def test_one_argument_form_and_seeds_through_sql(spark, udf_cfg, dolly_records, core_answers):
