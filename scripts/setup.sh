@@ -48,14 +48,18 @@ if [[ ",$EXTRAS," == *",train,"* ]]; then
 fi
 constraints="$VENV/dollyflow-constraints.txt"
 : > "$constraints"
-if "$VPY" -c "import torch" 2>/dev/null; then
-  torch_version=$("$VPY" -c 'import torch; print(torch.__version__)')
+# The distribution's version (importlib.metadata), not torch.__version__: PyPI's CUDA wheel
+# reports 2.13.0+cu130 at run time but installs as 2.13.0, and a constraint on the former
+# matches nothing (pip: ResolutionImpossible).
+torch_dist='import importlib.metadata as m; print(m.version("torch"))'
+if "$VPY" -c "$torch_dist" >/dev/null 2>&1; then
+  torch_version=$("$VPY" -c "$torch_dist")
   echo "torch==$torch_version" > "$constraints"
 fi
 log "installing dollyflow[$EXTRAS] (editable)"
 DS_BUILD_OPS=0 "$VPY" -m pip install -q --no-build-isolation -c "$constraints" -e ".[$EXTRAS]"
 if [ -n "${torch_version:-}" ]; then
-  now=$("$VPY" -c 'import torch; print(torch.__version__)')
+  now=$("$VPY" -c "$torch_dist")
   [ "$now" = "$torch_version" ] || { log "ERROR: torch changed from $torch_version to $now"; exit 1; }
 fi
 echo "$want" > "$stamp"

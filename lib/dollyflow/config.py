@@ -238,10 +238,74 @@ class Config:
     infer: InferConfig = field(default_factory=InferConfig)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every key and value, secrets included: for this process only. What is written or
+        logged anywhere (run records, model directories, MLflow, job output) is
+        :meth:`redacted`."""
         return dataclasses.asdict(self)
+
+    def redacted(self) -> dict[str, Any]:
+        """:meth:`to_dict` safe to write where others can read it: every ``spark.conf`` value
+        (where people put ``spark.hadoop.fs.s3a.secret.key``) replaced by ``***``, and every
+        URI's user info and secret-looking query values (:func:`redact_uri`) too."""
+        d = redact(self.to_dict())
+        d["spark"]["conf"] = {k: REDACTED for k in self.spark.conf}
+        return d
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# secrets: what may be written where others read it
+
+REDACTED = "***"
+#: Query keys whose values are secrets (matched case-insensitively inside the key: ``sig``,
+#: ``X-Amz-Signature``, ``access_token``, ``sas_token``, ``password``, ``secret_key`` ...).
+SECRET_QUERY_WORDS = ("key", "secret", "token", "sas", "password", "passwd", "pwd", "sig", "credential",
+                      "auth")
+_URI = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<rest>[^\s'\"<>]*)")
+
+
+def _secret_key(name: str) -> bool:
+    name = name.lower()
+    return any(w in name for w in SECRET_QUERY_WORDS)
+
+
+def _redact_one(m: re.Match) -> str:
+    rest = m.group("rest")
+    rest, hash_, fragment = rest.partition("#")
+    rest, q, query = rest.partition("?")
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        authority = REDACTED + "@" + authority.rsplit("@", 1)[1]
+    if q:
+        parts = []
+        for part in query.split("&"):
+            k, eq, v = part.partition("=")
+            parts.append(f"{k}={REDACTED}" if eq and v and _secret_key(k) else part)
+        query = "&".join(parts)
+    return m.group("scheme") + authority + slash + path + q + query + hash_ + fragment
+
+
+def redact_uri(text: str) -> str:
+    """``text`` with every URI's user info (``s3a://KEY:SECRET@bucket``) and the values of its
+    secret-looking query keys (``?sig=...``, ``?token=...``, ``?password=...``; see
+    :data:`SECRET_QUERY_WORDS`) replaced by ``***``; anything else is unchanged."""
+    if not isinstance(text, str) or "://" not in text:
+        return text
+    return _URI.sub(_redact_one, text)
+
+
+def redact(obj: Any) -> Any:
+    """A copy of a JSON-like value (dicts, lists, tuples, strings) with :func:`redact_uri`
+    applied to every string (dict keys included)."""
+    if isinstance(obj, str):
+        return redact_uri(obj)
+    if isinstance(obj, dict):
+        return {redact(k): redact(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact(v) for v in obj) if isinstance(obj, list) else tuple(redact(v) for v in obj)
+    return obj
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,6 +495,20 @@ def check_identifier(value: str, what: str) -> str:
     return value
 
 
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_name(value: str, what: str) -> str:
+    """A name that becomes one path segment (``run_id``: staging, shard and status directories)
+    must be a plain name: letters, digits, ``_ . -``, not starting with ``.``, never ``.`` or
+    ``..`` or anything holding ``..``, no separator (``/``, ``\\``, ``:``). Otherwise ``run_id=..``
+    would make ``<schema>/_staging/<run_id>`` the schema directory itself."""
+    if not isinstance(value, str) or not _NAME.match(value) or ".." in value:
+        raise ConfigError(f"{what}: {value!r} is not a plain name (letters, digits and _ . -, starting with a "
+                          "letter, digit or _, no '..', no '/', '\\' or ':'): it becomes a directory name")
+    return value
+
+
 def validate(cfg: Config) -> None:
     t = cfg.tables
     for f in dataclasses.fields(TablesConfig):
@@ -465,8 +543,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("infer.partitions and infer.limit must not be negative")
     if inf.do_sample and not (inf.temperature > 0 and 0 < inf.top_p <= 1 and inf.top_k >= 0):
         raise ConfigError("infer: sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0")
-    if not re.match(r"^[A-Za-z0-9_.:-]{1,128}$", cfg.run_id):
-        raise ConfigError(f"run_id: {cfg.run_id!r} may hold only letters, digits and _ . : -")
+    check_name(cfg.run_id, "run_id")
     check_ranges(cfg)
     validate_train(cfg.train)
 

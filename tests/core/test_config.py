@@ -116,3 +116,36 @@ def test_infer_section_defaults_and_checks():
                 "infer.function_name=drop table", "infer.key_columns=[a-b]"):
         with pytest.raises(ConfigError, match="infer"):
             load_config("infer", [bad])
+
+
+# ---- issue 18: names that become path segments; secrets never written
+
+
+@pytest.mark.parametrize("bad", ["..", ".", "a/b", "../x", "x/..", "a\\b", "c:d", ".hidden", "a..b"])
+def test_run_id_must_be_a_plain_name(bad):
+    with pytest.raises(ConfigError, match="run_id: .* is not a plain name"):
+        load_config("ingest", [f"run_id={bad}"])
+
+
+def test_plain_run_ids_pass():
+    for ok in ("job-123-ingest", "20240101", "a.b_c-d", "_x"):
+        assert load_config("ingest", [f"run_id={ok}"]).run_id == ok
+
+
+def test_redacted_config_hides_spark_conf_values_uri_user_info_and_secret_query_keys():
+    from dollyflow.config import redact_uri
+
+    cfg = load_config("infer", ["spark.conf={spark.hadoop.fs.s3a.secret.key: TOPSECRET, spark.x: '1'}",
+                                "infer.model=s3a://AKIAXX:TOPSECRET@bucket/models/m",
+                                "ingest.input=https://acct.blob.core.windows.net/c/raw?sv=2022&sig=TOPSECRET&se=1",
+                                "train.shard_dir=s3://b/shards?endpoint_override=h:9&access_token=TOPSECRET"])
+    d = cfg.redacted()
+    text = str(d)
+    assert "TOPSECRET" not in text and "AKIAXX" not in text
+    assert d["spark"]["conf"] == {"spark.hadoop.fs.s3a.secret.key": "***", "spark.x": "***"}
+    assert d["infer"]["model"] == "s3a://***@bucket/models/m"
+    assert d["ingest"]["input"].endswith("?sv=2022&sig=***&se=1")
+    assert d["train"]["shard_dir"] == "s3://b/shards?endpoint_override=h:9&access_token=***"
+    assert cfg.spark.conf["spark.hadoop.fs.s3a.secret.key"] == "TOPSECRET"     # the live config keeps it
+    assert redact_uri("models:/dolly@champion") == "models:/dolly@champion"
+    assert redact_uri("jdbc:postgresql://h/db?user=u&password=p") == "jdbc:postgresql://h/db?user=u&password=***"

@@ -59,6 +59,78 @@ def test_list_and_remove(tmp_path):
     (tmp_path / "x" / "f.txt").write_text("1")
     assert storage.list_dir(str(tmp_path / "x")) == [("f.txt", False), ("y", True)]
     assert storage.list_dir(str(tmp_path / "missing")) == []
-    storage.remove_dir(str(tmp_path / "x"))
+    storage.remove_dir(str(tmp_path / "x"), under=str(tmp_path))
     assert not (tmp_path / "x").exists()
-    storage.remove_dir(str(tmp_path / "x"))   # missing is fine
+    storage.remove_dir(str(tmp_path / "x"), under=str(tmp_path))   # missing is fine
+
+
+# ---- issue 18: removals stay below their parent; atomic writes leave nothing half-written
+
+
+@pytest.mark.parametrize("victim", ["..", "x/../..", ".", "x/.."])
+def test_remove_dir_refuses_a_path_that_is_not_below_its_parent(tmp_path, victim):
+    parent = tmp_path / "schema" / "_staging"
+    (parent / "x").mkdir(parents=True)
+    (tmp_path / "schema" / "bronze").mkdir()
+    with pytest.raises(ValueError, match="does not lie below"):
+        storage.remove_dir(f"{parent}/{victim}", under=str(parent))
+    assert (tmp_path / "schema" / "bronze").is_dir() and (parent / "x").is_dir()
+
+
+def test_remove_dir_refuses_a_symlink_that_leads_outside(tmp_path):
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    parent = tmp_path / "root"
+    parent.mkdir()
+    (parent / "link").symlink_to(outside)
+    with pytest.raises(ValueError, match="does not lie below"):
+        storage.remove_dir(str(parent / "link"), under=str(parent))
+    assert (outside / "keep.txt").read_text() == "mine"
+
+
+def test_check_within_for_uris():
+    assert storage.check_within("s3://b/wh/dollyflow/t/w-1?region=x", "s3://b/wh/dollyflow/t")
+    for bad in ("s3://b/wh/dollyflow/t/..", "s3://other/wh/dollyflow/t/w", "gs://b/wh/dollyflow/t/w",
+                "s3://b/wh/dollyflow/t"):
+        with pytest.raises(ValueError):
+            storage.check_within(bad, "s3://b/wh/dollyflow/t")
+
+
+@pytest.mark.parametrize("scheme", ["", "file://"])
+def test_write_atomic_renames_into_place_and_a_failure_leaves_the_old_content(tmp_path, monkeypatch, scheme):
+    target = tmp_path / "root" / "LATEST.json"
+    path = f"{scheme}{target}"
+    storage.write_atomic(path, b"old")
+    seen = []
+    real = storage._rename
+
+    def rename(fs, src, dst):
+        seen.append((target.read_bytes(), src))     # the target still holds the old content
+        real(fs, src, dst)
+
+    monkeypatch.setattr(storage, "_rename", rename)
+    storage.write_atomic(path, b"new")
+    assert target.read_bytes() == b"new" and seen and seen[0][0] == b"old" and seen[0][1] != str(target)
+
+    def broken(fs, src, dst):
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(storage, "_rename", broken)
+    with pytest.raises(OSError, match="disk went away"):
+        storage.write_atomic(path, b"newer")
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["LATEST.json"]   # no temp file left
+
+
+def test_write_atomic_failing_before_the_rename_leaves_no_temp_file(tmp_path, monkeypatch):
+    target = tmp_path / "m.json"
+    storage.write_atomic(str(target), b"old")
+
+    def no_fsync(fd):
+        raise OSError("fsync failed")
+
+    monkeypatch.setattr(storage.os, "fsync", no_fsync)
+    with pytest.raises(OSError, match="fsync failed"):
+        storage.write_atomic(str(target), b"new")
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["m.json"]

@@ -550,6 +550,6 @@ def prune_versions(root: str, keep: int, protect: Sequence[str] = ()) -> list[st
     for _, name in complete[keep:]:
         if name in protect:
             continue
-        remove_dir(join(root, name))
+        remove_dir(join(root, name), under=root)
         removed.append(name)
     return sorted(removed)

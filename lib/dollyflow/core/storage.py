@@ -12,6 +12,7 @@ on Databricks only, and says so elsewhere).
 from __future__ import annotations
 
 import os
+import posixpath
 import shutil
 import tempfile
 import uuid
@@ -107,20 +108,51 @@ def write_bytes(path: str, data: bytes) -> None:
         f.write(data)
 
 
+#: Filesystems where a file can be renamed: a write goes to a temporary file beside the target
+#: and is renamed over it. Object stores (S3, GCS, Azure Blob) have no rename, but a PUT there
+#: is atomic already: readers see the old object or the new one.
+RENAMING_FILESYSTEMS = ("local", "hdfs", "viewfs")
+
+
+def _rename(fs: pafs.FileSystem, src: str, dst: str) -> None:
+    """Rename ``src`` over ``dst`` (``os.replace`` locally; HDFS through pyarrow, which replaces
+    an existing file by deleting it first, since HDFS's rename does not overwrite)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.replace(src, dst)
+    else:
+        fs.move(src, dst)
+
+
 def write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` so that readers see the old content or the new, never a part: a local file
-    is written beside and renamed over (``os.replace``); an object-store PUT is atomic already."""
-    if is_uri(path) and "://" in native(path):
+    """Write ``data`` so that readers see the old content or the new, never a part: on a local
+    path, ``file://`` and ``hdfs://`` it is written to a temporary file beside the target, flushed
+    and renamed over it; on an object store one PUT is atomic already. A failed write leaves the
+    previous content and no temporary file behind."""
+    fs, p = filesystem(path)
+    if fs.type_name not in RENAMING_FILESYSTEMS:
         write_bytes(path, data)
         return
-    local = native(path)
-    os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
-    tmp = f"{local}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, local)
+    parent, name = p.rsplit("/", 1) if "/" in p else ("", p)
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    tmp = f"{parent}/.{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}" if parent else \
+        f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            with fs.open_output_stream(tmp) as f:
+                f.write(data)
+        _rename(fs, tmp, p)
+    except BaseException:
+        try:
+            fs.delete_file(tmp)
+        except (OSError, FileNotFoundError):
+            pass
+        raise
 
 
 def read_bytes(path: str) -> bytes:
@@ -136,10 +168,37 @@ def list_dir(path: str) -> list[tuple[str, bool]]:
     return sorted((i.base_name, i.type == pafs.FileType.Directory) for i in infos)
 
 
-def remove_dir(path: str) -> None:
-    """Remove a directory and everything below it; a missing one is fine."""
+def _split_uri(path: str) -> tuple[str, str]:
+    """(scheme://authority, normalised path) of a URI without its query; ("", absolute real
+    path) for a local path (symbolic links resolved, so a link cannot lead a removal outside)."""
+    path = native(str(path))
+    if "://" not in path:
+        return "", os.path.realpath(os.path.abspath(path))
+    path = path.split("?", 1)[0]
+    scheme, rest = path.split("://", 1)
+    authority, _, inner = rest.partition("/")
+    return f"{scheme.lower()}://{authority}", posixpath.normpath("/" + inner)
+
+
+def check_within(path: str, parent: str, what: str = "path") -> str:
+    """``path`` when it lies strictly below ``parent`` (after normalising ``..`` and, for local
+    paths, symbolic links), else a ValueError naming both. Every directory the project removes
+    or overwrites is checked against the directory it belongs to first, so no name from a
+    config (a run id, a table or model name) can turn a removal into one of its parent."""
+    base_p, base = _split_uri(parent)
+    here_p, here = _split_uri(path)
+    inside = base_p == here_p and here != base and (here.startswith(base.rstrip("/") + "/") or base == "/")
+    if not inside:
+        raise ValueError(f"refusing to remove or overwrite {what} {path!r}: it does not lie below {parent!r}")
+    return path
+
+
+def remove_dir(path: str, under: str) -> None:
+    """Remove a directory and everything below it; a missing one is fine. ``under``: the
+    directory it must lie below (:func:`check_within`), checked before anything is removed."""
+    check_within(path, under)
     if not is_uri(path):
-        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(native(path), ignore_errors=True)
         return
     fs, root = filesystem(path)
     try:

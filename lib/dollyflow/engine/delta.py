@@ -208,6 +208,7 @@ class PartSink:
     prefix: str               # their directory relative to the table root ("" when staged outside)
     schema: pa.Schema
     write_id: str
+    parent: str = ""          # the directory ``directory`` lies in (checked before it is removed)
 
     def write(self, table: pa.Table, key: str | None = None) -> tuple[str, int, int]:
         """Write ``table`` as one zstd Parquet file; returns (path relative to the table or the
@@ -369,13 +370,13 @@ class DeltaStore:
         folder, files = self._rs_stage(df, ref, write_id)
         rows = sum(r for _, _, r in files)
         if skip and rows == 0:
-            remove_dir(join(ref.path, folder))
+            remove_dir(join(ref.path, folder), under=ref.path)
             return Commit(self.version(name), operation="WRITE", rows=0, committed=False, write_id=write_id)
         try:
             return self._rs_commit(ref, _arrow_schema(df.schema), files, mode == "overwrite", job, run_id,
                                    write_id, evolve_schema)
         except BaseException:
-            remove_dir(join(ref.path, folder))
+            remove_dir(join(ref.path, folder), under=ref.path)
             raise
 
     def append_rows(self, rows: list[tuple], ddl: str, name: str, job: str = "", run_id: str = "",
@@ -407,9 +408,10 @@ class DeltaStore:
         arrow = schema if isinstance(schema, pa.Schema) else _arrow_schema(schema)
         if not self.native:
             folder = f"w-{write_id}"
-            return PartSink(join(ref.path, folder), folder, arrow, write_id)
+            return PartSink(join(ref.path, folder), folder, arrow, write_id, parent=ref.path)
         base = ref.path.rsplit("/", 1)[0] if ref.path else self.tables.files_root()
-        return PartSink(join(base, "_staging", f"{name}-{write_id}"), "", arrow, write_id)
+        return PartSink(join(base, "_staging", f"{name}-{write_id}"), "", arrow, write_id,
+                        parent=join(base, "_staging"))
 
     def commit_parts(self, sink: PartSink, parts: list[tuple[str, int, int]], name: str,
                      mode: str = "append", job: str = "", run_id: str = "") -> Commit:
@@ -429,11 +431,11 @@ class DeltaStore:
             raise
         finally:
             if self.native:
-                remove_dir(sink.directory)
+                self.discard_parts(sink)
 
     def discard_parts(self, sink: PartSink) -> None:
         """Remove what tasks wrote through ``sink`` (a failed job: nothing was committed)."""
-        remove_dir(sink.directory)
+        remove_dir(sink.directory, under=sink.parent or sink.directory.rsplit("/", 1)[0])
 
     def merge(self, df, name: str, keys: list[str], job: str = "", run_id: str = "",
               update: bool = True, absent_at: int | None = None) -> Commit:
@@ -463,7 +465,7 @@ class DeltaStore:
         if ref.fqn:
             self.spark.sql(f"DROP TABLE IF EXISTS {ref.fqn}")
         else:
-            remove_dir(ref.path)
+            remove_dir(ref.path, under=ref.path.rsplit("/", 1)[0])
 
     def view(self, name: str, version: int | None = None) -> str:
         """Register the table as a temp view named after it (for SQL) and return the view name."""
@@ -560,7 +562,7 @@ class DeltaStore:
                     files.append((f"{folder}/{info.base_name}", info.size, rows))
             return folder, files
         except BaseException:
-            remove_dir(target)
+            remove_dir(target, under=ref.path)
             raise
 
     def _rs_commit(self, ref: TableRef, schema: pa.Schema, files: list[tuple[str, int, int]], overwrite: bool,
@@ -630,7 +632,7 @@ class DeltaStore:
                           read_version=entry.get("readVersion"))
         finally:
             if not adopted:
-                remove_dir(join(ref.path, folder))
+                remove_dir(join(ref.path, folder), under=ref.path)
 
 
 def _arrow_schema(schema) -> pa.Schema:

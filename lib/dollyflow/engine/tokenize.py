@@ -388,7 +388,7 @@ def build_version(cfg, spark, store, silver_version: int, shard_dir: str, settin
         edges = histogram_edges(max_length)
         sink = store.part_sink(t.tokenized, TABLE_ARROW)
         stats = write_outputs(spark, counts, staging, shard_dir, edges, sink)
-        remove_dir(staging)
+        remove_dir(staging, under=shard_dir)
         clock("write")
         timings["write_tasks"] = {k: round(sum(st["seconds"][k] for st in stats), 3) for k in stats[0]["seconds"]}
         by_split: dict[str, list[dict]] = {s: [] for s in counts.split_records}

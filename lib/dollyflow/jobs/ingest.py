@@ -35,7 +35,7 @@ def run(cfg: Config, spark) -> dict:
     from pyspark.sql import functions as F
 
     from dollyflow.core.counts import expect_equal
-    from dollyflow.core.storage import remove_dir
+    from dollyflow.core.storage import check_within, remove_dir
     from dollyflow.engine.delta import DeltaStore
     from dollyflow.engine.ingest import parse_inputs, rejected_keys
 
@@ -48,6 +48,7 @@ def run(cfg: Config, spark) -> dict:
     # catalog tables (no shared path known): Spark's cache.
     staging = _staging_path(cfg, store)
     if staging:
+        check_within(staging, staging.rsplit("/", 1)[0], "ingest's staging directory")
         parsed.write.mode("overwrite").parquet(staging)
         parsed = spark.read.parquet(staging)
     else:
@@ -104,7 +105,7 @@ def run(cfg: Config, spark) -> dict:
     finally:
         parsed.unpersist()
         if staging:
-            remove_dir(staging)
+            remove_dir(staging, under=staging.rsplit("/", 1)[0])
 
     expect_equal(f"ingest {cfg.run_id} accounting",
                  ("lines read", lines_read),

@@ -129,7 +129,7 @@ def run(cfg: Config, spark) -> dict:
             manifest = build_version(cfg, spark, store, silver_version, shard_dir, settings, tok_dir, tok_info,
                                      build, timings)
         except BaseException:
-            remove_dir(shard_dir)
+            remove_dir(shard_dir, under=root)
             raise
     t1 = time.time()
     manifest_sha = hashlib.sha256(read_bytes(join(shard_dir, MANIFEST))).hexdigest()
