@@ -64,7 +64,10 @@ def _json_default(o):
 
 
 def print_summary(summary: dict) -> None:
-    print(json.dumps(summary, indent=2, default=_json_default), flush=True)
+    """The job's summary as JSON on stdout, URIs' credentials redacted (job output is read by
+    everyone with access to the job run)."""
+    from dollyflow.config import redact
+    print(json.dumps(redact(summary), indent=2, default=_json_default), flush=True)
 
 
 def run_job(name: str, argv: list[str] | None = None) -> int:

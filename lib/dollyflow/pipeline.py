@@ -28,7 +28,7 @@ import tempfile
 import time
 from datetime import date, datetime, timezone
 
-from dollyflow.config import ConfigError, load_config
+from dollyflow.config import ConfigError, load_config, redact, redact_uri
 
 RUNS_DIR = "pipeline_runs"
 REPORTS_DIR = "reports"
@@ -53,9 +53,12 @@ def report_path(files_root: str, run_id: str) -> str:
 
 
 def save_run(record: dict) -> str:
+    """Write the run record, redacted (config, summaries and paths: no Spark conf value, URI user
+    info or secret query value is written)."""
+    from dollyflow.config import redact
     from dollyflow.core.storage import write_atomic
     path = f"{run_dir(record['files_root'], record['run_id'])}/run.json"
-    write_atomic(path, json.dumps(record, indent=2, default=_json_default).encode("utf-8"))
+    write_atomic(path, json.dumps(redact(record), indent=2, default=_json_default).encode("utf-8"))
     return path
 
 
@@ -156,7 +159,7 @@ def run_pipeline(argv: list[str] | None = None) -> int:
     out = sys.stderr if args.json else sys.stdout     # --json: stdout holds only the JSON document
 
     def say(msg: str) -> None:
-        print(msg, file=out, flush=True)
+        print(redact_uri(msg), file=out, flush=True)
 
     try:
         cfg = load_config("pipeline", args.overrides, preset=args.preset, env=args.env, conf=args.conf)
@@ -176,7 +179,7 @@ def run_pipeline(argv: list[str] | None = None) -> int:
     files_root = absolute(cfg.tables.files_root())
     base_run = cfg.run_id
     record = {"run_id": base_run, "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "preset": cfg.preset, "env": cfg.env, "files_root": files_root, "config": cfg.to_dict(),
+              "preset": cfg.preset, "env": cfg.env, "files_root": files_root, "config": cfg.redacted(),
               "jobs": {}, "tables": {}, "status": "running"}
     logs = tempfile.mkdtemp(prefix="dollyflow-pipeline-")
     jobs = installed_jobs()
@@ -238,7 +241,7 @@ def run_pipeline(argv: list[str] | None = None) -> int:
     if failed:
         say(f"pipeline {base_run} failed in {failed[0]}; run record {rdir}/run.json")
         if args.json:
-            print(json.dumps(record, indent=2, default=_json_default), flush=True)
+            print(json.dumps(redact(record), indent=2, default=_json_default), flush=True)
         return 1
     if record["unchanged"]:
         say("unchanged: same inputs as the last run, no job wrote a new version of a data table")
@@ -250,7 +253,7 @@ def run_pipeline(argv: list[str] | None = None) -> int:
         say(f"report ({time.time() - t0:.1f} s): {record['report']}")
     say(f"pipeline {base_run} finished in {time.time() - t_start:.1f} s; run record {rdir}/run.json")
     if args.json:
-        print(json.dumps(record, indent=2, default=_json_default), flush=True)
+        print(json.dumps(redact(record), indent=2, default=_json_default), flush=True)
     return 0
 
 

@@ -134,3 +134,33 @@ def test_lora_adapter_reloads_with_peft_and_merged_with_transformers(tmp_path, s
     assert sorted(torch.nonzero(head).flatten().tolist()) == sorted(new)
     embed = (merged.get_input_embeddings().weight.detach() - base_embed).abs().sum(dim=1)
     assert sorted(torch.nonzero(embed).flatten().tolist()) == sorted(new[1:])
+
+
+def test_shards_of_another_tokenizer_fail_before_training_naming_both_sizes(tmp_path, shard_dir, sample_path):
+    """Issue 18: the shards' tokenizer must be the base model's (plus Dolly's added tokens)."""
+    from dollyflow.core.tokens import train_small_tokenizer
+    from dollyflow.core.training.prepare import TokenizerMismatch, check_tokenizer
+
+    texts = [json.loads(line)["response"][::-1] for line in open(sample_path, encoding="utf-8")]
+    train_small_tokenizer(texts, tmp_path / "other-tok", vocab_size=300)
+    other = load_tokenizer(tmp_path / "other-tok", dolly_tokens=False)
+    base = tmp_path / "base-model"                       # a base model by path, with a tokenizer of its own
+    tiny_gpt_neox(len(other), max_position_embeddings=512).save_pretrained(base)
+    other.save_pretrained(base)
+    n_shard = len(load_tokenizer(os.path.join(shard_dir, "tokenizer"), dolly_tokens=False))
+    out = tmp_path / "out"
+    cfg = load_config("train", [f"tables.warehouse={tmp_path / 'wh'}", f"train.shard_dir={shard_dir}",
+                                f"train.output_dir={out}", "train.processes=1", "train.mlflow=false",
+                                f"model.name={base}", "model.tokenizer=''"], preset="tiny")
+    with pytest.raises(TokenizerMismatch, match=(rf"tokenized with a {n_shard:,}-token vocabulary, but the base "
+                                                 rf"model .* has {len(other):,} tokens \({len(other) + 3:,} with")):
+        prepare(cfg)
+    assert not out.exists()                              # nothing written, nothing launched
+    # the model's own tokenizer with Dolly's three tokens added: accepted
+    model_cfg = {"name": str(base), "tokenizer": str(tmp_path / "other-tok")}
+    from dollyflow.core.training.data import build_shard_dir
+    records = [json.loads(line) for line in open(sample_path, encoding="utf-8")][:20]
+    mine = tmp_path / "own-shards"
+    build_shard_dir(records, tmp_path / "other-tok", mine, max_length=512, test_size=2, num_shards=1)
+    assert check_tokenizer(str(mine), model_cfg) == {"checked": True, "shard_tokens": len(other) + 3,
+                                                     "model_tokens": len(other)}

@@ -11,12 +11,19 @@ from dollyflow.config import ConfigError, TrainConfig, load_config
 from dollyflow.core.training import checkpoint, dsconfig, output
 
 
-def make_ckpt(root, step, complete=True, **info):
+def make_ckpt(root, step, complete=True, started=True, fingerprint="fp", **info):
     path = os.path.join(root, checkpoint.tag(step))
     os.makedirs(path)
-    open(os.path.join(path, "mp_rank_00_model_states.pt"), "wb").close()
+    if started:
+        checkpoint.mark_started(path, {"step": step})
+    with open(os.path.join(path, "mp_rank_00_model_states.pt"), "wb") as f:
+        f.write(b"weights-%d" % step)
+    with open(os.path.join(path, "zero_pp_rank_0_mp_rank_00_optim_states.pt"), "wb") as f:
+        f.write(b"optimizer")
     if complete:
-        checkpoint.mark_complete(path, {"step": step, "fingerprint": "fp", **info})
+        names = checkpoint.checkpoint_files(path)
+        files = {**checkpoint.hash_files(path, names, 0, 2), **checkpoint.hash_files(path, names, 1, 2)}
+        checkpoint.mark_complete(path, {"step": step, "fingerprint": fingerprint, **info}, files)
     return path
 
 
@@ -36,23 +43,82 @@ def test_half_written_checkpoint_is_never_picked(tmp_path):
     assert checkpoint.latest_complete(str(tmp_path / "missing")) is None
 
 
-def test_prune_keeps_the_newest(tmp_path):
+def test_prune_keeps_the_newest_of_its_fingerprint(tmp_path):
     root = str(tmp_path)
     for s in (10, 20, 30, 40):
         make_ckpt(root, s)
-    assert checkpoint.prune(root, 2) == ["step-00000010", "step-00000020"]
-    assert [c.step for c in checkpoint.list_checkpoints(root)] == [30, 40]
+    make_ckpt(root, 5, fingerprint="another-run")
+    assert checkpoint.prune(root, 2, "fp") == ["step-00000010", "step-00000020"]
+    assert [c.step for c in checkpoint.list_checkpoints(root)] == [5, 30, 40]
     assert checkpoint.prune(root, 0) == []
 
 
-def test_rng_state_round_trip(tmp_path):
+def test_rng_state_round_trip_without_pickles(tmp_path):
     torch = pytest.importorskip("torch")
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    random.gauss(0, 1), np.random.standard_normal()       # cached gaussians are part of the state
     checkpoint.save_rng(str(tmp_path), rank=3)
-    expect = (random.random(), np.random.rand(), torch.rand(1).item())
+    expect = (random.random(), random.gauss(0, 1), np.random.rand(), np.random.standard_normal(), torch.rand(1).item())
     random.seed(2), np.random.seed(2), torch.manual_seed(2)
     checkpoint.load_rng(str(tmp_path), rank=3)
-    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expect
+    assert (random.random(), random.gauss(0, 1), np.random.rand(), np.random.standard_normal(),
+            torch.rand(1).item()) == expect
+    # JSON and safetensors only: nothing a loader would have to unpickle
+    assert sorted(os.listdir(tmp_path)) == ["rng-rank3.json", "rng-rank3.safetensors"]
+    json.loads((tmp_path / "rng-rank3.json").read_text())
+
+
+# ---- issue 18: checkpoints are checksummed, verified before a resume, removed only where ours
+
+
+def test_marker_records_every_file_and_a_changed_truncated_or_extra_file_is_refused(tmp_path):
+    root = str(tmp_path)
+    path = make_ckpt(root, 10)
+    c = checkpoint.latest_complete(root)
+    assert set(c.info["files"]) == {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"}
+    assert all(len(v["sha256"]) == 64 for v in c.info["files"].values())
+    assert checkpoint.quick_check(c) == [] and checkpoint.verify_share(c, 0, 2) + checkpoint.verify_share(c, 1, 2) == []
+
+    weights = os.path.join(path, "mp_rank_00_model_states.pt")
+    with open(weights, "r+b") as f:                           # same size, one byte changed
+        f.write(b"W")
+    problems = checkpoint.verify_share(c, 0, 1)
+    assert problems == ["step-00000010/mp_rank_00_model_states.pt: sha256 differs from complete.json "
+                        "(tampered or corrupted)"]
+    with pytest.raises(checkpoint.CheckpointError, match=r"checkpoint .*step-00000010 is refused: "
+                                                         r"step-00000010/mp_rank_00_model_states.pt: sha256"):
+        raise checkpoint.refusal(c, problems)
+    with open(weights, "wb") as f:                            # truncated
+        f.write(b"w")
+    assert "step-00000010/mp_rank_00_model_states.pt: 1 bytes, 10 when it was written (truncated or changed)" \
+        in checkpoint.quick_check(c)
+    with open(os.path.join(path, "evil.pt"), "wb") as f:      # a file that is not the checkpoint's
+        f.write(b"x")
+    assert "step-00000010/evil.pt: not a file of this checkpoint (unlisted in complete.json)" in checkpoint.quick_check(c)
+
+
+def test_a_checkpoint_without_checksums_is_not_loaded(tmp_path):
+    path = os.path.join(tmp_path, checkpoint.tag(10))
+    os.makedirs(path)
+    with open(os.path.join(path, checkpoint.MARKER), "w") as f:
+        json.dump({"step": 10, "fingerprint": "fp"}, f)      # the marker older versions wrote
+    (problem,) = checkpoint.quick_check(checkpoint.latest_complete(str(tmp_path)))
+    assert "lists no file checksums" in problem
+
+
+def test_only_dollyflows_checkpoints_are_removed(tmp_path):
+    root = str(tmp_path)
+    mine = make_ckpt(root, 10, fingerprint="old")
+    with open(os.path.join(mine, "notes.txt"), "w") as f:     # a user's file inside our checkpoint
+        f.write("keep me")
+    users = make_ckpt(root, 20, complete=False, started=False)   # a step-* directory we did not make
+    make_ckpt(root, 30, fingerprint="new")
+    gone, kept = checkpoint.remove_other_runs(root, "new")
+    assert gone == [] and kept == [mine]
+    assert sorted(os.listdir(mine)) == ["notes.txt"]           # our files went, the user's stayed
+    assert os.path.isfile(os.path.join(users, "mp_rank_00_model_states.pt"))
+    assert checkpoint.remove_incomplete(root) == []            # not ours: never removed
+    assert [c.step for c in checkpoint.list_checkpoints(root) if c.complete] == [30]
 
 
 def test_fingerprint_names_what_differs():
@@ -202,3 +268,98 @@ def test_logging_the_model_leaves_the_process_tracking_uri_alone(dolly_model_dir
     assert got["model_logged"], got
     assert "MLFLOW_TRACKING_URI" not in os.environ
     assert mlflow.get_tracking_uri() != uri
+
+
+# ---- issue 18: one train job per output directory; replacing a model removes only ours
+
+
+def test_a_second_train_job_on_one_output_dir_fails_naming_the_holder(tmp_path):
+    import socket
+
+    from dollyflow.core.training.lease import Lease, OutputLocked, lease_path, read
+
+    out = str(tmp_path / "models" / "m")
+    with Lease(out, "run-a", heartbeat_seconds=0.05) as a:
+        first = read(lease_path(out))["heartbeat"]
+        with pytest.raises(OutputLocked, match=rf"in use by run 'run-a' on host {socket.gethostname()}"):
+            Lease(out, "run-b").acquire()
+        import time
+        time.sleep(0.3)
+        assert read(lease_path(out))["heartbeat"] > first       # the holder's heartbeat goes on
+        assert a.holds()
+    assert not os.path.exists(lease_path(out))                  # released
+
+
+def test_a_stale_lease_is_taken_over(tmp_path):
+    from dollyflow.core.training.lease import Lease, lease_path, read
+
+    out = str(tmp_path / "m")
+    os.makedirs(tmp_path, exist_ok=True)
+    with open(lease_path(out), "w") as f:                       # a driver that died an hour ago
+        json.dump({"run_id": "dead-run", "host": "gone", "heartbeat": 0, "token": "x"}, f)
+    with Lease(out, "run-c", stale_seconds=60) as lease:
+        assert lease.taken_over["run_id"] == "dead-run" and read(lease_path(out))["run_id"] == "run-c"
+    leftovers = [p for p in os.listdir(tmp_path) if "lease" in p]
+    assert leftovers == []
+
+
+def test_status_dir_cleanup_stays_below_runs(tmp_path):
+    from dollyflow.launch.common import cleanup
+
+    out = tmp_path / "model"
+    (out / ".runs").mkdir(parents=True)
+    (out / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(ValueError, match="does not lie below"):
+        cleanup({"output_dir": str(out), "run_id": ".."})       # would have been the model directory
+    assert (out / "model.safetensors").read_bytes() == b"weights"
+
+
+def _model_dir(path, fingerprint, weights=b"w", extra=()):
+    os.makedirs(path, exist_ok=True)
+    for name, data in (("config.json", b"{}"), ("model.safetensors", weights), ("README.md", b"card"), *extra):
+        with open(os.path.join(path, name), "wb") as f:
+            f.write(data)
+    return output.write_provenance(path, {"fingerprint": {"sha256": fingerprint},
+                                          "files": output.list_files(path, ("checkpoints", ".runs"))})
+
+
+def test_swap_in_replaces_only_what_the_project_wrote(tmp_path):
+    out, new, prev = str(tmp_path / "m"), str(tmp_path / ".m.next-b"), str(tmp_path / ".m.prev-b")
+    _model_dir(out, "a", b"old weights")
+    make_ckpt(os.path.join(out, "checkpoints"), 10, fingerprint="a")
+    with open(os.path.join(out, "my-notes.txt"), "w") as f:       # the user's own files
+        f.write("mine")
+    os.makedirs(os.path.join(out, "eval-results"))
+    with open(os.path.join(out, "eval-results", "scores.csv"), "w") as f:
+        f.write("1,2")
+    _model_dir(new, "b", b"new weights")
+    done = output.swap_in(new, out, prev)
+    assert sorted(done["carried"]) == ["eval-results", "my-notes.txt"] and done["kept"] is None
+    assert open(os.path.join(out, "model.safetensors"), "rb").read() == b"new weights"
+    assert output.read_provenance(out)["fingerprint"]["sha256"] == "b"
+    assert open(os.path.join(out, "my-notes.txt")).read() == "mine"
+    assert open(os.path.join(out, "eval-results", "scores.csv")).read() == "1,2"
+    assert not os.path.exists(prev) and not os.path.exists(new)
+
+
+def test_swap_in_keeps_a_user_file_whose_name_the_new_model_uses(tmp_path):
+    out, new, prev = str(tmp_path / "m"), str(tmp_path / ".m.next-b"), str(tmp_path / ".m.prev-b")
+    _model_dir(out, "a")
+    with open(os.path.join(out, "adapter"), "w") as f:            # not ours, and the new model has adapter/
+        f.write("user's")
+    _model_dir(new, "b")
+    os.makedirs(os.path.join(new, "adapter"))
+    done = output.swap_in(new, out, prev)
+    assert done["kept"] == prev and os.listdir(prev) == ["adapter"]
+    assert open(os.path.join(prev, "adapter")).read() == "user's"
+
+
+@pytest.mark.parametrize("name", ["..", ".", "/", "a/..", "Org/My Model!", "../../etc"])
+def test_default_output_dir_is_always_below_models(name, tmp_path):
+    from dollyflow.core.storage import check_within
+    from dollyflow.core.training.prepare import default_output_dir, model_short_name
+
+    cfg = load_config("train", [f"tables.warehouse={tmp_path}", f"model.name={name}"])
+    out = default_output_dir(cfg, "ab" * 32)
+    check_within(out, f"{tmp_path}/models")
+    assert model_short_name(name) not in ("", ".", "..") and "/" not in model_short_name(name)

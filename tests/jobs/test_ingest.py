@@ -338,3 +338,21 @@ def test_accounting_that_does_not_add_up_fails_the_run(spark, sample_path, tmp_p
                                             r"\(2: repeated_in_input 2\).* = 11 \(difference -1\)"):
         ingest.run(cfg, spark)
     assert not DeltaStore(spark, cfg.tables).exists(cfg.tables.ingest_runs)   # no accounting row for it
+
+
+def test_a_run_id_that_escapes_its_directory_never_overwrites_the_schema(spark, sample_path, tmp_path):
+    """Issue 18: ``run_id=..`` made ingest's staging directory ``<schema>/_staging/..`` = the schema
+    directory, which ``write.mode("overwrite")`` replaced (every path-based table gone). Config
+    refuses such a run id; a config changed after validation is refused before anything is written."""
+    from dollyflow.config import ConfigError
+
+    with pytest.raises(ConfigError, match="run_id: '..' is not a plain name"):
+        config(tmp_path, f"ingest.input={sample_path}", "run_id=..")
+    cfg = config(tmp_path, f"ingest.input={sample_path}")
+    ingest.run(cfg, spark)
+    store = DeltaStore(spark, cfg.tables)
+    version, rows = store.version(cfg.tables.bronze), store.count(cfg.tables.bronze)
+    cfg.run_id = ".."
+    with pytest.raises(ValueError, match="does not lie below"):
+        ingest.run(cfg, spark)
+    assert store.version(cfg.tables.bronze) == version and store.count(cfg.tables.bronze) == rows

@@ -38,10 +38,17 @@ def test_pipeline_end_to_end_rerun_and_report(spark, tmp_path, capsys, sample_pa
     data_file = tmp_path / "input.jsonl"
     data_file.write_text("\n".join(lines + ['{"instruction": "broken', json.dumps(copy)]) + "\n", encoding="utf-8")
     args = ["pipeline", "--preset", "tiny", "--json", f"tables.warehouse={wh}", f"ingest.input={data_file}",
-            f"model.tokenizer={tokenizer_path}", "tokenize.test_size=0.1"]
+            f"model.tokenizer={tokenizer_path}", "tokenize.test_size=0.1",
+            "spark.conf={spark.hadoop.fs.s3a.secret.key: TOPSECRET}"]    # where people put secrets
     assert main(args) == 0
     out = capsys.readouterr()
     first = json.loads(out.out)                       # --json: stdout is one JSON document
+    # issue 18: no secret in anything written or printed (run record, report, model dir, MLflow)
+    assert "TOPSECRET" not in out.out + out.err and first["config"]["spark"]["conf"] == {
+        "spark.hadoop.fs.s3a.secret.key": "***"}
+    for p in wh.rglob("*"):
+        if p.is_file() and p.suffix in (".json", ".html", ".yaml", ".txt", ".md", ".jsonl", ""):
+            assert b"TOPSECRET" not in p.read_bytes(), p
     assert "[5/5] infer" in out.err and "report" in out.err   # the progress lines went to stderr
     assert first["status"] == "succeeded" and not first["unchanged"]
     assert [j["status"] for j in first["jobs"].values()] == ["changed"] * 5

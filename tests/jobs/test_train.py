@@ -97,9 +97,11 @@ def test_two_ranks_zero2_loss_falls_eval_per_category_checkpoints(trained, shard
     ckpts = checkpoint.list_checkpoints(s["checkpoint_dir"])
     last_save = (s["steps"] - 1) // 10 * 10
     assert [c.step for c in ckpts] == [last_save - 10, last_save] and all(c.complete for c in ckpts)
-    assert sorted(os.listdir(ckpts[-1].path)) == sorted(
-        ["complete.json", "mp_rank_00_model_states.pt", "rng-rank0.pt", "rng-rank1.pt",
-         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"])
+    files = ["mp_rank_00_model_states.pt", "rng-rank0.json", "rng-rank0.safetensors", "rng-rank1.json",
+             "rng-rank1.safetensors", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+             "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert sorted(os.listdir(ckpts[-1].path)) == sorted([".dollyflow-checkpoint.json", "complete.json", *files])
+    assert sorted(ckpts[-1].info["files"]) == files      # each with its sha256, checked before a resume
     assert not (out / ".runs").exists()
 
 
@@ -187,10 +189,24 @@ def test_kill_after_checkpoint_then_resume_equals_uninterrupted(trained, shards,
     ckpts = checkpoint.list_checkpoints(str(out / "checkpoints"))
     assert [(c.step, c.complete) for c in ckpts] == [(10, True)]
     assert read_provenance(str(out)) is None
-    # a checkpoint the kill cut short (no marker) must never be picked
+    # a checkpoint the kill cut short (started, no completion marker) must never be picked
     half = out / "checkpoints" / checkpoint.tag(20)
-    half.mkdir()
+    checkpoint.mark_started(str(half), {"step": 20})
     (half / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+
+    # a truncated or tampered checkpoint file is refused by name (sizes on the driver before
+    # anything is launched, sha256 on the ranks before DeepSpeed loads anything)
+    victim = out / "checkpoints" / checkpoint.tag(10) / "mp_rank_00_model_states.pt"
+    original = victim.read_bytes()
+    victim.write_bytes(original[:-100])
+    with pytest.raises(checkpoint.CheckpointError, match=r"step-00000010/mp_rank_00_model_states.pt: \d+ bytes, "
+                                                         r"\d+ when it was written \(truncated"):
+        train.run(train_cfg(shards, f"train.output_dir={out}"), spark)
+    victim.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    with pytest.raises(TrainingFailed, match=r"CheckpointError: checkpoint .* is refused: "
+                                             r"step-00000010/mp_rank_00_model_states.pt: sha256 differs"):
+        train.run(train_cfg(shards, f"train.output_dir={out}"), spark)
+    victim.write_bytes(original)
 
     resumed = train.run(train_cfg(shards, f"train.output_dir={out}"), spark)
     assert resumed["decision"] == "resume" and resumed["resumed_from"] == 10
@@ -245,3 +261,111 @@ def test_horovod_launcher(shards, spark, tmp_path):
                             "train.mlflow=false"), spark)
     assert s["launcher"] == "horovod" and s["steps"] == 4 and s["processes"] == 2
     assert len(train_entries(out)) == 4 and read_provenance(str(out))["launcher"] == "horovod"
+
+
+# ---- issue 18: the trained model and its checkpoints are safe by default
+
+
+def test_overwrite_with_the_same_fingerprint_is_a_noop(trained, shards, spark):
+    from dollyflow.jobs import train
+
+    out = trained["out"]
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    again = train.run(train_cfg(shards, "train.overwrite=true"), spark)   # the bundle's default
+    assert again["skipped"] and again["decision"] == "skip"
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before   # no checkpoint or file touched
+
+
+def test_a_folder_that_merely_holds_checkpoints_and_metrics_is_never_removed(shards, spark, tmp_path):
+    from dollyflow.core.training.prepare import OutputConflict
+    from dollyflow.jobs import train
+
+    out = tmp_path / "experiments"                      # a user's folder, not a dollyflow model
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "mine.ckpt").write_bytes(b"user data")
+    (out / "metrics.jsonl").write_text('{"mine": 1}\n')
+    with pytest.raises(OutputConflict, match="not empty and not a dollyflow model directory"):
+        train.run(train_cfg(shards, f"train.output_dir={out}", "train.overwrite=true"), spark)
+    assert (out / "checkpoints" / "mine.ckpt").read_bytes() == b"user data"
+    assert (out / "metrics.jsonl").read_text() == '{"mine": 1}\n'
+
+
+def test_a_second_train_job_on_one_output_dir_fails_at_once_naming_the_first(trained, shards, spark):
+    from dollyflow.core.training.lease import Lease, OutputLocked
+    from dollyflow.jobs import train
+
+    with Lease(str(trained["out"]), "job-42-train"):       # a train job running right now
+        with pytest.raises(OutputLocked, match=r"in use by run 'job-42-train' on host"):
+            train.run(train_cfg(shards, "train.overwrite=true", "train.learning_rate=0.001"), spark)
+    assert read_provenance(str(trained["out"]))["run_id"] == trained["summary"]["run_id"]
+
+
+def _runs_rows(spark, shards) -> int:
+    from dollyflow.engine.delta import DeltaStore
+    cfg = train_cfg(shards)
+    store = DeltaStore(spark, cfg.tables)
+    return store.count(cfg.tables.train_runs) if store.exists(cfg.tables.train_runs) else 0
+
+
+def test_overwrite_trains_beside_the_old_model_and_swaps_it_in_keeping_the_users_files(
+        trained, shards, spark, tmp_path, rank_fns_on_path, monkeypatch):
+    from dollyflow.jobs import train
+
+    out = tmp_path / "model"
+    shutil.copytree(trained["out"], out)
+    old_fp = read_provenance(str(out))["fingerprint"]["sha256"]
+    (out / "my-notes.txt").write_text("the user's own file")
+    old_ckpts = [c.tag for c in checkpoint.list_checkpoints(str(out / "checkpoints"))]
+    assert old_ckpts
+    watch = tmp_path / "watch.json"
+    monkeypatch.setenv("DOLLYFLOW_TEST_WATCH", str(watch))
+    s = train.run(train_cfg(shards, f"train.output_dir={out}", "train.overwrite=true", "train.launcher=torchrun",
+                            "train.processes=1", "train.max_steps=4", "train.learning_rate=0.002",
+                            "spark.conf={spark.hadoop.fs.s3a.secret.key: TOPSECRET}"),
+                  spark, fn="train_rank_fns:watch_old_model")
+    seen = json.loads(watch.read_text())
+    # while the new model trained, the old one was complete and readable where it always was
+    assert seen["old_fingerprint"] == old_fp and seen["old_weights"]
+    assert seen["target"] != str(out) and os.path.dirname(seen["target"]) == str(tmp_path)
+    assert seen["spec_mode"] == "0o600" and not seen["spec_has_secret"]
+    prov = read_provenance(str(out))
+    assert s["decision"] == "fresh" and s["output_dir"] == str(out) and prov["fingerprint"]["sha256"] == s["fingerprint"]
+    assert prov["fingerprint"]["sha256"] != old_fp and prov["metrics"]["steps"] == 4
+    assert (out / "my-notes.txt").read_text() == "the user's own file" and s["replaced"]["carried"] == ["my-notes.txt"]
+    assert "my-notes.txt" not in prov["files"] and "model.safetensors" in prov["files"]
+    # the old model's checkpoints went with it; nothing is left beside the directory
+    assert [c.tag for c in checkpoint.list_checkpoints(str(out / "checkpoints"))
+            if c.info and c.info.get("fingerprint") == old_fp] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "watch.json"]
+    # no secret in anything written: the model directory and MLflow's store
+    for root in (out, shards["warehouse"] / "mlruns"):
+        for p in root.rglob("*"):
+            if p.is_file() and p.stat().st_size < 5_000_000:
+                assert b"TOPSECRET" not in p.read_bytes(), p
+    assert json.loads((out / "training_config.json").read_text())["spark"]["conf"] == \
+        {"spark.hadoop.fs.s3a.secret.key": "***"}
+
+
+def test_a_nan_loss_stops_naming_the_step_and_a_failed_retrain_keeps_the_old_model(
+        trained, shards, spark, tmp_path):
+    from dollyflow.core.training.prepare import prepare
+    from dollyflow.jobs import train
+    from dollyflow.launch.common import TrainingFailed
+
+    out = tmp_path / "model"
+    shutil.copytree(trained["out"], out)
+    weights = (out / "model.safetensors").read_bytes()
+    rows = _runs_rows(spark, shards)
+    overrides = [f"train.output_dir={out}", "train.overwrite=true", "train.launcher=torchrun", "train.processes=1",
+                 "train.max_steps=6", "train.learning_rate=1e30", "train.warmup_steps=0", "train.mlflow=false"]
+    with pytest.raises(TrainingFailed, match=r"NonFiniteLoss: the training loss is (nan|inf) at step \d+ \(epoch 1\)"):
+        train.run(train_cfg(shards, *overrides), spark)
+    # the old model is untouched and still the one at train.output_dir; no success row
+    assert (out / "model.safetensors").read_bytes() == weights
+    assert read_provenance(str(out))["run_id"] == trained["summary"]["run_id"]
+    assert _runs_rows(spark, shards) == rows
+    # the half-trained replacement beside it is not a finished model: a rerun trains, never skips
+    (sibling,) = [p for p in tmp_path.iterdir() if p.name.startswith(".model.next-")]
+    assert read_provenance(str(sibling)) is None
+    plan = prepare(train_cfg(shards, *overrides))
+    assert plan["decision"] == "fresh" and plan["target_dir"] == str(sibling)

@@ -178,7 +178,9 @@ def build_report(spark, cfg, record: dict, out: str | None = None) -> str:
     from dollyflow.core.storage import absolute, write_atomic
     from dollyflow.pipeline import report_path
 
-    html = render_html(collect(spark, record))
+    from dollyflow.config import redact
+
+    html = render_html(redact(collect(spark, record)))   # the page is shared: no credentials in it
     path = absolute(out) if out else report_path(record["files_root"], record["run_id"])
     write_atomic(path, html.encode("utf-8"))
     return path

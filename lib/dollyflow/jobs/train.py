@@ -8,9 +8,12 @@ cluster (``train.launcher``: TorchDistributor by default, torchrun, Horovod) and
 - output: a Hugging Face model directory (``train.output_dir``, default
   ``<files root>/models/<model>-<method>-<manifest sha8>``) with the model card, provenance and
   ``metrics.jsonl``; checkpoints under ``<output_dir>/checkpoints``; an MLflow run;
-- a rerun with the same manifest and training config is a no-op (``skipped: true``), one with
-  checkpoints of the same run resumes, a different one fails naming what differs (unless
-  ``train.overwrite=true``).
+- a rerun with the same manifest and training config is a no-op (``skipped: true``) whatever
+  ``train.overwrite`` says, one with checkpoints of the same run resumes, a different one fails
+  naming what differs unless ``train.overwrite=true``: then the new model is trained beside the
+  old one and swapped in once complete (a failed or NaN run leaves the old model in place);
+- one train job per output directory at a time (a lease beside it); the ``train_runs`` row is
+  written only for a run that finished.
 """
 from __future__ import annotations
 
@@ -36,6 +39,9 @@ def _i(x):
 def runs_row(summary: dict) -> tuple:
     from datetime import datetime, timezone
 
+    from dollyflow.config import redact
+
+    summary = redact(summary)     # shard and output paths may be URIs with credentials
     per_cat = {c: float(d["loss"]) for c, d in (summary.get("eval_loss_per_category") or {}).items()}
     return (summary["run_id"], datetime.fromtimestamp(summary["started_at"], timezone.utc),
             datetime.now(timezone.utc), bool(summary["skipped"]), summary["decision"], summary["shard_dir"],

@@ -16,12 +16,11 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import shutil
 import socket
 import time
 import traceback
 
-from dollyflow.core.storage import write_atomic
+from dollyflow.core.storage import remove_dir, write_atomic
 
 
 class TrainingFailed(RuntimeError):
@@ -123,8 +122,11 @@ def check(spec: dict, launcher_error: BaseException | None = None) -> None:
 
 
 def cleanup(spec: dict) -> None:
-    shutil.rmtree(status_dir(spec), ignore_errors=True)
+    """Remove this run's status directory (and ``.runs/`` when that leaves it empty); it must lie
+    below ``<output_dir>/.runs``, whatever the run id."""
+    runs = os.path.join(spec["output_dir"], ".runs")
+    remove_dir(status_dir(spec), under=runs)
     try:
-        os.rmdir(os.path.dirname(status_dir(spec)))
+        os.rmdir(runs)
     except OSError:
         pass

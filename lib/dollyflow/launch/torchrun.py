@@ -30,7 +30,10 @@ def launch(spec: dict, *, fn: str = DEFAULT_FN) -> dict:
     sdir = status_dir(spec)
     os.makedirs(sdir, exist_ok=True)
     spec_path = os.path.join(sdir, "spec.json")
-    with open(spec_path, "w", encoding="utf-8") as f:
+    # the ranks need the real paths (a shard URI may carry credentials): owner-only, removed after
+    # the run; the config inside it is redacted already (Config.redacted)
+    fd = os.open(spec_path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(spec, f, default=str)
     env = dict(os.environ)
     lib = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

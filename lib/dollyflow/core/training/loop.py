@@ -23,6 +23,7 @@ Rank 0's summary is returned on every rank (broadcast), so any launcher may take
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import resource
@@ -37,6 +38,18 @@ LOG = "[dollyflow train]"
 
 class ShardCheckError(RuntimeError):
     """The shard directory does not match its manifest."""
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The training or evaluation loss became NaN or infinite: training stops, no model is written."""
+
+
+def _check_finite(value: float, what: str, step: int, epoch: int | None = None) -> None:
+    if not math.isfinite(value):
+        where = f"step {step}" + (f" (epoch {epoch})" if epoch is not None else "")
+        raise NonFiniteLoss(f"the {what} is {value} at {where}: training stopped and no model was written. "
+                            "Lower train.learning_rate or raise train.warmup_steps, check precision "
+                            "(train.precision) and the data; a rerun resumes from the last checkpoint before it")
 
 
 class Hooks:
@@ -146,6 +159,7 @@ def _train(spec: dict, ctx, hooks: Hooks) -> dict:  # noqa: C901 - one recipe, t
     import deepspeed
     import torch
 
+    from dollyflow.config import redact_uri
     from dollyflow.core import shards as shard_io
     from dollyflow.core.prompt import DOLLY_SPECIAL_TOKENS
     from dollyflow.core.storage import join, write_atomic
@@ -157,6 +171,7 @@ def _train(spec: dict, ctx, hooks: Hooks) -> dict:  # noqa: C901 - one recipe, t
     t: dict[str, Any] = spec["train"]
     rank, world, device = ctx.rank, ctx.world, ctx.device
     shard_dir, out_dir, ckpt_root = spec["shard_dir"], spec["output_dir"], spec["checkpoint_dir"]
+    final_dir = spec.get("final_output_dir") or out_dir     # out_dir: a sibling while replacing a model
     fp = spec["fingerprint"]["sha256"]
     _seed_all(int(t["seed"]))
     t_start = time.time()
@@ -230,7 +245,8 @@ def _train(spec: dict, ctx, hooks: Hooks) -> dict:  # noqa: C901 - one recipe, t
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=trainable, config=ds,
                                            dist_init_required=False)
 
-    # 5. resume from the latest complete checkpoint of this fingerprint
+    # 5. resume from the latest complete checkpoint of this fingerprint, once its files are
+    #    proven to be the ones written (sha256 of each, hashed by the ranks in parallel)
     global_step, resumed_from = 0, None
     found = None
     if ctx.is_main:
@@ -251,6 +267,10 @@ def _train(spec: dict, ctx, hooks: Hooks) -> dict:  # noqa: C901 - one recipe, t
         if all_reduce([1.0 if mine else 0.0], device, op=torch.distributed.ReduceOp.MIN).item() < 1:
             raise RuntimeError(f"checkpoint {path} lacks some ranks' files: train.checkpoint_dir must be a path "
                                "every rank sees (a shared mount such as /Volumes, /dbfs or NFS)")
+        ck = checkpoint.Checkpoint(int(info["step"]), path, info)
+        bad = [p for ps in all_gather_object(checkpoint.verify_share(ck, rank, world)) for p in ps]
+        if bad:
+            raise checkpoint.refusal(ck, bad)
         load_path, _ = engine.load_checkpoint(ckpt_root, tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if load_path is None:
@@ -262,9 +282,12 @@ def _train(spec: dict, ctx, hooks: Hooks) -> dict:  # noqa: C901 - one recipe, t
     # metrics so far: a resumed run keeps the entries up to its checkpoint
     metrics_path = os.path.join(out_dir, output.METRICS)
     entries: list[dict] = []
+    foreign: set[str] = set()     # files a user keeps in the directory: never listed as ours
     if ctx.is_main:
         os.makedirs(out_dir, exist_ok=True)
         entries = [e for e in output.read_metrics(metrics_path) if resumed_from and e.get("step", 0) <= resumed_from]
+        foreign = set(output.list_files(out_dir, ("checkpoints", output.RUNS_DIR))) - {
+            output.METRICS, output.RUN_FILE}
 
     def flush_metrics() -> None:
         if ctx.is_main:
@@ -302,6 +325,7 @@ def _train(spec: dict, ctx, hooks: Hooks) -> dict:  # noqa: C901 - one recipe, t
         engine.train()
         per_cat = {c: {"loss": float(acc[k, 0] / acc[k, 1]), "tokens": int(acc[k, 1]), "records": int(acc[k, 2])}
                    for k, c in enumerate(categories) if acc[k, 1] > 0}
+        _check_finite(float(acc[:, 0].sum() / acc[:, 1].sum()), "evaluation loss", step)
         e = {"kind": "eval", "step": step, "eval_loss": float(acc[:, 0].sum() / acc[:, 1].sum()),
              "eval_tokens": int(acc[:, 1].sum()), "eval_records": int(acc[:, 2].sum()),
              "eval_loss_per_category": per_cat}
@@ -313,13 +337,19 @@ def _train(spec: dict, ctx, hooks: Hooks) -> dict:  # noqa: C901 - one recipe, t
         epoch, in_epoch = locate(step - 1) if step else (0, 0)
         state = {"step": step, "epoch": epoch, "step_in_epoch": in_epoch + 1, "world_size": world,
                  "fingerprint": fp, "run_id": spec["run_id"]}
+        if ctx.is_main:       # the directory is ours before any file goes in (a crash leaves it removable)
+            checkpoint.mark_started(path, state)
+        torch.distributed.barrier()
         engine.save_checkpoint(ckpt_root, tag=tag, client_state=state, save_latest=False)
         checkpoint.save_rng(path, rank)
         torch.distributed.barrier()
+        names = broadcast_object(checkpoint.checkpoint_files(path) if ctx.is_main else None)
+        hashed = all_gather_object(checkpoint.hash_files(path, names, rank, world))
         if ctx.is_main:
             flush_metrics()
-            checkpoint.mark_complete(path, dict(state, saved_at=time.time()))
-            pruned = checkpoint.prune(ckpt_root, int(t["keep_checkpoints"]))
+            checkpoint.mark_complete(path, dict(state, saved_at=time.time()),
+                                     {k: v for part in hashed for k, v in part.items()})
+            pruned = checkpoint.prune(ckpt_root, int(t["keep_checkpoints"]), fp)
             progress.write(f"checkpoint {path}" + (f" (removed {', '.join(pruned)})" if pruned else ""))
         torch.distributed.barrier()
         hooks.on_checkpoint(step, path)
@@ -358,6 +388,7 @@ def _train(spec: dict, ctx, hooks: Hooks) -> dict:  # noqa: C901 - one recipe, t
         train_seconds += dt
         totals += stats[:5]
         loss = float(stats[0] / stats[1])
+        _check_finite(loss, "training loss", step + 1, epoch + 1)   # the same value on every rank
         first_loss = loss if first_loss is None else first_loss
         last_loss = loss
         done = step + 1
@@ -441,10 +472,10 @@ def _train(spec: dict, ctx, hooks: Hooks) -> dict:  # noqa: C901 - one recipe, t
             "mlflow_live": logger.live, "mlflow_error": logger.error,
         }
         prov = {
-            "name": os.path.basename(os.path.normpath(out_dir)), "base_model": spec["model"]["name"],
+            "name": os.path.basename(os.path.normpath(final_dir)), "base_model": spec["model"]["name"],
             "method": t["method"], "weights": saved["weights"], "run_id": spec["run_id"],
             "launcher": spec["launcher"], "processes": world,
-            "dataset": {"shard_dir": shard_dir, "manifest_sha256": spec["manifest_sha256"],
+            "dataset": {"shard_dir": redact_uri(shard_dir), "manifest_sha256": spec["manifest_sha256"],
                         "source": manifest.get("source", {}), "tokenized_table": manifest.get("tokenized_table"),
                         "train_records": manifest["splits"]["train"]["records"],
                         "train_tokens": manifest["splits"]["train"]["tokens"],
@@ -456,7 +487,7 @@ def _train(spec: dict, ctx, hooks: Hooks) -> dict:  # noqa: C901 - one recipe, t
             "mlflow_run_id": mlf.get("run_id"), "mlflow_tracking_uri": mlf.get("uri"),
             "deepspeed": {"preset": preset_name, "zero_stage": stage, "precision": precision},
         }
-        output.finish_model_dir(out_dir, tok, prov)   # tokenizer, generation config, card, provenance last
+        output.finish_model_dir(out_dir, tok, prov, foreign=foreign)   # tokenizer, generation config, card, provenance last
         summary["save_seconds"] = round(time.time() - t_save, 2)
         summary["seconds"] = round(time.time() - t_start, 2)
         _say(f"model written to {out_dir} ({saved['weights']}) in {summary['save_seconds']} s")

@@ -9,12 +9,19 @@ and ``AutoTokenizer.from_pretrained`` load it and nothing else is needed) plus:
   config, final metrics, per-category eval loss);
 - ``metrics.jsonl``: one JSON object per optimizer step and per evaluation;
 - ``dollyflow_model.json``: provenance, written **last**; its presence marks a finished model,
-  and its ``fingerprint`` decides whether a rerun is a no-op, a resume or a conflict.
+  its ``fingerprint`` decides whether a rerun is a no-op, a resume or a conflict, and its
+  ``files`` lists every file the train job wrote there (relative path and size): what a later
+  replacement may remove. Anything else in the directory is a user's and is kept.
+
+:func:`swap_in` puts a replacement model (trained beside the old one) in place of the old one.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import json
+import os
 from datetime import datetime, timezone
 
 from dollyflow.core.storage import join, read_bytes, write_atomic
@@ -22,6 +29,13 @@ from dollyflow.core.storage import join, read_bytes, write_atomic
 PROVENANCE = "dollyflow_model.json"
 METRICS = "metrics.jsonl"
 CARD = "README.md"
+RUN_FILE = ".dollyflow-train.json"   # written when a run starts in a directory: it is dollyflow's
+RUNS_DIR = ".runs"                   # the launchers' per-run status directories
+#: What a model directory written before ``files`` was recorded holds of dollyflow's (read only
+#: when an old model is replaced): the Hugging Face files our writer produces.
+LEGACY_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                CARD, METRICS, "training_config.json", "deepspeed_config.json")
 FORMAT = "dollyflow-model"
 FORMAT_VERSION = 1
 
@@ -136,17 +150,130 @@ def write_card(output_dir: str, provenance: dict) -> None:
     write_atomic(join(output_dir, CARD), model_card(provenance).encode("utf-8"))
 
 
-def finish_model_dir(output_dir: str, tokenizer, provenance: dict) -> dict:
+def list_files(directory: str, skip_dirs: tuple[str, ...] = ()) -> dict[str, int]:
+    """{relative path: size} of the files below ``directory`` (``skip_dirs``: relative
+    directories not descended into)."""
+    out: dict[str, int] = {}
+    for dirpath, dirs, files in os.walk(directory):
+        rel_dir = os.path.relpath(dirpath, directory)
+        dirs[:] = [d for d in dirs if os.path.normpath(os.path.join(rel_dir, d)) not in skip_dirs]
+        for f in files:
+            rel = os.path.normpath(os.path.join(rel_dir, f))
+            out[rel] = os.path.getsize(os.path.join(dirpath, f))
+    return out
+
+
+def finish_model_dir(output_dir: str, tokenizer, provenance: dict, foreign: set[str] | frozenset = frozenset(),
+                     skip_dirs: tuple[str, ...] = ("checkpoints", RUNS_DIR)) -> dict:
     """Complete a model directory whose weights (``config.json``, ``*.safetensors``) are written:
     the tokenizer (Dolly's special tokens, pad = eos), ``generation_config.json`` (eos =
-    ``### End``), the model card and, last, the provenance that marks it finished (returned).
+    ``### End``), the model card and, last, the provenance that marks it finished (returned),
+    listing in ``files`` every file of the directory but ``foreign`` ones (a user's, there
+    before the run) and those under ``skip_dirs`` (checkpoints have markers of their own).
     The one writer of these files for the train job and the test/bench fixture
     (:mod:`dollyflow.core.fixtures`), so that whatever the infer job is tested on has the train
     job's layout."""
     tokenizer.save_pretrained(output_dir)
     generation_config(tokenizer).save_pretrained(output_dir)
     write_card(output_dir, provenance)
-    return write_provenance(output_dir, provenance)
+    files = {k: v for k, v in list_files(output_dir, skip_dirs).items()
+             if k not in foreign and k != PROVENANCE and ".tmp-" not in k}
+    return write_provenance(output_dir, dict(provenance, files=files))
+
+
+# ---------------------------------------------------------------------------------------------
+# replacing a model: only what the project wrote goes
+
+
+def project_files(model_dir: str, provenance: dict | None) -> set[str]:
+    """The files of ``model_dir`` dollyflow wrote (relative paths): those its provenance lists
+    (or, for a model written before that list existed, the standard files and ``adapter/``),
+    the provenance and the run file. Checkpoints and status directories are handled apart."""
+    listed = (provenance or {}).get("files")
+    if isinstance(listed, dict):
+        names = set(listed)
+    else:
+        names = {n for n in LEGACY_FILES if os.path.isfile(os.path.join(model_dir, n))}
+        names |= {n for n in os.listdir(model_dir) if n.endswith(".safetensors")} if os.path.isdir(model_dir) else set()
+        adapter = os.path.join(model_dir, "adapter")
+        if os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+            names |= {os.path.join("adapter", n) for n in list_files(adapter)}
+    return names | {PROVENANCE, RUN_FILE}
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two directories in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or filesystem cannot (then two renames are used)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _prune_empty_dirs(root: str) -> None:
+    for dirpath, _dirs, _files in sorted(os.walk(root, topdown=False), key=lambda t: -len(t[0])):
+        try:
+            if not os.listdir(dirpath):
+                os.rmdir(dirpath)
+        except OSError:
+            pass
+
+
+def swap_in(new_dir: str, out_dir: str, prev_dir: str) -> dict:
+    """Put the finished model in ``new_dir`` in place of the one in ``out_dir``.
+
+    1. the directories are exchanged in one step where the filesystem can (Linux
+       ``renameat2``), else by two renames (``out_dir`` -> ``prev_dir``, ``new_dir`` ->
+       ``out_dir``: a reader may find no model for that instant, never a mixed one);
+    2. whatever in the old directory dollyflow did not write (a user's own files) moves into
+       the new one (a name the new model uses too stays in ``prev_dir``);
+    3. the old model's files are removed by the list in its provenance, its checkpoints by their
+       markers, and ``prev_dir`` itself if nothing else is left in it.
+
+    Returns ``{"carried": [...], "removed": n, "kept": prev_dir or None}``."""
+    old_prov = read_provenance(out_dir)
+    if os.path.exists(prev_dir):
+        raise RuntimeError(f"{prev_dir} exists: a previous replacement of {out_dir} was interrupted; move "
+                           "what you want to keep out of it and remove it")
+    if os.path.isdir(out_dir):
+        if _exchange(new_dir, out_dir):
+            os.rename(new_dir, prev_dir)
+        else:
+            os.rename(out_dir, prev_dir)
+            os.rename(new_dir, out_dir)
+    else:
+        os.rename(new_dir, out_dir)
+        return {"carried": [], "removed": 0, "kept": None}
+    ours = project_files(prev_dir, old_prov)
+    ours_top = {p.split(os.sep, 1)[0] for p in ours}
+    carried = []
+    for name in sorted(os.listdir(prev_dir)):
+        if name in ours_top or name in ("checkpoints", RUNS_DIR):
+            continue
+        if not os.path.exists(os.path.join(out_dir, name)):
+            os.rename(os.path.join(prev_dir, name), os.path.join(out_dir, name))
+            carried.append(name)
+    removed = 0
+    for rel in sorted(ours):
+        try:
+            os.remove(os.path.join(prev_dir, rel))
+            removed += 1
+        except (FileNotFoundError, IsADirectoryError):
+            pass
+    from dollyflow.core.training import checkpoint
+    ckpt = os.path.join(prev_dir, "checkpoints")
+    if os.path.isdir(ckpt):
+        checkpoint.remove_other_runs(ckpt, fingerprint="")
+    runs = os.path.join(prev_dir, RUNS_DIR)
+    if os.path.isdir(runs) and not any(os.scandir(runs)):
+        os.rmdir(runs)
+    _prune_empty_dirs(prev_dir)
+    kept = prev_dir if os.path.exists(prev_dir) else None
+    return {"carried": carried, "removed": removed, "kept": kept}
 
 
 def read_metrics(path: str) -> list[dict]:

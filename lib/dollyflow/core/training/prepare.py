@@ -2,39 +2,52 @@
 
 :func:`prepare` resolves the shard directory (a root's ``LATEST.json`` or a version directory),
 verifies it against its manifest (a corrupted shard fails here, before anything is launched, and
-the ranks check again before step 1), picks the output and checkpoint directories, computes the
-run's *fingerprint* (manifest sha256, model, processes and every train key that changes the
-weights) and decides:
+the ranks check again before step 1), checks that the shards' tokenizer is the base model's
+(plus Dolly's added tokens), picks the output and checkpoint directories, computes the run's
+*fingerprint* (manifest sha256, model, processes and every train key that changes the weights)
+and decides, **fingerprint first**, whatever ``train.overwrite`` says:
 
 - ``skip``: the output directory holds a finished model with the same fingerprint: nothing is
   launched or written (re-running the pipeline is a no-op);
 - ``resume``: complete checkpoints of the same fingerprint exist: the ranks continue from the
-  latest one;
-- ``fresh``: nothing there (or ``train.overwrite=true``: the previous model and checkpoints in
-  that directory are removed first);
-- a different fingerprint in the directory fails, naming the fields that differ.
+  latest one (after checking its files against the sizes its marker recorded);
+- ``fresh``: nothing of this fingerprint yet;
+- a different fingerprint (a finished model, or checkpoints of another run) fails naming the
+  fields that differ, unless ``train.overwrite=true``: then the new model is trained into a
+  sibling directory ``<parent>/.<name>.next-<fingerprint>`` (a retry after preemption resumes
+  there) and swapped in by :func:`finish` only once it is complete; the old model stays
+  readable at ``train.output_dir`` until then, and a failed retrain leaves it in place.
+
+Nothing is ever removed wholesale: the swap removes only what the project wrote (the files the
+old model's provenance lists, checkpoints by their markers), and anything else in the output
+directory (a user's own files) moves into the new one. The runner holds a lease on the output
+directory (:mod:`.lease`) around all of this, so two train jobs never share one.
 
 It returns the *spec*, the plain dict every rank's :func:`~dollyflow.core.training.loop.train_main`
-receives. :func:`finish` completes the MLflow run after the ranks are done.
+receives. :func:`finish` swaps the new model in and completes the MLflow run after the ranks are done.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
+import re
 from dataclasses import asdict
 
-from dollyflow.config import Config, shards_root
+from dollyflow.config import Config, redact, redact_uri, shards_root
 from dollyflow.core import shards as shard_io
 from dollyflow.core.storage import is_uri, join, read_bytes, write_atomic
 from dollyflow.core.training import checkpoint, dsconfig, output, tracking
 
-RUN_FILE = ".dollyflow-train.json"   # written at the start of a run: marks the directory as ours
+RUN_FILE = output.RUN_FILE   # written at the start of a run: marks the directory as ours
 
 
 class OutputConflict(RuntimeError):
     """The output directory holds a different training run."""
+
+
+class TokenizerMismatch(ValueError):
+    """The shards were tokenized with a tokenizer that is not the base model's."""
 
 
 def on_databricks() -> bool:
@@ -56,7 +69,12 @@ def resolve_processes(t) -> int:
 
 
 def model_short_name(name: str) -> str:
-    return os.path.basename(os.path.normpath(name)).lower() or "model"
+    """The model's part of the default output directory's name: a plain name (the last path
+    segment of ``model.name``, lower-cased, anything but letters, digits and ``_ . -`` replaced),
+    never ``.``, ``..`` or empty."""
+    base = os.path.basename(os.path.normpath(str(name).rstrip("/"))).lower()
+    base = re.sub(r"[^a-z0-9_.-]+", "-", base).strip(".-")
+    return base or "model"
 
 
 def default_output_dir(cfg: Config, manifest_sha256: str) -> str:
@@ -80,19 +98,75 @@ def presets_for(t) -> dict:
 
 
 def _ours(directory: str) -> bool:
-    return any(os.path.exists(os.path.join(directory, n))
-               for n in (output.PROVENANCE, RUN_FILE, output.METRICS, "checkpoints"))
+    """The directory was written by a dollyflow train run: its run file or a finished model's
+    provenance is there. (A ``checkpoints/`` folder or a ``metrics.jsonl`` alone proves nothing.)"""
+    return any(os.path.isfile(os.path.join(directory, n)) for n in (output.PROVENANCE, RUN_FILE))
 
 
-def _clear(directory: str, checkpoint_dir: str) -> None:
-    if os.path.isdir(checkpoint_dir):
-        shutil.rmtree(checkpoint_dir)
-    if os.path.isdir(directory):
-        shutil.rmtree(directory)
+def check_tokenizer(shard_dir: str, model_cfg: dict) -> dict:
+    """The shards' tokenizer must be the base model's, possibly plus the project's added tokens
+    (Dolly's three special tokens): same ids for every token of the model's vocabulary, and
+    nothing else added. Fails before training, naming both sizes. The tiny random model is built
+    for whatever tokenizer the shards carry, so it needs no check."""
+    from dollyflow.core.prompt import DOLLY_SPECIAL_TOKENS
+    from dollyflow.core.tokens import load_tokenizer
+    from dollyflow.core.training.data import local_dir
+
+    base = model_cfg.get("tokenizer") or model_cfg["name"]
+    if model_cfg["name"] == "tiny-gpt-neox" and not model_cfg.get("tokenizer"):
+        return {"checked": False, "why": "the tiny model is built for the shards' tokenizer"}
+    shard_tok = load_tokenizer(local_dir(join(shard_dir, shard_io.TOKENIZER_DIR)), dolly_tokens=False)
+    try:
+        model_tok = load_tokenizer(base, dolly_tokens=False)
+    except Exception as exc:  # noqa: BLE001 - named in the error
+        if model_cfg["name"] == "tiny-gpt-neox":
+            return {"checked": False, "why": f"model.tokenizer {base!r} cannot be loaded ({exc}); the tiny model "
+                                             "is built for the shards' tokenizer"}
+        raise TokenizerMismatch(f"cannot load the base model's tokenizer {base!r} to check the shards against it: "
+                                f"{type(exc).__name__}: {exc}") from exc
+    n_shard, n_model = len(shard_tok), len(model_tok)
+    model_vocab, shard_vocab = model_tok.get_vocab(), shard_tok.get_vocab()
+    added = [t for t in DOLLY_SPECIAL_TOKENS if t not in model_vocab]
+    differs = [t for t, i in model_vocab.items() if shard_vocab.get(t) != i]
+    extra = sorted(set(shard_vocab) - set(model_vocab) - set(DOLLY_SPECIAL_TOKENS))
+    if differs or extra or n_shard not in (n_model, n_model + len(added)):
+        raise TokenizerMismatch(
+            f"the shards in {shard_dir} were tokenized with a {n_shard:,}-token vocabulary, but the base model "
+            f"{model_cfg['name']!r} has {n_model:,} tokens ({n_model + len(added):,} with the project's "
+            f"{len(added)} added tokens){f'; {len(differs):,} of its tokens have other ids' if differs else ''}: "
+            "re-run tokenize with this model's tokenizer (tokenize.tokenizer / model.tokenizer), or train the "
+            "model the shards were made for")
+    return {"checked": True, "shard_tokens": n_shard, "model_tokens": n_model}
+
+
+def sibling_dir(out_dir: str, fingerprint: str, kind: str = "next") -> str:
+    """``<parent>/.<name>.<kind>-<fingerprint[:16]>``: where a replacement model is trained
+    (``next``) or the replaced one waits to be cleared (``prev``)."""
+    parent, name = os.path.split(os.path.normpath(out_dir))
+    return os.path.join(parent, f".{name}.{kind}-{fingerprint[:16]}")
+
+
+def _conflict(out_dir: str, ckpt_dir: str, prov: dict | None, fp: dict) -> str | None:
+    """What in ``out_dir`` (or its checkpoints) belongs to a different fingerprint, or None."""
+    if prov is not None:
+        if prov.get("fingerprint", {}).get("sha256") == fp["sha256"]:
+            return None
+        diff = output.differences(prov.get("fingerprint", {}).get("fields", {}), fp["fields"])
+        return f"{out_dir} holds a model trained with a different fingerprint ({'; '.join(diff)})"
+    others = [c for c in checkpoint.list_checkpoints(ckpt_dir)
+              if c.complete and c.info.get("fingerprint") != fp["sha256"]]
+    if others and checkpoint.latest_complete(ckpt_dir, fp["sha256"]) is None:
+        old = _read_run_file(out_dir)
+        diff = output.differences(old.get("fingerprint", {}).get("fields", {}), fp["fields"]) if old else []
+        return (f"{ckpt_dir} holds checkpoints of a different training run "
+                f"({'; '.join(diff) or 'fingerprint ' + str(others[-1].info.get('fingerprint'))})")
+    return None
 
 
 def prepare(cfg: Config, *, launcher: str | None = None) -> dict:
-    """Resolve, verify and decide; returns ``{"decision": skip|resume|fresh, "spec": ..., ...}``."""
+    """Resolve, verify and decide; returns ``{"decision": skip|resume|fresh, "spec": ..., ...}``.
+    Callers that may run concurrently with another train job hold the output directory's lease
+    (:class:`~dollyflow.core.training.lease.Lease`, as :func:`~.runner.run_training` does)."""
     t = cfg.train
     launcher = launcher or t.launcher
     shard_dir = shard_io.resolve_shard_dir(t.shard_dir or shards_root(cfg))
@@ -106,38 +180,41 @@ def prepare(cfg: Config, *, launcher: str | None = None) -> dict:
         raise ValueError(f"{shard_dir}: the manifest has no train split")
     processes = resolve_processes(t)
     out_dir = _require_file_path(t.output_dir or default_output_dir(cfg, manifest_sha), "train.output_dir")
-    ckpt_dir = _require_file_path(t.checkpoint_dir or os.path.join(out_dir, "checkpoints"), "train.checkpoint_dir")
     train = asdict(t)
     fp = output.fingerprint(model_name=cfg.model.name, manifest_sha256=manifest_sha, train=train, processes=processes)
     base = {"shard_dir": shard_dir, "manifest_sha256": manifest_sha, "output_dir": out_dir,
-            "checkpoint_dir": ckpt_dir, "fingerprint": fp, "processes": processes, "launcher": launcher,
-            "source": manifest.get("source", {})}
+            "fingerprint": fp, "processes": processes, "launcher": launcher, "source": manifest.get("source", {})}
 
-    # what is in the output directory already
+    # fingerprint first: the same model finished already is a no-op, overwrite or not
     prov = output.read_provenance(out_dir)
-    ckpt = checkpoint.latest_complete(ckpt_dir)
-    if t.overwrite and (prov or ckpt or (os.path.isdir(out_dir) and _ours(out_dir))):
-        _clear(out_dir, ckpt_dir)
-        prov, ckpt = None, None
-    elif prov is not None:
-        if prov.get("fingerprint", {}).get("sha256") == fp["sha256"]:
-            return dict(base, decision="skip", spec=None, provenance=prov)
-        diff = output.differences(prov.get("fingerprint", {}).get("fields", {}), fp["fields"])
-        raise OutputConflict(f"{out_dir} holds a model trained with a different fingerprint ({'; '.join(diff)}); "
-                             "set train.overwrite=true to replace it, or choose another train.output_dir")
-    if ckpt is not None and ckpt.info.get("fingerprint") != fp["sha256"]:
-        old = _read_run_file(out_dir)
-        diff = output.differences(old.get("fingerprint", {}).get("fields", {}), fp["fields"]) if old else []
-        raise OutputConflict(f"{ckpt_dir} holds checkpoints of a different training run "
-                             f"({'; '.join(diff) or 'fingerprint ' + str(ckpt.info.get('fingerprint'))}); "
-                             "set train.overwrite=true to discard them, or choose another train.output_dir")
-    if prov is None and ckpt is None and os.path.isdir(out_dir) and os.listdir(out_dir) and not _ours(out_dir):
-        raise OutputConflict(f"train.output_dir {out_dir} is not empty and not a dollyflow model directory; "
-                             "choose another one")
+    if prov is not None and prov.get("fingerprint", {}).get("sha256") == fp["sha256"]:
+        ckpt_dir = _require_file_path(t.checkpoint_dir or os.path.join(out_dir, "checkpoints"), "train.checkpoint_dir")
+        return dict(base, checkpoint_dir=ckpt_dir, target_dir=out_dir, decision="skip", spec=None, provenance=prov)
+    vocab = check_tokenizer(shard_dir, asdict(cfg.model))
+    default_ckpt = os.path.join(out_dir, "checkpoints")
+    conflict = _conflict(out_dir, _require_file_path(t.checkpoint_dir or default_ckpt, "train.checkpoint_dir"),
+                         prov, fp)
+    if conflict and not t.overwrite:
+        raise OutputConflict(f"{conflict}; set train.overwrite=true to train the new model beside it and replace "
+                             "it once complete, or choose another train.output_dir")
+    target = sibling_dir(out_dir, fp["sha256"]) if conflict else out_dir
+    ckpt_dir = _require_file_path(t.checkpoint_dir or os.path.join(target, "checkpoints"), "train.checkpoint_dir")
+    if not conflict and prov is None and os.path.isdir(out_dir) and os.listdir(out_dir) and not _ours(out_dir) \
+            and checkpoint.latest_complete(ckpt_dir, fp["sha256"]) is None:
+        raise OutputConflict(f"train.output_dir {out_dir} is not empty and not a dollyflow model directory "
+                             f"(it holds {', '.join(sorted(os.listdir(out_dir))[:5])}); choose another one")
+    ckpt = checkpoint.latest_complete(ckpt_dir, fp["sha256"])
+    if ckpt is not None:
+        problems = checkpoint.quick_check(ckpt)
+        if problems:
+            raise checkpoint.refusal(ckpt, problems)
     decision = "resume" if ckpt is not None else "fresh"
-    os.makedirs(out_dir, exist_ok=True)
-    write_atomic(os.path.join(out_dir, RUN_FILE), json.dumps(
-        {"run_id": cfg.run_id, "fingerprint": fp, "shard_dir": shard_dir}, indent=2).encode())
+    os.makedirs(target, exist_ok=True)
+    write_atomic(os.path.join(target, RUN_FILE), json.dumps(
+        {"run_id": cfg.run_id, "fingerprint": fp, "shard_dir": redact_uri(shard_dir), "output_dir": out_dir},
+        indent=2).encode())
+    base.update(checkpoint_dir=ckpt_dir, target_dir=target, replaces=out_dir if conflict else None,
+                replaced_fingerprint=(prov or {}).get("fingerprint", {}).get("sha256") if conflict else None)
 
     uri, experiment, mlflow_msg = tracking.resolve(train, cfg.tables.warehouse if not cfg.tables.catalog else "",
                                                     on_databricks())
@@ -150,11 +227,12 @@ def prepare(cfg: Config, *, launcher: str | None = None) -> dict:
                 "dataset.shard_dir": shard_dir, "fingerprint": fp["sha256"], "output_dir": out_dir,
                 "base_model": cfg.model.name, "method": t.method, "decision": decision}
         params = {"model": asdict(cfg.model), "train": train, "processes": processes, "launcher": launcher}
-        run_id = tracking.start_run(uri, experiment, cfg.run_id, params, tags)
+        run_id = tracking.start_run(uri, experiment, cfg.run_id, redact(params), redact(tags))
         mlflow = {"uri": uri, "experiment": experiment, "run_id": run_id}
-    spec = {"run_id": cfg.run_id, "train": train, "model": asdict(cfg.model), "config": cfg.to_dict(),
-            "deepspeed_presets": presets_for(t), "mlflow": mlflow, **base}
-    return dict(base, decision=decision, spec=spec, mlflow_message=mlflow_msg,
+    spec = {"run_id": cfg.run_id, "train": train, "model": asdict(cfg.model), "config": cfg.redacted(),
+            "deepspeed_presets": presets_for(t), "mlflow": mlflow, **base, "output_dir": target,
+            "final_output_dir": out_dir}
+    return dict(base, decision=decision, spec=spec, mlflow_message=mlflow_msg, vocab=vocab,
                 resume_step=ckpt.step if ckpt else None)
 
 
@@ -170,15 +248,43 @@ def _read_run_file(out_dir: str) -> dict:
         return {}
 
 
+def output_dir_for(cfg: Config) -> str:
+    """The output directory a run of ``cfg`` writes (absolute): ``train.output_dir``, else the
+    default under the files root, named after the shards' manifest (read, not verified)."""
+    if cfg.train.output_dir:
+        return _require_file_path(cfg.train.output_dir, "train.output_dir")
+    shard_dir = shard_io.resolve_shard_dir(cfg.train.shard_dir or shards_root(cfg))
+    sha = hashlib.sha256(read_bytes(join(shard_dir, shard_io.MANIFEST))).hexdigest()
+    return _require_file_path(default_output_dir(cfg, sha), "train.output_dir")
+
+
 def finish(plan: dict, result: dict | None, *, failed: bool = False) -> dict:
-    """End the MLflow run (artifacts, metrics backfill, the model); returns what was logged."""
+    """After the ranks: on success, a replacement model (trained beside the old one) is swapped
+    in (:func:`~.output.swap_in`: the old model's own files removed, a user's files carried
+    over) and checkpoints of the replaced run are removed by their markers; then the MLflow run
+    ends (artifacts, metrics backfill, the model). A failed run changes nothing: the old model
+    stays, and the replacement's checkpoints stay beside it for a retry to resume from.
+    Returns ``{"mlflow": what was logged, "swap": ..., "checkpoint_dir": where they are now}``."""
     spec = plan.get("spec") or {}
+    out, target = plan["output_dir"], plan.get("target_dir") or plan["output_dir"]
+    ckpt_dir, swap = plan["checkpoint_dir"], None
+    if not failed and plan.get("replaces"):
+        fp = plan["fingerprint"]["sha256"]
+        swap = output.swap_in(target, out, sibling_dir(out, fp, "prev"))
+        if os.path.normpath(ckpt_dir).startswith(os.path.normpath(target) + os.sep):
+            ckpt_dir = os.path.join(out, os.path.relpath(ckpt_dir, target))
+        else:     # a checkpoint_dir of the user's: only the replaced run's checkpoints go
+            swap["checkpoints_removed"], kept = checkpoint.remove_other_runs(ckpt_dir, fp)
+            if kept:
+                swap["checkpoints_kept"] = kept
+    model_dir = target if failed else out
     mlf = spec.get("mlflow")
-    if not mlf:
-        return {}
-    entries = output.read_metrics(os.path.join(plan["output_dir"], output.METRICS))
-    backfill = failed or not (result or {}).get("mlflow_live", False)
-    return tracking.finish_run(mlf["uri"], mlf["run_id"], output_dir=plan["output_dir"], entries=entries,
-                               backfill=backfill,
-                               log_model=bool(spec["train"]["mlflow_log_model"]) and not failed,
-                               status="FAILED" if failed else "FINISHED")
+    logged = {}
+    if mlf:
+        entries = output.read_metrics(os.path.join(model_dir, output.METRICS))
+        backfill = failed or not (result or {}).get("mlflow_live", False)
+        logged = tracking.finish_run(mlf["uri"], mlf["run_id"], output_dir=model_dir, entries=entries,
+                                     backfill=backfill,
+                                     log_model=bool(spec["train"]["mlflow_log_model"]) and not failed,
+                                     status="FAILED" if failed else "FINISHED")
+    return {"mlflow": logged, "swap": swap, "checkpoint_dir": ckpt_dir}
