@@ -341,6 +341,7 @@ def gpu_mode(a) -> dict:
     out = work / "out"
     cfg = load_config("train", [
         f"tables.warehouse={work / 'wh'}", f"model.name={model_dir}", "model.max_length=2048",
+        f"model.tokenizer={work / 'synthetic-tokenizer'}",
         f"train.shard_dir={shard_dir}", f"train.output_dir={out}", "train.overwrite=true", "train.mlflow=false",
         "train.processes=1", f"train.batch_tokens={a.batch_tokens}", f"train.max_steps={a.steps}", "train.epochs=100",
         "train.learning_rate=1e-5", "train.warmup_steps=0", "train.eval_steps=1000000", "train.save_steps=1000000",

@@ -37,7 +37,7 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
-from dollyflow.config import TablesConfig, check_identifier, require_warehouse
+from dollyflow.config import TablesConfig, check_identifier, redact, require_warehouse
 from dollyflow.core.storage import filesystem, join, remove_dir
 from dollyflow.engine.session import detect_delta, master_of
 
@@ -383,7 +383,10 @@ class DeltaStore:
                     evolve_schema: bool = False) -> Commit:
         """Append a few rows (tuples in the column order of ``ddl``), as the run tables take one per
         run: offline written by pyarrow and committed by delta-rs, no Spark job; natively one
-        Delta write."""
+        Delta write. The run tables are read by everyone with access to the schema: every string
+        in the rows is redacted first (:func:`~dollyflow.config.redact`: URIs' user info and
+        secret query values)."""
+        rows = [tuple(redact(list(r))) for r in rows]
         schema = self.spark.createDataFrame([], ddl).schema     # parses the DDL, runs nothing
         if self.native:
             return self.write(self.spark.createDataFrame(rows, schema), name, mode="append", job=job,
