@@ -273,3 +273,15 @@ def test_backend_choice_says_why_and_native_fails_without_delta(spark, tmp_confi
     monkeypatch.setattr(delta, "master_of", lambda s: "yarn")
     with pytest.raises(RuntimeError, match="cannot tell whether this session has Delta Lake"):
         DeltaStore(spark, tmp_config("t").tables)
+
+
+def test_run_table_rows_are_redacted(spark, store):
+    """Issue 18: the *_runs tables record inputs, shard and model paths; a URI's credentials
+    never land there."""
+    secret = "s3a://AKIAX:TOPSECRET@bucket/raw/data.jsonl?endpoint_override=h:9&sig=TOPSECRET"
+    store.append_rows([("r1", [secret], {"where": secret}, '{"input": "' + secret + '"}')],
+                      "run_id string, inputs array<string>, m map<string,string>, settings string", "runs_x")
+    (row,) = store.read("runs_x").collect()
+    text = str(row.asDict())
+    assert "TOPSECRET" not in text and "AKIAX" not in text
+    assert row["inputs"] == ["s3a://***@bucket/raw/data.jsonl?endpoint_override=h:9&sig=***"]
