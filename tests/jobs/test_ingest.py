@@ -338,3 +338,25 @@ def test_accounting_that_does_not_add_up_fails_the_run(spark, sample_path, tmp_p
                                             r"\(2: repeated_in_input 2\).* = 11 \(difference -1\)"):
         ingest.run(cfg, spark)
     assert not DeltaStore(spark, cfg.tables).exists(cfg.tables.ingest_runs)   # no accounting row for it
+
+
+def test_glob_star_stays_in_its_directory_and_double_star_recurses(tmp_path):
+    """`dir/*.jsonl` is the files of dir only (as a shell reads it), `dir/**/*.jsonl` every one
+    below dir (dir itself included), and a directory input is read recursively."""
+    from dollyflow.engine.ingest import list_inputs
+    d = tmp_path / "d"
+    for rel in ("a.jsonl", "b.jsonl", "sub/c.jsonl", "sub/deeper/e.jsonl", "sub/x.csv"):
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_text(json.dumps(_rec(1)) + "\n")
+
+    def names(spec):
+        return sorted(f.uri[len(str(d)) + 1:] for f in list_inputs(spec).files)
+
+    assert names(f"{d}/*.jsonl") == ["a.jsonl", "b.jsonl"]
+    assert names(f"{d}/**/*.jsonl") == ["a.jsonl", "b.jsonl", "sub/c.jsonl", "sub/deeper/e.jsonl"]
+    assert names(f"{d}/*/*.jsonl") == ["sub/c.jsonl"]
+    assert names(f"{d}/**/deeper/*") == ["sub/deeper/e.jsonl"]
+    assert names(f"{d}/?.jsonl") == ["a.jsonl", "b.jsonl"]
+    assert names(str(d)) == ["a.jsonl", "b.jsonl", "sub/c.jsonl", "sub/deeper/e.jsonl", "sub/x.csv"]
+    with pytest.raises(FileNotFoundError, match=r"no input files .* match .*/sub/\*\.txt"):
+        list_inputs(f"{d}/sub/*.txt")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import fnmatch
+import functools
 import gzip
 import io
 import json
@@ -88,8 +89,27 @@ def _known() -> str:
     return ", ".join(EXTENSIONS) + " (each but .parquet optionally .gz)"
 
 
+def glob_match(path: str, pattern: str) -> bool:
+    """Whether ``path`` matches the glob ``pattern``, one ``/``-separated segment at a time, as a
+    shell does: ``*``, ``?`` and ``[...]`` match within one segment (:func:`fnmatch.fnmatchcase`),
+    never across a ``/``; a ``**`` segment matches any number of segments, none included
+    (``dir/**/*.jsonl`` is every ``.jsonl`` file below ``dir``, ``dir/*.jsonl`` those in ``dir``)."""
+    parts, pats = path.split("/"), pattern.split("/")
+
+    @functools.lru_cache(maxsize=None)
+    def match(i: int, j: int) -> bool:
+        if j == len(pats):
+            return i == len(parts)
+        if pats[j] == "**":
+            return match(i, j + 1) or (i < len(parts) and match(i + 1, j))
+        return i < len(parts) and fnmatch.fnmatchcase(parts[i], pats[j]) and match(i + 1, j + 1)
+
+    return match(0, 0)
+
+
 def list_inputs(spec: str, fmt: str = "auto") -> Inputs:
-    """Every input file named by a file, a directory or a glob, and every file of the directory
+    """Every input file named by a file, a directory (read recursively) or a glob
+    (:func:`glob_match`: ``*`` within one directory, ``**`` across any), and every file of the directory
     or glob that is skipped, with the reason: hidden (``.``), Spark/Delta metadata (``_``, such as
     ``_SUCCESS`` or ``_delta_log/``, listed once per directory) or an unknown extension."""
     if not spec:
@@ -97,22 +117,25 @@ def list_inputs(spec: str, fmt: str = "auto") -> Inputs:
     fs, path = filesystem(spec)
     has_glob = any(c in path for c in "*?[")
     base = path
+    recursive = True            # a directory: every file below it
     if has_glob:
         parts = path.split("/")
         i = next(i for i, p in enumerate(parts) if any(c in p for c in "*?["))
         base = "/".join(parts[:i]) or "/"
+        # a glob lists only as deep as it can match: "dir/*.jsonl" the directory itself
+        recursive = "**" in parts[i:] or len(parts) - i > 1
     info = fs.get_file_info(base)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"ingest input not found: {spec}")
     if info.type == pafs.FileType.File:
         infos = [info]
     else:
-        infos = [i for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        infos = [i for i in fs.get_file_info(pafs.FileSelector(base, recursive=recursive))
                  if i.type == pafs.FileType.File]
     out: list[InputFile] = []
     skipped: dict[str, str] = {}
     for i in sorted(infos, key=lambda i: i.path):
-        if has_glob and not fnmatch.fnmatch(i.path, path):
+        if has_glob and not glob_match(i.path, path):
             continue
         rel = i.path[len(base):].lstrip("/")
         parts = [p for p in rel.split("/") if p]
