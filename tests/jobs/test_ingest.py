@@ -39,7 +39,7 @@ def test_every_bad_line_is_quarantined_with_its_reason(spark, mixed_run):
     expected = {"truncated-json": "malformed_json", "missing-field": "missing_field",
                 "wrong-type": "wrong_type", "empty-instruction": "empty_field",
                 "unknown-category": "unknown_category", "invalid-utf8": "invalid_utf8",
-                "not-an-object": "not_an_object", "oversized": "oversized_field"}
+                "not-an-object": "not_an_object", "oversized": "oversized_line"}  # its 2 MB line > 4 x max_field_chars
     store = DeltaStore(spark, cfg.tables)
     q = {r["source_line"]: r for r in store.read(cfg.tables.quarantine).collect()}
     bad = {n: t for n, t in truth_lines(truth).items() if t["kind"] == "bad"}
@@ -360,3 +360,81 @@ def test_glob_star_stays_in_its_directory_and_double_star_recurses(tmp_path):
     assert names(str(d)) == ["a.jsonl", "b.jsonl", "sub/c.jsonl", "sub/deeper/e.jsonl", "sub/x.csv"]
     with pytest.raises(FileNotFoundError, match=r"no input files .* match .*/sub/\*\.txt"):
         list_inputs(f"{d}/sub/*.txt")
+
+
+def _oversized_file(path, big: int = 6 << 20) -> bytes:
+    """Line 2: `big` bytes of one JSON string (no newline inside); line 5, the last: `big` bytes
+    without any newline after them; the others valid records."""
+    data = (_jsonl([_rec(1)]) + b'{"instruction": "' + b"x" * big + b'"}\n' + _jsonl([_rec(3), _rec(4)])
+            + b"y" * big)
+    path.write_bytes(data)
+    return data
+
+
+def _parse_file(path, size: int, chunk_bytes: int, max_field_chars: int) -> tuple[list[tuple], int]:
+    """(source_line, reason, detail, raw) of every line, parsed chunk by chunk as the tasks do, and
+    the peak of Python's memory allocations while parsing (tracemalloc)."""
+    import tracemalloc
+
+    from dollyflow.core.records import Rules
+    from dollyflow.engine.ingest import InputFile, count_line_starts, parse_chunk, plan_chunks
+    warm = path.parent / "warm-up.jsonl"      # the first parse imports modules: not the reader's memory
+    warm.write_bytes(_jsonl([_rec(0)]) + b"x\n")
+    for c in plan_chunks([InputFile(str(warm), "json", warm.stat().st_size)], 1 << 20):
+        list(parse_chunk({**c, "first_line": 1}, Rules(), raw_limit=100))
+    chunks = plan_chunks([InputFile(str(path), "json", size)], chunk_bytes)
+    first, rows = 1, []
+    for c in chunks:
+        c["first_line"] = first
+        first += count_line_starts(str(path), c["start"], c["end"])
+    tracemalloc.start()
+    try:
+        for c in chunks:
+            for b in parse_chunk(c, Rules(max_field_chars=max_field_chars), raw_limit=100):
+                rows += zip(b.column("source_line").to_pylist(), b.column("reason").to_pylist(),
+                            b.column("detail").to_pylist(), b.column("raw").to_pylist())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return rows, peak
+
+
+@pytest.mark.parametrize("chunk_bytes", [1 << 30, 1 << 20, 5000])
+def test_oversized_line_is_quarantined_without_reading_it_whole(tmp_path, chunk_bytes):
+    """A line over 4 x max_field_chars bytes is quarantined as oversized_line, read in bounded
+    pieces (the reader's peak memory stays far below the line), and the lines after it keep
+    their exact numbers, however the file is cut into byte ranges."""
+    f = tmp_path / "big.jsonl"
+    big = 6 << 20
+    data = _oversized_file(f, big)
+    rows, peak = _parse_file(f, len(data), chunk_bytes, max_field_chars=1000)
+    assert peak < big // 2, peak       # read in 256 KB pieces, never whole
+    assert [(n, r) for n, r, _, _ in rows] == [(1, None), (2, "oversized_line"), (3, None), (4, None),
+                                              (5, "oversized_line")]
+    by_line = {n: (d, raw) for n, _, d, raw in rows}
+    assert by_line[2][0].startswith(f"line of {big + 19} bytes > 4000")
+    assert by_line[5][0].startswith(f"line of {big} bytes > 4000")
+    assert by_line[2][1].startswith('{"instruction": "xxx') and by_line[2][1].endswith(f"...[{big + 19} total]")
+    assert len(by_line[2][1]) < 200
+
+
+def test_oversized_csv_line_is_quarantined_and_the_next_rows_read(tmp_path):
+    from dollyflow.core.records import Rules
+    from dollyflow.engine.ingest import _iter_csv
+    f = tmp_path / "big.csv"
+    f.write_text("instruction,context,response,category\n"
+                 "Q1?,,A1.,open_qa\n" + "Q2?,," + "z" * 50_000 + ",open_qa\nQ3?,,A3.,open_qa\n", encoding="utf-8")
+    got = [(n, v.reason, getattr(raw, "total", None)) for n, v, raw in _iter_csv(str(f), Rules(max_field_chars=1000))]
+    assert got == [(2, None, None), (3, "oversized_line", 50_013), (4, None, None)]
+
+
+def test_oversized_lines_through_the_job_with_small_chunks(spark, tmp_path):
+    f = tmp_path / "big.jsonl"
+    _oversized_file(f, 3 << 20)
+    cfg = config(tmp_path / "wh", f"ingest.input={f}", "ingest.chunk_bytes=700000", "ingest.max_field_chars=1000")
+    s = ingest.run(cfg, spark)
+    assert (s["lines_read"], s["rows_new"], s["quarantined_by_reason"]) == (5, 3, {"oversized_line": 2})
+    store = DeltaStore(spark, cfg.tables)
+    assert sorted((r["source_line"], r["instruction"]) for r in store.read(cfg.tables.bronze).collect()) == \
+           [(1, "Question 1?"), (3, "Question 3?"), (4, "Question 4?")]
+    assert sorted(r["source_line"] for r in store.read(cfg.tables.quarantine).collect()) == [2, 5]

@@ -33,8 +33,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dollyflow.config import IngestConfig
-from dollyflow.core.records import (Rules, Verdict, check_json_line, check_object, has_surrogates, raw_text,
-                                    record_id)
+from dollyflow.core.records import (Rules, Verdict, check_json_line, check_object, has_surrogates,
+                                    max_line_bytes, raw_text, record_id)
 from dollyflow.core.storage import filesystem
 
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -235,11 +235,54 @@ def count_line_starts(uri: str, start: int, end: int) -> int:
         return n
 
 
+class OversizedLine(bytes):
+    """The beginning (``max_line_bytes`` bytes) of a line longer than that; ``total``: its whole
+    length in bytes (without the newline). The rest was skipped in bounded pieces, never held."""
+    total: int
+
+    def __new__(cls, head: bytes, total: int):
+        self = super().__new__(cls, head)
+        self.total = int(total)
+        return self
+
+
+SKIP_PIECE = 1 << 18   # bytes read at a time while skipping the rest of an oversized line
+
+
+def _skip_line(f) -> tuple[int, bool]:
+    """Read past the next newline (or to the end) in pieces of SKIP_PIECE: (bytes read, whether
+    a newline ended them)."""
+    n = 0
+    while True:
+        piece = f.readline(SKIP_PIECE)
+        n += len(piece)
+        if not piece:
+            return n, False
+        if piece.endswith(b"\n"):
+            return n, True
+
+
+def _read_line(f, max_bytes: int | None) -> tuple[bytes, int]:
+    """(line, bytes consumed) of the next line: the line with its newline, or, when it is longer
+    than ``max_bytes`` (its newline not counted), an :class:`OversizedLine` of its first
+    ``max_bytes`` bytes, the rest skipped in bounded pieces. (b"", 0) at the end."""
+    if max_bytes is None:
+        line = f.readline()
+        return line, len(line)
+    line = f.readline(max_bytes + 1)
+    if len(line) <= max_bytes or line.endswith(b"\n"):
+        return line, len(line)
+    skipped, newline = _skip_line(f)
+    used = len(line) + skipped
+    return OversizedLine(line[:max_bytes], used - newline), used
+
+
 def iter_json_lines(uri: str, start: int, end: int, first_line: int,
-                    compression: str | None = None) -> Iterator[tuple[int, bytes]]:
+                    compression: str | None = None, max_bytes: int | None = None) -> Iterator[tuple[int, bytes]]:
     """(line number, line bytes without newline) for the lines that start in [start, end); a
     UTF-8 BOM at the start of the file is dropped. A compressed file is read whole (its one
-    chunk starts at 0)."""
+    chunk starts at 0). A line longer than ``max_bytes`` comes as an :class:`OversizedLine`
+    (its beginning only): no line is ever read whole beyond that bound."""
     with _open(uri, compression) as f:
         pos = start
         if compression:
@@ -247,17 +290,21 @@ def iter_json_lines(uri: str, start: int, end: int, first_line: int,
         elif start > 0:
             f.seek(start - 1)
             if f.read(1) != b"\n":  # mid-line: that line belongs to the previous chunk
-                skipped = f.readline()
-                pos = start + len(skipped)
+                pos = start + _skip_line(f)[0]
         else:
             f.seek(0)
         line_no = first_line
         first = start == 0
         while pos < end:
-            line = f.readline()
-            if not line:
+            line, used = _read_line(f, max_bytes)
+            if not used:
                 break
-            pos += len(line)
+            pos += used
+            if isinstance(line, OversizedLine):
+                yield line_no, line
+                line_no += 1
+                first = False
+                continue
             if first:
                 first = False
                 if line.startswith(BOM):
@@ -284,22 +331,78 @@ def _raise_field_limit() -> int:
             limit //= 2
 
 
+class _LineTooLong(Exception):
+    """A CSV line longer than the bound; its beginning and its length in characters."""
+
+    def __init__(self, head: str, total: int):
+        super().__init__(f"line of {total} characters")
+        self.head, self.total = head, total
+
+
+class _BoundedLines:
+    """The physical lines of a text stream (opened with ``newline=""``, as the csv module wants),
+    each at most ``max_chars`` characters: a longer one is skipped in bounded pieces and raises
+    :class:`_LineTooLong` (the iterator goes on after it). ``count``: lines read so far."""
+
+    def __init__(self, text, max_chars: int):
+        self.text, self.max_chars, self.count = text, max_chars, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        line = self.text.readline(self.max_chars + 1)
+        if not line:
+            raise StopIteration
+        self.count += 1
+        if len(line) > self.max_chars and not line.endswith(("\n", "\r")):
+            total = len(line)
+            while True:
+                piece = self.text.readline(SKIP_PIECE)
+                if not piece:
+                    break
+                if piece.endswith(("\n", "\r")):
+                    total += len(piece.rstrip("\r\n"))
+                    break
+                total += len(piece)
+            raise _LineTooLong(line[:self.max_chars], total)
+        return line
+
+
 def _iter_csv(uri: str, rules: Rules, compression: str | None = None) -> Iterator[tuple[int, Verdict, str]]:
     previous = _raise_field_limit()
+    max_chars = max_line_bytes(rules.max_field_chars)
     try:
         with _open(uri, compression) as f:
             # utf-8-sig: a BOM at the start of the file is dropped (it would otherwise stick to the
             # first header name and fail every row); one anywhere else stays part of its field
             text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape", newline="")
-            reader = csv.reader(text)
+            lines = _BoundedLines(text, max_chars)
+            reader = csv.reader(lines)
             try:
                 header = next(reader)
             except StopIteration:
                 return
-            start = reader.line_num + 1
-            for row in reader:
+            except _LineTooLong as exc:
+                raise ValueError(f"{uri}: the CSV header (line 1) has {exc.total} characters, more than "
+                                 f"{max_chars} (4 x ingest.max_field_chars): not a CSV header") from None
+            start = lines.count + 1
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    break
+                except _LineTooLong as exc:
+                    # the record that holds it is quarantined from its first line; the lines
+                    # after it are read afresh
+                    yield start, Verdict(reason="oversized_line",
+                                         detail=_oversized_detail(exc.total, max_chars, "characters")), \
+                        OversizedText(exc.head, exc.total)
+                    start = lines.count + 1
+                    reader = csv.reader(lines)
+                    continue
                 line = start
-                start = reader.line_num + 1
+                start = lines.count + 1
                 raw = ",".join(row)
                 if any(has_surrogates(v) for v in row) or any(has_surrogates(h) for h in header):
                     yield line, Verdict(reason="invalid_utf8", detail="undecodable bytes"), raw
@@ -314,6 +417,20 @@ def _iter_csv(uri: str, rules: Rules, compression: str | None = None) -> Iterato
                 yield line, check_object(dict(zip(header, row)), rules), raw
     finally:
         csv.field_size_limit(previous)
+
+
+class OversizedText(str):
+    """The beginning of an oversized CSV line; ``total``: its length in characters."""
+    total: int
+
+    def __new__(cls, head: str, total: int):
+        self = super().__new__(cls, head)
+        self.total = int(total)
+        return self
+
+
+def _oversized_detail(total: int, bound: int, unit: str = "bytes") -> str:
+    return f"line of {total} {unit} > {bound} (4 x ingest.max_field_chars); not read whole"
 
 
 def _iter_parquet(uri: str, group: int, first_line: int, rules: Rules) -> Iterator[tuple[int, Verdict, str]]:
@@ -350,9 +467,11 @@ def parse_chunk(chunk: dict, rules: Rules, raw_limit: int, batch_rows: int = 819
     uri = chunk["file"]
     if chunk["format"] == "json":
         rules = replace(rules, from_json=True)
-        items = ((n, check_json_line(line, rules), line)
+        bound = max_line_bytes(rules.max_field_chars)
+        items = ((n, Verdict(reason="oversized_line", detail=_oversized_detail(line.total, bound))
+                  if isinstance(line, OversizedLine) else check_json_line(line, rules), line)
                  for n, line in iter_json_lines(uri, chunk["start"], chunk["end"], chunk["first_line"],
-                                                chunk.get("compression")))
+                                                chunk.get("compression"), max_bytes=bound))
     elif chunk["format"] == "csv":
         items = _iter_csv(uri, rules, chunk.get("compression"))
     else:
@@ -378,7 +497,7 @@ def parse_chunk(chunk: dict, rules: Rules, raw_limit: int, batch_rows: int = 819
                 col.append(None)
             reason.append(verdict.reason)
             detail.append(verdict.detail)
-            raws.append(raw_text(raw, raw_limit))
+            raws.append(raw_text(raw, raw_limit, getattr(raw, "total", None)))
         if len(line_no) >= batch_rows:
             yield _to_batch(cols, uri, base)
             for col in cols:
