@@ -438,3 +438,72 @@ def test_oversized_lines_through_the_job_with_small_chunks(spark, tmp_path):
     assert sorted((r["source_line"], r["instruction"]) for r in store.read(cfg.tables.bronze).collect()) == \
            [(1, "Question 1?"), (3, "Question 3?"), (4, "Question 4?")]
     assert sorted(r["source_line"] for r in store.read(cfg.tables.quarantine).collect()) == [2, 5]
+
+
+ARRAY_CASES = [
+    (b"[]", []),
+    (b' [\n ]\n', []),
+    (b'[1,,2]', [(1, 1, b"1"), (1, 2, "an empty element"), (1, 3, b"2")]),
+    (b'[{"a": 1},\n]', [(1, 1, b'{"a": 1}'), (2, 2, "an empty element")]),
+    (b'[{"a": 1}', [(1, 1, b'{"a": 1}'), (1, 2, "the file ends before the array's closing ']'")]),
+    (b'[{"a": "1}, {"b": 2}]', [(1, 1, "the file ends inside this element")]),      # an unclosed string
+    (b'[{"a": [1}, {"b": 2}]', [(1, 1, b'{"a": [1}, {"b": 2}]'), (1, 2, "the file ends before")]),  # bad nesting
+    (b'[{"a": 1}]\n{"b": 2}\n', [(1, 1, b'{"a": 1}'), (2, 2, "data after the array's closing ']'")]),
+    (BOM + b'[1, "x,]\\"]", [2, {"c": "}"}]]', [(1, 1, b"1"), (1, 2, b'"x,]\\"]"'), (1, 3, b'[2, {"c": "}"}]')]),
+    (b'[{"a": 1} {"b": 2},\n 3]', [(1, 1, b'{"a": 1} {"b": 2}'), (2, 2, b"3")]),   # missing comma: one bad element
+]
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 5, 1 << 18])
+@pytest.mark.parametrize("data,expected", ARRAY_CASES)
+def test_json_array_elements_lines_and_problems(data, expected, block):
+    """Elements with the line each starts on, whatever the read blocks cut (inside strings,
+    escapes, brackets); where the array breaks, a problem naming why, and reading stops."""
+    import io
+
+    from dollyflow.engine.ingest import ArrayProblem, iter_json_array
+    got = [(line, i, e.detail[:len(x)] if isinstance(e, ArrayProblem) else e)
+           for (line, i, e), (_, _, x) in zip(iter_json_array(io.BytesIO(data), 1000, block), expected + [(0, 0, "")] * 9)]
+    assert got == expected
+
+
+def test_json_array_element_over_the_bound_is_kept_short(tmp_path):
+    import io
+
+    from dollyflow.engine.ingest import OversizedLine, iter_json_array
+    data = b'[\n {"instruction": "' + b"x" * 100_000 + b'"},\n {"a": 2}\n]'
+    (l1, i1, e1), (l2, i2, e2) = iter_json_array(io.BytesIO(data), 1000, block=4096)
+    assert isinstance(e1, OversizedLine) and len(e1) == 1000 and e1.total == 100_019 and (l1, i1) == (2, 1)
+    assert (l2, i2, e2) == (3, 2, b'{"a": 2}')
+
+
+def test_json_array_files_are_read_as_records(spark, sample_path, tmp_path):
+    """A .json file holding one JSON array (pretty-printed, or on one line) gives its objects as
+    records, each with the line it starts on; a bad element is one quarantined row naming its
+    index; equal records on one line are still told apart; .json files of JSON Lines and .jsonl
+    files stay JSON Lines."""
+    records = [json.loads(line) for line in open(sample_path, encoding="utf-8")][:6]
+    src = tmp_path / "src"
+    src.mkdir()
+    pretty = [records[0], records[1], {"instruction": "No response"}, records[2]]
+    (src / "pretty.json").write_text(json.dumps(pretty, indent=2), encoding="utf-8")
+    (src / "oneline.json").write_text(json.dumps([records[3], records[3], records[4]]), encoding="utf-8")
+    (src / "lines.json").write_text(json.dumps(records[5]) + "\n", encoding="utf-8")
+    (src / "array.jsonl").write_text("[1, 2]\n", encoding="utf-8")
+    cfg = config(tmp_path / "wh", f"ingest.input={src}")
+    s = ingest.run(cfg, spark)
+    assert (s["lines_read"], s["rows_new"], s["rows_existing"]) == (4 + 3 + 1 + 1, 6, 1)
+    assert s["quarantined_by_reason"] == {"missing_field": 1, "not_an_object": 1}
+    store = DeltaStore(spark, cfg.tables)
+    bronze = {(r["source_file"].rsplit("/", 1)[1], r["source_line"]): r["instruction"]
+              for r in store.read(cfg.tables.bronze).collect()}
+    starts = [n for n, line in enumerate((src / "pretty.json").read_text().splitlines(), 1) if line == "  {"]
+    assert {k: v for k, v in bronze.items() if k[0] == "pretty.json"} == \
+           {("pretty.json", starts[0]): records[0]["instruction"], ("pretty.json", starts[1]): records[1]["instruction"],
+            ("pretty.json", starts[3]): records[2]["instruction"]}
+    assert {k for k in bronze if k[0] != "pretty.json"} == {("oneline.json", 1), ("lines.json", 1)}
+    q = {r["source_file"].rsplit("/", 1)[1]: r for r in store.read(cfg.tables.quarantine).collect()}
+    assert q["pretty.json"]["source_line"] == starts[2] and q["pretty.json"]["reason"] == "missing_field"
+    assert q["pretty.json"]["detail"].startswith(f"element 3 of the JSON array (line {starts[2]}): response")
+    assert q["array.jsonl"]["reason"] == "not_an_object" and q["array.jsonl"]["source_line"] == 1
+    assert s["rows_existing_by_kind"] == {"repeated_in_input": 1}

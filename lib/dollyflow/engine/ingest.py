@@ -13,6 +13,12 @@ task that decompresses it as a stream. A UTF-8 byte order mark at the very start
 Excel, PowerShell and other Windows tools write) is dropped; anywhere else it is data (and a line
 starting with one is malformed JSON). Files of a directory or glob that are not read (hidden,
 ``_``-prefixed, unknown extension) are listed with the reason, for the run's accounting.
+
+A ``.json`` file whose first character is ``[`` holds one JSON array (format ``json_array``): one
+task per file streams it block by block (:func:`iter_json_array` delimits the elements; orjson
+parses each), so memory is bounded by the longest element, and each record's line is the line
+its element starts on. Lines (and array elements) longer than 4 x ``ingest.max_field_chars``
+bytes are quarantined as ``oversized_line`` without ever being held whole.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import gzip
 import io
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
@@ -39,13 +46,18 @@ from dollyflow.core.storage import filesystem
 
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv", ".parquet": "parquet"}
 COMPRESSIONS = {".gz": "gzip"}     # streamed, one task per file (JSON Lines and CSV)
+#: Always JSON Lines. A ``.json`` file (or any file read with ``ingest.format=json``) whose first
+#: character is ``[`` holds one JSON array instead (format ``json_array``: one task per file,
+#: streamed element by element).
+JSON_LINES_EXTENSIONS = (".jsonl", ".ndjson")
+SNIFF_BYTES = 64 * 1024
 BOM = b"\xef\xbb\xbf"             # UTF-8 byte order mark
 
 
 @dataclass(frozen=True)
 class InputFile:
     uri: str
-    format: str                  # json | csv | parquet
+    format: str                  # json (JSON Lines) | json_array | csv | parquet
     size: int                    # bytes on storage (compressed size for .gz)
     compression: str | None = None
 
@@ -83,6 +95,24 @@ def _format_of(path: str, fmt: str) -> tuple[str | None, str | None]:
     if fmt != "auto":
         return fmt, compression
     return EXTENSIONS.get(ext.lower()), compression
+
+
+def _extension(path: str) -> str:
+    """The extension that tells the format, lower-case: ``data.jsonl.gz`` -> ``.jsonl``."""
+    root, ext = os.path.splitext(path)
+    if ext.lower() in COMPRESSIONS:
+        ext = os.path.splitext(root)[1]
+    return ext.lower()
+
+
+def _holds_json_array(uri: str, compression: str | None) -> bool:
+    """Whether a JSON file's first character (after a BOM and whitespace, within its first
+    SNIFF_BYTES) is ``[``: one JSON array of records rather than JSON Lines."""
+    with _open(uri, compression) as f:
+        head = f.read(SNIFF_BYTES)
+    if head.startswith(BOM):
+        head = head[len(BOM):]
+    return head.lstrip(b" \t\r\n")[:1] == b"["
 
 
 def _known() -> str:
@@ -157,7 +187,10 @@ def list_inputs(spec: str, fmt: str = "auto") -> Inputs:
         if compression and f == "parquet":
             skipped[_uri(fs, i.path, spec)] = "a gzip-compressed Parquet file is not readable as Parquet"
             continue
-        out.append(InputFile(_uri(fs, i.path, spec), f, i.size, compression))
+        uri = _uri(fs, i.path, spec)
+        if f == "json" and _extension(i.path) not in JSON_LINES_EXTENSIONS and _holds_json_array(uri, compression):
+            f = "json_array"
+        out.append(InputFile(uri, f, i.size, compression))
     skipped_list = sorted(skipped.items())
     if not out:
         why = "; ".join(f"{p}: {r}" for p, r in skipped_list[:5])
@@ -317,6 +350,147 @@ def iter_json_lines(uri: str, start: int, end: int, first_line: int,
             line_no += 1
 
 
+@dataclass(frozen=True)
+class ArrayProblem:
+    """Where a JSON array file stops being one: ``head``, the bytes there (bounded), and why."""
+    head: bytes
+    detail: str
+
+
+_WS = re.compile(rb"[ \t\r\n]*")
+_NON_STRUCTURAL = re.compile(rb'[^"{}\[\],]*')
+_STRING_BODY = re.compile(rb'[^"\\]*(?:\\[\s\S][^"\\]*)*')   # up to a string's closing quote
+ARRAY_BLOCK = 1 << 18
+
+
+def iter_json_array(f, max_bytes: int, block: int = ARRAY_BLOCK) -> Iterator[tuple[int, int, object]]:
+    """The elements of the one JSON array a binary stream holds, read in blocks of ``block``
+    bytes: (line where the element starts, its index from 1, its bytes). An element longer than
+    ``max_bytes`` comes as an :class:`OversizedLine` (its beginning; the rest is scanned, not
+    kept), so memory stays bounded whatever the file. Elements are only delimited here (strings,
+    escapes and bracket depth are tracked; a ``,`` or the closing ``]`` at depth 0 ends one), and
+    parsed by the caller, so a malformed element is one bad record and the next one is read as
+    usual. Where the array itself breaks (the file ends inside it, data after its ``]``) an
+    :class:`ArrayProblem` comes, and reading stops."""
+    line, index = 1, 0
+    state = "start"                 # start | first | before | element | done
+    depth, in_str, esc = 0, False, False
+    pieces: list[bytes] = []
+    size, elem_line, oversized = 0, 0, False
+    first_block = True
+
+    def add(piece: bytes) -> None:
+        nonlocal size, oversized
+        if not oversized and size + len(piece) > max_bytes:
+            oversized = True
+            pieces[:] = [b"".join(pieces + [piece])[:max_bytes]]
+        elif not oversized:
+            pieces.append(piece)
+        size += len(piece)
+
+    def element() -> object:
+        if oversized:
+            return OversizedLine(pieces[0], size)
+        data = b"".join(pieces).rstrip(b" \t\r\n")
+        if not data:
+            return ArrayProblem(b"", "an empty element (two commas, or a comma before ']')")
+        return data
+
+    while True:
+        buf = f.read(max(block, len(BOM)) if first_block else block)
+        if not buf:
+            break
+        if first_block:
+            first_block = False
+            if buf.startswith(BOM):
+                buf = buf[len(BOM):]
+        p, n, cursor, start = 0, len(buf), 0, 0
+        while p < n:
+            if state != "element":
+                p = _WS.match(buf, p).end()
+                if p == n:
+                    break
+                c = buf[p]
+                if state == "start":
+                    if c != 0x5B:   # "["
+                        line += buf.count(b"\n", cursor, p)
+                        yield line, 0, ArrayProblem(buf[p:p + 200], "not a JSON array (no '[' at its start)")
+                        return
+                    state, p = "first", p + 1
+                    continue
+                if state == "done":
+                    line += buf.count(b"\n", cursor, p)
+                    yield line, index + 1, ArrayProblem(buf[p:p + max_bytes], "data after the array's closing ']'")
+                    return
+                if state == "first" and c == 0x5D:   # "[]": no element
+                    state, p = "done", p + 1
+                    continue
+                line += buf.count(b"\n", cursor, p)
+                cursor = p
+                index += 1
+                elem_line, pieces, size, oversized = line, [], 0, False
+                state, start, depth, in_str, esc = "element", p, 0, False, False
+                continue
+            if in_str:
+                if esc:
+                    esc, p = False, p + 1
+                    continue
+                p = _STRING_BODY.match(buf, p).end()
+                if p == n:
+                    break
+                if buf[p] == 0x5C:   # a backslash as the block's last byte: escape the next block's first
+                    esc, p = True, p + 1
+                else:
+                    in_str, p = False, p + 1
+                continue
+            p = _NON_STRUCTURAL.match(buf, p).end()
+            if p == n:
+                break
+            c = buf[p]
+            if c == 0x22:                       # '"'
+                in_str, p = True, p + 1
+            elif c in (0x7B, 0x5B):             # '{' '['
+                depth, p = depth + 1, p + 1
+            elif depth > 0 and c in (0x7D, 0x5D):
+                depth, p = depth - 1, p + 1
+            elif depth == 0 and c in (0x2C, 0x5D):   # ',' or ']' ends the element
+                add(buf[start:p])
+                yield elem_line, index, element()
+                state, p = ("before" if c == 0x2C else "done"), p + 1
+            else:                               # a stray '}' at depth 0: part of a malformed element
+                p += 1
+        if state == "element":
+            add(buf[start:n])
+        line += buf.count(b"\n", cursor, n)
+    if state == "element" and (depth or in_str):
+        yield elem_line, index, ArrayProblem(b"".join(pieces)[:max_bytes],
+                                             "the file ends inside this element: the array is not closed")
+    elif state == "element":       # a complete element, then the end of the file: keep the element
+        yield elem_line, index, element()
+        yield line, index + 1, ArrayProblem(b"", "the file ends before the array's closing ']'")
+    elif state in ("first", "before"):
+        yield line, index + 1, ArrayProblem(b"", "the file ends before the array's closing ']'")
+
+
+def _iter_json_array(uri: str, rules: Rules, compression: str | None = None) -> Iterator[tuple]:
+    """(line, verdict, raw, element index) of every element of a JSON array file."""
+    bound = max_line_bytes(rules.max_field_chars)
+    with _open(uri, compression) as f:
+        for line, index, elem in iter_json_array(f, bound):
+            where = f"element {index} of the JSON array (line {line})"
+            if isinstance(elem, ArrayProblem):
+                yield line, Verdict(reason="malformed_json", detail=f"{where}: {elem.detail}"), elem.head, index
+            elif isinstance(elem, OversizedLine):
+                yield line, Verdict(reason="oversized_line",
+                                    detail=f"{where}: {elem.total} bytes > {bound} (4 x ingest.max_field_chars); "
+                                           "not read whole"), elem, index
+            else:
+                v = check_json_line(elem, rules)
+                if v.reason is not None:
+                    v = Verdict(reason=v.reason, detail=f"{where}" + (f": {v.detail}" if v.detail else ""))
+                yield line, v, elem, index
+
+
 def _raise_field_limit() -> int:
     """Lift the csv module's field size limit (131,072 characters by default, beyond which the
     reader raises and the task fails): fields are bounded by ``ingest.max_field_chars`` instead,
@@ -463,25 +637,30 @@ def _iter_parquet(uri: str, group: int, first_line: int, rules: Rules) -> Iterat
 
 
 def parse_chunk(chunk: dict, rules: Rules, raw_limit: int, batch_rows: int = 8192) -> Iterator[pa.RecordBatch]:
-    """Validated rows of one chunk as Arrow batches in PARSED_SCHEMA (built column by column)."""
+    """Validated rows of one chunk as Arrow batches in PARSED_SCHEMA (built column by column).
+    ``pos`` orders the rows of the input: file, then line (the element index in a JSON array,
+    where several elements may share a line)."""
     uri = chunk["file"]
     if chunk["format"] == "json":
         rules = replace(rules, from_json=True)
         bound = max_line_bytes(rules.max_field_chars)
         items = ((n, Verdict(reason="oversized_line", detail=_oversized_detail(line.total, bound))
-                  if isinstance(line, OversizedLine) else check_json_line(line, rules), line)
+                  if isinstance(line, OversizedLine) else check_json_line(line, rules), line, n)
                  for n, line in iter_json_lines(uri, chunk["start"], chunk["end"], chunk["first_line"],
                                                 chunk.get("compression"), max_bytes=bound))
+    elif chunk["format"] == "json_array":
+        items = _iter_json_array(uri, replace(rules, from_json=True), chunk.get("compression"))
     elif chunk["format"] == "csv":
-        items = _iter_csv(uri, rules, chunk.get("compression"))
+        items = ((n, v, raw, n) for n, v, raw in _iter_csv(uri, rules, chunk.get("compression")))
     else:
-        items = _iter_parquet(uri, chunk["start"], chunk["first_line"], rules)
+        items = ((n, v, raw, n) for n, v, raw in _iter_parquet(uri, chunk["start"], chunk["first_line"], rules))
     cols: list[list] = [[] for _ in PARSED_SCHEMA]
-    (rid, ins, ctx, rsp, cat, _src, line_no, reason, detail, raws, _pos) = cols
+    (rid, ins, ctx, rsp, cat, _src, line_no, reason, detail, raws, order) = cols
     base = chunk["file_index"] << LINE_BITS
-    for n, verdict, raw in items:
+    for n, verdict, raw, at in items:
         r = verdict.record
         line_no.append(n)
+        order.append(at)
         if r is not None:
             i, c, p, k = r["instruction"], r["context"], r["response"], r["category"]
             rid.append(record_id(i, c, p, k))
@@ -514,7 +693,7 @@ def _to_batch(cols: list[list], uri: str, base: int) -> pa.RecordBatch:
         if f.name == "source_file":
             arrays.append(pa.array([uri] * n, type=f.type))   # one value per chunk
         elif f.name == "pos":
-            arrays.append(pc.add(arrays[6], pa.scalar(base, pa.int64())))
+            arrays.append(pc.add(pa.array(col, type=pa.int64()), pa.scalar(base, pa.int64())))
         else:
             arrays.append(pa.array(col, type=f.type))
     return pa.RecordBatch.from_arrays(arrays, schema=PARSED_SCHEMA)
