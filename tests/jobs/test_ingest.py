@@ -507,3 +507,51 @@ def test_json_array_files_are_read_as_records(spark, sample_path, tmp_path):
     assert q["pretty.json"]["detail"].startswith(f"element 3 of the JSON array (line {starts[2]}): response")
     assert q["array.jsonl"]["reason"] == "not_an_object" and q["array.jsonl"]["source_line"] == 1
     assert s["rows_existing_by_kind"] == {"repeated_in_input": 1}
+
+
+def test_parquet_reads_only_the_mapped_columns(tmp_path, monkeypatch):
+    """A Parquet file with a large extra column: only the columns field_map names are fetched
+    (measured as the bytes the reader pulls from the file), raw is built for rejected rows only
+    and holds just the mapped columns."""
+    import io
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dollyflow.core.records import Rules
+    from dollyflow.engine import ingest as engine
+    rows = 200
+    blob = [os.urandom(50_000) for _ in range(rows)]                      # 10 MB, incompressible
+    table = pa.table({"prompt": [f"Question {i}?" for i in range(rows)],
+                      "answer": ["" if i == 7 else f"Answer {i}." for i in range(rows)],
+                      "category": ["open_qa"] * rows, "blob": blob})
+    path = tmp_path / "wide.parquet"
+    pq.write_table(table, path, compression="none", row_group_size=rows)
+    fetched = []
+
+    class CountingFile(io.FileIO):
+        def read(self, n=-1):
+            data = super().read(n)
+            fetched.append(len(data))
+            return data
+
+        def readinto(self, b):
+            n = super().readinto(b)
+            fetched.append(n)
+            return n
+
+    class CountingFS:
+        def open_input_file(self, p):
+            return CountingFile(p, "rb")
+
+    real = engine.filesystem
+    monkeypatch.setattr(engine, "filesystem", lambda uri: (CountingFS(), real(uri)[1]))
+    chunk = {"file": str(path), "format": "parquet", "start": 0, "end": 1, "first_line": 1, "file_index": 0}
+    rules = Rules(categories=frozenset({"open_qa"}), field_map={"instruction": "prompt", "response": "answer"})
+    (batch,) = list(engine.parse_chunk(chunk, rules, raw_limit=2000))
+    assert 0 < sum(fetched) < 200_000 < path.stat().st_size // 50, sum(fetched)
+    got = batch.to_pydict()
+    assert got["reason"] == [None] * 7 + ["empty_field"] + [None] * (rows - 8)
+    assert got["raw"][7] == '{"prompt": "Question 7?", "answer": "", "category": "open_qa"}'
+    assert got["raw"].count(None) == rows - 1 and got["instruction"][8] == "Question 8?"

@@ -607,12 +607,23 @@ def _oversized_detail(total: int, bound: int, unit: str = "bytes") -> str:
     return f"line of {total} {unit} > {bound} (4 x ingest.max_field_chars); not read whole"
 
 
-def _iter_parquet(uri: str, group: int, first_line: int, rules: Rules) -> Iterator[tuple[int, Verdict, str]]:
+def _iter_parquet(uri: str, group: int, first_line: int, rules: Rules) -> Iterator[tuple[int, Verdict, object]]:
+    """(row number, verdict, raw) of one row group. Only the columns ``ingest.field_map`` maps to
+    the four dolly fields are read (Parquet is columnar: any other column, however large, is never
+    fetched nor decoded); raw is the row's mapped columns as a dict, made into text by the caller
+    only for a rejected row."""
     fs, path = filesystem(uri)
     with fs.open_input_file(path) as f:
         pf = pq.ParquetFile(f)
+        present = set(pf.schema_arrow.names)
+        wanted = list(dict.fromkeys(key for _, key in rules.keys if key in present))
         line = first_line
-        for batch in pf.iter_batches(batch_size=4096, row_groups=[group]):
+        if not wanted:     # none of the fields: every row is missing them (counted from the footer)
+            for _ in range(pf.metadata.row_group(group).num_rows):
+                yield line, check_object({}, rules), {}
+                line += 1
+            return
+        for batch in pf.iter_batches(batch_size=4096, row_groups=[group], columns=wanted):
             cols = {}
             for name in batch.schema.names:
                 col = batch.column(name)
@@ -631,8 +642,7 @@ def _iter_parquet(uri: str, group: int, first_line: int, rules: Rules) -> Iterat
                             bad = Verdict(reason="invalid_utf8", detail=f"{name} byte {exc.start}")
                             v = v.decode("utf-8", "backslashreplace")
                     obj[name] = v
-                raw = json.dumps(obj, ensure_ascii=False, default=str)
-                yield line, bad or check_object(obj, rules), raw
+                yield line, bad or check_object(obj, rules), obj
                 line += 1
 
 
@@ -676,6 +686,8 @@ def parse_chunk(chunk: dict, rules: Rules, raw_limit: int, batch_rows: int = 819
                 col.append(None)
             reason.append(verdict.reason)
             detail.append(verdict.detail)
+            if isinstance(raw, dict):    # a Parquet row: its mapped columns, as JSON text
+                raw = json.dumps(raw, ensure_ascii=False, default=str)
             raws.append(raw_text(raw, raw_limit, getattr(raw, "total", None)))
         if len(line_no) >= batch_rows:
             yield _to_batch(cols, uri, base)
