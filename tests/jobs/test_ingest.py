@@ -555,3 +555,37 @@ def test_parquet_reads_only_the_mapped_columns(tmp_path, monkeypatch):
     assert got["reason"] == [None] * 7 + ["empty_field"] + [None] * (rows - 8)
     assert got["raw"][7] == '{"prompt": "Question 7?", "answer": "", "category": "open_qa"}'
     assert got["raw"].count(None) == rows - 1 and got["instruction"][8] == "Question 8?"
+
+
+def test_empty_input_fails_naming_the_file_after_recording_the_run(spark, tmp_path):
+    src = tmp_path / "empty.jsonl"
+    src.write_bytes(b"")
+    cfg = config(tmp_path / "wh", f"ingest.input={src}")
+    with pytest.raises(ingest.NoRecordsError, match=rf"holds no line to read .* in 1 file: {src}") as err:
+        ingest.run(cfg, spark)
+    assert err.value.summary["lines_read"] == 0
+    store = DeltaStore(spark, cfg.tables)
+    (run,) = store.read(cfg.tables.ingest_runs).collect()
+    assert (run["run_id"], run["lines_read"], run["rows_new"]) == (cfg.run_id, 0, 0)
+    assert not store.exists(cfg.tables.bronze)
+
+
+def test_all_lines_quarantined_fails_with_the_top_reasons_after_committing_them(spark, sample_path, tmp_path):
+    src = tmp_path / "bad.jsonl"
+    src.write_text('{"instruction": "x\n{oops\n[1]\n' + json.dumps({"instruction": "Q", "category": "open_qa"})
+                   + "\nnot json\n", encoding="utf-8")
+    cfg = config(tmp_path / "wh", f"ingest.input={src}")
+    with pytest.raises(ingest.NoRecordsError, match=r"no valid record: all 5 lines of 1 file: .*bad\.jsonl were "
+                                                    r"quarantined \(top reasons: malformed_json 3, missing_field 1, "
+                                                    r"not_an_object 1\)"):
+        ingest.run(cfg, spark)
+    store = DeltaStore(spark, cfg.tables)
+    assert store.read(cfg.tables.quarantine).filter(f"run_id = '{cfg.run_id}'").count() == 5
+    (run,) = store.read(cfg.tables.ingest_runs).collect()
+    assert (run["lines_read"], run["rows_quarantined"]) == (5, 5)
+    # valid lines that are all in bronze already: a normal, idempotent re-run, no error
+    good = tmp_path / "good.jsonl"
+    good.write_text(sample_path.read_text(encoding="utf-8").splitlines()[0] + "\n", encoding="utf-8")
+    assert ingest.run(config(tmp_path / "wh", f"ingest.input={good}"), spark)["rows_new"] == 1
+    again = ingest.run(config(tmp_path / "wh", f"ingest.input={good}"), spark)
+    assert (again["rows_new"], again["rows_existing"]) == (0, 1)
