@@ -129,6 +129,13 @@ def test_labels_with_mathtext_characters_are_drawn_as_text():
     assert "$\\frac{1}{$" in html and html.count("<img ") == 7
 
 
+def test_tokenize_line_says_when_its_shards_are_not_current():
+    s = {"records_in": 10, "records": {"train": 8}, "tokens": {"train": 80}, "drops": {}, "max_length": 64}
+    assert "NOT the current" not in human_line("tokenize", {**s, "shards_current": True})
+    line = human_line("tokenize", {**s, "shards_current": False, "not_current": "LATEST.json names v5-x"})
+    assert line.endswith("\n    NOT the current shards: LATEST.json names v5-x")
+
+
 def test_literal_text_leaves_the_global_setting_alone():
     import matplotlib
     before = matplotlib.rcParams["text.parse_math"]
