@@ -424,22 +424,57 @@ _OVERRIDE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)=
 
 
 def parse_override(text: str) -> dict[str, Any]:
-    """``a.b=value`` -> {"a": {"b": value}}; the value is read as YAML (``0.8``, ``[a, b]``, ``null``)."""
+    """``a.b=value`` -> {"a": {"b": value}}.
+
+    The value is taken whole, as a string, unless the whole of it is one YAML scalar or flow
+    collection: ``0.8``, ``5e-6``, ``true``, ``null`` (and an empty value: ""), ``20240101``, a
+    quoted string (``'x: y'``), ``[a, b]``, ``{k: v}``. So a SQL query or a path that holds
+    ``: `` or `` #`` (``infer.query=SELECT a FROM t WHERE x = 'a: b' # c``) is never cut at a
+    YAML comment nor read as a mapping; a plain word stays the text typed, and a value YAML
+    would make a date (``2024-01-01``) stays a string."""
     m = _OVERRIDE.match(text)
     if not m:
         raise ConfigError(f"override {text!r} is not of the form section.key=value")
     dotted, raw = m.groups()
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
     out: dict[str, Any] = {}
     node = out
     parts = dotted.split(".")
     for p in parts[:-1]:
         node = node.setdefault(p, {})
-    node[parts[-1]] = value
+    node[parts[-1]] = _override_value(raw)
     return out
+
+
+_YAML_SCALARS = (bool, int, float, type(None))
+
+
+def _override_value(raw: str) -> Any:
+    """The typed value of an override's right-hand side (see :func:`parse_override`)."""
+    if not raw.strip():
+        return ""
+    try:
+        loader = yaml.SafeLoader(raw)
+        try:
+            node = loader.get_single_node()     # one document, or an error
+            if node is None:
+                return raw
+            # the node must span the whole value: "a # c" is the scalar "a" and a comment
+            if raw[node.end_mark.index:].strip():
+                return raw
+            if isinstance(node, yaml.ScalarNode):
+                value = loader.construct_document(node)
+                if node.style in ("'", '"'):
+                    return value                  # quoted: the string meant
+                if value is None and raw.strip() not in ("null", "Null", "NULL", "~"):
+                    return raw                    # "&x" (an anchor of nothing) is text
+                return value if isinstance(value, _YAML_SCALARS) else raw
+            if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)) and node.flow_style:
+                return loader.construct_document(node)
+            return raw                              # a block mapping or list: "a: b" is text
+        finally:
+            loader.dispose()
+    except yaml.YAMLError:
+        return raw
 
 
 def new_run_id(job: str = "") -> str:

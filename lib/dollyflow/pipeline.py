@@ -10,6 +10,11 @@ the job's own output (training steps, warnings) goes to ``<files root>/pipeline_
 id>/<job>.log`` (``--verbose`` streams it instead). The train job's model feeds infer unless
 ``infer.model`` is set; infer scores the test split into ``predictions``.
 
+The run stops at the first job that fails: its line says ``FAILED`` with the error, the last
+lines name the job, its error and the jobs that did not run, the exit code is 1, and the run
+record has ``status: failed``, ``failed_job`` and ``not_run`` (a job that committed rows before
+failing, such as ingest on an input with no valid record, leaves its summary there too).
+
 Each run writes ``<files root>/pipeline_runs/<run id>/run.json``: the config, every job's summary
 and status (``changed`` / ``unchanged``: whether it wrote a new version of its data tables),
 the Delta version of every table after the run, the shard directory, the model and MLflow run.
@@ -209,9 +214,11 @@ def run_pipeline(argv: list[str] | None = None) -> int:
             with captured(log):
                 summary = module.run(cfg, spark)
         except Exception as exc:   # noqa: BLE001 - reported, recorded, then the run stops
-            failed = (name, exc)
+            failed = (name, exc, [j for j in jobs[i:]])
             record["jobs"][name] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
                                     "seconds": round(time.time() - t0, 2)}
+            if isinstance(getattr(exc, "summary", None), dict):   # what the job committed before failing
+                record["jobs"][name]["summary"] = exc.summary
             say(f"{head} FAILED after {time.time() - t0:.1f} s: {type(exc).__name__}: {exc}")
             if log:
                 say(f"---- last lines of its output ({log}) ----\n{_tail(log)}".rstrip())
@@ -235,11 +242,19 @@ def run_pipeline(argv: list[str] | None = None) -> int:
     ran = [j for j in record["jobs"].values() if j["status"] in ("changed", "unchanged")]
     record["unchanged"] = bool(ran) and all(j["status"] == "unchanged" for j in ran)
     record["status"] = "failed" if failed else "succeeded"
+    if failed:
+        record["failed_job"], record["not_run"] = failed[0], failed[2]
     record["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     record["seconds"] = round(time.time() - t_start, 2)
     save_run(record)
     if failed:
-        say(f"pipeline {base_run} failed in {failed[0]}; run record {rdir}/run.json")
+        name, exc, rest = failed
+        msg = (f"pipeline {base_run} failed in {name} (job {jobs.index(name) + 1} of {len(jobs)}): "
+               f"{type(exc).__name__}: {exc}\n"
+               f"pipeline {base_run} stopped there; not run: {', '.join(rest) or 'none'}; run record {rdir}/run.json")
+        say(msg)
+        if out is not sys.stderr:   # the reason also on stderr, where a scheduler's log looks
+            print(msg, file=sys.stderr, flush=True)
         if args.json:
             print(json.dumps(redact(record), indent=2, default=_json_default), flush=True)
         return 1

@@ -70,6 +70,41 @@ def test_parse_override_shapes():
         parse_override("no-equals")
 
 
+@pytest.mark.parametrize("value", [
+    "SELECT a, b FROM t WHERE x = 'a: b' # c",      # ': ' and ' #' inside a query
+    "SELECT * FROM silver # all of it",
+    "/data/exports/run #3/part: a.jsonl",             # a path
+    "a # c",
+    "0.8 # not a comment",
+    "key: value",                                     # a block mapping in YAML: text here
+    "- item",                                         # a block list in YAML: text here
+    "2024-01-01",                                     # a date in YAML: text here
+])
+def test_override_value_with_colon_or_hash_is_taken_whole(value):
+    assert parse_override(f"infer.query={value}") == {"infer": {"query": value}}
+    cfg = load_config("", [f"infer.query={value}"])
+    assert cfg.infer.query == value
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("0.8", 0.8), ("true", True), ("null", None), ("~", None), ("", ""), ("20240101", 20240101),
+    ("[a, b]", ["a", "b"]), ("{k: v}", {"k": "v"}), ("'x: y # z'", "x: y # z"), ('"q"', "q"),
+    ("5e-6", "5e-6"), ("plain words", "plain words"),
+])
+def test_override_scalars_and_flow_collections_are_yaml(raw, expected):
+    assert parse_override(f"a.b={raw}") == {"a": {"b": expected}}
+
+
+def test_override_typed_values_still_coerce():
+    cfg = load_config("", ["train.learning_rate=5e-6", "run_id=20240101", "dedupe.threshold=0.8",
+                           "train.mlflow=false", "dedupe.bands=null", "tokenize.output_dir=/x/a: b #1"])
+    assert cfg.train.learning_rate == 5e-6 and cfg.run_id == "20240101" and cfg.dedupe.threshold == 0.8
+    assert cfg.train.mlflow is False and cfg.dedupe.bands is None
+    assert cfg.tokenize.output_dir == "/x/a: b #1"
+    with pytest.raises(ConfigError, match=r"dedupe.threshold: expected float, got str '0.8 # x'"):
+        load_config("", ["dedupe.threshold=0.8 # x"])
+
+
 def test_cli_config_prints_resolved(capsys):
     from dollyflow.cli import main
     assert main(["config", "ingest", "--preset", "tiny", "ingest.max_field_chars=7"]) == 0

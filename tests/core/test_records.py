@@ -75,3 +75,12 @@ def test_record_id_is_pinned():
 
 def test_raw_text_truncates():
     assert raw_text(b"x" * 10, 4) == "xxxx...[10 total]"
+
+
+def test_oversized_line_reason_and_its_raw_text():
+    from dollyflow.core.records import max_line_bytes
+    assert "oversized_line" in REASONS and REASONS[0] == "oversized_line"   # decided before parsing
+    assert max_line_bytes(100_000) == 400_000
+    head = b'{"instruction": "' + b"x" * 100
+    assert raw_text(head, 20, total=5_000_000) == '{"instruction": "xxx...[5000000 total]'
+    assert raw_text(b"short", 20, total=5) == "short"

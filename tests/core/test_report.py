@@ -109,3 +109,35 @@ def test_infer_line_says_how_long_the_model_loads_took():
                                       "length 6; 1,536 tokens at 214.7 tokens/s (model loads: 2, slowest 4.1 s)")
     s["workers"] = {"workers": 2, "loads": 0, "loads_per_worker": 0, "load_seconds": 0.0}    # reused workers
     assert human_line("infer", s).endswith("1,536 tokens at 214.7 tokens/s")
+
+
+MATHTEXT_LABELS = ["$x$", "a_b^c", "\\alpha", "$\\frac{1}{$", "cost $5 or $6", "50% $", "${unclosed$"]
+
+
+def test_labels_with_mathtext_characters_are_drawn_as_text():
+    """Labels come from the data (a category, a quarantine reason): one with '$', '_', '^' or a
+    backslash must not fail the plot (a malformed formula raises in matplotlib's mathtext parser)."""
+    counts = {label: i + 1 for i, label in enumerate(MATHTEXT_LABELS)}
+    cats = {label: {"bronze": 2, "silver": 1} for label in MATHTEXT_LABELS}
+    pngs = [report.plot_counts(counts, "Quarantined $lines$ per reason", "lines"), report.plot_categories(cats),
+            report.plot_category_loss({label: {"loss": 1.5, "records": 2} for label in MATHTEXT_LABELS})]
+    assert all(p.startswith(PNG) for p in pngs)
+    d = synthetic()
+    d["categories"], d["quarantine"] = cats, counts
+    d["tokens"]["splits"] = {"$tr_ain$": d["tokens"]["splits"]["train"]}
+    html = report.render_html(d)
+    assert "$\\frac{1}{$" in html and html.count("<img ") == 7
+
+
+def test_tokenize_line_says_when_its_shards_are_not_current():
+    s = {"records_in": 10, "records": {"train": 8}, "tokens": {"train": 80}, "drops": {}, "max_length": 64}
+    assert "NOT the current" not in human_line("tokenize", {**s, "shards_current": True})
+    line = human_line("tokenize", {**s, "shards_current": False, "not_current": "LATEST.json names v5-x"})
+    assert line.endswith("\n    NOT the current shards: LATEST.json names v5-x")
+
+
+def test_literal_text_leaves_the_global_setting_alone():
+    import matplotlib
+    before = matplotlib.rcParams["text.parse_math"]
+    report.plot_counts({"$x$": 1}, "t", "n")
+    assert matplotlib.rcParams["text.parse_math"] == before

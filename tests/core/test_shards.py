@@ -209,3 +209,29 @@ def test_unchanged_shards_matches_source_version_and_every_setting(shard_dir, tm
     for change in ({"tokenizer_sha256": "abd"}, {"max_length": 2048}, {"test_size": 0.1}, {"seed": 7},
                    {"num_shards": 8}):
         assert unchanged_shards(str(root), "/wh/silver", 3, {**settings, **change}) is None, change
+
+
+def test_pointer_never_moves_back_to_an_older_silver_version(tmp_path):
+    """Two runs finishing out of order: the pointer stays at the newer silver version and the
+    older run learns its shards are not current; of two runs over one version, the one started
+    later wins whatever order they finish in; pointers without versions are replaced as before."""
+    from dollyflow.core.shards import read_pointer, write_pointer
+
+    root = str(tmp_path / "root")
+    silver = "/wh/dollyflow/silver"
+    p5 = write_pointer(root, "v5-b", run_id="b", silver=silver, silver_version=5, started_at="2026-01-01T10:00:00")
+    assert p5["moved"] is True and read_pointer(root)["dir"] == "v5-b"
+    p3 = write_pointer(root, "v3-a", run_id="a", silver=silver, silver_version=3, started_at="2026-01-01T11:00:00")
+    assert p3["moved"] is False and p3["dir"] == "v5-b" and p3["silver_version"] == 5
+    assert read_pointer(root)["dir"] == "v5-b"
+    # same version: the run started earlier does not replace the one started later
+    early = write_pointer(root, "v5-c", run_id="c", silver=silver, silver_version=5, started_at="2026-01-01T09:00:00")
+    assert early["moved"] is False and read_pointer(root)["dir"] == "v5-b"
+    late = write_pointer(root, "v5-d", run_id="d", silver=silver, silver_version=5, started_at="2026-01-01T12:00:00")
+    assert late["moved"] is True and read_pointer(root)["dir"] == "v5-d"
+    newer = write_pointer(root, "v6-e", run_id="e", silver=silver, silver_version=6, started_at="2026-01-01T08:00:00")
+    assert newer["moved"] is True and read_pointer(root)["dir"] == "v6-e"
+    # another silver table's shards in the same root are not ordered against these: last write wins
+    other = write_pointer(root, "v1-f", run_id="f", silver="/wh/other", silver_version=1, started_at="2026-01-01")
+    assert other["moved"] is True and read_pointer(root)["dir"] == "v1-f"
+    assert write_pointer(root, "by-hand")["moved"] is True and read_pointer(root)["dir"] == "by-hand"

@@ -285,3 +285,20 @@ def test_run_table_rows_are_redacted(spark, store):
     text = str(row.asDict())
     assert "TOPSECRET" not in text and "AKIAX" not in text
     assert row["inputs"] == ["s3a://***@bucket/raw/data.jsonl?endpoint_override=h:9&sig=***"]
+
+
+def test_staged_rows_are_counted_before_and_invisible_until_committed(spark, store):
+    """stage() writes the files of a write and counts their rows without committing: the table
+    stays at its version (and content) until commit_parts, and discard_parts leaves nothing."""
+    store.write(rows(spark, 0, 4), "s", job="seed", run_id="r0")
+    sink, parts = store.stage(rows(spark, 10, 17), "s")
+    assert sum(r for _, _, r in parts) == 7 and store.version("s") == 0 and store.count("s") == 4
+    assert keyed(store.read("s")) == keyed(rows(spark, 0, 4))
+    c = store.commit_parts(sink, parts, "s", mode="overwrite", job="dedupe", run_id="r1")
+    assert (c.version, c.rows) == (1, 7) and keyed(store.read("s")) == keyed(rows(spark, 10, 17))
+    assert store.history("s", 1)[0]["run_id"] == "r1"
+    assert [r["ts"] for r in store.read("s").limit(1).collect()][0].year == 2024
+    sink2, parts2 = store.stage(rows(spark, 0, 3), "s")
+    store.discard_parts(sink2)
+    assert store.version("s") == 1 and not Path(sink2.directory).exists()
+    assert keyed(store.read("s")) == keyed(rows(spark, 10, 17))

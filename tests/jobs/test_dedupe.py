@@ -275,3 +275,49 @@ def test_connected_components_on_dataframes(spark):
     expected |= {100 + i: 100 for i in range(31)} | {n: 200 for n in (200, 201, 202)}
     expected |= {300 + i: 300 for i in range(6)}
     assert got == expected
+
+
+@pytest.mark.parametrize("fault", ["bronze_count", "lost_silver_row"])
+def test_a_failed_count_check_commits_nothing(spark, sample_path, tmp_path, monkeypatch, fault):
+    """The counts are checked on the written-but-uncommitted outputs: a mismatch (bronze's log
+    disagreeing with the rows read, or a silver frame that loses a row) fails the run, silver and
+    duplicates stay at their previous versions and content, and no staged file is left."""
+    import dollyflow.engine.dedupe as engine
+    from dollyflow.core.counts import CountMismatch
+    from dollyflow.engine.delta import DeltaStore
+    from dollyflow.jobs import dedupe, ingest
+
+    records = [json.loads(line) for line in open(sample_path, encoding="utf-8")][:20]
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, records + [dict(records[0], instruction=records[0]["instruction"].upper())])
+    base = [f"tables.warehouse={tmp_path / 'wh'}", "spark.shuffle_partitions=4"]
+    ingest.run(load_config("ingest", [*base, f"ingest.input={src}"]), spark)
+    first = dedupe.run(load_config("dedupe", base), spark)
+    assert first["removed_exact"] == 1
+    write_jsonl(src, [dict(r, instruction=r["instruction"] + " (new)") for r in records[:3]])
+    ingest.run(load_config("ingest", [*base, f"ingest.input={src}"]), spark)
+    store = DeltaStore(spark, load_config("dedupe", base).tables)
+    tables = ("silver", "duplicates")
+    before = {n: (store.version(n), sorted(map(tuple, store.read(n).collect()))) for n in tables}
+    files = {n: sorted(p.name for p in Path(store.location(n)).iterdir()) for n in tables}
+    if fault == "bronze_count":
+        real = DeltaStore.count
+        monkeypatch.setattr(DeltaStore, "count", lambda self, name, version=None:
+                            real(self, name, version) + (name == "bronze"))
+        match = r"dedupe: bronze v1: rows of .* = 25, but rows read by dedupe = 24"
+    else:
+        real_silver = engine.silver_of
+
+        def lossy(bronze, dups):
+            df = real_silver(bronze, dups)
+            return df.filter(df.record_id != df.orderBy("record_id").first()["record_id"])
+
+        monkeypatch.setattr(engine, "silver_of", lossy)
+        match = (r"dedupe: outputs: bronze rows = 24, but rows of silver \(\d+\) \+ duplicates \(\d+\) as written, "
+                 r"before their commits = 23 \(difference -1\)")
+    with pytest.raises(CountMismatch, match=match):
+        dedupe.run(load_config("dedupe", base), spark)
+    assert {n: (store.version(n), sorted(map(tuple, store.read(n).collect()))) for n in tables} == before
+    assert {n: sorted(p.name for p in Path(store.location(n)).iterdir()) for n in tables} == files
+    assert not any((Path(store.location("silver")).parent / "_staging").glob("*"))
+    assert store.count("dedupe_runs") == 1

@@ -39,7 +39,7 @@ def test_every_bad_line_is_quarantined_with_its_reason(spark, mixed_run):
     expected = {"truncated-json": "malformed_json", "missing-field": "missing_field",
                 "wrong-type": "wrong_type", "empty-instruction": "empty_field",
                 "unknown-category": "unknown_category", "invalid-utf8": "invalid_utf8",
-                "not-an-object": "not_an_object", "oversized": "oversized_field"}
+                "not-an-object": "not_an_object", "oversized": "oversized_line"}  # its 2 MB line > 4 x max_field_chars
     store = DeltaStore(spark, cfg.tables)
     q = {r["source_line"]: r for r in store.read(cfg.tables.quarantine).collect()}
     bad = {n: t for n, t in truth_lines(truth).items() if t["kind"] == "bad"}
@@ -356,3 +356,254 @@ def test_a_run_id_that_escapes_its_directory_never_overwrites_the_schema(spark, 
     with pytest.raises(ValueError, match="does not lie below"):
         ingest.run(cfg, spark)
     assert store.version(cfg.tables.bronze) == version and store.count(cfg.tables.bronze) == rows
+
+
+def test_glob_star_stays_in_its_directory_and_double_star_recurses(tmp_path):
+    """`dir/*.jsonl` is the files of dir only (as a shell reads it), `dir/**/*.jsonl` every one
+    below dir (dir itself included), and a directory input is read recursively."""
+    from dollyflow.engine.ingest import list_inputs
+    d = tmp_path / "d"
+    for rel in ("a.jsonl", "b.jsonl", "sub/c.jsonl", "sub/deeper/e.jsonl", "sub/x.csv"):
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_text(json.dumps(_rec(1)) + "\n")
+
+    def names(spec):
+        return sorted(f.uri[len(str(d)) + 1:] for f in list_inputs(spec).files)
+
+    assert names(f"{d}/*.jsonl") == ["a.jsonl", "b.jsonl"]
+    assert names(f"{d}/**/*.jsonl") == ["a.jsonl", "b.jsonl", "sub/c.jsonl", "sub/deeper/e.jsonl"]
+    assert names(f"{d}/*/*.jsonl") == ["sub/c.jsonl"]
+    assert names(f"{d}/**/deeper/*") == ["sub/deeper/e.jsonl"]
+    assert names(f"{d}/?.jsonl") == ["a.jsonl", "b.jsonl"]
+    assert names(str(d)) == ["a.jsonl", "b.jsonl", "sub/c.jsonl", "sub/deeper/e.jsonl", "sub/x.csv"]
+    with pytest.raises(FileNotFoundError, match=r"no input files .* match .*/sub/\*\.txt"):
+        list_inputs(f"{d}/sub/*.txt")
+
+
+def _oversized_file(path, big: int = 6 << 20) -> bytes:
+    """Line 2: `big` bytes of one JSON string (no newline inside); line 5, the last: `big` bytes
+    without any newline after them; the others valid records."""
+    data = (_jsonl([_rec(1)]) + b'{"instruction": "' + b"x" * big + b'"}\n' + _jsonl([_rec(3), _rec(4)])
+            + b"y" * big)
+    path.write_bytes(data)
+    return data
+
+
+def _parse_file(path, size: int, chunk_bytes: int, max_field_chars: int) -> tuple[list[tuple], int]:
+    """(source_line, reason, detail, raw) of every line, parsed chunk by chunk as the tasks do, and
+    the peak of Python's memory allocations while parsing (tracemalloc)."""
+    import tracemalloc
+
+    from dollyflow.core.records import Rules
+    from dollyflow.engine.ingest import InputFile, count_line_starts, parse_chunk, plan_chunks
+    warm = path.parent / "warm-up.jsonl"      # the first parse imports modules: not the reader's memory
+    warm.write_bytes(_jsonl([_rec(0)]) + b"x\n")
+    for c in plan_chunks([InputFile(str(warm), "json", warm.stat().st_size)], 1 << 20):
+        list(parse_chunk({**c, "first_line": 1}, Rules(), raw_limit=100))
+    chunks = plan_chunks([InputFile(str(path), "json", size)], chunk_bytes)
+    first, rows = 1, []
+    for c in chunks:
+        c["first_line"] = first
+        first += count_line_starts(str(path), c["start"], c["end"])
+    tracemalloc.start()
+    try:
+        for c in chunks:
+            for b in parse_chunk(c, Rules(max_field_chars=max_field_chars), raw_limit=100):
+                rows += zip(b.column("source_line").to_pylist(), b.column("reason").to_pylist(),
+                            b.column("detail").to_pylist(), b.column("raw").to_pylist())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return rows, peak
+
+
+@pytest.mark.parametrize("chunk_bytes", [1 << 30, 1 << 20, 5000])
+def test_oversized_line_is_quarantined_without_reading_it_whole(tmp_path, chunk_bytes):
+    """A line over 4 x max_field_chars bytes is quarantined as oversized_line, read in bounded
+    pieces (the reader's peak memory stays far below the line), and the lines after it keep
+    their exact numbers, however the file is cut into byte ranges."""
+    f = tmp_path / "big.jsonl"
+    big = 6 << 20
+    data = _oversized_file(f, big)
+    rows, peak = _parse_file(f, len(data), chunk_bytes, max_field_chars=1000)
+    assert peak < big // 2, peak       # read in 256 KB pieces, never whole
+    assert [(n, r) for n, r, _, _ in rows] == [(1, None), (2, "oversized_line"), (3, None), (4, None),
+                                              (5, "oversized_line")]
+    by_line = {n: (d, raw) for n, _, d, raw in rows}
+    assert by_line[2][0].startswith(f"line of {big + 19} bytes > 4000")
+    assert by_line[5][0].startswith(f"line of {big} bytes > 4000")
+    assert by_line[2][1].startswith('{"instruction": "xxx') and by_line[2][1].endswith(f"...[{big + 19} total]")
+    assert len(by_line[2][1]) < 200
+
+
+def test_oversized_csv_line_is_quarantined_and_the_next_rows_read(tmp_path):
+    from dollyflow.core.records import Rules
+    from dollyflow.engine.ingest import _iter_csv
+    f = tmp_path / "big.csv"
+    f.write_text("instruction,context,response,category\n"
+                 "Q1?,,A1.,open_qa\n" + "Q2?,," + "z" * 50_000 + ",open_qa\nQ3?,,A3.,open_qa\n", encoding="utf-8")
+    got = [(n, v.reason, getattr(raw, "total", None)) for n, v, raw in _iter_csv(str(f), Rules(max_field_chars=1000))]
+    assert got == [(2, None, None), (3, "oversized_line", 50_013), (4, None, None)]
+
+
+def test_oversized_lines_through_the_job_with_small_chunks(spark, tmp_path):
+    f = tmp_path / "big.jsonl"
+    _oversized_file(f, 3 << 20)
+    cfg = config(tmp_path / "wh", f"ingest.input={f}", "ingest.chunk_bytes=700000", "ingest.max_field_chars=1000")
+    s = ingest.run(cfg, spark)
+    assert (s["lines_read"], s["rows_new"], s["quarantined_by_reason"]) == (5, 3, {"oversized_line": 2})
+    store = DeltaStore(spark, cfg.tables)
+    assert sorted((r["source_line"], r["instruction"]) for r in store.read(cfg.tables.bronze).collect()) == \
+           [(1, "Question 1?"), (3, "Question 3?"), (4, "Question 4?")]
+    assert sorted(r["source_line"] for r in store.read(cfg.tables.quarantine).collect()) == [2, 5]
+
+
+ARRAY_CASES = [
+    (b"[]", []),
+    (b' [\n ]\n', []),
+    (b'[1,,2]', [(1, 1, b"1"), (1, 2, "an empty element"), (1, 3, b"2")]),
+    (b'[{"a": 1},\n]', [(1, 1, b'{"a": 1}'), (2, 2, "an empty element")]),
+    (b'[{"a": 1}', [(1, 1, b'{"a": 1}'), (1, 2, "the file ends before the array's closing ']'")]),
+    (b'[{"a": "1}, {"b": 2}]', [(1, 1, "the file ends inside this element")]),      # an unclosed string
+    (b'[{"a": [1}, {"b": 2}]', [(1, 1, b'{"a": [1}, {"b": 2}]'), (1, 2, "the file ends before")]),  # bad nesting
+    (b'[{"a": 1}]\n{"b": 2}\n', [(1, 1, b'{"a": 1}'), (2, 2, "data after the array's closing ']'")]),
+    (BOM + b'[1, "x,]\\"]", [2, {"c": "}"}]]', [(1, 1, b"1"), (1, 2, b'"x,]\\"]"'), (1, 3, b'[2, {"c": "}"}]')]),
+    (b'[{"a": 1} {"b": 2},\n 3]', [(1, 1, b'{"a": 1} {"b": 2}'), (2, 2, b"3")]),   # missing comma: one bad element
+]
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 5, 1 << 18])
+@pytest.mark.parametrize("data,expected", ARRAY_CASES)
+def test_json_array_elements_lines_and_problems(data, expected, block):
+    """Elements with the line each starts on, whatever the read blocks cut (inside strings,
+    escapes, brackets); where the array breaks, a problem naming why, and reading stops."""
+    import io
+
+    from dollyflow.engine.ingest import ArrayProblem, iter_json_array
+    got = [(line, i, e.detail[:len(x)] if isinstance(e, ArrayProblem) else e)
+           for (line, i, e), (_, _, x) in zip(iter_json_array(io.BytesIO(data), 1000, block), expected + [(0, 0, "")] * 9)]
+    assert got == expected
+
+
+def test_json_array_element_over_the_bound_is_kept_short(tmp_path):
+    import io
+
+    from dollyflow.engine.ingest import OversizedLine, iter_json_array
+    data = b'[\n {"instruction": "' + b"x" * 100_000 + b'"},\n {"a": 2}\n]'
+    (l1, i1, e1), (l2, i2, e2) = iter_json_array(io.BytesIO(data), 1000, block=4096)
+    assert isinstance(e1, OversizedLine) and len(e1) == 1000 and e1.total == 100_019 and (l1, i1) == (2, 1)
+    assert (l2, i2, e2) == (3, 2, b'{"a": 2}')
+
+
+def test_json_array_files_are_read_as_records(spark, sample_path, tmp_path):
+    """A .json file holding one JSON array (pretty-printed, or on one line) gives its objects as
+    records, each with the line it starts on; a bad element is one quarantined row naming its
+    index; equal records on one line are still told apart; .json files of JSON Lines and .jsonl
+    files stay JSON Lines."""
+    records = [json.loads(line) for line in open(sample_path, encoding="utf-8")][:6]
+    src = tmp_path / "src"
+    src.mkdir()
+    pretty = [records[0], records[1], {"instruction": "No response"}, records[2]]
+    (src / "pretty.json").write_text(json.dumps(pretty, indent=2), encoding="utf-8")
+    (src / "oneline.json").write_text(json.dumps([records[3], records[3], records[4]]), encoding="utf-8")
+    (src / "lines.json").write_text(json.dumps(records[5]) + "\n", encoding="utf-8")
+    (src / "array.jsonl").write_text("[1, 2]\n", encoding="utf-8")
+    cfg = config(tmp_path / "wh", f"ingest.input={src}")
+    s = ingest.run(cfg, spark)
+    assert (s["lines_read"], s["rows_new"], s["rows_existing"]) == (4 + 3 + 1 + 1, 6, 1)
+    assert s["quarantined_by_reason"] == {"missing_field": 1, "not_an_object": 1}
+    store = DeltaStore(spark, cfg.tables)
+    bronze = {(r["source_file"].rsplit("/", 1)[1], r["source_line"]): r["instruction"]
+              for r in store.read(cfg.tables.bronze).collect()}
+    starts = [n for n, line in enumerate((src / "pretty.json").read_text().splitlines(), 1) if line == "  {"]
+    assert {k: v for k, v in bronze.items() if k[0] == "pretty.json"} == \
+           {("pretty.json", starts[0]): records[0]["instruction"], ("pretty.json", starts[1]): records[1]["instruction"],
+            ("pretty.json", starts[3]): records[2]["instruction"]}
+    assert {k for k in bronze if k[0] != "pretty.json"} == {("oneline.json", 1), ("lines.json", 1)}
+    q = {r["source_file"].rsplit("/", 1)[1]: r for r in store.read(cfg.tables.quarantine).collect()}
+    assert q["pretty.json"]["source_line"] == starts[2] and q["pretty.json"]["reason"] == "missing_field"
+    assert q["pretty.json"]["detail"].startswith(f"element 3 of the JSON array (line {starts[2]}): response")
+    assert q["array.jsonl"]["reason"] == "not_an_object" and q["array.jsonl"]["source_line"] == 1
+    assert s["rows_existing_by_kind"] == {"repeated_in_input": 1}
+
+
+def test_parquet_reads_only_the_mapped_columns(tmp_path, monkeypatch):
+    """A Parquet file with a large extra column: only the columns field_map names are fetched
+    (measured as the bytes the reader pulls from the file), raw is built for rejected rows only
+    and holds just the mapped columns."""
+    import io
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dollyflow.core.records import Rules
+    from dollyflow.engine import ingest as engine
+    rows = 200
+    blob = [os.urandom(50_000) for _ in range(rows)]                      # 10 MB, incompressible
+    table = pa.table({"prompt": [f"Question {i}?" for i in range(rows)],
+                      "answer": ["" if i == 7 else f"Answer {i}." for i in range(rows)],
+                      "category": ["open_qa"] * rows, "blob": blob})
+    path = tmp_path / "wide.parquet"
+    pq.write_table(table, path, compression="none", row_group_size=rows)
+    fetched = []
+
+    class CountingFile(io.FileIO):
+        def read(self, n=-1):
+            data = super().read(n)
+            fetched.append(len(data))
+            return data
+
+        def readinto(self, b):
+            n = super().readinto(b)
+            fetched.append(n)
+            return n
+
+    class CountingFS:
+        def open_input_file(self, p):
+            return CountingFile(p, "rb")
+
+    real = engine.filesystem
+    monkeypatch.setattr(engine, "filesystem", lambda uri: (CountingFS(), real(uri)[1]))
+    chunk = {"file": str(path), "format": "parquet", "start": 0, "end": 1, "first_line": 1, "file_index": 0}
+    rules = Rules(categories=frozenset({"open_qa"}), field_map={"instruction": "prompt", "response": "answer"})
+    (batch,) = list(engine.parse_chunk(chunk, rules, raw_limit=2000))
+    assert 0 < sum(fetched) < 200_000 < path.stat().st_size // 50, sum(fetched)
+    got = batch.to_pydict()
+    assert got["reason"] == [None] * 7 + ["empty_field"] + [None] * (rows - 8)
+    assert got["raw"][7] == '{"prompt": "Question 7?", "answer": "", "category": "open_qa"}'
+    assert got["raw"].count(None) == rows - 1 and got["instruction"][8] == "Question 8?"
+
+
+def test_empty_input_fails_naming_the_file_after_recording_the_run(spark, tmp_path):
+    src = tmp_path / "empty.jsonl"
+    src.write_bytes(b"")
+    cfg = config(tmp_path / "wh", f"ingest.input={src}")
+    with pytest.raises(ingest.NoRecordsError, match=rf"holds no line to read .* in 1 file: {src}") as err:
+        ingest.run(cfg, spark)
+    assert err.value.summary["lines_read"] == 0
+    store = DeltaStore(spark, cfg.tables)
+    (run,) = store.read(cfg.tables.ingest_runs).collect()
+    assert (run["run_id"], run["lines_read"], run["rows_new"]) == (cfg.run_id, 0, 0)
+    assert not store.exists(cfg.tables.bronze)
+
+
+def test_all_lines_quarantined_fails_with_the_top_reasons_after_committing_them(spark, sample_path, tmp_path):
+    src = tmp_path / "bad.jsonl"
+    src.write_text('{"instruction": "x\n{oops\n[1]\n' + json.dumps({"instruction": "Q", "category": "open_qa"})
+                   + "\nnot json\n", encoding="utf-8")
+    cfg = config(tmp_path / "wh", f"ingest.input={src}")
+    with pytest.raises(ingest.NoRecordsError, match=r"no valid record: all 5 lines of 1 file: .*bad\.jsonl were "
+                                                    r"quarantined \(top reasons: malformed_json 3, missing_field 1, "
+                                                    r"not_an_object 1\)"):
+        ingest.run(cfg, spark)
+    store = DeltaStore(spark, cfg.tables)
+    assert store.read(cfg.tables.quarantine).filter(f"run_id = '{cfg.run_id}'").count() == 5
+    (run,) = store.read(cfg.tables.ingest_runs).collect()
+    assert (run["lines_read"], run["rows_quarantined"]) == (5, 5)
+    # valid lines that are all in bronze already: a normal, idempotent re-run, no error
+    good = tmp_path / "good.jsonl"
+    good.write_text(sample_path.read_text(encoding="utf-8").splitlines()[0] + "\n", encoding="utf-8")
+    assert ingest.run(config(tmp_path / "wh", f"ingest.input={good}"), spark)["rows_new"] == 1
+    again = ingest.run(config(tmp_path / "wh", f"ingest.input={good}"), spark)
+    assert (again["rows_new"], again["rows_existing"]) == (0, 1)

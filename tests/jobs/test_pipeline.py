@@ -102,6 +102,31 @@ def test_pipeline_end_to_end_rerun_and_report(spark, tmp_path, capsys, sample_pa
     assert "no pipeline run 'no-such-run'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("content", [b"", b"{not json\n[1]\n"], ids=["empty", "all-quarantined"])
+def test_pipeline_stops_at_the_first_failing_job_and_names_it(spark, tmp_path, capsys, tokenizer_path, content):
+    """An input with no valid record fails ingest (after recording it); the pipeline says which
+    job failed and why, runs none of the later jobs and exits non-zero."""
+    wh = tmp_path / "wh"
+    data_file = tmp_path / "input.jsonl"
+    data_file.write_bytes(content)
+    args = ["pipeline", "--preset", "tiny", f"tables.warehouse={wh}", f"ingest.input={data_file}",
+            f"model.tokenizer={tokenizer_path}", "tokenize.test_size=0.1"]
+    assert main(args) == 1
+    out = capsys.readouterr()
+    assert "[1/5] ingest   FAILED" in out.out and "NoRecordsError" in out.out and str(data_file) in out.out
+    assert "failed in ingest (job 1 of 5): NoRecordsError" in out.err
+    assert "not run: dedupe, tokenize, train, infer" in out.err
+    assert "[2/5]" not in out.out
+    (run_dir,) = (wh / "pipeline_runs").iterdir()
+    record = json.loads((run_dir / "run.json").read_text())
+    assert (record["status"], record["failed_job"], list(record["jobs"])) == ("failed", "ingest", ["ingest"])
+    assert record["not_run"] == ["dedupe", "tokenize", "train", "infer"]
+    assert record["jobs"]["ingest"]["summary"]["lines_read"] == content.count(b"\n")
+    store = _store(spark, wh)
+    assert store.version("silver") is None and store.version("tokenized") is None
+    assert store.count("ingest_runs") == 1
+
+
 def _store(spark, wh: Path):
     from dollyflow.config import TablesConfig
     from dollyflow.engine.delta import DeltaStore

@@ -397,3 +397,74 @@ def test_shards_missing_a_record_fail_the_run(job, spark, tmp_path, monkeypatch)
     assert not any((tmp_path / "r").glob("v*"))
     assert sorted(p.name for p in table_dir.iterdir()) == folders      # the run's table files are gone
 
+
+
+@pytest.mark.parametrize("case", ["empty", "all-dropped"])
+def test_no_record_to_tokenize_says_so_and_writes_nothing(job, spark, sample_path, tmp_path, case):
+    """A silver version with no rows, or whose every record is dropped: a clear error naming
+    silver's location, version and the drops, and the shards, their pointer and the tokenized
+    table of the previous run stay current."""
+    from dollyflow.config import load_config
+    from dollyflow.engine.delta import DeltaStore
+    from dollyflow.engine.tokenize import NoRecordsToTokenize
+    from dollyflow.jobs import tokenize
+
+    wh, root = tmp_path / "wh", tmp_path / "root"
+
+    def cfg(*more):
+        return load_config("tokenize", [f"tables.warehouse={wh}", f"tokenize.tokenizer={job['tokenizer_path']}",
+                                        f"tokenize.output_dir={root}", "tokenize.test_size=2",
+                                        "tokenize.num_shards=1", *more])
+
+    store = DeltaStore(spark, cfg().tables)
+    store.write(spark.createDataFrame(silver_rows(sample_path)[:10], SILVER_DDL), "silver", mode="overwrite")
+    first = tokenize.run(cfg(f"tokenize.max_length={MAX_LENGTH}"), spark)
+    pointer, versions = read_pointer(str(root)), sorted(p.name for p in root.iterdir())
+    tokenized = store.version("tokenized")
+    if case == "empty":
+        v = store.write(spark.createDataFrame([], SILVER_DDL), "silver", mode="overwrite")
+        expected = rf"no record to tokenize: silver {wh}/dollyflow/silver v{v} has no rows; nothing was written"
+        more = [f"tokenize.max_length={MAX_LENGTH}"]
+    else:
+        v = store.version("silver")
+        expected = (rf"no record to tokenize: silver {wh}/dollyflow/silver v{v} has 10 rows and every one was "
+                    r"dropped \(too_long 10\); nothing was written")
+        more = ["tokenize.max_length=4", "tokenize.skip_unchanged=false"]
+    with pytest.raises(NoRecordsToTokenize, match=expected):
+        tokenize.run(cfg(*more), spark)
+    assert read_pointer(str(root)) == pointer and resolve_shard_dir(str(root)) == first["shard_dir"]
+    assert sorted(p.name for p in root.iterdir()) == versions and verify_shards(first["shard_dir"]) == []
+    assert store.version("tokenized") == tokenized
+    assert store.count("tokenize_runs") == 1
+
+
+def test_a_run_over_an_older_silver_version_finishing_last_leaves_the_pointer(job, spark, sample_path, tmp_path):
+    """Out of order: the run over silver v1 finished first; the run over v0 finishing after it
+    keeps its complete shards but leaves the pointer at v1, says its shards are not the current
+    ones, and its pruning (keep_versions=1) spares the directory the pointer names."""
+    from dollyflow.config import load_config
+    from dollyflow.engine.delta import DeltaStore
+    from dollyflow.jobs import tokenize
+
+    wh, root = tmp_path / "wh", tmp_path / "root"
+
+    def cfg(*more):
+        return load_config("tokenize", [f"tables.warehouse={wh}", f"tokenize.tokenizer={job['tokenizer_path']}",
+                                        f"tokenize.output_dir={root}", f"tokenize.max_length={MAX_LENGTH}",
+                                        "tokenize.test_size=2", "tokenize.num_shards=1", "tokenize.keep_versions=1",
+                                        *more])
+
+    store = DeltaStore(spark, cfg().tables)
+    rows = silver_rows(sample_path)
+    assert store.write(spark.createDataFrame(rows[:10], SILVER_DDL), "silver", mode="overwrite") == 0
+    assert store.write(spark.createDataFrame(rows[:12], SILVER_DDL), "silver", mode="overwrite") == 1
+    newer = tokenize.run(cfg("tokenize.silver_version=1"), spark)
+    assert newer["shards_current"] is True and read_pointer(str(root))["silver_version"] == 1
+    older = tokenize.run(cfg("tokenize.silver_version=0"), spark)
+    assert older["shards_current"] is False
+    assert older["current_shard_dir"] == newer["shard_dir"] and older["current_silver_version"] == 1
+    assert "these shards are not the current ones" in older["not_current"] and "silver v1" in older["not_current"]
+    assert read_pointer(str(root))["dir"] == Path(newer["shard_dir"]).name
+    assert resolve_shard_dir(str(root)) == newer["shard_dir"]
+    assert verify_shards(newer["shard_dir"]) == [] and verify_shards(older["shard_dir"]) == []
+    assert older["pruned"] == []

@@ -5,8 +5,9 @@ Engine-free: the ingest job calls these inside Spark tasks, tests call them dire
 A record is valid when ``instruction`` and ``response`` are non-empty strings, ``context`` is a
 string or absent/null (stored as ""), ``category`` is one of the configured categories, and no
 field is longer than the configured limit. Every rejection has exactly one reason, checked in
-this order: ``invalid_utf8``, ``blank_line``, ``malformed_json`` (``malformed_row`` for CSV),
-``not_an_object``,
+this order: ``oversized_line`` (a line, or a JSON array's element, over :func:`max_line_bytes`: the
+reader never holds it whole), ``invalid_utf8``, ``blank_line``, ``malformed_json``
+(``malformed_row`` for CSV), ``not_an_object``,
 ``missing_field``, ``wrong_type``, ``oversized_field``, ``empty_field``, ``unknown_category``.
 """
 from __future__ import annotations
@@ -17,10 +18,21 @@ from typing import Any
 
 FIELDS = ("instruction", "context", "response", "category")
 REQUIRED = ("instruction", "response", "category")
-REASONS = ("invalid_utf8", "blank_line", "malformed_json", "malformed_row", "not_an_object", "missing_field",
+REASONS = ("oversized_line", "invalid_utf8", "blank_line", "malformed_json", "malformed_row", "not_an_object", "missing_field",
            "wrong_type", "oversized_field", "empty_field", "unknown_category")
 
 import xxhash
+
+#: A line may take this many bytes per ``ingest.max_field_chars`` (UTF-8 needs up to 4 bytes a
+#: character; a record's three text fields share the line): see :func:`max_line_bytes`.
+LINE_BYTES_PER_FIELD_CHAR = 4
+
+
+def max_line_bytes(max_field_chars: int) -> int:
+    """The longest line (without its newline) the readers take in: 4 x ``max_field_chars``
+    bytes. A longer one is quarantined as ``oversized_line``, read in bounded pieces and never
+    whole, so a file without newlines cannot exhaust a worker's memory."""
+    return LINE_BYTES_PER_FIELD_CHAR * int(max_field_chars)
 
 try:  # orjson is ~3x faster than json, and stricter: it rejects lone surrogate escapes
     import orjson as _orjson
@@ -138,10 +150,12 @@ def _json_rules(rules: Rules) -> Rules:
     return replace(rules, from_json=True)
 
 
-def raw_text(raw: bytes | str, limit: int) -> str:
-    """A printable, truncated copy of a rejected line for the quarantine table."""
+def raw_text(raw: bytes | str, limit: int, total: int | None = None) -> str:
+    """A printable, truncated copy of a rejected line for the quarantine table. ``total``: the
+    line's real length when ``raw`` is only its beginning (an ``oversized_line``)."""
     if isinstance(raw, bytes):
         text = raw[: limit * 4].decode("utf-8", "backslashreplace")
     else:
         text = raw.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text if len(text) <= limit else text[:limit] + f"...[{len(raw)} total]"
+    total = len(raw) if total is None else total
+    return text if len(text) <= limit and total <= len(raw) else text[:limit] + f"...[{total} total]"

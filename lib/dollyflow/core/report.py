@@ -39,6 +39,21 @@ def _plt():
     return plt
 
 
+def _literal_text(fn):
+    """Draw with matplotlib's mathtext off (``text.parse_math``): labels come from the data (a
+    category, a quarantine reason, a split), and one holding ``$`` (``$x$``, ``cost $5 or $``),
+    ``_``, ``^`` or ``\\alpha`` is drawn as the characters it is, never parsed (a malformed
+    formula would fail the whole report)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _plt().rc_context({"text.parse_math": False}):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.tight_layout()
@@ -67,6 +82,7 @@ def _bars(ax, labels, series: dict[str, list], horizontal: bool = True):
         ax.legend(fontsize=8)
 
 
+@_literal_text
 def plot_categories(categories: dict[str, dict]) -> bytes:
     """Records per category in bronze (ingested) and silver (after dedupe)."""
     plt = _plt()
@@ -79,6 +95,7 @@ def plot_categories(categories: dict[str, dict]) -> bytes:
     return _png(fig)
 
 
+@_literal_text
 def plot_counts(counts: dict[str, int], title: str, xlabel: str) -> bytes:
     """One horizontal bar per key (quarantine reasons, duplicate kinds, finish reasons)."""
     plt = _plt()
@@ -92,6 +109,7 @@ def plot_counts(counts: dict[str, int], title: str, xlabel: str) -> bytes:
     return _png(fig)
 
 
+@_literal_text
 def plot_lengths(tokens: dict) -> bytes:
     """Token length histogram per split (bins of the tokenized table), with max_length marked."""
     plt = _plt()
@@ -120,6 +138,7 @@ def plot_lengths(tokens: dict) -> bytes:
     return _png(fig)
 
 
+@_literal_text
 def plot_loss(metrics: list[dict]) -> bytes:
     """Train loss per step (and its running mean) and eval loss at each evaluation."""
     plt = _plt()
@@ -146,6 +165,7 @@ def plot_loss(metrics: list[dict]) -> bytes:
     return _png(fig)
 
 
+@_literal_text
 def plot_category_loss(per_category: dict[str, dict]) -> bytes:
     """The final eval loss per category (records in the test split in the label)."""
     plt = _plt()

@@ -313,11 +313,49 @@ def version_dir_name(silver_version: int, run_id: str) -> str:
 
 def write_pointer(root: str, shard_dir_name: str, **info) -> dict:
     """Point ``<root>/LATEST.json`` at the complete shard directory ``<root>/<shard_dir_name>``
-    (atomically: readers see the old pointer or the new one). ``info`` is recorded with it."""
+    (atomically: readers see the old pointer or the new one). ``info`` is recorded with it.
+
+    It never moves back. With ``silver_version`` (and ``started_at``, the run's start as an ISO
+    UTC time) in ``info``, a pointer that names shards of a newer silver version of the same
+    table, or of the same version from a run that started later, is left as it is: two tokenize
+    runs finishing out of order leave the pointer at the newer silver version, and of two runs
+    over one version the one started last wins (its settings are the latest asked for). Returns
+    the pointer that is current afterwards, with ``moved``: whether it is this one.
+
+    Compare-and-replace is a read, then an atomic write (rename or one PUT), then a read-back that
+    writes once more if an older run's pointer landed in between. What remains is the window
+    between another run's read and its write (milliseconds): two runs finishing within it can
+    still leave the older one's pointer. Storage offers no compare-and-swap here (no lock is
+    taken); a caller that needs certainty checks the pointer afterwards, as the job does."""
     pointer = {"format": POINTER_FORMAT, "dir": shard_dir_name,
                "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **info}
-    write_atomic(join(root, POINTER), json.dumps(pointer, indent=2).encode("utf-8"))
-    return pointer
+    path = join(root, POINTER)
+    for _ in range(2):
+        current = _pointer_or_none(root)
+        if current is not None and current.get("dir") != shard_dir_name and _newer(current, pointer):
+            return {**current, "moved": False}
+        if current is not None and current.get("dir") == shard_dir_name:
+            break
+        write_atomic(path, json.dumps(pointer, indent=2).encode("utf-8"))
+    return {**pointer, "moved": True}
+
+
+def _pointer_or_none(root: str) -> dict | None:
+    try:
+        return read_pointer(root)
+    except ValueError:          # unreadable or not ours: replaced
+        return None
+
+
+def _newer(a: dict, b: dict) -> bool:
+    """Whether pointer ``a`` names shards newer than ``b``'s: a higher silver version of the same
+    silver table, or the same version from a run started later. Pointers that do not both
+    record a silver version (older ones, or written by hand), or that name different tables,
+    are not ordered: the later write wins."""
+    va, vb = a.get("silver_version"), b.get("silver_version")
+    if va is None or vb is None or a.get("silver") != b.get("silver"):
+        return False
+    return (int(va), str(a.get("started_at") or "")) > (int(vb), str(b.get("started_at") or ""))
 
 
 def read_pointer(root: str) -> dict | None:

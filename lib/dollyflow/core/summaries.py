@@ -78,8 +78,11 @@ def human_line(name: str, s: dict, changes: dict | None = None) -> str:
         rec, tok = s.get("records") or {}, s.get("tokens") or {}
         splits = ", ".join(f"{k} {_n(rec[k])} records / {_n(tok.get(k))} tokens" for k in sorted(rec))
         pre = "shards already built from this silver version: nothing to do; " if s.get("skipped") else ""
-        return (f"{pre}{_n(s.get('records_in'))} records -> {splits or '?'}; dropped: {_reasons(s.get('drops'))} "
+        line = (f"{pre}{_n(s.get('records_in'))} records -> {splits or '?'}; dropped: {_reasons(s.get('drops'))} "
                 f"(max_length {_n(s.get('max_length'))}){tail}")
+        if s.get("shards_current") is False:     # the pointer names newer shards: say so
+            line += f"\n    NOT the current shards: {s.get('not_current')}"
+        return line
     if name == "train":
         if s.get("skipped"):
             return (f"{s.get('output_dir')} already holds this model (same shards and config): nothing to do; "

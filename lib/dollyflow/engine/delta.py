@@ -416,6 +416,31 @@ class DeltaStore:
         return PartSink(join(base, "_staging", f"{name}-{write_id}"), "", arrow, write_id,
                         parent=join(base, "_staging"))
 
+    def stage(self, df, name: str) -> tuple[PartSink, list[tuple[str, int, int]]]:
+        """Write ``df``'s rows for a write of ``name`` without committing it: Spark's Parquet
+        writer (every task in parallel) into :meth:`part_sink`'s directory (offline a fresh folder
+        of the table, which no version names until the commit; natively a staging directory
+        beside the table). Returns the sink and its parts (path, bytes, rows from each file's
+        footer), so a caller can check the row counts before anything is committed, then
+        :meth:`commit_parts` (one commit, either backend) or :meth:`discard_parts`."""
+        import pyarrow.parquet as pq
+
+        sink = self.part_sink(name, df.schema)
+        try:
+            df.write.mode("overwrite").option(*TIMESTAMP_OPTION).parquet(sink.directory)
+            fs, root = filesystem(sink.directory)
+            parts = []
+            for info in fs.get_file_info(pafs_selector(root)):
+                if info.is_file and info.base_name.endswith(".parquet") and not info.base_name.startswith(("_", ".")):
+                    with fs.open_input_file(info.path) as f:
+                        rows = pq.ParquetFile(f).metadata.num_rows   # footer only
+                    parts.append((f"{sink.prefix}/{info.base_name}" if sink.prefix else info.base_name,
+                                  int(info.size), int(rows)))
+            return sink, sorted(parts)
+        except BaseException:
+            self.discard_parts(sink)
+            raise
+
     def commit_parts(self, sink: PartSink, parts: list[tuple[str, int, int]], name: str,
                      mode: str = "append", job: str = "", run_id: str = "") -> Commit:
         """Commit the files the tasks wrote through ``sink`` (exactly ``parts``, as their

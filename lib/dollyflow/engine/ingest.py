@@ -13,15 +13,23 @@ task that decompresses it as a stream. A UTF-8 byte order mark at the very start
 Excel, PowerShell and other Windows tools write) is dropped; anywhere else it is data (and a line
 starting with one is malformed JSON). Files of a directory or glob that are not read (hidden,
 ``_``-prefixed, unknown extension) are listed with the reason, for the run's accounting.
+
+A ``.json`` file whose first character is ``[`` holds one JSON array (format ``json_array``): one
+task per file streams it block by block (:func:`iter_json_array` delimits the elements; orjson
+parses each), so memory is bounded by the longest element, and each record's line is the line
+its element starts on. Lines (and array elements) longer than 4 x ``ingest.max_field_chars``
+bytes are quarantined as ``oversized_line`` without ever being held whole.
 """
 from __future__ import annotations
 
 import csv
 import fnmatch
+import functools
 import gzip
 import io
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
@@ -32,19 +40,24 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dollyflow.config import IngestConfig
-from dollyflow.core.records import (Rules, Verdict, check_json_line, check_object, has_surrogates, raw_text,
-                                    record_id)
+from dollyflow.core.records import (Rules, Verdict, check_json_line, check_object, has_surrogates,
+                                    max_line_bytes, raw_text, record_id)
 from dollyflow.core.storage import filesystem
 
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv", ".parquet": "parquet"}
 COMPRESSIONS = {".gz": "gzip"}     # streamed, one task per file (JSON Lines and CSV)
+#: Always JSON Lines. A ``.json`` file (or any file read with ``ingest.format=json``) whose first
+#: character is ``[`` holds one JSON array instead (format ``json_array``: one task per file,
+#: streamed element by element).
+JSON_LINES_EXTENSIONS = (".jsonl", ".ndjson")
+SNIFF_BYTES = 64 * 1024
 BOM = b"\xef\xbb\xbf"             # UTF-8 byte order mark
 
 
 @dataclass(frozen=True)
 class InputFile:
     uri: str
-    format: str                  # json | csv | parquet
+    format: str                  # json (JSON Lines) | json_array | csv | parquet
     size: int                    # bytes on storage (compressed size for .gz)
     compression: str | None = None
 
@@ -84,12 +97,49 @@ def _format_of(path: str, fmt: str) -> tuple[str | None, str | None]:
     return EXTENSIONS.get(ext.lower()), compression
 
 
+def _extension(path: str) -> str:
+    """The extension that tells the format, lower-case: ``data.jsonl.gz`` -> ``.jsonl``."""
+    root, ext = os.path.splitext(path)
+    if ext.lower() in COMPRESSIONS:
+        ext = os.path.splitext(root)[1]
+    return ext.lower()
+
+
+def _holds_json_array(uri: str, compression: str | None) -> bool:
+    """Whether a JSON file's first character (after a BOM and whitespace, within its first
+    SNIFF_BYTES) is ``[``: one JSON array of records rather than JSON Lines."""
+    with _open(uri, compression) as f:
+        head = f.read(SNIFF_BYTES)
+    if head.startswith(BOM):
+        head = head[len(BOM):]
+    return head.lstrip(b" \t\r\n")[:1] == b"["
+
+
 def _known() -> str:
     return ", ".join(EXTENSIONS) + " (each but .parquet optionally .gz)"
 
 
+def glob_match(path: str, pattern: str) -> bool:
+    """Whether ``path`` matches the glob ``pattern``, one ``/``-separated segment at a time, as a
+    shell does: ``*``, ``?`` and ``[...]`` match within one segment (:func:`fnmatch.fnmatchcase`),
+    never across a ``/``; a ``**`` segment matches any number of segments, none included
+    (``dir/**/*.jsonl`` is every ``.jsonl`` file below ``dir``, ``dir/*.jsonl`` those in ``dir``)."""
+    parts, pats = path.split("/"), pattern.split("/")
+
+    @functools.lru_cache(maxsize=None)
+    def match(i: int, j: int) -> bool:
+        if j == len(pats):
+            return i == len(parts)
+        if pats[j] == "**":
+            return match(i, j + 1) or (i < len(parts) and match(i + 1, j))
+        return i < len(parts) and fnmatch.fnmatchcase(parts[i], pats[j]) and match(i + 1, j + 1)
+
+    return match(0, 0)
+
+
 def list_inputs(spec: str, fmt: str = "auto") -> Inputs:
-    """Every input file named by a file, a directory or a glob, and every file of the directory
+    """Every input file named by a file, a directory (read recursively) or a glob
+    (:func:`glob_match`: ``*`` within one directory, ``**`` across any), and every file of the directory
     or glob that is skipped, with the reason: hidden (``.``), Spark/Delta metadata (``_``, such as
     ``_SUCCESS`` or ``_delta_log/``, listed once per directory) or an unknown extension."""
     if not spec:
@@ -97,22 +147,25 @@ def list_inputs(spec: str, fmt: str = "auto") -> Inputs:
     fs, path = filesystem(spec)
     has_glob = any(c in path for c in "*?[")
     base = path
+    recursive = True            # a directory: every file below it
     if has_glob:
         parts = path.split("/")
         i = next(i for i, p in enumerate(parts) if any(c in p for c in "*?["))
         base = "/".join(parts[:i]) or "/"
+        # a glob lists only as deep as it can match: "dir/*.jsonl" the directory itself
+        recursive = "**" in parts[i:] or len(parts) - i > 1
     info = fs.get_file_info(base)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"ingest input not found: {spec}")
     if info.type == pafs.FileType.File:
         infos = [info]
     else:
-        infos = [i for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        infos = [i for i in fs.get_file_info(pafs.FileSelector(base, recursive=recursive))
                  if i.type == pafs.FileType.File]
     out: list[InputFile] = []
     skipped: dict[str, str] = {}
     for i in sorted(infos, key=lambda i: i.path):
-        if has_glob and not fnmatch.fnmatch(i.path, path):
+        if has_glob and not glob_match(i.path, path):
             continue
         rel = i.path[len(base):].lstrip("/")
         parts = [p for p in rel.split("/") if p]
@@ -134,7 +187,10 @@ def list_inputs(spec: str, fmt: str = "auto") -> Inputs:
         if compression and f == "parquet":
             skipped[_uri(fs, i.path, spec)] = "a gzip-compressed Parquet file is not readable as Parquet"
             continue
-        out.append(InputFile(_uri(fs, i.path, spec), f, i.size, compression))
+        uri = _uri(fs, i.path, spec)
+        if f == "json" and _extension(i.path) not in JSON_LINES_EXTENSIONS and _holds_json_array(uri, compression):
+            f = "json_array"
+        out.append(InputFile(uri, f, i.size, compression))
     skipped_list = sorted(skipped.items())
     if not out:
         why = "; ".join(f"{p}: {r}" for p, r in skipped_list[:5])
@@ -212,11 +268,54 @@ def count_line_starts(uri: str, start: int, end: int) -> int:
         return n
 
 
+class OversizedLine(bytes):
+    """The beginning (``max_line_bytes`` bytes) of a line longer than that; ``total``: its whole
+    length in bytes (without the newline). The rest was skipped in bounded pieces, never held."""
+    total: int
+
+    def __new__(cls, head: bytes, total: int):
+        self = super().__new__(cls, head)
+        self.total = int(total)
+        return self
+
+
+SKIP_PIECE = 1 << 18   # bytes read at a time while skipping the rest of an oversized line
+
+
+def _skip_line(f) -> tuple[int, bool]:
+    """Read past the next newline (or to the end) in pieces of SKIP_PIECE: (bytes read, whether
+    a newline ended them)."""
+    n = 0
+    while True:
+        piece = f.readline(SKIP_PIECE)
+        n += len(piece)
+        if not piece:
+            return n, False
+        if piece.endswith(b"\n"):
+            return n, True
+
+
+def _read_line(f, max_bytes: int | None) -> tuple[bytes, int]:
+    """(line, bytes consumed) of the next line: the line with its newline, or, when it is longer
+    than ``max_bytes`` (its newline not counted), an :class:`OversizedLine` of its first
+    ``max_bytes`` bytes, the rest skipped in bounded pieces. (b"", 0) at the end."""
+    if max_bytes is None:
+        line = f.readline()
+        return line, len(line)
+    line = f.readline(max_bytes + 1)
+    if len(line) <= max_bytes or line.endswith(b"\n"):
+        return line, len(line)
+    skipped, newline = _skip_line(f)
+    used = len(line) + skipped
+    return OversizedLine(line[:max_bytes], used - newline), used
+
+
 def iter_json_lines(uri: str, start: int, end: int, first_line: int,
-                    compression: str | None = None) -> Iterator[tuple[int, bytes]]:
+                    compression: str | None = None, max_bytes: int | None = None) -> Iterator[tuple[int, bytes]]:
     """(line number, line bytes without newline) for the lines that start in [start, end); a
     UTF-8 BOM at the start of the file is dropped. A compressed file is read whole (its one
-    chunk starts at 0)."""
+    chunk starts at 0). A line longer than ``max_bytes`` comes as an :class:`OversizedLine`
+    (its beginning only): no line is ever read whole beyond that bound."""
     with _open(uri, compression) as f:
         pos = start
         if compression:
@@ -224,17 +323,21 @@ def iter_json_lines(uri: str, start: int, end: int, first_line: int,
         elif start > 0:
             f.seek(start - 1)
             if f.read(1) != b"\n":  # mid-line: that line belongs to the previous chunk
-                skipped = f.readline()
-                pos = start + len(skipped)
+                pos = start + _skip_line(f)[0]
         else:
             f.seek(0)
         line_no = first_line
         first = start == 0
         while pos < end:
-            line = f.readline()
-            if not line:
+            line, used = _read_line(f, max_bytes)
+            if not used:
                 break
-            pos += len(line)
+            pos += used
+            if isinstance(line, OversizedLine):
+                yield line_no, line
+                line_no += 1
+                first = False
+                continue
             if first:
                 first = False
                 if line.startswith(BOM):
@@ -245,6 +348,147 @@ def iter_json_lines(uri: str, start: int, end: int, first_line: int,
                 line = line[:-1]
             yield line_no, line
             line_no += 1
+
+
+@dataclass(frozen=True)
+class ArrayProblem:
+    """Where a JSON array file stops being one: ``head``, the bytes there (bounded), and why."""
+    head: bytes
+    detail: str
+
+
+_WS = re.compile(rb"[ \t\r\n]*")
+_NON_STRUCTURAL = re.compile(rb'[^"{}\[\],]*')
+_STRING_BODY = re.compile(rb'[^"\\]*(?:\\[\s\S][^"\\]*)*')   # up to a string's closing quote
+ARRAY_BLOCK = 1 << 18
+
+
+def iter_json_array(f, max_bytes: int, block: int = ARRAY_BLOCK) -> Iterator[tuple[int, int, object]]:
+    """The elements of the one JSON array a binary stream holds, read in blocks of ``block``
+    bytes: (line where the element starts, its index from 1, its bytes). An element longer than
+    ``max_bytes`` comes as an :class:`OversizedLine` (its beginning; the rest is scanned, not
+    kept), so memory stays bounded whatever the file. Elements are only delimited here (strings,
+    escapes and bracket depth are tracked; a ``,`` or the closing ``]`` at depth 0 ends one), and
+    parsed by the caller, so a malformed element is one bad record and the next one is read as
+    usual. Where the array itself breaks (the file ends inside it, data after its ``]``) an
+    :class:`ArrayProblem` comes, and reading stops."""
+    line, index = 1, 0
+    state = "start"                 # start | first | before | element | done
+    depth, in_str, esc = 0, False, False
+    pieces: list[bytes] = []
+    size, elem_line, oversized = 0, 0, False
+    first_block = True
+
+    def add(piece: bytes) -> None:
+        nonlocal size, oversized
+        if not oversized and size + len(piece) > max_bytes:
+            oversized = True
+            pieces[:] = [b"".join(pieces + [piece])[:max_bytes]]
+        elif not oversized:
+            pieces.append(piece)
+        size += len(piece)
+
+    def element() -> object:
+        if oversized:
+            return OversizedLine(pieces[0], size)
+        data = b"".join(pieces).rstrip(b" \t\r\n")
+        if not data:
+            return ArrayProblem(b"", "an empty element (two commas, or a comma before ']')")
+        return data
+
+    while True:
+        buf = f.read(max(block, len(BOM)) if first_block else block)
+        if not buf:
+            break
+        if first_block:
+            first_block = False
+            if buf.startswith(BOM):
+                buf = buf[len(BOM):]
+        p, n, cursor, start = 0, len(buf), 0, 0
+        while p < n:
+            if state != "element":
+                p = _WS.match(buf, p).end()
+                if p == n:
+                    break
+                c = buf[p]
+                if state == "start":
+                    if c != 0x5B:   # "["
+                        line += buf.count(b"\n", cursor, p)
+                        yield line, 0, ArrayProblem(buf[p:p + 200], "not a JSON array (no '[' at its start)")
+                        return
+                    state, p = "first", p + 1
+                    continue
+                if state == "done":
+                    line += buf.count(b"\n", cursor, p)
+                    yield line, index + 1, ArrayProblem(buf[p:p + max_bytes], "data after the array's closing ']'")
+                    return
+                if state == "first" and c == 0x5D:   # "[]": no element
+                    state, p = "done", p + 1
+                    continue
+                line += buf.count(b"\n", cursor, p)
+                cursor = p
+                index += 1
+                elem_line, pieces, size, oversized = line, [], 0, False
+                state, start, depth, in_str, esc = "element", p, 0, False, False
+                continue
+            if in_str:
+                if esc:
+                    esc, p = False, p + 1
+                    continue
+                p = _STRING_BODY.match(buf, p).end()
+                if p == n:
+                    break
+                if buf[p] == 0x5C:   # a backslash as the block's last byte: escape the next block's first
+                    esc, p = True, p + 1
+                else:
+                    in_str, p = False, p + 1
+                continue
+            p = _NON_STRUCTURAL.match(buf, p).end()
+            if p == n:
+                break
+            c = buf[p]
+            if c == 0x22:                       # '"'
+                in_str, p = True, p + 1
+            elif c in (0x7B, 0x5B):             # '{' '['
+                depth, p = depth + 1, p + 1
+            elif depth > 0 and c in (0x7D, 0x5D):
+                depth, p = depth - 1, p + 1
+            elif depth == 0 and c in (0x2C, 0x5D):   # ',' or ']' ends the element
+                add(buf[start:p])
+                yield elem_line, index, element()
+                state, p = ("before" if c == 0x2C else "done"), p + 1
+            else:                               # a stray '}' at depth 0: part of a malformed element
+                p += 1
+        if state == "element":
+            add(buf[start:n])
+        line += buf.count(b"\n", cursor, n)
+    if state == "element" and (depth or in_str):
+        yield elem_line, index, ArrayProblem(b"".join(pieces)[:max_bytes],
+                                             "the file ends inside this element: the array is not closed")
+    elif state == "element":       # a complete element, then the end of the file: keep the element
+        yield elem_line, index, element()
+        yield line, index + 1, ArrayProblem(b"", "the file ends before the array's closing ']'")
+    elif state in ("first", "before"):
+        yield line, index + 1, ArrayProblem(b"", "the file ends before the array's closing ']'")
+
+
+def _iter_json_array(uri: str, rules: Rules, compression: str | None = None) -> Iterator[tuple]:
+    """(line, verdict, raw, element index) of every element of a JSON array file."""
+    bound = max_line_bytes(rules.max_field_chars)
+    with _open(uri, compression) as f:
+        for line, index, elem in iter_json_array(f, bound):
+            where = f"element {index} of the JSON array (line {line})"
+            if isinstance(elem, ArrayProblem):
+                yield line, Verdict(reason="malformed_json", detail=f"{where}: {elem.detail}"), elem.head, index
+            elif isinstance(elem, OversizedLine):
+                yield line, Verdict(reason="oversized_line",
+                                    detail=f"{where}: {elem.total} bytes > {bound} (4 x ingest.max_field_chars); "
+                                           "not read whole"), elem, index
+            else:
+                v = check_json_line(elem, rules)
+                if v.reason is not None:
+                    v = Verdict(reason=v.reason, detail=f"{where}" + (f": {v.detail}" if v.detail else ""))
+                yield line, v, elem, index
 
 
 def _raise_field_limit() -> int:
@@ -261,22 +505,78 @@ def _raise_field_limit() -> int:
             limit //= 2
 
 
+class _LineTooLong(Exception):
+    """A CSV line longer than the bound; its beginning and its length in characters."""
+
+    def __init__(self, head: str, total: int):
+        super().__init__(f"line of {total} characters")
+        self.head, self.total = head, total
+
+
+class _BoundedLines:
+    """The physical lines of a text stream (opened with ``newline=""``, as the csv module wants),
+    each at most ``max_chars`` characters: a longer one is skipped in bounded pieces and raises
+    :class:`_LineTooLong` (the iterator goes on after it). ``count``: lines read so far."""
+
+    def __init__(self, text, max_chars: int):
+        self.text, self.max_chars, self.count = text, max_chars, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        line = self.text.readline(self.max_chars + 1)
+        if not line:
+            raise StopIteration
+        self.count += 1
+        if len(line) > self.max_chars and not line.endswith(("\n", "\r")):
+            total = len(line)
+            while True:
+                piece = self.text.readline(SKIP_PIECE)
+                if not piece:
+                    break
+                if piece.endswith(("\n", "\r")):
+                    total += len(piece.rstrip("\r\n"))
+                    break
+                total += len(piece)
+            raise _LineTooLong(line[:self.max_chars], total)
+        return line
+
+
 def _iter_csv(uri: str, rules: Rules, compression: str | None = None) -> Iterator[tuple[int, Verdict, str]]:
     previous = _raise_field_limit()
+    max_chars = max_line_bytes(rules.max_field_chars)
     try:
         with _open(uri, compression) as f:
             # utf-8-sig: a BOM at the start of the file is dropped (it would otherwise stick to the
             # first header name and fail every row); one anywhere else stays part of its field
             text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape", newline="")
-            reader = csv.reader(text)
+            lines = _BoundedLines(text, max_chars)
+            reader = csv.reader(lines)
             try:
                 header = next(reader)
             except StopIteration:
                 return
-            start = reader.line_num + 1
-            for row in reader:
+            except _LineTooLong as exc:
+                raise ValueError(f"{uri}: the CSV header (line 1) has {exc.total} characters, more than "
+                                 f"{max_chars} (4 x ingest.max_field_chars): not a CSV header") from None
+            start = lines.count + 1
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    break
+                except _LineTooLong as exc:
+                    # the record that holds it is quarantined from its first line; the lines
+                    # after it are read afresh
+                    yield start, Verdict(reason="oversized_line",
+                                         detail=_oversized_detail(exc.total, max_chars, "characters")), \
+                        OversizedText(exc.head, exc.total)
+                    start = lines.count + 1
+                    reader = csv.reader(lines)
+                    continue
                 line = start
-                start = reader.line_num + 1
+                start = lines.count + 1
                 raw = ",".join(row)
                 if any(has_surrogates(v) for v in row) or any(has_surrogates(h) for h in header):
                     yield line, Verdict(reason="invalid_utf8", detail="undecodable bytes"), raw
@@ -293,12 +593,37 @@ def _iter_csv(uri: str, rules: Rules, compression: str | None = None) -> Iterato
         csv.field_size_limit(previous)
 
 
-def _iter_parquet(uri: str, group: int, first_line: int, rules: Rules) -> Iterator[tuple[int, Verdict, str]]:
+class OversizedText(str):
+    """The beginning of an oversized CSV line; ``total``: its length in characters."""
+    total: int
+
+    def __new__(cls, head: str, total: int):
+        self = super().__new__(cls, head)
+        self.total = int(total)
+        return self
+
+
+def _oversized_detail(total: int, bound: int, unit: str = "bytes") -> str:
+    return f"line of {total} {unit} > {bound} (4 x ingest.max_field_chars); not read whole"
+
+
+def _iter_parquet(uri: str, group: int, first_line: int, rules: Rules) -> Iterator[tuple[int, Verdict, object]]:
+    """(row number, verdict, raw) of one row group. Only the columns ``ingest.field_map`` maps to
+    the four dolly fields are read (Parquet is columnar: any other column, however large, is never
+    fetched nor decoded); raw is the row's mapped columns as a dict, made into text by the caller
+    only for a rejected row."""
     fs, path = filesystem(uri)
     with fs.open_input_file(path) as f:
         pf = pq.ParquetFile(f)
+        present = set(pf.schema_arrow.names)
+        wanted = list(dict.fromkeys(key for _, key in rules.keys if key in present))
         line = first_line
-        for batch in pf.iter_batches(batch_size=4096, row_groups=[group]):
+        if not wanted:     # none of the fields: every row is missing them (counted from the footer)
+            for _ in range(pf.metadata.row_group(group).num_rows):
+                yield line, check_object({}, rules), {}
+                line += 1
+            return
+        for batch in pf.iter_batches(batch_size=4096, row_groups=[group], columns=wanted):
             cols = {}
             for name in batch.schema.names:
                 col = batch.column(name)
@@ -317,29 +642,35 @@ def _iter_parquet(uri: str, group: int, first_line: int, rules: Rules) -> Iterat
                             bad = Verdict(reason="invalid_utf8", detail=f"{name} byte {exc.start}")
                             v = v.decode("utf-8", "backslashreplace")
                     obj[name] = v
-                raw = json.dumps(obj, ensure_ascii=False, default=str)
-                yield line, bad or check_object(obj, rules), raw
+                yield line, bad or check_object(obj, rules), obj
                 line += 1
 
 
 def parse_chunk(chunk: dict, rules: Rules, raw_limit: int, batch_rows: int = 8192) -> Iterator[pa.RecordBatch]:
-    """Validated rows of one chunk as Arrow batches in PARSED_SCHEMA (built column by column)."""
+    """Validated rows of one chunk as Arrow batches in PARSED_SCHEMA (built column by column).
+    ``pos`` orders the rows of the input: file, then line (the element index in a JSON array,
+    where several elements may share a line)."""
     uri = chunk["file"]
     if chunk["format"] == "json":
         rules = replace(rules, from_json=True)
-        items = ((n, check_json_line(line, rules), line)
+        bound = max_line_bytes(rules.max_field_chars)
+        items = ((n, Verdict(reason="oversized_line", detail=_oversized_detail(line.total, bound))
+                  if isinstance(line, OversizedLine) else check_json_line(line, rules), line, n)
                  for n, line in iter_json_lines(uri, chunk["start"], chunk["end"], chunk["first_line"],
-                                                chunk.get("compression")))
+                                                chunk.get("compression"), max_bytes=bound))
+    elif chunk["format"] == "json_array":
+        items = _iter_json_array(uri, replace(rules, from_json=True), chunk.get("compression"))
     elif chunk["format"] == "csv":
-        items = _iter_csv(uri, rules, chunk.get("compression"))
+        items = ((n, v, raw, n) for n, v, raw in _iter_csv(uri, rules, chunk.get("compression")))
     else:
-        items = _iter_parquet(uri, chunk["start"], chunk["first_line"], rules)
+        items = ((n, v, raw, n) for n, v, raw in _iter_parquet(uri, chunk["start"], chunk["first_line"], rules))
     cols: list[list] = [[] for _ in PARSED_SCHEMA]
-    (rid, ins, ctx, rsp, cat, _src, line_no, reason, detail, raws, _pos) = cols
+    (rid, ins, ctx, rsp, cat, _src, line_no, reason, detail, raws, order) = cols
     base = chunk["file_index"] << LINE_BITS
-    for n, verdict, raw in items:
+    for n, verdict, raw, at in items:
         r = verdict.record
         line_no.append(n)
+        order.append(at)
         if r is not None:
             i, c, p, k = r["instruction"], r["context"], r["response"], r["category"]
             rid.append(record_id(i, c, p, k))
@@ -355,7 +686,9 @@ def parse_chunk(chunk: dict, rules: Rules, raw_limit: int, batch_rows: int = 819
                 col.append(None)
             reason.append(verdict.reason)
             detail.append(verdict.detail)
-            raws.append(raw_text(raw, raw_limit))
+            if isinstance(raw, dict):    # a Parquet row: its mapped columns, as JSON text
+                raw = json.dumps(raw, ensure_ascii=False, default=str)
+            raws.append(raw_text(raw, raw_limit, getattr(raw, "total", None)))
         if len(line_no) >= batch_rows:
             yield _to_batch(cols, uri, base)
             for col in cols:
@@ -372,7 +705,7 @@ def _to_batch(cols: list[list], uri: str, base: int) -> pa.RecordBatch:
         if f.name == "source_file":
             arrays.append(pa.array([uri] * n, type=f.type))   # one value per chunk
         elif f.name == "pos":
-            arrays.append(pc.add(arrays[6], pa.scalar(base, pa.int64())))
+            arrays.append(pc.add(pa.array(col, type=pa.int64()), pa.scalar(base, pa.int64())))
         else:
             arrays.append(pa.array(col, type=f.type))
     return pa.RecordBatch.from_arrays(arrays, schema=PARSED_SCHEMA)

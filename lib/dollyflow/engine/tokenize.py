@@ -246,6 +246,8 @@ def plan_outputs(narrow: pa.Table, test_size: float | int, num_shards: int) -> T
     kept = reasons.pop(None, 0)
     counts = TokenizeCounts(rows=narrow.num_rows, kept=kept, drops=dict(sorted(reasons.items())))
     expect_equal("tokenize: kept records", ("counted by drop reason", kept), ("rows that came back", rows.num_rows))
+    if kept == 0:        # nothing to split or shard: the caller says so (NoRecordsToTokenize)
+        return counts
     keys = rows.column("split_key").to_numpy()
     rids = np.asarray(rows.column("record_id").to_pylist(), dtype=object)
     lengths = rows.column("length").to_numpy()
@@ -349,6 +351,23 @@ def write_outputs(spark, counts: TokenizeCounts, staging_dir: str, out_dir: str,
     return [json.loads(r["stats"]) for r in out]
 
 
+class NoRecordsToTokenize(RuntimeError):
+    """Silver, at the version read, gives no record to tokenize: it has no rows, or every one was
+    dropped. Raised before anything is committed: the pointer, the shard versions and the
+    ``tokenized`` table stay as they were."""
+
+
+def _no_records(store, table: str, version: int, rows: int, drops: dict, shard_dir: str) -> str:
+    from dollyflow.config import redact_uri
+    where = f"silver {redact_uri(store.location(table))} v{version}"
+    why = "has no rows" if rows == 0 else \
+        f"has {rows} rows and every one was dropped (" + ", ".join(f"{k} {v}" for k, v in sorted(
+            drops.items(), key=lambda kv: (-kv[1], kv[0]))) + ")"
+    return (f"no record to tokenize: {where} {why}; nothing was written: the shards under "
+            f"{redact_uri(shard_dir.rsplit('/', 1)[0])} (and their LATEST.json pointer) and the tokenized "
+            "table stay as they were")
+
+
 def build_version(cfg, spark, store, silver_version: int, shard_dir: str, settings: dict, tok_dir: str,
                   tok_info: dict, build: dict, timings: dict) -> dict:
     """The tokenize job's build of one shard version (``cfg`` is the job's
@@ -369,6 +388,8 @@ def build_version(cfg, spark, store, silver_version: int, shard_dir: str, settin
         tokenizer_json = f.read()     # the workers rebuild exactly the saved tokenizer
 
     silver_rows = store.count(t.silver, silver_version)       # from silver's Delta log, not from us
+    if silver_rows == 0:
+        raise NoRecordsToTokenize(_no_records(store, t.silver, silver_version, 0, {}, shard_dir))
     silver = with_parallelism(store.read(t.silver, silver_version))
     staging = join(shard_dir, STAGING_DIR)
     sink = None
@@ -383,7 +404,8 @@ def build_version(cfg, spark, store, silver_version: int, shard_dir: str, settin
                      (f"rows tokenized ({counts.kept}) + dropped ({sum(counts.drops.values())}: {counts.drops})",
                       counts.rows))
         if counts.kept == 0:
-            raise RuntimeError(f"no record of silver v{silver_version} can be tokenized (drops: {counts.drops})")
+            raise NoRecordsToTokenize(_no_records(store, t.silver, silver_version, counts.rows, counts.drops,
+                                                  shard_dir))
         clock("plan")
         edges = histogram_edges(max_length)
         sink = store.part_sink(t.tokenized, TABLE_ARROW)

@@ -8,9 +8,13 @@
   removed_near, clusters (clusters with at least one removed record), verified_pairs,
   parameters (JSON), silver_version, duplicates_version (the versions of this run's own commits).
 
-Counts are checked, not assumed: bronze's rows at the version read (from its Delta log) must
-equal the rows dedupe read and the rows of silver's plus duplicates' commits; otherwise the run
-fails naming the numbers.
+Counts are checked, not assumed, and before anything is committed: both outputs are first
+written without a commit (:meth:`~dollyflow.engine.delta.DeltaStore.stage`) and their rows
+counted from the files; bronze's rows at the version read (from its Delta log) must equal the
+rows dedupe read and the staged silver plus duplicates rows (and duplicates the records removed),
+otherwise the run fails naming the numbers, its staged files are removed, and silver and
+duplicates stay at their previous versions. Then duplicates and silver are committed, and each
+commit's rows must equal what was checked.
 
 Exact duplicates: equal after normalisation (NFC, case-fold, whitespace collapsed and trimmed) of
 instruction, context and response. Near duplicates: the instruction+response part and the
@@ -88,23 +92,43 @@ def run(cfg: Config, spark) -> dict:
     bronze = store.read(t.bronze, int(bronze_version))
     timings: dict = {}
     frames = find_duplicates(bronze, params, d.max_cc_iterations, timings)
+    staged = []
     try:
         t1 = time.time()
         counts = summarize(frames.duplicates, frames.input_rows)
         verified_pairs = frames.verified_pairs.count()
-        duplicates_version = store.write(frames.duplicates, t.duplicates, mode="overwrite", job="dedupe",
-                                         run_id=cfg.run_id)
-        silver_version = store.write(silver_of(bronze, frames.duplicates), t.silver, mode="overwrite",
-                                     job="dedupe", run_id=cfg.run_id)
+        # Both outputs are written but not committed, their rows counted from the files, and
+        # checked; only then committed. A failed check leaves silver and duplicates as they were.
+        staged.append(store.stage(frames.duplicates, t.duplicates))
+        staged.append(store.stage(silver_of(bronze, frames.duplicates), t.silver))
+        (dup_sink, dup_parts), (silver_sink, silver_parts) = staged
+        dup_rows, silver_rows = sum(p[2] for p in dup_parts), sum(p[2] for p in silver_parts)
+        timings["stage"] = round(time.time() - t1, 2)
+        # bronze rows (its Delta log) = rows dedupe read = staged silver + staged duplicates
+        bronze_rows = expect_equal(f"dedupe: bronze v{bronze_version}",
+                                   (f"rows of {store.location(t.bronze)} v{bronze_version}",
+                                    store.count(t.bronze, int(bronze_version))),
+                                   ("rows read by dedupe", counts["input_rows"]))
+        expect_equal("dedupe: outputs", ("bronze rows", bronze_rows),
+                     (f"rows of silver ({silver_rows}) + duplicates ({dup_rows}) as written, before their commits",
+                      silver_rows + dup_rows))
+        expect_equal("dedupe: duplicates", ("records removed (exact + near)",
+                                            counts["removed_exact"] + counts["removed_near"]),
+                     ("rows of duplicates as written", dup_rows))
+        t1 = time.time()
+        duplicates_version = store.commit_parts(dup_sink, dup_parts, t.duplicates, mode="overwrite", job="dedupe",
+                                                run_id=cfg.run_id)
+        staged.pop(0)
+        silver_version = store.commit_parts(silver_sink, silver_parts, t.silver, mode="overwrite", job="dedupe",
+                                            run_id=cfg.run_id)
+        staged.pop(0)
         timings["write"] = round(time.time() - t1, 2)
     finally:
+        for sink, _ in staged:      # written, never committed: removed
+            store.discard_parts(sink)
         frames.signed.unpersist()
-    # bronze rows (its Delta log) = rows of silver's commit + rows of duplicates' commit
-    bronze_rows = expect_equal(f"dedupe: bronze v{bronze_version}",
-                               (f"rows of {store.location(t.bronze)} v{bronze_version}",
-                                store.count(t.bronze, int(bronze_version))),
-                               ("rows read by dedupe", counts["input_rows"]))
-    expect_equal("dedupe: outputs", ("bronze rows", bronze_rows),
+    # each commit holds exactly the rows checked
+    expect_equal("dedupe: commits", ("rows checked (silver + duplicates)", silver_rows + dup_rows),
                  (f"rows of silver v{silver_version.version} ({silver_version.rows}) + duplicates "
                   f"v{duplicates_version.version} ({duplicates_version.rows}) (their commits)",
                   silver_version.rows + duplicates_version.rows))

@@ -7,6 +7,12 @@ input or is already in bronze (counted from the keys), rows new from bronze's ow
 they do not add up the job fails, naming the numbers. Files of a directory or glob that are
 not read are listed with the reason (``skipped_files``).
 
+An input that gives no valid record fails the run (:class:`NoRecordsError`, naming the files and
+the top quarantine reasons with their counts): one with no line at all (an empty file), or one
+whose every line was quarantined. It fails only after the quarantine rows and the run's
+``ingest_runs`` row are committed, so nothing is lost. Valid lines that bronze holds already are
+no error: that is an idempotent re-run.
+
 Idempotent and safe to run concurrently: bronze holds one row per record_id. New rows are
 inserted with an insert-only merge on record_id, so ingesting the same files again inserts
 nothing and commits no new bronze version, a file with new lines adds only those, and two runs
@@ -79,10 +85,14 @@ def run(cfg: Config, spark) -> dict:
         new = new.withColumn("ingested_at", stamp).withColumn("run_id", F.lit(cfg.run_id)).select(*BRONZE_COLUMNS)
         # Insert-only merge on record_id: appended as written when bronze is still at the version
         # the anti-join read (nothing new: no commit), merged when another run committed meanwhile.
-        commit = store.merge(new, t.bronze, keys=["record_id"], update=False, absent_at=bronze_version,
-                             job="ingest", run_id=cfg.run_id)
-        rows_new = commit.inserted
-        if commit.committed and commit.read_version != bronze_version:
+        if lines_read == quarantined:   # no valid line: bronze is not touched (nor created empty)
+            commit = None
+            rows_new = 0
+        else:
+            commit = store.merge(new, t.bronze, keys=["record_id"], update=False, absent_at=bronze_version,
+                                 job="ingest", run_id=cfg.run_id)
+            rows_new = commit.inserted
+        if commit is not None and commit.committed and commit.read_version != bronze_version:
             # Another run committed in between: count the rows it had inserted first, against the
             # bronze version our merge read.
             seen = store.read(t.bronze, commit.read_version).select("record_id") \
@@ -91,7 +101,8 @@ def run(cfg: Config, spark) -> dict:
                 new.select("record_id").join(seen, "record_id", "left_semi").count()
         rejected.unpersist()
         rows_existing = sum(existing.values())
-        bronze_version = commit.version if commit.committed else store.version(t.bronze)
+        committed = commit is not None and commit.committed
+        bronze_version = commit.version if committed else store.version(t.bronze)
 
         if quarantined or not store.exists(t.quarantine):
             bad = (parsed.filter(F.col("reason").isNotNull()).withColumn("ingested_at", stamp)
@@ -119,7 +130,7 @@ def run(cfg: Config, spark) -> dict:
         "rows_existing": rows_existing, "rows_existing_by_kind": dict(sorted(existing.items())),
         "rows_quarantined": quarantined, "quarantined_by_reason": dict(sorted(by_reason.items())),
         "bronze": store.location(t.bronze), "bronze_version": bronze_version,
-        "bronze_committed": commit.committed,
+        "bronze_committed": committed,
         "quarantine": store.location(t.quarantine), "backend": store.backend,
         "backend_reason": store.backend_reason,
     }
@@ -128,7 +139,45 @@ def run(cfg: Config, spark) -> dict:
            json.dumps(cfg.to_dict()["ingest"], sort_keys=True), [(s["path"], s["reason"]) for s in skipped])
     store.append_rows([row], RUNS_DDL, t.ingest_runs, job="ingest", run_id=cfg.run_id, evolve_schema=True)
     summary["ingest_runs"] = store.location(t.ingest_runs)
+    problem = no_record_problem(summary)
+    if problem:   # after the quarantine rows and the run's row are committed: nothing is lost
+        raise NoRecordsError(problem, summary)
     return summary
+
+
+class NoRecordsError(RuntimeError):
+    """The input gave no valid record: it was empty, or every line was quarantined. Raised
+    after the quarantine rows and the ``ingest_runs`` row are committed; ``summary`` is the run's."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
+def _names(uris: list[str], most: int = 5) -> str:
+    from dollyflow.config import redact_uri
+    shown = ", ".join(redact_uri(u) for u in uris[:most])
+    return shown + (f" and {len(uris) - most} more" if len(uris) > most else "")
+
+
+def no_record_problem(summary: dict) -> str | None:
+    """Why a run's input gave no record (an error message), or None when it gave one. Valid
+    lines already in bronze are records (a re-run of the same files is no error)."""
+    from dollyflow.config import redact_uri
+    files = summary["inputs"]
+    runs, quarantine = redact_uri(summary["ingest_runs"]), redact_uri(summary["quarantine"])
+    where = f"{len(files)} file{'s' if len(files) != 1 else ''}: {_names(files)}"
+    if summary["lines_read"] == 0:
+        return (f"ingest {summary['run_id']}: the input holds no line to read (empty file"
+                f"{'s' if len(files) != 1 else ''}?) in {where}; nothing was written to bronze "
+                f"(run recorded in {runs})")
+    if summary["rows_quarantined"] == summary["lines_read"]:
+        reasons = sorted(summary["quarantined_by_reason"].items(), key=lambda kv: (-kv[1], kv[0]))
+        top = ", ".join(f"{r} {n}" for r, n in reasons[:5]) + (", ..." if len(reasons) > 5 else "")
+        return (f"ingest {summary['run_id']}: no valid record: all {summary['lines_read']} lines of {where} were "
+                f"quarantined (top reasons: {top}); see {quarantine} where run_id = "
+                f"'{summary['run_id']}' (run recorded in {runs})")
+    return None
 
 
 def _staging_path(cfg: Config, store) -> str | None:

@@ -35,6 +35,12 @@ refused when they may run on other hosts. Nothing of an earlier version is touch
 new one is complete and verified; older versions beyond ``tokenize.keep_versions`` are pruned
 only after that.
 
+The pointer never moves back (:func:`dollyflow.core.shards.write_pointer`): when a run over a
+newer silver version (or over the same version, started later) has moved it already, this run's
+shards stay complete where they are, the pointer stays, and the summary says so
+(``shards_current: false``, ``not_current``, ``current_shard_dir``); pruning never removes the
+directory the pointer names.
+
 Idempotent: with ``tokenize.skip_unchanged`` (default) a run whose pointer already names shards
 built from the same silver version with the same settings (tokenizer sha256, max_length,
 test_size, seed, num_shards, format version), while ``tokenized`` is still at the version that
@@ -67,8 +73,8 @@ def run(cfg: Config, spark) -> dict:
     from datetime import datetime, timezone
 
     from dollyflow.config import shards_root
-    from dollyflow.core.shards import (MANIFEST, export_mds, mds_available, prune_versions, shard_settings,
-                                       unchanged_shards, version_dir_name, write_pointer)
+    from dollyflow.core.shards import (MANIFEST, POINTER, export_mds, mds_available, prune_versions,
+                                       shard_settings, unchanged_shards, version_dir_name, write_pointer)
     from dollyflow.core.storage import absolute, check_reachable, join, read_bytes, remove_dir
     from dollyflow.core.tokens import load_tokenizer, save_tokenizer
     from dollyflow.engine.delta import DeltaStore
@@ -133,8 +139,17 @@ def run(cfg: Config, spark) -> dict:
             raise
     t1 = time.time()
     manifest_sha = hashlib.sha256(read_bytes(join(shard_dir, MANIFEST))).hexdigest()
-    write_pointer(root, name, run_id=cfg.run_id, silver_version=silver_version, manifest_sha256=manifest_sha)
-    pruned = prune_versions(root, keep=tk.keep_versions, protect=(name,))
+    pointer = write_pointer(root, name, run_id=cfg.run_id, silver=store.location(t.silver),
+                            silver_version=silver_version, started_at=started.isoformat(timespec="microseconds"),
+                            manifest_sha256=manifest_sha)
+    current = {"shards_current": bool(pointer["moved"]), "current_shard_dir": join(root, pointer["dir"]),
+               "current_silver_version": pointer.get("silver_version")}
+    if not pointer["moved"]:    # a run over a newer silver version (or started later) finished first
+        current["not_current"] = (
+            f"these shards are not the current ones: {join(root, POINTER)} names {pointer['dir']} (silver "
+            f"v{pointer.get('silver_version')}, run {pointer.get('run_id')}), newer than this run's silver "
+            f"v{silver_version}; the pointer stays there, this run's shards stay at {shard_dir}")
+    pruned = prune_versions(root, keep=tk.keep_versions, protect=(name, pointer["dir"]))
     mds = export_mds(shard_dir) if tk.mds else None
     splits = manifest["splits"]
     records = {s: v["records"] for s, v in splits.items()}
@@ -155,7 +170,7 @@ def run(cfg: Config, spark) -> dict:
         "records_dropped": sum(manifest["drops"].values()),
         "records": records, "tokens": tokens,
         "shards": {s: len(v["shards"]) for s, v in splits.items()},
-        "drops": manifest["drops"], "mds": mds, "step_seconds": timings,
+        "drops": manifest["drops"], "mds": mds, "step_seconds": timings, **current,
         "job_seconds": round(time.time() - t0, 2),
     }
 
