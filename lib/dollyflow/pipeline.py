@@ -254,7 +254,7 @@ def run_pipeline(argv: list[str] | None = None) -> int:
                f"pipeline {base_run} stopped there; not run: {', '.join(rest) or 'none'}; run record {rdir}/run.json")
         say(msg)
         if out is not sys.stderr:   # the reason also on stderr, where a scheduler's log looks
-            print(msg, file=sys.stderr, flush=True)
+            print(redact_uri(msg), file=sys.stderr, flush=True)
         if args.json:
             print(json.dumps(redact(record), indent=2, default=_json_default), flush=True)
         return 1

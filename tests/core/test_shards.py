@@ -159,7 +159,7 @@ def test_root_pointer_resolves_to_a_complete_version(shard_dir, tmp_path):
     shutil.copytree(root, moved)
     assert resolve_shard_dir(str(moved)) == str(moved / "v2-b")
     assert prune_versions(str(root), keep=1, protect=("v2-b",)) == ["v1-a"]
-    assert sorted(p.name for p in root.iterdir()) == ["LATEST.json", "v2-b", "v3-c", "v4-crashed"]
+    assert sorted(p.name for p in root.iterdir() if p.name != ".LATEST.lock") == ["LATEST.json", "v2-b", "v3-c", "v4-crashed"]
     assert len(ShardDataset(resolve_shard_dir(str(root)), "train")) == read_manifest(shard_dir[0])["splits"]["train"]["records"]
 
 

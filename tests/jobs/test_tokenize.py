@@ -292,13 +292,13 @@ def test_each_run_writes_a_new_version_and_moves_the_pointer_only_when_verified(
         tokenize.run(cfg2, spark)
     monkeypatch.setattr(shards, "verify_shards", real_verify)
     assert resolve_shard_dir(str(root)) == s1["shard_dir"] and verify_shards(s1["shard_dir"]) == []
-    assert sorted(p.name for p in root.iterdir()) == ["LATEST.json", Path(s1["shard_dir"]).name]
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["LATEST.json", Path(s1["shard_dir"]).name]
 
     s3 = tokenize.run(_cfg(job, f"tokenize.output_dir={root}", "tokenize.keep_versions=1",
                            "tokenize.skip_unchanged=false"), spark)
     assert resolve_shard_dir(str(root)) == s3["shard_dir"] != s1["shard_dir"]
     assert s3["pruned"] == [Path(s1["shard_dir"]).name]
-    assert sorted(p.name for p in root.iterdir()) == ["LATEST.json", Path(s3["shard_dir"]).name]
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["LATEST.json", Path(s3["shard_dir"]).name]
     runs = job["store"].read(job["cfg"].tables.tokenize_runs).collect()
     mine = {r["run_id"]: r for r in runs}
     assert set(mine) >= {s1["run_id"], s3["run_id"]} and cfg2.run_id not in mine   # the failed run left no row
@@ -346,7 +346,7 @@ def test_rerun_with_unchanged_inputs_writes_nothing(job, spark, tmp_path):
     assert s2["shard_dir"] == s1["shard_dir"] and s2["records"] == s1["records"]
     assert s2["tokenized_version"] == s1["tokenized_version"] == store.version(t.tokenized) == v_table
     assert store.read(t.tokenize_runs).count() == runs
-    assert sorted(p.name for p in root.iterdir()) == ["LATEST.json", Path(s1["shard_dir"]).name]
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["LATEST.json", Path(s1["shard_dir"]).name]
     s3 = tokenize.run(_cfg(job, f"tokenize.output_dir={root}", "tokenize.num_shards=3"), spark)
     assert s3["skipped"] is False and s3["shard_dir"] != s1["shard_dir"] and s3["shards"]["train"] == 3
     s4 = tokenize.run(_cfg(job, f"tokenize.output_dir={root}", "tokenize.num_shards=3",
@@ -419,7 +419,7 @@ def test_no_record_to_tokenize_says_so_and_writes_nothing(job, spark, sample_pat
     store = DeltaStore(spark, cfg().tables)
     store.write(spark.createDataFrame(silver_rows(sample_path)[:10], SILVER_DDL), "silver", mode="overwrite")
     first = tokenize.run(cfg(f"tokenize.max_length={MAX_LENGTH}"), spark)
-    pointer, versions = read_pointer(str(root)), sorted(p.name for p in root.iterdir())
+    pointer, versions = read_pointer(str(root)), sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
     tokenized = store.version("tokenized")
     if case == "empty":
         v = store.write(spark.createDataFrame([], SILVER_DDL), "silver", mode="overwrite")
@@ -433,7 +433,7 @@ def test_no_record_to_tokenize_says_so_and_writes_nothing(job, spark, sample_pat
     with pytest.raises(NoRecordsToTokenize, match=expected):
         tokenize.run(cfg(*more), spark)
     assert read_pointer(str(root)) == pointer and resolve_shard_dir(str(root)) == first["shard_dir"]
-    assert sorted(p.name for p in root.iterdir()) == versions and verify_shards(first["shard_dir"]) == []
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == versions and verify_shards(first["shard_dir"]) == []
     assert store.version("tokenized") == tokenized
     assert store.count("tokenize_runs") == 1
 

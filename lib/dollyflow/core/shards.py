@@ -29,6 +29,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -323,21 +325,40 @@ def write_pointer(root: str, shard_dir_name: str, **info) -> dict:
     the pointer that is current afterwards, with ``moved``: whether it is this one.
 
     Compare-and-replace is a read, then an atomic write (rename or one PUT), then a read-back that
-    writes once more if an older run's pointer landed in between. What remains is the window
-    between another run's read and its write (milliseconds): two runs finishing within it can
-    still leave the older one's pointer. Storage offers no compare-and-swap here (no lock is
-    taken); a caller that needs certainty checks the pointer afterwards, as the job does."""
+    writes once more if an older run's pointer landed in between. On a local path or mount the
+    three happen under an exclusive lock of ``<root>/.LATEST.lock`` (``fcntl.flock``), so no
+    window remains there. On an object store, which offers no lock or compare-and-swap, what
+    remains is the window between another run's read and its write (milliseconds): two runs
+    finishing within it can still leave the older one's pointer; a caller that needs certainty
+    checks the pointer afterwards, as the job does."""
     pointer = {"format": POINTER_FORMAT, "dir": shard_dir_name,
                "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **info}
     path = join(root, POINTER)
-    for _ in range(2):
-        current = _pointer_or_none(root)
-        if current is not None and current.get("dir") != shard_dir_name and _newer(current, pointer):
-            return {**current, "moved": False}
-        if current is not None and current.get("dir") == shard_dir_name:
-            break
-        write_atomic(path, json.dumps(pointer, indent=2).encode("utf-8"))
+    with _pointer_lock(root):
+        for _ in range(2):
+            current = _pointer_or_none(root)
+            if current is not None and current.get("dir") != shard_dir_name and _newer(current, pointer):
+                return {**current, "moved": False}
+            if current is not None and current.get("dir") == shard_dir_name:
+                break
+            write_atomic(path, json.dumps(pointer, indent=2).encode("utf-8"))
     return {**pointer, "moved": True}
+
+
+@contextmanager
+def _pointer_lock(root: str):
+    """An exclusive lock of the root's pointer on a local path or mount; nothing on object stores."""
+    if is_uri(root):
+        yield
+        return
+    import fcntl
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ".LATEST.lock"), "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _pointer_or_none(root: str) -> dict | None:
