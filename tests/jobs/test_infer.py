@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 
@@ -352,11 +354,19 @@ def _small_project(spark, root, rows):
 
 
 def test_credentials_in_a_model_uri_never_reach_predictions_or_the_summary(spark, tmp_path, s3_bucket,
-                                                                          dolly_model_dir, dolly_records, capfd):
+                                                                          dolly_model_dir, dolly_records, capfd,
+                                                                          monkeypatch):
+    """A model on an object store with credentials in its URI: downloaded once into the (driver's,
+    private) cache, which the Python workers on the same machine reuse; the URI is stored and
+    printed redacted."""
+    import tempfile
+
     from dollyflow.config import load_config, redact_uri
+    from dollyflow.core.model import CACHE_ENV
     from dollyflow.core.storage import upload_dir
     from dollyflow.jobs import infer
 
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))    # the driver's; the workers' env is their own
     uri = s3_bucket("s3", "models/dolly")
     assert "key:secret@" in uri
     upload_dir(dolly_model_dir, uri)
@@ -370,6 +380,9 @@ def test_credentials_in_a_model_uri_never_reach_predictions_or_the_summary(spark
     assert {r["model"] for r in store.read("predictions").collect()} == {shown}
     assert "secret" not in json.dumps(out, default=str)
     assert "secret" not in capfd.readouterr().err
+    # the workers used the driver's complete copy: nothing fetched into their default cache
+    entry = Path(out["model_dir"]).relative_to(tmp_path / "cache").parts[0]
+    assert not (Path(tempfile.gettempdir()) / f"dollyflow-models-{os.getuid()}" / entry).exists()
 
 
 def test_the_test_split_is_the_one_the_model_was_trained_from(spark, tmp_path, dolly_model_dir, dolly_records):

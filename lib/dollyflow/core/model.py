@@ -76,6 +76,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 _HUB_NAME = re.compile(r"(?P<org>[A-Za-z0-9][\w.-]*)/(?P<name>[A-Za-z0-9_][\w.-]*)(?:@(?P<revision>[\w.-]+))?")
 _HUB_FILES = ["*.safetensors", "*.json", "*.txt", "*.model", "README.md"]   # never pickled .bin weights
 CACHE_ENV = "DOLLYFLOW_MODEL_CACHE"
+COMPLETE_MARKER = ".dollyflow-complete"      # written last into a cache entry: the download is whole
 
 
 def private_dir(path: str, what: str) -> str:
@@ -285,7 +286,7 @@ def _cached_download(ms: ModelSource, fetch) -> str:
     so concurrent Python workers of one node download it once) and return the directory."""
     root = model_cache_root()
     target = os.path.join(root, ms.key)
-    done = os.path.join(target, ".dollyflow-complete")
+    done = os.path.join(target, COMPLETE_MARKER)
     if os.path.exists(done):
         return target
     with _file_lock(os.path.join(root, f"{ms.key}.lock")):
@@ -316,6 +317,27 @@ def _fetch_uri(ms: ModelSource, target: str) -> None:
     _, _, after = _listing(ms.source)
     if after != files:
         raise RuntimeError(f"model directory {ms.display} changed while it was copied: run again")
+
+
+def cache_entry(ms: ModelSource) -> str:
+    """The cache directory ``ms`` is (or would be) fetched into on this machine; "" for a dir."""
+    return "" if ms.kind == "dir" else os.path.join(model_cache_root(), ms.key)
+
+
+def fetched_copy(ms: ModelSource, entry: str, model_dir: str) -> str | None:
+    """``model_dir`` when it lies in ``entry``, a cache entry another process (the driver)
+    fetched ``ms`` into, that is complete and in a private cache of this user (checked as
+    :func:`model_cache_root` checks its own), else None: a worker on the driver's machine then
+    uses the driver's copy instead of fetching again."""
+    if ms.kind == "dir" or not entry or os.path.basename(entry) != ms.key:
+        return None
+    if not os.path.isfile(os.path.join(entry, COMPLETE_MARKER)):
+        return None
+    if not os.path.abspath(model_dir).startswith(os.path.abspath(entry) + os.sep) and \
+            os.path.abspath(model_dir) != os.path.abspath(entry):
+        return None
+    private_dir(os.path.dirname(entry), "the driver's model cache")
+    return model_dir
 
 
 def fetch_model(ms: ModelSource) -> str:

@@ -30,7 +30,8 @@ when Spark assigned one (``TaskContext.resources()["gpu"]``), else the first CUD
 the CPU. Workers read a directory source where the driver found it (a shared path such as
 ``/dbfs`` or ``/Volumes`` on clusters) and fetch a remote one by the immutable identity the
 driver resolved (the MLflow model version, the hub commit, the directory listing), once per
-machine, into the private model cache (:func:`dollyflow.core.model.model_cache_root`). Before a
+machine, into the private model cache (:func:`dollyflow.core.model.model_cache_root`), or use
+the driver's complete copy where they see it (the driver's machine). Before a
 worker loads a model it hashes the weight files it is about to load (sha256, once per model and
 Python worker, not per batch) and refuses them, naming both digests and the path, when they are
 not the ones the driver hashed: every row is stamped with the driver's ``model_sha``.
@@ -57,6 +58,7 @@ class InferSpec:
     """Everything a worker needs to generate, small enough to travel in the UDF's closure."""
     source: ModelSource              # the source as configured, resolved to an immutable identity
     model_dir: str                   # where the driver found it (the same path on workers for local/shared dirs)
+    cache_entry: str                 # the driver's cache directory of a remote source ("" for a dir)
     digest: str                      # sha256 of the weight files (the predictions' model_sha), checked on workers
     params: GenerationParams = field(default_factory=GenerationParams)
     device: str = "auto"
@@ -70,7 +72,7 @@ def resolve_spec(infer_cfg) -> InferSpec:
     """On the driver: resolve the model source to an immutable identity, find the model there
     (downloading a remote one), hash its weights and freeze the generation parameters of
     ``cfg.infer``."""
-    from dollyflow.core.model import fetch_model, locate_model, model_digest
+    from dollyflow.core.model import cache_entry, fetch_model, locate_model, model_digest
 
     source = str(infer_cfg.model or "")
     if not source:
@@ -81,7 +83,8 @@ def resolve_spec(infer_cfg) -> InferSpec:
     params = GenerationParams(max_new_tokens=infer_cfg.max_new_tokens, do_sample=infer_cfg.do_sample,
                               temperature=infer_cfg.temperature, top_p=infer_cfg.top_p, top_k=infer_cfg.top_k,
                               seed=infer_cfg.seed)
-    return InferSpec(source=located, model_dir=model_dir, digest=model_digest(model_dir), params=params,
+    return InferSpec(source=located, model_dir=model_dir, cache_entry=cache_entry(located),
+                     digest=model_digest(model_dir), params=params,
                      device=infer_cfg.device, dtype=infer_cfg.dtype, batch_tokens=infer_cfg.batch_tokens,
                      max_batch_size=infer_cfg.max_batch_size, window_rows=infer_cfg.window_rows)
 
@@ -104,12 +107,13 @@ def _task_gpus() -> list[str] | None:
 
 def worker_model_dir(spec: InferSpec) -> str:
     """On a worker: the model directory for ``spec`` (the driver's directory for a ``dir``
-    source, else the source fetched by its pinned identity into this machine's cache), after
-    checking that its weights hash to the driver's digest (the full sha256 of every weight file,
-    so a stale copy of the same architecture and size is refused too)."""
-    from dollyflow.core.model import fetch_model, model_digest
+    source; for a remote one the driver's complete copy when this machine sees it in a private
+    cache of this user, else the source fetched by its pinned identity into this machine's
+    cache), after checking that its weights hash to the driver's digest (the full sha256 of
+    every weight file, so a stale copy of the same architecture and size is refused too)."""
+    from dollyflow.core.model import fetch_model, fetched_copy, model_digest
 
-    model_dir = fetch_model(spec.source)     # a dir source: the driver's directory, which must be here
+    model_dir = fetched_copy(spec.source, spec.cache_entry, spec.model_dir) or fetch_model(spec.source)
     found = model_digest(model_dir)
     if found != spec.digest:
         raise RuntimeError(f"the model weights at {model_dir} (on this worker) have sha256 {found}, but the driver "
