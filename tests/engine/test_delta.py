@@ -302,3 +302,39 @@ def test_staged_rows_are_counted_before_and_invisible_until_committed(spark, sto
     store.discard_parts(sink2)
     assert store.version("s") == 1 and not Path(sink2.directory).exists()
     assert keyed(store.read("s")) == keyed(rows(spark, 10, 17))
+
+
+def test_merge_updates_only_matched_rows_meeting_update_when(spark, store):
+    """A retry merge must not replace a stored good row by an incoming error row (a concurrent
+    run whose rows errored), but must replace a stored error row by an incoming good one."""
+    ddl = "k string, model_sha string, response string, finish_reason string"
+    store.write(spark.createDataFrame([("good", "m1", "stored answer", "stop"),
+                                       ("bad", "m1", None, "error")], ddl), "retry", job="seed", run_id="r0")
+    incoming = spark.createDataFrame([("good", "m1", None, "error"), ("bad", "m1", "new answer", "stop"),
+                                      ("new", "m1", "fresh", "length")], ddl)
+    c = store.merge(incoming, "retry", keys=["k", "model_sha"], job="infer", run_id="r1",
+                    update_when="t.finish_reason = 'error'")
+    got = {r["k"]: (r["response"], r["finish_reason"]) for r in store.read("retry").collect()}
+    assert got == {"good": ("stored answer", "stop"), "bad": ("new answer", "stop"), "new": ("fresh", "length")}
+    assert (c.inserted, c.updated) == (1, 1)
+    with pytest.raises(ValueError, match="update=False"):
+        store.merge(incoming, "retry", keys=["k"], update=False, update_when="t.finish_reason = 'error'")
+
+
+def test_replace_where_replaces_only_the_matching_rows_in_one_commit(spark, store):
+    ddl = "k string, model_sha string, params_sha string, v long"
+    first = [("a", "m1", "p1", 1), ("b", "m1", "p1", 2), ("a", "m2", "p1", 3), ("a", "m1", "p2", 4)]
+    store.write(spark.createDataFrame(first, ddl), "rw", job="seed", run_id="r0")
+    new = spark.createDataFrame([("c", "m1", "p1", 10)], ddl).selectExpr("*", "'x' AS extra")
+    c = store.replace_where(new, "rw", {"model_sha": "m1", "params_sha": "p1"}, job="infer", run_id="r1")
+    assert c.version == 1 == store.version("rw") and c.rows == 1
+    got = sorted((r["k"], r["model_sha"], r["params_sha"], r["v"], r["extra"]) for r in store.read("rw").collect())
+    assert got == [("a", "m1", "p2", 4, None), ("a", "m2", "p1", 3, None), ("c", "m1", "p1", 10, "x")]
+    assert {h["version"]: h["run_id"] for h in store.history("rw")}[1] == "r1"
+    assert store.read("rw", version=0).count() == 4           # the replaced rows are still in time travel
+    # a missing table is created; a value that is not a plain token and an empty match are refused
+    assert store.replace_where(new, "rw_new", {"model_sha": "m1"}) == 0 and store.read("rw_new").count() == 1
+    with pytest.raises(ValueError, match="plain token"):
+        store.replace_where(new, "rw", {"model_sha": "m1' OR '1'='1"})
+    with pytest.raises(ValueError, match="at least one"):
+        store.replace_where(new, "rw", {})

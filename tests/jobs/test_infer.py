@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 
@@ -208,10 +210,19 @@ def run_job(spark, project, *overrides):
 
 
 def test_job_scores_the_test_split_into_predictions_and_appends_idempotently(spark, project, dolly_model_dir,
-                                                                             core_answers):
+                                                                             core_answers, capfd):
     store = project["store"]
     first = run_job(spark, project, "infer.extra_columns=[category]")
     assert first["rows_in"] == 12 and first["generated"] == 12 and first["already_predicted"] == 0
+    # which kind of source was used, in the summary and on stderr
+    assert first["model_source"] == {"kind": "dir", "source": str(dolly_model_dir), "resolved": str(dolly_model_dir),
+                                     "identity": str(dolly_model_dir)}
+    err = capfd.readouterr().err
+    assert f"dollyflow infer: model source dir: {dolly_model_dir}" in err
+    # the fixture model has no training provenance: the current tokenized table, with a warning
+    assert first["input"]["tokenized_from"] == "current (no model provenance)"
+    assert len(first["warnings"]) == 1 and "no training provenance" in first["warnings"][0]
+    assert "warning: the model has no training provenance" in err
     assert first["finish_reasons"].get("error") == 2
     # the workers of the earlier tests already hold this model: it is not loaded again
     assert first["workers"]["tasks"] >= 1 and first["workers"]["loads_per_worker"] <= 1
@@ -250,16 +261,165 @@ def test_job_scores_the_test_split_into_predictions_and_appends_idempotently(spa
 
 
 def test_job_query_input_overwrite_and_key_checks(spark, project):
+    """Overwrite replaces the rows of this model_sha + params_sha only, in one commit; with no
+    input rows it removes nothing."""
+    from pyspark.sql import functions as F
+
     store = project["store"]
+    before = store.read("predictions").collect()
+    mine = GenerationParams(max_new_tokens=MAX_NEW).digest()
+    others = sorted((r["record_id"], r["params_sha"], r["response"], r["run_id"]) for r in before
+                    if r["params_sha"] != mine)
+    assert len(others) == 5 and len(before) == 17       # the max_new_tokens=4 rows of the test above
+    v0 = store.version("predictions")
     out = run_job(spark, project, "infer.mode=overwrite",
                   "infer.query=SELECT record_id, instruction, context FROM silver WHERE category = 'closed_qa'")
     closed = [r for r in project["rows"] if r[4] == "closed_qa"]
     assert out["generated"] == len(closed) > 0 and out["input"]["views"] == ["silver", "tokenized"]
-    assert store.read("predictions").count() == len(closed)
+    assert out["replaced_rows"] == 12 and out["predictions_version"] == v0 + 1 == store.version("predictions")
+    after = store.read("predictions").collect()
+    assert sorted(r["record_id"] for r in after if r["params_sha"] == mine) == sorted(r[0] for r in closed)
+    assert sorted((r["record_id"], r["params_sha"], r["response"], r["run_id"]) for r in after
+                  if r["params_sha"] != mine) == others        # other parameters' predictions kept as they were
+    # an overwrite with no input rows removes nothing and says so
+    empty = run_job(spark, project, "infer.mode=overwrite",
+                    "infer.query=SELECT record_id, instruction, context FROM silver WHERE category = 'no such'")
+    assert empty["rows_in"] == 0 and empty["generated"] == 0 and "unchanged" in empty["written"]
+    assert store.version("predictions") == v0 + 1 and store.read("predictions").count() == len(after)
+    assert store.read("predictions").where(F.col("params_sha") == mine).count() == len(closed)
     with pytest.raises(ValueError, match=r"key column\(s\) \['doc_id'\]"):
         run_job(spark, project, "infer.key_columns=[doc_id]")
     with pytest.raises(ValueError, match="infer.model is empty"):
         run_job(spark, project, "infer.model=")
+
+
+@pytest.mark.parametrize("statement", [
+    "DROP TABLE tokenized",
+    "/* looks harmless */ -- so does this\n  DELETE FROM silver",
+    "SELECT record_id, instruction, context FROM silver; DROP TABLE tokenized",
+    "WITH x AS (SELECT * FROM silver) INSERT INTO tokenized SELECT record_id, 'test' FROM x",
+    "SET spark.sql.shuffle.partitions=1",
+])
+def test_job_query_must_be_a_query(spark, project, statement):
+    """Anything but a query fails before it runs (it would run with the job's identity)."""
+    from dollyflow.engine.query import NotAQuery
+
+    store = project["store"]
+    versions = {n: store.version(n) for n in ("silver", "tokenized", "predictions")}
+    shuffle = spark.conf.get("spark.sql.shuffle.partitions")
+    with pytest.raises(NotAQuery, match="infer.query must be a single query .* so nothing was run"):
+        run_job(spark, project, f"infer.query={statement}")
+    assert {n: store.version(n) for n in versions} == versions
+    assert spark.conf.get("spark.sql.shuffle.partitions") == shuffle
+
+
+def _weights_last_byte(model_dir, byte: bytes) -> None:
+    w = model_dir / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-1] + byte)
+
+
+def test_workers_check_the_full_digest_of_the_weights_they_load(spark, tmp_path, dolly_model_dir, udf_cfg):
+    """The driver hashed the model; the weights the workers then find at that path have the same
+    file names and sizes but other content (a stale copy, a rewrite): the UDF fails, naming both
+    digests and the path, instead of stamping other weights' rows with the driver's model_sha."""
+    from dollyflow.config import load_config
+    from dollyflow.engine.infer import register_udf, resolve_spec
+
+    model = tmp_path / "model"
+    shutil.copytree(dolly_model_dir, model)
+    _weights_last_byte(model, b"\x00")       # weights no Python worker of this session has loaded yet
+    cfg = load_config("infer", [f"tables.warehouse={udf_cfg.tables.warehouse}", f"infer.model={model}",
+                                "infer.max_new_tokens=4"])
+    spec = resolve_spec(cfg.infer)
+    _weights_last_byte(model, b"\x01")       # same size, other content
+    stale = model_digest(str(model))
+    assert stale != spec.digest
+    register_udf(spark, spec, name="dolly_checked")
+    spark.createDataFrame([("Name a colour.",)], "instruction string").createOrReplaceTempView("one_prompt")
+    with pytest.raises(Exception) as failed:
+        spark.sql("SELECT dolly_checked(instruction).response FROM one_prompt").collect()
+    message = str(failed.value)
+    assert f"the model weights at {model} (on this worker) have sha256 {stale}" in message
+    assert f"weights with sha256 {spec.digest}" in message
+
+
+def _small_project(spark, root, rows):
+    from dollyflow.config import load_config
+    from dollyflow.engine.delta import DeltaStore
+
+    cfg = load_config("infer", [f"tables.warehouse={root / 'warehouse'}", "spark.shuffle_partitions=2"])
+    store = DeltaStore(spark, cfg.tables)
+    store.write(spark.createDataFrame(rows, SILVER_DDL), cfg.tables.silver, mode="overwrite")
+    return store
+
+
+def test_credentials_in_a_model_uri_never_reach_predictions_or_the_summary(spark, tmp_path, s3_bucket,
+                                                                          dolly_model_dir, dolly_records, capfd,
+                                                                          monkeypatch):
+    """A model on an object store with credentials in its URI: downloaded once into the (driver's,
+    private) cache, which the Python workers on the same machine reuse; the URI is stored and
+    printed redacted."""
+    import tempfile
+
+    from dollyflow.config import load_config, redact_uri
+    from dollyflow.core.model import CACHE_ENV
+    from dollyflow.core.storage import upload_dir
+    from dollyflow.jobs import infer
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))    # the driver's; the workers' env is their own
+    uri = s3_bucket("s3", "models/dolly")
+    assert "key:secret@" in uri
+    upload_dir(dolly_model_dir, uri)
+    store = _small_project(spark, tmp_path, silver_rows(dolly_records[:2]))
+    out = infer.run(load_config("infer", [f"tables.warehouse={tmp_path / 'warehouse'}", "spark.shuffle_partitions=2",
+                                          f"infer.model={uri}", "infer.split=all", "infer.max_new_tokens=4"]), spark)
+    shown = redact_uri(uri)
+    assert "secret" not in shown and shown.startswith("s3://***@dollyflow-test/models/dolly")
+    assert out["generated"] == 2 and out["model"] == shown and out["model_source"]["kind"] == "uri"
+    assert out["model_sha"] == model_digest(str(dolly_model_dir))
+    assert {r["model"] for r in store.read("predictions").collect()} == {shown}
+    assert "secret" not in json.dumps(out, default=str)
+    assert "secret" not in capfd.readouterr().err
+    # the workers used the driver's complete copy: nothing fetched into their default cache
+    entry = Path(out["model_dir"]).relative_to(tmp_path / "cache").parts[0]
+    assert not (Path(tempfile.gettempdir()) / f"dollyflow-models-{os.getuid()}" / entry).exists()
+
+
+def test_the_test_split_is_the_one_the_model_was_trained_from(spark, tmp_path, dolly_model_dir, dolly_records):
+    """The model's provenance names tokenized v0; tokenized has since moved to v1 with another
+    split: the job scores v0's test records. A model trained from another tokenized table fails
+    unless infer.split=all."""
+    from dollyflow.config import load_config
+    from dollyflow.jobs import infer
+
+    rows = silver_rows(dolly_records[:6])
+    ids = [r[0] for r in rows]
+    store = _small_project(spark, tmp_path, rows)
+    split = "record_id string, split string"
+    store.write(spark.createDataFrame([(i, "test" if n < 2 else "train") for n, i in enumerate(ids)], split),
+                "tokenized", mode="overwrite")
+    store.write(spark.createDataFrame([(i, "test" if n >= 4 else "train") for n, i in enumerate(ids)], split),
+                "tokenized", mode="overwrite")
+    assert store.version("tokenized") == 1
+    model = tmp_path / "model"
+    shutil.copytree(dolly_model_dir, model)
+    info = json.loads((model / "dollyflow_model.json").read_text())
+
+    def provenance(location, version):
+        info["dataset"] = {"tokenized_table": {"table": "tokenized", "location": location, "version": version}}
+        (model / "dollyflow_model.json").write_text(json.dumps(info))
+
+    provenance(store.location("tokenized"), 0)
+    args = [f"tables.warehouse={tmp_path / 'warehouse'}", "spark.shuffle_partitions=2", f"infer.model={model}",
+            "infer.max_new_tokens=4"]
+    out = infer.run(load_config("infer", args), spark)
+    assert sorted(r["record_id"] for r in store.read("predictions").collect()) == sorted(ids[:2])
+    assert out["input"]["tokenized_version"] == 0 and out["input"]["tokenized_current_version"] == 1
+    assert out["input"]["tokenized_from"] == "model provenance" and out["warnings"] == []
+    provenance("/elsewhere/dollyflow/tokenized", 3)
+    with pytest.raises(RuntimeError, match="trained from the tokenized table /elsewhere/dollyflow/tokenized .*"
+                                           "infer.split=all"):
+        infer.run(load_config("infer", args), spark)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,6 +463,9 @@ def test_a_model_the_train_job_wrote_runs_through_the_infer_job(spark, tmp_path,
     first = infer.run(load_config("infer", args), spark)
     assert first["rows_in"] == 12 and first["generated"] == 12 and first["already_predicted"] == 0
     assert first["model_sha"] == model_digest(out)
+    # the test split is read at the tokenized version the train job recorded in the model
+    assert first["input"]["tokenized_from"] == "model provenance" and first["warnings"] == []
+    assert first["input"]["tokenized_version"] == prov["dataset"]["tokenized_table"]["version"]
     table = store.read("predictions").collect()
     assert len(table) == 12 and len({r["record_id"] for r in table}) == 12
     reasons = {r["finish_reason"] for r in table}

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 
 def tiny_gpt_neox(vocab_size: int, hidden_size: int = 64, layers: int = 2, heads: int = 4,
@@ -40,32 +41,101 @@ def load_model(name: str, vocab_size: int | None = None, **kwargs):
 # ---------------------------------------------------------------------------------------------
 # Loading a fine-tuned model for generation (the infer job, benches, notebooks)
 #
-# A model source is one of:
-#   - a local directory (or a FUSE path such as /dbfs/... or /Volumes/...): a Hugging Face model
-#     directory as the train job writes it (config.json, *.safetensors, tokenizer files with
-#     Dolly's special tokens, generation_config.json);
-#   - a pyarrow filesystem URI (s3://, gs://, abfss://, file://) of such a directory: copied once
-#     per machine into the local model cache;
-#   - an MLflow URI (runs:/<run id>/<path>, models:/<name>/<version or alias>, or any artifact
-#     URI mlflow understands): its artifacts downloaded once per machine into the cache; a
-#     transformers-flavor layout (model/ and components/tokenizer/) is recognised;
-#   - a Hugging Face hub name (org/name), on clusters that can reach the hub: a snapshot of its
-#     safetensors, config and tokenizer files.
+# A model source is one of four kinds (source_kind):
+#   - dir: a local directory (or a FUSE path such as /dbfs/... or /Volumes/...): a Hugging Face
+#     model directory as the train job writes it (config.json, *.safetensors, tokenizer files
+#     with Dolly's special tokens, generation_config.json). Used where it is.
+#   - uri: a pyarrow filesystem URI (s3://, gs://, abfss://, hdfs://, file://) of such a
+#     directory, copied once per machine into the model cache.
+#   - mlflow: an MLflow URI (runs:/<run id>/<path>, models:/<name>/<version | alias | stage |
+#     latest>, models:/<name>@<alias>, models:/<logged model id>, mlflow-artifacts:/...,
+#     dbfs:/databricks/mlflow...): its artifacts downloaded once per machine into the cache; a
+#     transformers-flavor layout (model/ and components/tokenizer/) is recognised.
+#   - hub: a Hugging Face hub name, on clusters that can reach the hub: org/name or
+#     org/name@<revision>; a snapshot of its safetensors, config and tokenizer files.
+#
+# Which text is a hub name and which a path (so that a mistyped or missing local directory is an
+# error, not a download of whatever the hub has under that name): anything that exists locally
+# is a path; a hub name is exactly ``org/name`` or ``org/name@revision`` (letters, digits, ``_``,
+# ``.``, ``-``; one ``/``) that does not start with ``.``, ``/`` or ``~`` and whose first segment
+# is not an existing local file or directory (``out/dolly-lora`` with an ``out/`` here is a
+# missing path). Everything else that does not exist is a missing path and fails, naming it.
+#
+# The cache is keyed by an immutable identity of what was resolved, never by the source text,
+# so a moving source (an alias, ``latest``, a stage, a rewritten directory, a hub branch) is
+# fetched again when it moves: an MLflow registry source is resolved to its model version (name
+# and number, with its run id and source) and that version is downloaded; ``runs:/`` and other
+# run artifact URIs are keyed by the run; a ``uri`` directory by a fingerprint of its listing
+# (each file's path, size and modification time; pyarrow exposes no ETag or object version);
+# a hub name by the commit sha the revision points at (``HfApi().model_info``), which is then
+# what is downloaded. The cache is a private directory (see :func:`model_cache_root`).
 
 MODEL_INFO_FILE = "dollyflow_model.json"
 _MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "dbfs:/databricks/mlflow")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+_HUB_NAME = re.compile(r"(?P<org>[A-Za-z0-9][\w.-]*)/(?P<name>[A-Za-z0-9_][\w.-]*)(?:@(?P<revision>[\w.-]+))?")
+_HUB_FILES = ["*.safetensors", "*.json", "*.txt", "*.model", "README.md"]   # never pickled .bin weights
+CACHE_ENV = "DOLLYFLOW_MODEL_CACHE"
+COMPLETE_MARKER = ".dollyflow-complete"      # written last into a cache entry: the download is whole
+
+
+def private_dir(path: str, what: str) -> str:
+    """``path`` as a directory only this user can write: created with mode 0700 when missing
+    (its parents as usual); an existing one must be a real directory (not a symbolic link),
+    owned by this user and writable by nobody else, else a PermissionError saying what to do.
+    A cache in a shared place (``/tmp``) must not be one another user prepared: its models would
+    be loaded, and its pickles and configs trusted, by this user's jobs."""
+    import stat
+
+    path = os.path.abspath(os.path.expanduser(path))
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise PermissionError(f"{what} {path} is a symbolic link: refusing to use it (point it at the directory "
+                              f"itself, or set ${CACHE_ENV} to a directory of yours)")
+    if not stat.S_ISDIR(st.st_mode):
+        raise PermissionError(f"{what} {path} is not a directory")
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise PermissionError(f"{what} {path} belongs to uid {st.st_uid}, not to this user (uid {os.getuid()}): "
+                              f"refusing to load models from it. Remove it, or set ${CACHE_ENV} to a directory "
+                              "of yours")
+    if st.st_mode & 0o022:
+        raise PermissionError(f"{what} {path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}): "
+                              f"refusing to load models from it. chmod 700 it, or set ${CACHE_ENV} to a "
+                              "private directory")
+    return path
 
 
 def model_cache_root() -> str:
-    """Where downloaded models are kept: $DOLLYFLOW_MODEL_CACHE, else <tmp>/dollyflow-models
-    (local disk on cluster nodes, shared by the Python workers of one machine)."""
+    """Where downloaded models are kept, checked by :func:`private_dir`: ``$DOLLYFLOW_MODEL_CACHE``
+    when set, else ``<tmp>/dollyflow-models-<uid>`` (local disk on cluster nodes, shared by the
+    Python workers of one user on one machine, created 0700)."""
     import tempfile
-    return os.environ.get("DOLLYFLOW_MODEL_CACHE") or os.path.join(tempfile.gettempdir(), "dollyflow-models")
+
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return private_dir(env, f"${CACHE_ENV}")
+    uid = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    return private_dir(os.path.join(tempfile.gettempdir(), f"dollyflow-models-{uid}"), "the model cache")
+
+
+def _hub_name(s: str):
+    """The match of a hub name (see above), or None when ``s`` is to be read as a path."""
+    m = _HUB_NAME.fullmatch(s)
+    if m is None or s.startswith((".", "/", "~")) or os.path.lexists(os.path.expanduser(m["org"])):
+        return None
+    return m
 
 
 def source_kind(source: str) -> str:
-    """``dir``, ``mlflow``, ``uri`` or ``hub`` for a model source (see above)."""
+    """``dir``, ``mlflow``, ``uri`` or ``hub`` for a model source (see above). A path that does
+    not exist (and is no hub name) is a FileNotFoundError naming it."""
     s = str(source)
     if not s:
         raise ValueError("empty model source")
@@ -73,17 +143,136 @@ def source_kind(source: str) -> str:
         return "mlflow"
     if "://" in s:
         return "uri"
-    if os.path.isdir(os.path.expanduser(s)):
+    path = os.path.expanduser(s)
+    if os.path.isdir(path):
         return "dir"
-    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", s) and not s.startswith("."):
+    if os.path.lexists(path):
+        raise NotADirectoryError(f"model source {os.path.abspath(path)} is not a directory (a model is a directory "
+                                 "with config.json and *.safetensors)")
+    if _hub_name(s):
         return "hub"
-    raise FileNotFoundError(f"model directory {s!r} does not exist")
+    raise FileNotFoundError(f"model directory {os.path.abspath(path)} does not exist (model source {s!r}); a "
+                            "Hugging Face hub name is org/name or org/name@revision whose first segment is not "
+                            "a local path")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model source resolved to an immutable identity (small and picklable: it travels to the
+    Spark workers, which fetch exactly ``pinned`` and check it is still ``identity``).
+
+    ``source`` is as configured and may hold credentials (``s3://KEY:SECRET@...``): print
+    :attr:`display`, never ``source``."""
+    kind: str                  # dir | uri | mlflow | hub
+    source: str                # as configured
+    pinned: str                # what is fetched: the directory, the URI, models:/<name>/<version>, org/name@<sha>
+    identity: str              # the immutable identity (credential-free): listing sha256, model version, commit sha
+    key: str = ""              # the cache key (sha256 hex of kind and identity); "" for a dir
+
+    @property
+    def display(self) -> str:
+        from dollyflow.config import redact_uri
+        return redact_uri(self.source)
+
+    def describe(self) -> dict:
+        """What the job summary says about the source (no credentials)."""
+        from dollyflow.config import redact_uri
+        return {"kind": self.kind, "source": self.display, "resolved": redact_uri(self.pinned),
+                "identity": self.identity}
+
+
+def _cache_key(kind: str, identity: str) -> str:
+    return hashlib.sha256(f"{kind}\n{identity}".encode("utf-8")).hexdigest()[:32]
+
+
+def _listing(source: str) -> tuple[object, str, list[tuple[str, int, int]]]:
+    """(filesystem, root, [(relative path, size, mtime ns)]) of every file under a URI directory."""
+    import pyarrow.fs as pafs
+
+    from dollyflow.config import redact_uri
+    from dollyflow.core.storage import filesystem
+
+    fs, root = filesystem(source)
+    root = root.rstrip("/")
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"model directory {redact_uri(source)} does not exist") from None
+    files = sorted((i.path[len(root):].lstrip("/"), int(i.size), int(i.mtime_ns or 0))
+                   for i in infos if i.type == pafs.FileType.File)
+    if not files:
+        raise FileNotFoundError(f"model directory {redact_uri(source)} holds no files")
+    return fs, root, files
+
+
+def _listing_identity(files: list[tuple[str, int, int]]) -> str:
+    text = "".join(f"{p}\t{size}\t{mtime}\n" for p, size, mtime in files)
+    return f"listing-sha256:{hashlib.sha256(text.encode('utf-8')).hexdigest()}"
+
+
+def _mlflow_source(source: str) -> ModelSource:
+    """An MLflow source pinned: a registry URI (alias, stage, ``latest``) to its model version."""
+    from dollyflow.config import redact_uri
+
+    if not source.startswith("models:/"):
+        # runs:/<run id>/..., mlflow-artifacts:/..., dbfs:/databricks/mlflow...: a run's artifacts
+        import mlflow
+
+        identity = f"{redact_uri(mlflow.get_tracking_uri())} {redact_uri(source)}"
+        return ModelSource("mlflow", source, source, identity, _cache_key("mlflow", identity))
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    client = MlflowClient()
+    resolved = get_model_name_and_version(client, source)   # MLflow's own resolution of alias/stage/latest
+    registry = redact_uri(mlflow.get_registry_uri())
+    if len(resolved) == 1:                                   # models:/<logged model id>: immutable
+        identity = f"{registry} models:/{resolved[0]}"
+        return ModelSource("mlflow", source, source, identity, _cache_key("mlflow", identity))
+    name, version = resolved
+    mv = client.get_model_version(name, str(version))
+    pinned = f"models:/{name}/{mv.version}"
+    identity = f"{registry} {pinned} run {mv.run_id} source {redact_uri(str(mv.source))}"
+    return ModelSource("mlflow", source, pinned, identity, _cache_key("mlflow", identity))
+
+
+def _hub_source(source: str) -> ModelSource:
+    m = _hub_name(source)
+    name, revision = f"{m['org']}/{m['name']}", m["revision"]
+    try:
+        from huggingface_hub import HfApi
+        sha = HfApi().model_info(name, revision=revision).sha
+    except Exception as e:
+        raise RuntimeError(f"model source {source!r} was read as a Hugging Face hub name, and the hub could not "
+                           f"resolve it ({type(e).__name__}: {e}). If you meant a local directory: "
+                           f"{os.path.abspath(os.path.expanduser(source))} does not exist") from None
+    if not sha:
+        raise RuntimeError(f"the hub gave no commit sha for {source!r}")
+    pinned = f"{name}@{sha}"
+    return ModelSource("hub", source, pinned, pinned, _cache_key("hub", pinned))
+
+
+def locate_model(source: str) -> ModelSource:
+    """Resolve ``source`` (see above) to a :class:`ModelSource` with its immutable identity;
+    downloads nothing (lists a ``uri`` directory, asks the MLflow registry or the hub)."""
+    kind = source_kind(source)
+    if kind == "dir":
+        d = os.path.abspath(os.path.expanduser(source))
+        return ModelSource("dir", d, d, d)       # stored and shown as the absolute path
+    if kind == "uri":
+        from dollyflow.config import redact_uri
+        _, _, files = _listing(source)
+        identity = f"{redact_uri(source)} {_listing_identity(files)}"
+        return ModelSource("uri", source, source, identity, _cache_key("uri", identity))
+    if kind == "mlflow":
+        return _mlflow_source(source)
+    return _hub_source(source)
 
 
 @contextmanager
 def _file_lock(path: str):
     import fcntl
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -92,23 +281,87 @@ def _file_lock(path: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _cached_download(source: str, fetch) -> str:
-    """Run ``fetch(target_dir)`` once per machine for ``source`` (file lock + completion marker,
+def _cached_download(ms: ModelSource, fetch) -> str:
+    """Run ``fetch(target_dir)`` once per machine for ``ms.key`` (file lock + completion marker,
     so concurrent Python workers of one node download it once) and return the directory."""
     root = model_cache_root()
-    key = hashlib.sha256(source.encode("utf-8")).hexdigest()[:24]
-    target = os.path.join(root, key)
-    done = os.path.join(target, ".dollyflow-complete")
+    target = os.path.join(root, ms.key)
+    done = os.path.join(target, COMPLETE_MARKER)
     if os.path.exists(done):
         return target
-    with _file_lock(os.path.join(root, f"{key}.lock")):
+    with _file_lock(os.path.join(root, f"{ms.key}.lock")):
         if not os.path.exists(done):
             shutil.rmtree(target, ignore_errors=True)
             os.makedirs(target)
             fetch(target)
             with open(done, "w") as f:
-                f.write(source)
+                f.write(f"{ms.kind} {ms.identity}\n")
     return target
+
+
+def _fetch_uri(ms: ModelSource, target: str) -> None:
+    """Copy exactly the listed files, checking the listing is still the one ``ms`` was resolved
+    with, before and after (a directory rewritten meanwhile is an error, never a mixed copy)."""
+    import pyarrow.fs as pafs
+
+    fs, root, files = _listing(ms.source)
+    prefix = f"{ms.display} "
+    if f"{prefix}{_listing_identity(files)}" != ms.identity:
+        raise RuntimeError(f"model directory {ms.display} changed since it was resolved ({ms.identity}): "
+                           "was it rewritten during the job? Run again")
+    local = pafs.LocalFileSystem()
+    for rel, _, _ in files:
+        dst = os.path.join(target, *rel.split("/"))
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        pafs.copy_files(f"{root}/{rel}", dst, source_filesystem=fs, destination_filesystem=local)
+    _, _, after = _listing(ms.source)
+    if after != files:
+        raise RuntimeError(f"model directory {ms.display} changed while it was copied: run again")
+
+
+def cache_entry(ms: ModelSource) -> str:
+    """The cache directory ``ms`` is (or would be) fetched into on this machine; "" for a dir."""
+    return "" if ms.kind == "dir" else os.path.join(model_cache_root(), ms.key)
+
+
+def fetched_copy(ms: ModelSource, entry: str, model_dir: str) -> str | None:
+    """``model_dir`` when it lies in ``entry``, a cache entry another process (the driver)
+    fetched ``ms`` into, that is complete and in a private cache of this user (checked as
+    :func:`model_cache_root` checks its own), else None: a worker on the driver's machine then
+    uses the driver's copy instead of fetching again."""
+    if ms.kind == "dir" or not entry or os.path.basename(entry) != ms.key:
+        return None
+    if not os.path.isfile(os.path.join(entry, COMPLETE_MARKER)):
+        return None
+    if not os.path.abspath(model_dir).startswith(os.path.abspath(entry) + os.sep) and \
+            os.path.abspath(model_dir) != os.path.abspath(entry):
+        return None
+    private_dir(os.path.dirname(entry), "the driver's model cache")
+    return model_dir
+
+
+def fetch_model(ms: ModelSource) -> str:
+    """The local model directory of a :class:`ModelSource` (a ``dir`` as it is; anything else
+    downloaded once per machine into the cache under its immutable identity)."""
+    if ms.kind == "dir":
+        if not os.path.isdir(ms.pinned):
+            raise FileNotFoundError(f"model directory {ms.pinned} does not exist on this machine "
+                                    "(on a cluster, use shared storage: /Volumes, /dbfs or an object-store URI)")
+        return ms.pinned
+    if ms.kind == "uri":
+        return _find_model_dir(_cached_download(ms, lambda target: _fetch_uri(ms, target)))
+    if ms.kind == "mlflow":
+        def fetch(target):
+            import mlflow.artifacts
+            mlflow.artifacts.download_artifacts(artifact_uri=ms.pinned, dst_path=target)
+        return _find_model_dir(_cached_download(ms, fetch))
+    if ms.kind == "hub":
+        def fetch(target):
+            from huggingface_hub import snapshot_download
+            name, sha = ms.pinned.split("@", 1)
+            snapshot_download(name, revision=sha, local_dir=target, allow_patterns=_HUB_FILES)
+        return _find_model_dir(_cached_download(ms, fetch))
+    raise ValueError(f"unknown model source kind {ms.kind!r}")
 
 
 def _find_model_dir(root: str) -> str:
@@ -124,31 +377,10 @@ def _find_model_dir(root: str) -> str:
 
 
 def resolve_model_dir(source: str) -> str:
-    """A local directory holding the model of ``source`` (downloading it once per machine when it
-    is remote). Local directories are returned as they are."""
-    kind = source_kind(source)
-    if kind == "dir":
-        return os.path.abspath(os.path.expanduser(source))
-    if kind == "uri":
-        from dollyflow.core.storage import filesystem
-
-        def fetch(target):
-            import pyarrow.fs as pafs
-            fs, path = filesystem(source)
-            pafs.copy_files(path, target, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        return _find_model_dir(_cached_download(source, fetch))
-    if kind == "mlflow":
-        def fetch(target):
-            import mlflow.artifacts
-            mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=target)
-        return _find_model_dir(_cached_download(source, fetch))
-    # hub name: safetensors, configs and tokenizer files only (never pickled .bin weights)
-
-    def fetch(target):
-        from huggingface_hub import snapshot_download
-        snapshot_download(source, local_dir=target,
-                          allow_patterns=["*.safetensors", "*.json", "*.txt", "*.model", "README.md"])
-    return _find_model_dir(_cached_download(source, fetch))
+    """A local directory holding the model of ``source`` (:func:`locate_model`, then
+    :func:`fetch_model`: downloaded once per machine and identity when it is remote). Local
+    directories are returned as they are."""
+    return fetch_model(locate_model(source))
 
 
 def tokenizer_dir_for(model_dir: str) -> str:
@@ -171,11 +403,6 @@ def weight_files(model_dir: str) -> list[str]:
         hint = f" (found pickled weights {pickled}: convert them to safetensors)" if pickled else ""
         raise FileNotFoundError(f"no .safetensors weights in {model_dir}{hint}; only safetensors are loaded")
     return names
-
-
-def weight_signature(model_dir: str) -> dict[str, int]:
-    """{safetensors file name: size}: a cheap check that two machines see the same weights."""
-    return {n: os.path.getsize(os.path.join(model_dir, n)) for n in weight_files(model_dir)}
 
 
 _DIGESTS: dict[tuple, str] = {}

@@ -466,12 +466,17 @@ class DeltaStore:
         remove_dir(sink.directory, under=sink.parent or sink.directory.rsplit("/", 1)[0])
 
     def merge(self, df, name: str, keys: list[str], job: str = "", run_id: str = "",
-              update: bool = True, absent_at: int | None = None) -> Commit:
+              update: bool = True, absent_at: int | None = None, update_when: str | None = None) -> Commit:
         """Upsert ``df`` into the table on ``keys``: matched rows are updated (unless
         ``update=False``: insert-only), unmatched rows inserted; creates the table if missing.
         Conflicts with concurrent commits are retried against the new table state, so with
         ``update=False`` every key is inserted once however many merges run at once. ``df``
         must hold each key once.
+
+        ``update_when``: a SQL condition on the stored row ``t`` and the incoming row ``s``
+        (e.g. ``t.finish_reason = 'error'``): only matched rows meeting it are updated, the
+        others are left as they are (both backends evaluate it inside the merge, against the
+        table state the merge commits on, so a concurrent writer's rows are judged as stored).
 
         ``absent_at``: for an insert-only merge whose caller already removed the keys present at
         that version (an anti-join against it): offline, if the table is still at that version
@@ -483,9 +488,35 @@ class DeltaStore:
             check_identifier(k, "merge key")
         ref = self.ref(name)
         write_id = uuid.uuid4().hex
+        if update_when is not None and not update:
+            raise ValueError("merge: update_when is a condition on updates, but update=False")
         if self.native:
-            return self._native_merge(df, ref, keys, job, run_id, update, write_id)
-        return self._rs_merge(df, ref, keys, job, run_id, update, None if update else absent_at, write_id)
+            return self._native_merge(df, ref, keys, job, run_id, update, write_id, update_when)
+        return self._rs_merge(df, ref, keys, job, run_id, update, None if update else absent_at, write_id,
+                              update_when)
+
+    def replace_where(self, df, name: str, match: dict[str, str], job: str = "", run_id: str = "") -> Commit:
+        """Replace the rows of ``name`` whose columns equal ``match`` (``{column: value}``) by the
+        rows of ``df`` (which must all match it too), in one commit; every other row stays.
+        Creates the table when it is missing. Natively Delta's ``replaceWhere``; offline a delta-rs
+        overwrite with the same predicate (files holding matching and other rows are rewritten
+        without the matching ones). Columns the rows have and the table lacks are added; columns
+        the table has and the rows lack are null in the new rows. Values are plain tokens (digests,
+        names): ``[A-Za-z0-9._:/-]``."""
+        if not match:
+            raise ValueError("replace_where needs at least one column = value (else it would replace the table)")
+        for col, value in match.items():
+            check_identifier(col, "replace_where column")
+            if not isinstance(value, str) or not value or not all(c.isalnum() or c in "._:/-" for c in value):
+                raise ValueError(f"replace_where: the value for {col} must be a plain token, not {value!r}")
+        predicate = " AND ".join(f"{c} = '{v}'" for c, v in match.items())
+        ref = self.ref(name)
+        if not self.exists(name):
+            return self.write(df, name, mode="append", job=job, run_id=run_id)
+        write_id = uuid.uuid4().hex
+        if self.native:
+            return self._native_replace(df, ref, predicate, job, run_id, write_id)
+        return self._rs_replace(df, ref, predicate, job, run_id, write_id)
 
     def drop(self, name: str) -> None:
         """Remove a table entirely (tests and demos)."""
@@ -525,7 +556,7 @@ class DeltaStore:
         raise RuntimeError(f"{ref.location}: the commit of write {write_id} is not in the table's history")
 
     def _native_merge(self, df, ref: TableRef, keys: list[str], job: str, run_id: str, update: bool,
-                      write_id: str) -> Commit:
+                      write_id: str, update_when: str | None = None) -> Commit:
         from delta.exceptions import DeltaConcurrentModificationException
 
         cond = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
@@ -548,7 +579,7 @@ class DeltaStore:
                     with session_conf(self.spark, {MERGE_METADATA_CONF: meta}):
                         m = dt.alias("t").merge(df.alias("s"), cond)
                         if update:
-                            m = m.whenMatchedUpdateAll()
+                            m = m.whenMatchedUpdateAll(condition=update_when)
                         m.whenNotMatchedInsertAll().execute()
                 return self._native_commit(ref, write_id)
             except DeltaConcurrentModificationException:
@@ -556,6 +587,25 @@ class DeltaStore:
                     raise
             except Exception as exc:  # the create lost a race with another creator
                 if dt is not None or "already exists" not in str(exc).lower() or attempt == COMMIT_RETRIES:
+                    raise
+            time.sleep(min(2.0, 0.05 * 2 ** attempt))
+        raise AssertionError("unreachable")
+
+    def _native_replace(self, df, ref: TableRef, predicate: str, job: str, run_id: str, write_id: str) -> Commit:
+        from delta.exceptions import DeltaConcurrentModificationException
+
+        meta = _meta(job, run_id, write_id)
+        for attempt in range(COMMIT_RETRIES + 1):
+            w = (df.write.format("delta").mode("overwrite").option("replaceWhere", predicate)
+                 .option("mergeSchema", "true").option("userMetadata", meta))
+            try:
+                if ref.fqn:
+                    w.saveAsTable(ref.fqn)
+                else:
+                    w.save(ref.path)
+                return self._native_commit(ref, write_id)
+            except DeltaConcurrentModificationException:
+                if attempt == COMMIT_RETRIES:
                     raise
             time.sleep(min(2.0, 0.05 * 2 ** attempt))
         raise AssertionError("unreachable")
@@ -603,7 +653,7 @@ class DeltaStore:
                       write_id=write_id, metrics=entry.get("operationMetrics"), read_version=entry.get("readVersion"))
 
     def _rs_merge(self, df, ref: TableRef, keys: list[str], job: str, run_id: str, update: bool,
-                  absent_at: int | None, write_id: str) -> Commit:
+                  absent_at: int | None, write_id: str, update_when: str | None = None) -> Commit:
         """Stage ``df`` as Parquet files in the table folder (Spark tasks in parallel). For an
         insert-only merge whose rows are known absent at ``absent_at`` (or a table that does not
         exist yet), first try to commit those files as they are, on condition that no commit
@@ -644,7 +694,7 @@ class DeltaStore:
                 m = dt.merge(source=source.scanner().to_reader(), predicate=cond, source_alias="s",
                              target_alias="t", commit_properties=commit_properties(options))
                 if update:
-                    m = m.when_matched_update_all()
+                    m = m.when_matched_update_all(predicate=update_when)
                 try:
                     metrics = m.when_not_matched_insert_all().execute()
                     break
@@ -661,6 +711,31 @@ class DeltaStore:
         finally:
             if not adopted:
                 remove_dir(join(ref.path, folder), under=ref.path)
+
+
+    def _rs_replace(self, df, ref: TableRef, predicate: str, job: str, run_id: str, write_id: str) -> Commit:
+        """Stage ``df`` as Parquet files (Spark tasks in parallel), then one delta-rs overwrite
+        with ``predicate`` streaming them in: the matching rows go, the staged rows come, in one
+        commit (delta-rs retries it against concurrent commits that do not conflict)."""
+        import pyarrow.dataset as ds
+        from deltalake import write_deltalake
+
+        from dollyflow.engine.delta_rs import commit_properties, find_commit
+        folder, files = self._rs_stage(df, ref, write_id)
+        try:
+            schema = _arrow_schema(df.schema)
+            fs, root = filesystem(join(ref.path, folder))
+            paths = [f"{root}/{p.rsplit('/', 1)[-1]}" for p, _, _ in files]
+            source = ds.dataset(paths, format="parquet", filesystem=fs, schema=schema)
+            write_deltalake(ref.path, source.scanner().to_reader(), mode="overwrite", predicate=predicate,
+                            schema_mode="merge",
+                            commit_properties=commit_properties(_options(job, run_id, write_id)))
+            version, entry = find_commit(ref.path, write_id)
+            rows = sum(r for _, _, r in files)
+            return Commit(version, operation=entry.get("operation") or "WRITE", rows=rows, write_id=write_id,
+                          metrics=entry.get("operationMetrics"), read_version=entry.get("readVersion"))
+        finally:
+            remove_dir(join(ref.path, folder), under=ref.path)
 
 
 def _arrow_schema(schema) -> pa.Schema:

@@ -27,9 +27,14 @@ Why an iterator pandas UDF and not ``pyspark.ml.functions.predict_batch_udf``:
 The model is loaded lazily by the first window a Python worker sees, once per worker (Spark
 reuses workers across tasks with ``spark.python.worker.reuse``, the default), on the task's GPU
 when Spark assigned one (``TaskContext.resources()["gpu"]``), else the first CUDA device, else
-the CPU. Workers read the model where the driver resolved it (a shared path such as ``/dbfs`` or
-``/Volumes`` on clusters; remote URIs are downloaded once per machine) and check that its weight
-files match what the driver hashed.
+the CPU. Workers read a directory source where the driver found it (a shared path such as
+``/dbfs`` or ``/Volumes`` on clusters) and fetch a remote one by the immutable identity the
+driver resolved (the MLflow model version, the hub commit, the directory listing), once per
+machine, into the private model cache (:func:`dollyflow.core.model.model_cache_root`), or use
+the driver's complete copy where they see it (the driver's machine). Before a
+worker loads a model it hashes the weight files it is about to load (sha256, once per model and
+Python worker, not per batch) and refuses them, naming both digests and the path, when they are
+not the ones the driver hashed: every row is stamped with the driver's ``model_sha``.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ from typing import Iterator, Tuple
 import pandas as pd
 
 from dollyflow.core.generate import GenerationParams
+from dollyflow.core.model import ModelSource
 
 RESULT_FIELDS = (("response", "string"), ("finish_reason", "string"), ("prompt_tokens", "int"),
                  ("completion_tokens", "int"), ("error", "string"), ("trimmed_context_tokens", "int"))
@@ -50,10 +56,10 @@ RESULT_DDL = "struct<" + ", ".join(f"{n}: {t}" for n, t in RESULT_FIELDS) + ">"
 @dataclass(frozen=True)
 class InferSpec:
     """Everything a worker needs to generate, small enough to travel in the UDF's closure."""
-    source: str                      # as configured (path, URI or hub name)
+    source: ModelSource              # the source as configured, resolved to an immutable identity
     model_dir: str                   # where the driver found it (the same path on workers for local/shared dirs)
-    digest: str                      # sha256 of the weight files (the predictions' model_sha)
-    signature: tuple = ()            # ((file name, size), ...) of the weights, checked on workers
+    cache_entry: str                 # the driver's cache directory of a remote source ("" for a dir)
+    digest: str                      # sha256 of the weight files (the predictions' model_sha), checked on workers
     params: GenerationParams = field(default_factory=GenerationParams)
     device: str = "auto"
     dtype: str = "auto"
@@ -63,22 +69,22 @@ class InferSpec:
 
 
 def resolve_spec(infer_cfg) -> InferSpec:
-    """On the driver: find the model (downloading a remote one), hash its weights and freeze the
-    generation parameters of ``cfg.infer``."""
-    from dollyflow.core.model import model_digest, resolve_model_dir, source_kind, weight_signature
+    """On the driver: resolve the model source to an immutable identity, find the model there
+    (downloading a remote one), hash its weights and freeze the generation parameters of
+    ``cfg.infer``."""
+    from dollyflow.core.model import cache_entry, fetch_model, locate_model, model_digest
 
     source = str(infer_cfg.model or "")
     if not source:
         raise ValueError("infer.model is empty: set it to the train job's output directory, an MLflow model "
                          "URI (runs:/..., models:/...) or a hub name")
-    if source_kind(source) == "dir":
-        source = os.path.abspath(os.path.expanduser(source))
-    model_dir = resolve_model_dir(source)
+    located = locate_model(source)
+    model_dir = fetch_model(located)
     params = GenerationParams(max_new_tokens=infer_cfg.max_new_tokens, do_sample=infer_cfg.do_sample,
                               temperature=infer_cfg.temperature, top_p=infer_cfg.top_p, top_k=infer_cfg.top_k,
                               seed=infer_cfg.seed)
-    return InferSpec(source=source, model_dir=model_dir, digest=model_digest(model_dir),
-                     signature=tuple(sorted(weight_signature(model_dir).items())), params=params,
+    return InferSpec(source=located, model_dir=model_dir, cache_entry=cache_entry(located),
+                     digest=model_digest(model_dir), params=params,
                      device=infer_cfg.device, dtype=infer_cfg.dtype, batch_tokens=infer_cfg.batch_tokens,
                      max_batch_size=infer_cfg.max_batch_size, window_rows=infer_cfg.window_rows)
 
@@ -99,12 +105,30 @@ def _task_gpus() -> list[str] | None:
         return None
 
 
+def worker_model_dir(spec: InferSpec) -> str:
+    """On a worker: the model directory for ``spec`` (the driver's directory for a ``dir``
+    source; for a remote one the driver's complete copy when this machine sees it in a private
+    cache of this user, else the source fetched by its pinned identity into this machine's
+    cache), after checking that its weights hash to the driver's digest (the full sha256 of
+    every weight file, so a stale copy of the same architecture and size is refused too)."""
+    from dollyflow.core.model import fetch_model, fetched_copy, model_digest
+
+    model_dir = fetched_copy(spec.source, spec.cache_entry, spec.model_dir) or fetch_model(spec.source)
+    found = model_digest(model_dir)
+    if found != spec.digest:
+        raise RuntimeError(f"the model weights at {model_dir} (on this worker) have sha256 {found}, but the driver "
+                           f"resolved {spec.source.display} to weights with sha256 {spec.digest}: refusing to "
+                           "generate rows stamped with the driver's model_sha from other weights (was the model "
+                           "rewritten during the job, or is this machine's copy stale?)")
+    return model_dir
+
+
 def worker_generator(spec: InferSpec):
     """(Generator, model loaded now?) for this Python worker. The model and tokenizer are loaded
     once per (weights, device, dtype) and kept by :func:`dollyflow.core.generate.cached`; the
     Generator around them (parameters, batching) is cheap and made per call."""
     from dollyflow.core.generate import Generator, cached
-    from dollyflow.core.model import load_for_generation, pick_device, pick_dtype, resolve_model_dir, weight_signature
+    from dollyflow.core.model import load_for_generation, pick_device, pick_dtype
     from dollyflow.core.tokens import set_single_thread
 
     set_single_thread()
@@ -112,14 +136,7 @@ def worker_generator(spec: InferSpec):
     dtype = str(pick_dtype(device, spec.dtype)).replace("torch.", "")
 
     def load():
-        # the driver's directory when this machine sees it (local runs, /dbfs, /Volumes), else a
-        # download of the source on this machine
-        model_dir = spec.model_dir if os.path.isdir(spec.model_dir) else resolve_model_dir(spec.source)
-        found = tuple(sorted(weight_signature(model_dir).items()))
-        if spec.signature and found != spec.signature:
-            raise RuntimeError(f"the model weights at {model_dir} differ from those the driver hashed "
-                               f"({dict(found)} vs {dict(spec.signature)}): was the model rewritten during the job?")
-        return load_for_generation(model_dir, device=device, dtype=dtype)
+        return load_for_generation(worker_model_dir(spec), device=device, dtype=dtype)
 
     (model, tokenizer), loaded = cached((spec.digest, device, dtype), load)
     return Generator(model, tokenizer, spec.params, batch_tokens=spec.batch_tokens,

@@ -1,38 +1,84 @@
 """infer: batch generation with a fine-tuned model -> the ``predictions`` Delta table.
 
-Input (``conf/jobs/infer.yaml``): ``infer.query`` (SQL; the project's silver and tokenized
-tables are temp views under those names) or ``infer.input_table`` (default silver) restricted
-to one split of the ``tokenized`` table (``infer.split``, default test: the held-out records).
-Rows need the key columns (``infer.key_columns``, default record_id) and an instruction; rows
-with a null key are skipped and duplicate keys keep one row (both counted in the summary).
+Input (``conf/jobs/infer.yaml``): ``infer.query`` (one SQL *query*; the project's silver and
+tokenized tables are temp views under those names) or ``infer.input_table`` (default silver)
+restricted to one split of the ``tokenized`` table (``infer.split``, default test: the held-out
+records). The query runs with the job's identity, so it is checked by Spark's own parser first
+(:mod:`dollyflow.engine.query`): only SELECT / WITH ... SELECT / VALUES / TABLE / FROM ... SELECT
+is accepted, anything else (DROP, INSERT, SET, GRANT, several statements ...) fails before
+anything runs. The split is read from the ``tokenized`` table *at the version the model was
+trained from* (the model's ``dollyflow_model.json``: ``dataset.tokenized_table``), so records the
+model trained on are never scored as test after silver changed; a model without that provenance
+(an MLflow or hub model) uses the current version, with a warning in the summary; a model
+trained from another tokenized table fails unless ``infer.split=all``. Rows need the key columns
+(``infer.key_columns``, default record_id) and an instruction; rows with a null key are skipped
+and duplicate keys keep one row (both counted in the summary).
 
 Each row goes through the ``dolly_generate`` UDF (:mod:`dollyflow.engine.infer`; the model is
-loaded once per Python worker) and lands in ``predictions`` with its keys, the result fields,
-``model`` (the source as configured), ``model_sha`` (sha256 of the weight files),
-``params`` (the generation parameters as JSON) and ``params_sha``, ``model_info``
-(``dollyflow_model.json`` when the model has one), ``run_id`` and ``created_at``.
+loaded once per Python worker, after checking its weights' sha256) and lands in ``predictions``
+with its keys, the result fields, ``model`` (the source as configured, credentials redacted),
+``model_sha`` (sha256 of the weight files), ``params`` (the generation parameters as JSON) and
+``params_sha``, ``model_info`` (``dollyflow_model.json`` when the model has one), ``run_id`` and
+``created_at``.
 
 ``infer.mode=append`` (default): rows that already have a prediction for the same model_sha and
 params_sha are removed *before* generating (an anti-join on the keys), and the new rows are
 added by an insert-only merge on (keys, model_sha, params_sha), so re-running adds nothing
 twice and a concurrent run cannot duplicate rows. With ``retry_errors`` (default) rows whose
-stored prediction is an error are generated again and updated in place. ``overwrite`` replaces
-the table. Generated rows are computed once (persisted) and then written.
+stored prediction is an error are generated again and update the stored row only while it is
+still an error (``t.finish_reason = 'error'``), so a concurrent run's error never replaces a good
+prediction. ``overwrite`` replaces the rows of this model_sha and params_sha only (every other
+model's and parameter set's rows stay), in one commit; a run with no input rows writes and
+removes nothing. Generated rows are computed once (persisted) and then written.
 """
 from __future__ import annotations
 
 import json
+import sys
 import time
 
-from dollyflow.config import Config
+from dollyflow.config import Config, redact, redact_uri
 
 RESULT_COLUMNS = ["response", "finish_reason", "prompt_tokens", "completion_tokens", "error",
                   "trimmed_context_tokens"]
 
 
-def read_input(cfg: Config, spark, store):
-    """The rows to score (a DataFrame) and a description of where they came from."""
+def say(msg: str) -> None:
+    print(f"dollyflow infer: {msg}", file=sys.stderr, flush=True)
+
+
+def split_version(cfg: Config, store, info: dict | None) -> tuple[int, dict, list[str]]:
+    """The version of the tokenized table whose split selects the rows, what the summary says
+    about it, and warnings: the version the model was trained from (its provenance), else the
+    current one with a warning. A model trained from another tokenized table is an error."""
+    t, inf = cfg.tables, cfg.infer
+    here = store.location(t.tokenized)
+    current = store.version(t.tokenized)
+    prov = (info or {}).get("dataset", {}).get("tokenized_table") if isinstance(info, dict) else None
+    if not (isinstance(prov, dict) and prov.get("location") and prov.get("version") is not None):
+        warning = (f"the model has no training provenance (dollyflow_model.json with dataset.tokenized_table, "
+                   f"as the train job writes it), so infer.split={inf.split} uses the current {t.tokenized} "
+                   f"table (v{current}): it may hold records the model was trained on")
+        return current, {"tokenized_version": current, "tokenized_from": "current (no model provenance)"}, [warning]
+    theirs = str(prov["location"])
+    if theirs.rstrip("/") != here.rstrip("/"):
+        raise RuntimeError(f"the model was trained from the tokenized table {redact_uri(theirs)} (v{prov['version']}), "
+                           f"but this job's tokenized table is {here}: its {inf.split} split is not the model's. "
+                           "Point tables.* at the model's project, or score every row with infer.split=all")
+    version = int(prov["version"])
+    if current is not None and version > current:
+        raise RuntimeError(f"the model was trained from {here} v{version}, but that table is only at v{current}: "
+                           "was it recreated since? Use infer.split=all to score every row")
+    return version, {"tokenized_version": version, "tokenized_from": "model provenance",
+                     "tokenized_current_version": current}, []
+
+
+def read_input(cfg: Config, spark, store, info: dict | None = None):
+    """The rows to score (a DataFrame), a description of where they came from, and warnings.
+    ``info``: the model's provenance (:func:`dollyflow.core.model.model_info`)."""
     from pyspark.sql import functions as F
+
+    from dollyflow.engine.query import run_query
 
     inf, t = cfg.infer, cfg.tables
     if inf.query.strip():
@@ -40,22 +86,30 @@ def read_input(cfg: Config, spark, store):
         for name in (t.silver, t.tokenized):
             if store.exists(name):
                 views.append(store.view(name))
-        return spark.sql(inf.query), {"query": inf.query, "views": views}
+        return run_query(spark, inf.query, "infer.query"), {"query": redact_uri(inf.query), "views": views}, []
     if not store.exists(inf.input_table):
         raise RuntimeError(f"input table {store.location(inf.input_table)} does not exist")
     df = store.read(inf.input_table)
     source = {"table": inf.input_table, "location": store.location(inf.input_table),
               "version": store.version(inf.input_table), "split": inf.split}
+    warnings: list[str] = []
     if inf.split != "all":
         if not store.exists(t.tokenized):
             raise RuntimeError(f"infer.split={inf.split} needs the {t.tokenized} table (run tokenize first), "
                                "or set infer.split=all")
         if "record_id" not in df.columns:
             raise RuntimeError(f"infer.split={inf.split} selects rows by record_id, which {inf.input_table} lacks")
-        ids = store.read(t.tokenized).where(F.col("split") == inf.split).select("record_id")
+        version, about, warnings = split_version(cfg, store, info)
+        try:
+            tokenized = store.read(t.tokenized, version)
+        except Exception as e:
+            raise RuntimeError(f"cannot read {store.location(t.tokenized)} at v{version}, the version the model "
+                               f"was trained from ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                               "was its history vacuumed? Use infer.split=all to score every row") from None
+        ids = tokenized.where(F.col("split") == inf.split).select("record_id")
         df = df.join(ids, "record_id", "left_semi")
-        source["tokenized_version"] = store.version(t.tokenized)
-    return df, source
+        source.update(about)
+    return df, source, warnings
 
 
 def check_columns(df, cfg: Config) -> None:
@@ -91,15 +145,25 @@ def run(cfg: Config, spark) -> dict:
     from dollyflow.engine.delta import DeltaStore
     from dollyflow.engine.infer import generate_udf, load_accumulator, resolve_spec, summarize_counts
 
+    from dollyflow.engine.query import check_query
+
     t0 = time.time()
     inf, t = cfg.infer, cfg.tables
+    if inf.query.strip():
+        check_query(spark, inf.query, "infer.query")      # before anything is loaded, let alone run
     store = DeltaStore(spark, cfg.tables)
     spec = resolve_spec(inf)
     info = model_info(spec.model_dir)
     params_json, params_sha = spec.params.to_json(), spec.params.digest()
     keys = list(inf.key_columns)
+    about = spec.source.describe()
+    say(f"model source {about['kind']}: {about['source']}"
+        + (f" -> {about['resolved']}" if about["resolved"] != about["source"] else "")
+        + f" ({spec.model_dir}), model_sha {spec.digest}")
 
-    df, source = read_input(cfg, spark, store)
+    df, source, warnings = read_input(cfg, spark, store, info)
+    for w in warnings:
+        say(f"warning: {w}")
     check_columns(df, cfg)
     if inf.limit is not None:   # ordered, so every action of this run sees the same rows
         df = df.orderBy(*keys).limit(int(inf.limit))
@@ -133,11 +197,12 @@ def run(cfg: Config, spark) -> dict:
     generated = (todo.repartition(n_parts)
                  .select(*cols, udf(*args).alias("_g"))
                  .select(*cols, *[F.col(f"_g.{c}").alias(c) for c in RESULT_COLUMNS])
-                 .withColumn("model", F.lit(spec.source))
+                 .withColumn("model", F.lit(spec.source.display))
                  .withColumn("model_sha", F.lit(spec.digest))
                  .withColumn("params", F.lit(params_json))
                  .withColumn("params_sha", F.lit(params_sha))
-                 .withColumn("model_info", F.lit(json.dumps(info, sort_keys=True) if info else None).cast("string"))
+                 .withColumn("model_info", F.lit(json.dumps(redact(info), sort_keys=True) if info else None)
+                             .cast("string"))
                  .withColumn("run_id", F.lit(cfg.run_id))
                  .withColumn("created_at", F.current_timestamp()))
 
@@ -154,20 +219,34 @@ def run(cfg: Config, spark) -> dict:
         stats = {r["finish_reason"]: (int(r["n"]), int(r["p"] or 0), int(r["c"] or 0)) for r in by_reason}
         trimmed = sum(int(r["t"] or 0) for r in by_reason)
         version = store.version(t.predictions)
-        if inf.mode == "overwrite":
-            version = store.write(generated, t.predictions, mode="overwrite", job="infer", run_id=cfg.run_id)
-        elif n_generated:
+        scope = {"model_sha": spec.digest, "params_sha": params_sha}
+        replaced = 0
+        if not n_generated:
+            written = (f"no rows to generate: {t.predictions} is unchanged"
+                       + (" (overwrite removes nothing when there is no input)" if inf.mode == "overwrite" else ""))
+        elif inf.mode == "overwrite":
+            if version is not None:
+                replaced = (store.read(t.predictions, version)
+                            .where((F.col("model_sha") == spec.digest) & (F.col("params_sha") == params_sha)).count())
+            version = store.replace_where(generated, t.predictions, scope, job="infer", run_id=cfg.run_id)
+            written = (f"overwrite: {n_generated} rows replace the {replaced} rows of this model_sha and params_sha "
+                       "(other models' and parameters' rows are kept)")
+        else:
             version = store.merge(generated, t.predictions, keys + ["model_sha", "params_sha"], job="infer",
-                                  run_id=cfg.run_id, update=inf.retry_errors)
+                                  run_id=cfg.run_id, update=inf.retry_errors,
+                                  update_when="t.finish_reason = 'error'" if inf.retry_errors else None)
+            written = f"append: {version.inserted} rows inserted, {version.updated} stored error rows updated"
     finally:
         generated.unpersist()
+    say(written)
 
     completion = sum(c for _, _, c in stats.values())
     return {
         "job": "infer", "run_id": cfg.run_id, "mode": inf.mode,
-        "input": source, "model": spec.source, "model_dir": spec.model_dir, "model_sha": spec.digest,
-        "model_info": info, "params": json.loads(params_json), "params_sha": params_sha,
-        "predictions": store.location(t.predictions), "predictions_version": version,
+        "input": source, "model": spec.source.display, "model_source": about, "model_dir": spec.model_dir,
+        "model_sha": spec.digest, "model_info": redact(info), "params": json.loads(params_json),
+        "params_sha": params_sha, "predictions": store.location(t.predictions), "predictions_version": version,
+        "written": written, "replaced_rows": replaced, "warnings": warnings,
         "rows_in": rows_in, "null_keys_skipped": null_keys, "duplicate_keys_dropped": rows_in - null_keys - rows_unique,
         "already_predicted": existing, "generated": n_generated,
         "finish_reasons": {k: v[0] for k, v in sorted(stats.items(), key=lambda kv: str(kv[0]))},
