@@ -159,7 +159,7 @@ def _train(spec: dict, ctx, hooks: Hooks) -> dict:  # noqa: C901 - one recipe, t
     import deepspeed
     import torch
 
-    from dollyflow.config import redact_uri
+    from dollyflow.config import redact, redact_uri
     from dollyflow.core import shards as shard_io
     from dollyflow.core.prompt import DOLLY_SPECIAL_TOKENS
     from dollyflow.core.storage import join, write_atomic
@@ -482,7 +482,7 @@ def _train(spec: dict, ctx, hooks: Hooks) -> dict:  # noqa: C901 - one recipe, t
                         "test_records": manifest["splits"].get("test", {}).get("records", 0),
                         "shards": [dict(s, split=name) for name, sp in manifest["splits"].items()
                                    for s in sp["shards"]]},
-            "config": {"train": t, "model": spec["model"]}, "fingerprint": spec["fingerprint"],
+            "config": redact({"train": t, "model": spec["model"]}), "fingerprint": spec["fingerprint"],
             "metrics": metrics, "eval_loss_per_category": metrics["eval_loss_per_category"],
             "mlflow_run_id": mlf.get("run_id"), "mlflow_tracking_uri": mlf.get("uri"),
             "deepspeed": {"preset": preset_name, "zero_stage": stage, "precision": precision},
