@@ -363,3 +363,24 @@ def test_default_output_dir_is_always_below_models(name, tmp_path):
     out = default_output_dir(cfg, "ab" * 32)
     check_within(out, f"{tmp_path}/models")
     assert model_short_name(name) not in ("", ".", "..") and "/" not in model_short_name(name)
+
+
+def test_a_tampered_file_list_cannot_lead_a_removal_outside(tmp_path):
+    """The provenance's and the checkpoint marker's file lists name what may be removed; a listed
+    '../x' (an edited or forged list) is refused, never followed."""
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep")
+    root = str(tmp_path / "ckpts")
+    path = make_ckpt(root, 10, fingerprint="old")
+    c = checkpoint.latest_complete(root)
+    c.info["files"]["../../precious.txt"] = {"sha256": "x", "bytes": 4}
+    checkpoint.mark_complete(path, {k: v for k, v in c.info.items() if k != "files"}, c.info["files"])
+    with pytest.raises(ValueError, match="does not lie below"):
+        checkpoint.remove_other_runs(root, "new")
+    out, new, prev = str(tmp_path / "m"), str(tmp_path / ".m.next-b"), str(tmp_path / ".m.prev-b")
+    prov = _model_dir(out, "a")
+    output.write_provenance(out, dict(prov, files={**prov["files"], "../precious.txt": 4}))
+    _model_dir(new, "b")
+    with pytest.raises(ValueError, match="does not lie below"):
+        output.swap_in(new, out, prev)
+    assert victim.read_text() == "keep"

@@ -5,7 +5,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -291,7 +290,8 @@ def _cached_download(ms: ModelSource, fetch) -> str:
         return target
     with _file_lock(os.path.join(root, f"{ms.key}.lock")):
         if not os.path.exists(done):
-            shutil.rmtree(target, ignore_errors=True)
+            from dollyflow.core.storage import remove_dir
+            remove_dir(target, under=root)      # a half-finished download of this key
             os.makedirs(target)
             fetch(target)
             with open(done, "w") as f:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dollyflow.core.storage import remove_dir, write_atomic
+from dollyflow.core.storage import check_within, remove_dir, write_atomic
 from dollyflow.core.tokens import file_sha256
 
 MARKER = "complete.json"
@@ -184,8 +184,10 @@ def _remove_listed(c: Checkpoint, root: str) -> str | None:
     if c.complete and isinstance(c.info.get("files"), dict):
         # the marker goes first, so a half-removed checkpoint is never taken for a complete one
         for name in (MARKER, *sorted(c.info["files"]), STARTED):
+            path = os.path.join(c.path, name)
             try:
-                os.remove(os.path.join(c.path, name))
+                check_within(path, c.path, "a file the checkpoint's marker lists")   # a listed "../x" is refused
+                os.remove(path)
             except FileNotFoundError:
                 pass
         for dirpath, dirs, files in sorted(os.walk(c.path, topdown=False), key=lambda t: -len(t[0])):

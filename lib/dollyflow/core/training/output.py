@@ -24,7 +24,7 @@ import json
 import os
 from datetime import datetime, timezone
 
-from dollyflow.core.storage import join, read_bytes, write_atomic
+from dollyflow.core.storage import check_within, join, read_bytes, write_atomic
 
 PROVENANCE = "dollyflow_model.json"
 METRICS = "metrics.jsonl"
@@ -259,8 +259,10 @@ def swap_in(new_dir: str, out_dir: str, prev_dir: str) -> dict:
             carried.append(name)
     removed = 0
     for rel in sorted(ours):
+        path = os.path.join(prev_dir, rel)
         try:
-            os.remove(os.path.join(prev_dir, rel))
+            check_within(path, prev_dir, "a file the old model's provenance lists")   # a listed "../x" is refused
+            os.remove(path)
             removed += 1
         except (FileNotFoundError, IsADirectoryError):
             pass
