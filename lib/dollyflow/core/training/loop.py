@@ -325,8 +325,9 @@ def _train(spec: dict, ctx, hooks: Hooks) -> dict:  # noqa: C901 - one recipe, t
         engine.train()
         per_cat = {c: {"loss": float(acc[k, 0] / acc[k, 1]), "tokens": int(acc[k, 1]), "records": int(acc[k, 2])}
                    for k, c in enumerate(categories) if acc[k, 1] > 0}
-        _check_finite(float(acc[:, 0].sum() / acc[:, 1].sum()), "evaluation loss", step)
-        e = {"kind": "eval", "step": step, "eval_loss": float(acc[:, 0].sum() / acc[:, 1].sum()),
+        eval_loss = float(acc[:, 0].sum() / acc[:, 1].sum())
+        _check_finite(eval_loss, "evaluation loss", step)
+        e = {"kind": "eval", "step": step, "eval_loss": eval_loss,
              "eval_tokens": int(acc[:, 1].sum()), "eval_records": int(acc[:, 2].sum()),
              "eval_loss_per_category": per_cat}
         return e
