@@ -66,6 +66,6 @@ setup(
     },
     entry_points={
         "console_scripts": ["dollyflow=dollyflow.cli:main"]
-        + [f"dollyflow-{job}=dollyflow.jobs.{job}:main" for job in JOBS],
+        + [f"dollyflow-{job}=dollyflow.cli:{job}" for job in JOBS],
     },
 )

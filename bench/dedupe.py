@@ -31,7 +31,7 @@ Steps (all on one make_corpus corpus, ``--edit-rate`` 0.03 by default):
    conventional rule, where ours compares instruction+response and context separately (so a
    shared passage alone never makes a duplicate, see :mod:`dollyflow.engine.dedupe`);
 5. scores: pair-level precision/recall/F1 of each method's clusters against the truth file
-   (:mod:`dollyflow.core.evaluate`), records/s, and the ratios ours/baseline; peak RSS of
+   (:mod:`dollyflow.testing.dedupe_scoring`), records/s, and the ratios ours/baseline; peak RSS of
    our driver process (Python) and of its JVM, sampled every 0.2 s.
 
 Prints one JSON object and writes it to ``<workdir>/result.json``.
@@ -126,7 +126,7 @@ def make_corpus(records: int, edit_rate: float, seed: int, workdir: Path) -> tup
 def job_command(name: str) -> list[str]:
     """The command running a dollyflow job's CLI (what jobs/<name>.py does, without putting
     jobs/ first on sys.path, where jobs/tokenize.py would shadow the standard library)."""
-    return [sys.executable, "-c", f"from dollyflow.jobs.{name} import main; raise SystemExit(main())"]
+    return [sys.executable, "-c", f"from dollyflow.cli import run_job; raise SystemExit(run_job({name!r}))"]
 
 
 def table_path(warehouse: Path, name: str) -> Path:
@@ -277,7 +277,7 @@ def run_datasketch(warehouse: Path, args) -> tuple[dict, dict[str, str]]:
 
 
 def score(by_record: dict[str, object], line_ids: dict[int, str], truth: dict) -> dict:
-    from dollyflow.core.evaluate import score_records
+    from dollyflow.testing.dedupe_scoring import score_records
     return score_records(by_record, line_ids, truth).to_dict()
 
 
@@ -302,7 +302,7 @@ def main(argv=None) -> int:
     ap.add_argument("--partitions", type=int, default=8, help="spark.sql.shuffle.partitions for both")
     args = ap.parse_args(argv)
 
-    from dollyflow.core.evaluate import line_record_ids, read_truth
+    from dollyflow.testing.dedupe_scoring import line_record_ids, read_truth
     from dollyflow.core.minhash import optimal_bands
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)

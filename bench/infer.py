@@ -16,7 +16,7 @@ CPU mode (default):
 - model: a tiny GPT-NeoX with a realistic-for-CPU shape (hidden 256, 4 layers, 8 heads, the real
   50k-token pythia vocabulary, 2048 positions: 29M parameters, most of them the embeddings),
   trained for 400 AdamW steps of 4 records on 32 sample records whose responses span the
-  sample's lengths (:func:`dollyflow.core.fixtures.tiny_dolly_model`), so that it answers and
+  sample's lengths (:func:`dollyflow.testing.fixtures.tiny_dolly_model`), so that it answers and
   emits ``### End`` after responses of different lengths, as a fine-tuned Dolly does. Built once
   into ``<workdir>/model``. max_new_tokens 128 (Dolly's 256 would double the baseline's time).
 - **baseline, Dolly-style**: what ``InstructionTextGenerationPipeline`` does per call -- tokenize
@@ -80,7 +80,7 @@ def records() -> list[dict]:
     sample = SHARED / "data" / "dolly-sample.jsonl"
     if sample.is_file():
         return [json.loads(line) for line in open(sample, encoding="utf-8")]
-    from dollyflow.core.samples import generate_records
+    from dollyflow.testing.samples import generate_records
     return generate_records(100)
 
 
@@ -269,7 +269,7 @@ def spark_job(workdir: Path, model_dir: Path, rows, max_new_tokens: int, window:
 def cpu(args) -> dict:
     import torch
 
-    from dollyflow.core.fixtures import tiny_dolly_model
+    from dollyflow.testing.fixtures import tiny_dolly_model
     from dollyflow.core.model import load_for_generation
 
     workdir = Path(args.workdir)

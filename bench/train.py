@@ -70,7 +70,7 @@ def sample_records(repeat: int) -> list[dict]:
     if real.is_file():
         recs = [json.loads(line) for line in real.open(encoding="utf-8")]
     else:
-        from dollyflow.core.samples import generate_records
+        from dollyflow.testing.samples import generate_records
         recs = generate_records(100)
     out = []
     for k in range(repeat):   # distinct copies (record ids differ), so splits and shards see them all

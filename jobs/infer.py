@@ -5,6 +5,6 @@ import sys
 # This directory holds tokenize.py, which would shadow the standard library's tokenize module.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-from dollyflow.jobs.infer import main  # noqa: E402
+from dollyflow.cli import run_job  # noqa: E402
 
-raise SystemExit(main())
+raise SystemExit(run_job("infer", sys.argv[1:]))

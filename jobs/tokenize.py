@@ -2,10 +2,9 @@
 import os
 import sys
 
-# This file shares its name with the standard library's tokenize module: keep its directory off
-# the import path.
+# This directory holds tokenize.py, which would shadow the standard library's tokenize module.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-from dollyflow.jobs.tokenize import main  # noqa: E402
+from dollyflow.cli import run_job  # noqa: E402
 
-raise SystemExit(main())
+raise SystemExit(run_job("tokenize", sys.argv[1:]))

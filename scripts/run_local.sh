@@ -6,4 +6,4 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 bash scripts/setup.sh
-exec "${DOLLYFLOW_VENV:-$ROOT/.venv}/bin/python" -m dollyflow.demo "$@"
+exec "${DOLLYFLOW_VENV:-$ROOT/.venv}/bin/python" -m dollyflow quickstart "$@"

@@ -34,7 +34,7 @@ def sample_path(tmp_path_factory) -> Path:
     real = SHARED / "data" / "dolly-sample.jsonl"
     if real.is_file():
         return real
-    from dollyflow.core.samples import generate_records, write_jsonl
+    from dollyflow.testing.samples import generate_records, write_jsonl
     return write_jsonl(generate_records(100), tmp_path_factory.mktemp("sample") / "sample.jsonl")
 
 
@@ -218,6 +218,6 @@ def dolly_model_dir(tmp_path_factory, tokenizer_path, dolly_records) -> Path:
     README.md, dollyflow_model.json) holding a tiny GPT-NeoX trained for a few hundred AdamW steps
     on two sample records, so that it really answers and stops at ### End. Built once per session."""
     pytest.importorskip("transformers")
-    from dollyflow.core.fixtures import tiny_dolly_model
+    from dollyflow.testing.fixtures import tiny_dolly_model
     out = tmp_path_factory.mktemp("dolly-model") / "model"
     return tiny_dolly_model(out, tokenizer_path, [dolly_records[i] for i in DOLLY_FIXTURE_RECORDS])

@@ -130,13 +130,13 @@ TARGETS = sorted(BUNDLE["targets"])
 
 def task_config(job: dict, task: dict, **job_params):
     """The task's parameters through the CLI's own parser and load_config, as the wheel task runs them."""
-    from dollyflow.cli import _parser
+    from dollyflow.cli import job_parser
     from dollyflow.config import load_config
 
     entry = task["python_wheel_task"]["entry_point"]
     name = entry.removeprefix("dollyflow-")
     params = dynamic(task["python_wheel_task"]["parameters"], job, **job_params)
-    args = _parser(entry).parse_args(params)
+    args = job_parser(entry).parse_args(params)
     return load_config(name, args.overrides, preset=args.preset, env=args.env, conf=args.conf)
 
 
@@ -373,10 +373,10 @@ import dollyflow, dollyflow.config as c
 out = {"package": dollyflow.__file__, "conf": str(c.conf_dir()), "tasks": []}
 for p in json.loads(sys.argv[1]):
     fn = EntryPoint(p["entry"], p["value"], "console_scripts").load()
-    from dollyflow.cli import _parser
-    a = _parser(p["entry"]).parse_args(p["params"])
+    from dollyflow.cli import job_parser
+    a = job_parser(p["entry"]).parse_args(p["params"])
     cfg = c.load_config(p["entry"].split("-", 1)[1], a.overrides, preset=a.preset, env=a.env)
-    out["tasks"].append([p["entry"], callable(fn), fn.__module__, cfg.env, cfg.tables.files_root()])
+    out["tasks"].append([p["entry"], callable(fn), f"{fn.__module__}:{fn.__name__}", cfg.env, cfg.tables.files_root()])
 print(json.dumps(out))
 """
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path / "site"), "PYTHONNOUSERSITE": "1"}
@@ -388,7 +388,7 @@ print(json.dumps(out))
     assert got["package"].startswith(site) and got["conf"] == f"{site}/dollyflow/_conf"
     assert len(got["tasks"]) == len(tasks)
     for entry, is_callable, module, env_name, root in got["tasks"]:
-        assert is_callable and module == f"dollyflow.jobs.{entry.split('-', 1)[1]}"
+        assert is_callable and module == f"dollyflow.cli:{entry.split('-', 1)[1]}"
         assert env_name == "databricks" and root.startswith("/Volumes/")
 
 

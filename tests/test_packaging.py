@@ -23,7 +23,7 @@ def test_wheel_carries_conf_and_entry_points(tmp_path):
         entry = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
         meta = z.read(next(n for n in names if n.endswith("METADATA"))).decode()
     for job in ("ingest", "dedupe", "tokenize", "train", "infer"):
-        assert f"dollyflow-{job} = dollyflow.jobs.{job}:main" in entry
+        assert f"dollyflow-{job} = dollyflow.cli:{job}" in entry
     assert "dollyflow = dollyflow.cli:main" in entry
     requires = [l for l in meta.splitlines() if l.startswith("Requires-Dist:")]
     hard = [l for l in requires if "extra ==" not in l]

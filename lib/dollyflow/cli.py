@@ -1,10 +1,14 @@
-"""The ``dollyflow`` command: one subcommand per job, plus ``config`` and ``pipeline``.
+"""The ``dollyflow`` command, the only place argv is parsed: one subcommand per job, plus
+``pipeline``, ``report``, ``quickstart`` and ``config``.
 
     dollyflow ingest --preset tiny ingest.input=../shared/data/dolly-sample.jsonl
     dollyflow config dedupe dedupe.threshold=0.8
+    dollyflow config train --describe                            # every key of the job, documented
     dollyflow pipeline --preset tiny ingest.input=data.jsonl     # every job, in order, + report
     dollyflow pipeline --preset tiny                             # the same on the sample data
     dollyflow report [--run-id ID]                               # rebuild a pipeline run's report
+    dollyflow quickstart                                         # scripts/run_local.sh
+    dollyflow train --no-spark --preset tiny train.processes=2   # torchrun on this machine, no Spark
 
 Each job is also its own console script (``dollyflow-ingest``) for a bundle's
 ``python_wheel_task``, and a spark-submit script (``jobs/ingest.py``). All of them take the same
@@ -13,115 +17,148 @@ arguments: ``--preset``, ``--env``, ``--conf`` and ``section.key=value`` overrid
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import sys
 import time
-from datetime import date, datetime
 
-from dollyflow.config import ConfigError, available, load_config
-
-JOBS = ["ingest", "dedupe", "tokenize", "train", "infer"]   # pipeline order
-
-
-def job_module(name: str):
-    return importlib.import_module(f"dollyflow.jobs.{name}")
-
-
-def installed_jobs() -> list[str]:
-    out = []
-    for name in JOBS:
-        try:
-            job_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != f"dollyflow.jobs.{name}":
-                raise
-            continue
-        out.append(name)
-    return out
+from dollyflow.config import ConfigError, available, describe, load_config
+from dollyflow.engine.session import get_session
+from dollyflow.jobs import ORDER as JOBS
+from dollyflow.jobs import job_module
+from dollyflow.pipeline import rebuild_report, run_pipeline
+from dollyflow.quickstart import quickstart_args
+from dollyflow.runs import to_json
 
 
-def _parser(prog: str) -> argparse.ArgumentParser:
+def _choices(kind: str) -> str:
+    try:
+        return ", ".join(available(kind))
+    except ConfigError:
+        return ""
+
+
+def job_parser(prog: str, kind: str = "job") -> argparse.ArgumentParser:
+    """The arguments every command takes (``--preset``, ``--env``, ``--conf``, overrides), plus
+    the options of ``kind``: ``job``, ``train``, ``config``, ``pipeline`` or ``report``."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
-    p.add_argument("--preset", help=f"model preset in conf/model ({', '.join(_safe('model'))})")
-    p.add_argument("--env", help=f"environment in conf/env ({', '.join(_safe('env'))})")
+    p.add_argument("--preset", help=f"model preset in conf/model ({_choices('model')})")
+    p.add_argument("--env", help=f"environment in conf/env ({_choices('env')})")
     p.add_argument("--conf", help="conf directory (default: the checkout's conf/ or the wheel's copy)")
+    if kind == "train":
+        p.add_argument("--no-spark", action="store_true",
+                       help="train with torchrun on this machine without Spark (no train_runs row)")
+    if kind == "config":
+        p.add_argument("--describe", action="store_true",
+                       help="print every key of the job's sections with its documentation and default")
+    if kind in ("pipeline", "report"):
+        p.add_argument("--json", action="store_true", help="print one JSON document (the run record) on stdout")
+    if kind == "pipeline":
+        p.add_argument("--verbose", "-v", action="store_true", help="stream the jobs' own output")
+        p.add_argument("--no-report", action="store_true", help="do not build the run report")
+    if kind == "report":
+        p.add_argument("--run-id", help="the pipeline run to report on (default: the newest)")
+        p.add_argument("--out", help="write the HTML here instead of <files root>/reports/<run id>.html")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     return p
-
-
-def _safe(kind: str) -> list[str]:
-    try:
-        return available(kind)
-    except ConfigError:
-        return []
-
-
-def _json_default(o):
-    if isinstance(o, (datetime, date)):
-        return o.isoformat()
-    return str(o)
 
 
 def print_summary(summary: dict) -> None:
     """The job's summary as JSON on stdout, URIs' credentials redacted (job output is read by
     everyone with access to the job run)."""
-    from dollyflow.config import redact
-    print(json.dumps(redact(summary), indent=2, default=_json_default), flush=True)
+    print(to_json(summary), flush=True)
 
 
 def run_job(name: str, argv: list[str] | None = None) -> int:
     """Load the config for ``name``, get the Spark session, run the job, print its summary."""
-    args = _parser(f"dollyflow {name}").parse_args(sys.argv[1:] if argv is None else argv)
+    args = job_parser(f"dollyflow {name}", "train" if name == "train" else "job").parse_args(
+        sys.argv[1:] if argv is None else argv)
+    if getattr(args, "no_spark", False):
+        overrides = [*args.overrides, "train.launcher=torchrun"]
+    else:
+        overrides = args.overrides
     try:
-        cfg = load_config(name, args.overrides, preset=args.preset, env=args.env, conf=args.conf)
+        cfg = load_config(name, overrides, preset=args.preset, env=args.env, conf=args.conf)
     except ConfigError as exc:
         print(f"dollyflow {name}: config error: {exc}", file=sys.stderr)
         return 2
-    from dollyflow.engine.session import get_session
+    module = job_module(name)
+    if getattr(args, "no_spark", False):
+        print_summary(module.run_without_spark(cfg))
+        return 0
     spark = get_session(cfg.spark)
     t0 = time.time()
-    summary = job_module(name).run(cfg, spark)
+    summary = module.run(cfg, spark)
     summary["seconds"] = round(time.time() - t0, 2)
     print_summary(summary)
     return 0
 
 
-def run_pipeline(argv: list[str] | None = None) -> int:
+def show_config(argv: list[str]) -> int:
+    rest = list(argv)
+    job = rest.pop(0) if rest and not rest[0].startswith("-") and "=" not in rest[0] else ""
+    args = job_parser(f"dollyflow config {job}", "config").parse_args(rest)
+    try:
+        if args.describe:
+            print(describe(job or "pipeline", conf=args.conf, preset=args.preset, env=args.env), end="")
+            return 0
+        cfg = load_config(job, args.overrides, preset=args.preset, env=args.env, conf=args.conf)
+    except ConfigError as exc:
+        print(f"dollyflow config: {exc}", file=sys.stderr)
+        return 2
+    print(cfg.to_yaml(), end="")
+    return 0
+
+
+def pipeline(argv: list[str]) -> int:
     """Every installed job in order on one session, then the run report (:mod:`dollyflow.pipeline`)."""
-    from dollyflow.pipeline import run_pipeline as run
-    return run(argv)
+    a = job_parser("dollyflow pipeline", "pipeline").parse_args(argv)
+    return run_pipeline(a.overrides, preset=a.preset, env=a.env, conf=a.conf, as_json=a.json, verbose=a.verbose,
+                        report=not a.no_report)
 
 
-def run_report(argv: list[str] | None = None) -> int:
-    from dollyflow.pipeline import report_main
-    return report_main(argv)
+def report(argv: list[str]) -> int:
+    a = job_parser("dollyflow report", "report").parse_args(argv)
+    return rebuild_report(a.overrides, preset=a.preset, env=a.env, conf=a.conf, run_id=a.run_id, out=a.out,
+                          as_json=a.json)
+
+
+def quickstart(argv: list[str]) -> int:
+    """The whole pipeline on local Spark with the tiny preset on the sample data; ``argv``:
+    extra overrides, ``--env``/``--preset``."""
+    return pipeline(quickstart_args(argv))
+
+
+COMMANDS = {"pipeline": pipeline, "report": report, "quickstart": quickstart, "config": show_config}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ["pipeline", "report", "config"] + JOBS
+    commands = ["pipeline", "report", "quickstart", "config"] + JOBS
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(f"usage: dollyflow {{{','.join(commands)}}} [--preset P] [--env E] [section.key=value ...]\n\n"
               + __doc__, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     cmd, rest = argv[0], argv[1:]
-    if cmd == "pipeline":
-        return run_pipeline(rest)
-    if cmd == "report":
-        return run_report(rest)
-    if cmd == "config":
-        job = rest.pop(0) if rest and not rest[0].startswith("-") and "=" not in rest[0] else ""
-        args = _parser(f"dollyflow config {job}").parse_args(rest)
-        try:
-            cfg = load_config(job, args.overrides, preset=args.preset, env=args.env, conf=args.conf)
-        except ConfigError as exc:
-            print(f"dollyflow config: {exc}", file=sys.stderr)
-            return 2
-        print(cfg.to_yaml(), end="")
-        return 0
+    if cmd in COMMANDS:
+        return COMMANDS[cmd](rest)
     return run_job(cmd, rest)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+# The console scripts dollyflow-<job> (a bundle's python_wheel_task entry points): argv is sys.argv.
+def ingest() -> int:
+    return run_job("ingest")
+
+
+def dedupe() -> int:
+    return run_job("dedupe")
+
+
+def tokenize() -> int:
+    return run_job("tokenize")
+
+
+def train() -> int:
+    return run_job("train")
+
+
+def infer() -> int:
+    return run_job("infer")

@@ -5,7 +5,7 @@ record of what the run produced, and the run report.
     dollyflow pipeline --json ...                                  # one JSON document on stdout
     dollyflow report [--run-id ID]                                 # rebuild a run's report
 
-Per job a person sees one progress line and a short summary (:mod:`dollyflow.core.summaries`);
+Per job a person sees one progress line and a short summary (:mod:`dollyflow.summaries`);
 the job's own output (training steps, warnings) goes to ``<files root>/pipeline_runs/<run
 id>/<job>.log`` (``--verbose`` streams it instead). The train job's model feeds infer unless
 ``infer.model`` is set; infer scores the test split into ``predictions``.
@@ -24,64 +24,24 @@ an earlier run's report exactly, whatever happened to the tables since.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import sys
 import tempfile
 import time
-from datetime import date, datetime, timezone
+from datetime import datetime, timezone
+from pathlib import Path
 
-from dollyflow.config import ConfigError, load_config, redact, redact_uri
-
-RUNS_DIR = "pipeline_runs"
-REPORTS_DIR = "reports"
-
-
-def _json_default(o):
-    if isinstance(o, (datetime, date)):
-        return o.isoformat()
-    return str(o)
-
-
-def runs_root(files_root: str) -> str:
-    return f"{files_root.rstrip('/')}/{RUNS_DIR}"
-
-
-def run_dir(files_root: str, run_id: str) -> str:
-    return f"{runs_root(files_root)}/{run_id}"
-
-
-def report_path(files_root: str, run_id: str) -> str:
-    return f"{files_root.rstrip('/')}/{REPORTS_DIR}/{run_id}.html"
-
-
-def save_run(record: dict) -> str:
-    """Write the run record, redacted (config, summaries and paths: no Spark conf value, URI user
-    info or secret query value is written)."""
-    from dollyflow.config import redact
-    from dollyflow.core.storage import write_atomic
-    path = f"{run_dir(record['files_root'], record['run_id'])}/run.json"
-    write_atomic(path, json.dumps(redact(record), indent=2, default=_json_default).encode("utf-8"))
-    return path
-
-
-def load_run(files_root: str, run_id: str | None = None) -> dict:
-    """The record of pipeline run ``run_id``, or of the newest complete run."""
-    from dollyflow.core.storage import exists, list_dir, read_bytes
-    root = runs_root(files_root)
-    if run_id is None:
-        names = [n for n, is_dir in list_dir(root) if is_dir and exists(f"{root}/{n}/run.json")]
-        if not names:
-            raise FileNotFoundError(f"no pipeline run recorded under {root}: run `dollyflow pipeline` first")
-        runs = [json.loads(read_bytes(f"{root}/{n}/run.json")) for n in names]
-        return max(runs, key=lambda r: r.get("started_at", ""))
-    path = f"{root}/{run_id}/run.json"
-    if not exists(path):
-        known = ", ".join(n for n, d in list_dir(root) if d) or "none"
-        raise FileNotFoundError(f"no pipeline run {run_id!r} under {root} (recorded runs: {known})")
-    return json.loads(read_bytes(path))
+from dollyflow.config import ConfigError, load_config, redact_uri
+from dollyflow.core.storage import absolute, is_uri, write_bytes
+from dollyflow.engine.delta import DeltaStore
+from dollyflow.engine.session import get_session
+from dollyflow.jobs import installed, job_module
+from dollyflow.quickstart import prepare_inputs
+from dollyflow.report.gather import build_report
+from dollyflow.runs import load_run, run_dir, save_run, to_json
+from dollyflow.summaries import ALL_TABLES, JOB_TABLES, human_line, job_status
 
 
 def table_versions(store, names) -> dict:
@@ -122,62 +82,40 @@ def _tail(path: str, lines: int = 40) -> str:
         return ""
 
 
-def _parser(prog: str, report: bool = False) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog)
-    p.add_argument("--preset", help="model preset in conf/model")
-    p.add_argument("--env", help="environment in conf/env")
-    p.add_argument("--conf", help="conf directory (default: the checkout's conf/ or the wheel's copy)")
-    p.add_argument("--json", action="store_true", help="print one JSON document (the run record) on stdout")
-    if report:
-        p.add_argument("--run-id", help="the pipeline run to report on (default: the newest)")
-        p.add_argument("--out", help="write the HTML here instead of <files root>/reports/<run id>.html")
-    else:
-        p.add_argument("--verbose", "-v", action="store_true", help="stream the jobs' own output")
-        p.add_argument("--no-report", action="store_true", help="do not build the run report")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value")
-    return p
-
-
 def sample_overrides(cfg, say) -> list[str]:
     """Overrides that point an input-less run at the sample: ``../shared/data/dolly-sample.jsonl``
     (the 100 real records) when present, else 200 generated ones; a tenth of them for test; and,
     when the configured tokenizer directory is absent, a small BPE trained on the sample."""
-    from dollyflow.core.storage import absolute, is_uri
-    from dollyflow.demo import prepare_inputs
-
     root = cfg.tables.files_root()
     work = absolute(f"{root}/_demo_inputs") if not is_uri(root) else tempfile.mkdtemp(prefix="dollyflow-sample-")
     tok = cfg.model.tokenizer_name
     need_tok = not (os.path.isdir(tok) or (not tok.startswith((".", "/")) and "/" in tok))
-    sample, tokenizer = prepare_inputs(__import__("pathlib").Path(work), tokenizer=need_tok)
+    sample, tokenizer = prepare_inputs(Path(work), tokenizer=need_tok)
     say(f"ingest.input is empty: using the sample {sample}" + (f" and the tokenizer {tokenizer}" if need_tok else ""))
     extra = [f"ingest.input={sample}", "tokenize.test_size=0.1"]
     return extra + ([f"model.tokenizer={tokenizer}"] if need_tok else [])
 
 
-def run_pipeline(argv: list[str] | None = None) -> int:
-    from dollyflow.cli import installed_jobs, job_module
-    from dollyflow.core.storage import absolute, write_bytes
-    from dollyflow.core.summaries import ALL_TABLES, JOB_TABLES, human_line, job_status
-
-    args = _parser("dollyflow pipeline").parse_args(sys.argv[1:] if argv is None else argv)
-    out = sys.stderr if args.json else sys.stdout     # --json: stdout holds only the JSON document
+def run_pipeline(overrides: list[str], *, preset: str | None = None, env: str | None = None,
+                 conf: str | None = None, as_json: bool = False, verbose: bool = False,
+                 report: bool = True) -> int:
+    """Every installed job in order on one session, the run record, then the report; the exit
+    code (0 done, 1 a job failed, 2 a config error). ``as_json``: stdout holds only the run
+    record; ``verbose``: the jobs' own output is streamed instead of kept in their log files."""
+    out = sys.stderr if as_json else sys.stdout     # as_json: stdout holds only the JSON document
 
     def say(msg: str) -> None:
         print(redact_uri(msg), file=out, flush=True)
 
     try:
-        cfg = load_config("pipeline", args.overrides, preset=args.preset, env=args.env, conf=args.conf)
+        cfg = load_config("pipeline", overrides, preset=preset, env=env, conf=conf)
         if not cfg.ingest.input:   # no input given: the sample (../shared's real one, else generated)
             extra = sample_overrides(cfg, say)
-            cfg = load_config("pipeline", [*extra, *args.overrides], preset=args.preset, env=args.env,
-                              conf=args.conf)
+            cfg = load_config("pipeline", [*extra, *overrides], preset=preset, env=env, conf=conf)
     except ConfigError as exc:
         print(f"dollyflow pipeline: config error: {exc}", file=sys.stderr)
         return 2
 
-    from dollyflow.engine.delta import DeltaStore
-    from dollyflow.engine.session import get_session
     t_start = time.time()
     spark = get_session(cfg.spark)
     store = DeltaStore(spark, cfg.tables)
@@ -187,7 +125,7 @@ def run_pipeline(argv: list[str] | None = None) -> int:
               "preset": cfg.preset, "env": cfg.env, "files_root": files_root, "config": cfg.redacted(),
               "jobs": {}, "tables": {}, "status": "running"}
     logs = tempfile.mkdtemp(prefix="dollyflow-pipeline-")
-    jobs = installed_jobs()
+    jobs = installed()
     say(f"dollyflow pipeline {base_run}: {' -> '.join(jobs)} (preset {cfg.preset}, env {cfg.env}); "
         f"tables under {store.location(cfg.tables.bronze).rsplit('/', 1)[0]}")
     failed = None
@@ -208,7 +146,7 @@ def run_pipeline(argv: list[str] | None = None) -> int:
         cfg.run_id = f"{base_run}-{name}"
         tables = JOB_TABLES.get(name, [])
         before = table_versions(store, tables)
-        log = None if args.verbose else os.path.join(logs, f"{name}.log")
+        log = None if verbose else os.path.join(logs, f"{name}.log")
         t0 = time.time()
         try:
             with captured(log):
@@ -255,43 +193,39 @@ def run_pipeline(argv: list[str] | None = None) -> int:
         say(msg)
         if out is not sys.stderr:   # the reason also on stderr, where a scheduler's log looks
             print(redact_uri(msg), file=sys.stderr, flush=True)
-        if args.json:
-            print(json.dumps(redact(record), indent=2, default=_json_default), flush=True)
+        if as_json:
+            print(to_json(record), flush=True)
         return 1
     if record["unchanged"]:
         say("unchanged: same inputs as the last run, no job wrote a new version of a data table")
-    if not args.no_report:
-        from dollyflow.engine.report import build_report
+    if report:
         t0 = time.time()
         record["report"] = build_report(spark, cfg, record)
         save_run(record)
         say(f"report ({time.time() - t0:.1f} s): {record['report']}")
     say(f"pipeline {base_run} finished in {time.time() - t_start:.1f} s; run record {rdir}/run.json")
-    if args.json:
-        print(json.dumps(redact(record), indent=2, default=_json_default), flush=True)
+    if as_json:
+        print(to_json(record), flush=True)
     return 0
 
 
-def report_main(argv: list[str] | None = None) -> int:
+def rebuild_report(overrides: list[str], *, preset: str | None = None, env: str | None = None,
+                   conf: str | None = None, run_id: str | None = None, out: str | None = None,
+                   as_json: bool = False) -> int:
     """``dollyflow report [--run-id ID]``: rebuild the report of a recorded pipeline run from the
     table versions, manifest and metrics it recorded."""
-    from dollyflow.core.storage import absolute
-
-    args = _parser("dollyflow report", report=True).parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = load_config("pipeline", args.overrides, preset=args.preset, env=args.env, conf=args.conf)
+        cfg = load_config("pipeline", overrides, preset=preset, env=env, conf=conf)
     except ConfigError as exc:
         print(f"dollyflow report: config error: {exc}", file=sys.stderr)
         return 2
     try:
-        record = load_run(absolute(cfg.tables.files_root()), args.run_id)
+        record = load_run(absolute(cfg.tables.files_root()), run_id)
     except FileNotFoundError as exc:
         print(f"dollyflow report: {exc}", file=sys.stderr)
         return 2
-    from dollyflow.engine.report import build_report
-    from dollyflow.engine.session import get_session
-    path = build_report(get_session(cfg.spark), cfg, record, out=args.out)
-    if args.json:
+    path = build_report(get_session(cfg.spark), cfg, record, out=out)
+    if as_json:
         print(json.dumps({"run_id": record["run_id"], "report": path}), flush=True)
     else:
         print(f"report of pipeline run {record['run_id']}: {path}", flush=True)

@@ -6,7 +6,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from dollyflow.core.evaluate import score_clusters
+from dollyflow.testing.dedupe_scoring import score_clusters
 from dollyflow.core.minhash import (EMPTY, band_keys, bucket_pairs, compact, estimate_jaccard,
                                     estimate_jaccard_compact, optimal_bands, part_similarity,
                                     permutations, signatures)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dollyflow.config import load_config
-from dollyflow.core.evaluate import line_record_ids, read_truth, score_records
+from dollyflow.testing.dedupe_scoring import line_record_ids, read_truth, score_records
 from dollyflow.core.records import record_id
 
 pytestmark = pytest.mark.spark

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FIELDS = ("instruction", "context", "response", "category")
-REQUIRED = ("instruction", "response", "category")
 REASONS = ("oversized_line", "invalid_utf8", "blank_line", "malformed_json", "malformed_row", "not_an_object", "missing_field",
            "wrong_type", "oversized_field", "empty_field", "unknown_category")
 

@@ -220,15 +220,3 @@ def upload_dir(local_dir: str | Path, target: str) -> list[str]:
             write_bytes(join(target, rel), p.read_bytes())
             names.append(rel)
     return names
-
-
-def save_with(target: str, save) -> None:
-    """Call ``save(local_directory)`` and make its files appear under ``target``: directly when
-    ``target`` is a local path, through a temporary directory and :func:`upload_dir` for a URI."""
-    if not is_uri(target):
-        Path(target).mkdir(parents=True, exist_ok=True)
-        save(target)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        save(tmp)
-        upload_dir(tmp, target)

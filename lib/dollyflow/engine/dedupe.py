@@ -80,8 +80,6 @@ _CHUNK_ROWS = 1024
 
 SIGNED_DDL = ("record_id string, ingested_at timestamp, ekey binary, sig binary, csig binary, "
               "bands array<bigint>")
-DUPLICATES_DDL = ("record_id string, cluster_id string, survivor_id string, kind string, "
-                  "similarity double")
 
 
 @dataclass(frozen=True)

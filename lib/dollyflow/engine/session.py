@@ -157,11 +157,6 @@ def detect_delta(spark) -> tuple[bool | None, str]:
         return None, f"the check for Delta's JVM classes failed ({type(exc).__name__}: {first})"
 
 
-def jvm_has_delta(spark) -> bool:
-    """Whether Delta Lake's JVM classes are on this session's classpath (Databricks always)."""
-    return detect_delta(spark)[0] is True
-
-
 def _register_offline_delta(spark) -> None:
     """Register the delta-rs data source as ``delta`` when the JVM certainly has no Delta."""
     if getattr(spark, "_dollyflow_delta_checked", False):

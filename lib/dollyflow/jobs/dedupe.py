@@ -35,6 +35,9 @@ import time
 from datetime import datetime, timezone
 
 from dollyflow.config import Config
+from dollyflow.core.counts import expect_equal
+from dollyflow.engine.dedupe import DedupeParams, find_duplicates, silver_of, summarize
+from dollyflow.engine.delta import DeltaStore
 
 RUNS_DDL = ("run_id string, started_at timestamp, finished_at timestamp, bronze_version long, "
             "input_rows long, survivors long, removed_exact long, removed_near long, clusters long, "
@@ -62,10 +65,6 @@ def unchanged(store, cfg: Config, bronze_version: int, params_json: str):
 
 
 def run(cfg: Config, spark) -> dict:
-    from dollyflow.engine.dedupe import DedupeParams, find_duplicates, silver_of, summarize
-    from dollyflow.core.counts import expect_equal
-    from dollyflow.engine.delta import DeltaStore
-
     store = DeltaStore(spark, cfg.tables)
     t = cfg.tables
     d = cfg.dedupe
@@ -140,8 +139,3 @@ def run(cfg: Config, spark) -> dict:
     return {**base, "skipped": False, **counts, "verified_pairs": int(verified_pairs),
             "silver_version": int(silver_version), "duplicates_version": int(duplicates_version),
             "step_seconds": timings}
-
-
-def main(argv: list[str] | None = None) -> int:
-    from dollyflow.cli import run_job
-    return run_job("dedupe", argv)

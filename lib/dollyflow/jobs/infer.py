@@ -38,6 +38,9 @@ import sys
 import time
 
 from dollyflow.config import Config, redact, redact_uri
+from dollyflow.engine.delta import DeltaStore
+from dollyflow.engine.infer import generate_udf, load_accumulator, resolve_spec, summarize_counts
+from dollyflow.engine.query import check_query, run_query
 
 RESULT_COLUMNS = ["response", "finish_reason", "prompt_tokens", "completion_tokens", "error",
                   "trimmed_context_tokens"]
@@ -77,8 +80,6 @@ def read_input(cfg: Config, spark, store, info: dict | None = None):
     """The rows to score (a DataFrame), a description of where they came from, and warnings.
     ``info``: the model's provenance (:func:`dollyflow.core.model.model_info`)."""
     from pyspark.sql import functions as F
-
-    from dollyflow.engine.query import run_query
 
     inf, t = cfg.infer, cfg.tables
     if inf.query.strip():
@@ -142,10 +143,6 @@ def run(cfg: Config, spark) -> dict:
     from pyspark.sql import functions as F
 
     from dollyflow.core.model import model_info
-    from dollyflow.engine.delta import DeltaStore
-    from dollyflow.engine.infer import generate_udf, load_accumulator, resolve_spec, summarize_counts
-
-    from dollyflow.engine.query import check_query
 
     t0 = time.time()
     inf, t = cfg.infer, cfg.tables
@@ -262,8 +259,3 @@ def run(cfg: Config, spark) -> dict:
 def skip_reason(cfg: Config) -> str | None:
     """``dollyflow pipeline`` skips scoring when no model is configured."""
     return None if cfg.infer.model else "infer.model is not set (the train job's output directory or an MLflow URI)"
-
-
-def main(argv: list[str] | None = None) -> int:
-    from dollyflow.cli import run_job
-    return run_job("infer", argv)

@@ -23,7 +23,11 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 
-from dollyflow.config import Config
+from dollyflow.config import Config, redact_uri
+from dollyflow.core.counts import expect_equal
+from dollyflow.core.storage import check_within, remove_dir
+from dollyflow.engine.delta import DeltaStore
+from dollyflow.engine.ingest import parse_inputs, rejected_keys
 
 BRONZE_COLUMNS = ["record_id", "instruction", "context", "response", "category", "source_file",
                   "source_line", "ingested_at", "run_id"]
@@ -39,11 +43,6 @@ RUNS_DDL = ("run_id string, started_at timestamp, finished_at timestamp, inputs 
 def run(cfg: Config, spark) -> dict:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
-
-    from dollyflow.core.counts import expect_equal
-    from dollyflow.core.storage import check_within, remove_dir
-    from dollyflow.engine.delta import DeltaStore
-    from dollyflow.engine.ingest import parse_inputs, rejected_keys
 
     store = DeltaStore(spark, cfg.tables)
     t = cfg.tables
@@ -155,7 +154,6 @@ class NoRecordsError(RuntimeError):
 
 
 def _names(uris: list[str], most: int = 5) -> str:
-    from dollyflow.config import redact_uri
     shown = ", ".join(redact_uri(u) for u in uris[:most])
     return shown + (f" and {len(uris) - most} more" if len(uris) > most else "")
 
@@ -163,7 +161,6 @@ def _names(uris: list[str], most: int = 5) -> str:
 def no_record_problem(summary: dict) -> str | None:
     """Why a run's input gave no record (an error message), or None when it gave one. Valid
     lines already in bronze are records (a re-run of the same files is no error)."""
-    from dollyflow.config import redact_uri
     files = summary["inputs"]
     runs, quarantine = redact_uri(summary["ingest_runs"]), redact_uri(summary["quarantine"])
     where = f"{len(files)} file{'s' if len(files) != 1 else ''}: {_names(files)}"
@@ -185,8 +182,3 @@ def _staging_path(cfg: Config, store) -> str | None:
     if ref.path is None:
         return None
     return f"{ref.path.rsplit('/', 1)[0]}/_staging/{cfg.run_id}"
-
-
-def main(argv: list[str] | None = None) -> int:
-    from dollyflow.cli import run_job
-    return run_job("ingest", argv)

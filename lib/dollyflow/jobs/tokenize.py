@@ -51,7 +51,12 @@ from __future__ import annotations
 import hashlib
 import time
 
-from dollyflow.config import Config
+from dollyflow.config import Config, shards_root
+from dollyflow.core.storage import absolute, check_reachable, join, read_bytes, remove_dir
+from dollyflow.core.tokens import load_tokenizer, save_tokenizer
+from dollyflow.engine.delta import DeltaStore
+from dollyflow.engine.session import master_of
+from dollyflow.engine.tokenize import build_version
 
 RUNS_DDL = ("run_id string, started_at timestamp, finished_at timestamp, silver_version long, "
             "shards_root string, shard_dir string, manifest_sha256 string, tokenizer_sha256 string, "
@@ -72,14 +77,8 @@ def run(cfg: Config, spark) -> dict:
     import tempfile
     from datetime import datetime, timezone
 
-    from dollyflow.config import shards_root
     from dollyflow.core.shards import (MANIFEST, POINTER, export_mds, mds_available, prune_versions,
                                        shard_settings, unchanged_shards, version_dir_name, write_pointer)
-    from dollyflow.core.storage import absolute, check_reachable, join, read_bytes, remove_dir
-    from dollyflow.core.tokens import load_tokenizer, save_tokenizer
-    from dollyflow.engine.delta import DeltaStore
-    from dollyflow.engine.session import master_of
-    from dollyflow.engine.tokenize import build_version
 
     t0 = time.time()
     started = datetime.now(timezone.utc)
@@ -173,8 +172,3 @@ def run(cfg: Config, spark) -> dict:
         "drops": manifest["drops"], "mds": mds, "step_seconds": timings, **current,
         "job_seconds": round(time.time() - t0, 2),
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    from dollyflow.cli import run_job
-    return run_job("tokenize", argv)

@@ -1,6 +1,6 @@
 """The run report as one self-contained HTML page (engine-free: plain data in, HTML out).
 
-:func:`render_html` takes what :func:`dollyflow.engine.report.collect` gathers (or any dict of
+:func:`render_html` takes what :func:`dollyflow.report.gather.collect` gathers (or any dict of
 the same shape) and draws each plot with matplotlib (Agg) into a PNG embedded as base64, so the
 page can be mailed, attached to a job run or opened from a Volume with nothing beside it.
 

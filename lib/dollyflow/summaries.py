@@ -1,7 +1,7 @@
-"""Short human summaries of the jobs' machine-readable summaries (engine-free).
+"""Short human summaries of the jobs' machine-readable summaries, and the tables each job writes.
 
 ``dollyflow pipeline`` prints one line per job from these (``--json`` prints the summaries
-themselves); :mod:`dollyflow.core.report` reuses them in the run report.
+themselves); :mod:`dollyflow.report` reuses them in the run report.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ JOB_TABLES = {
     "train": [],
     "infer": ["predictions"],
 }
-LOG_TABLES = ["ingest_runs", "dedupe_runs", "tokenize_runs", "train_runs"]
 ALL_TABLES = ["bronze", "quarantine", "ingest_runs", "silver", "duplicates", "dedupe_runs", "tokenized",
               "tokenize_runs", "train_runs", "predictions"]
 

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Hashable, Mapping
 
+from dollyflow.core.records import record_id
+
 
 @dataclass(frozen=True)
 class PairScores:
@@ -103,7 +105,6 @@ def line_record_ids(corpus: str | Path) -> dict[int, str]:
     """line -> record_id for every corpus line that parses to string fields, computed as ingest
     does (:func:`dollyflow.core.records.record_id`; absent context is ""). Lines that ingest
     counts as ``existing`` get the id of the earlier identical line, so they join its cluster."""
-    from dollyflow.core.records import record_id
     out: dict[int, str] = {}
     with open(corpus, "rb") as fh:
         for n, raw in enumerate(fh, 1):
@@ -123,8 +124,3 @@ def score_records(clusters: Mapping[str, Hashable], line_ids: Mapping[int, str],
     is its own cluster) through the corpus lines' record ids."""
     predicted = {line: clusters.get(rid, rid) for line, rid in line_ids.items()}
     return score_clusters(predicted, truth)
-
-
-def score_file(predicted: Mapping[int, Hashable], truth_path: str | Path) -> PairScores:
-    """Convenience: read the truth file and score ``predicted``."""
-    return score_clusters(predicted, read_truth(truth_path))

@@ -1,6 +1,6 @@
 """The Spark side of the run report: read what a pipeline run produced, at the table versions it
 recorded (Delta time travel through :class:`~dollyflow.engine.delta.DeltaStore`), plus its shard
-manifest and training metrics, into plain data that :mod:`dollyflow.core.report` draws.
+manifest and training metrics, into plain data that :mod:`dollyflow.report.html` draws.
 
 Only aggregates and a handful of example rows come to the driver.
 """
@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import json
 
-from dollyflow.config import TablesConfig
+from dollyflow.config import TablesConfig, redact
+from dollyflow.core.shards import read_manifest
+from dollyflow.core.storage import absolute, exists, join, read_bytes, write_atomic
+from dollyflow.core.training import tracking
+from dollyflow.engine.delta import DeltaStore
+from dollyflow.engine.session import on_databricks
+from dollyflow.report.html import render_html
+from dollyflow.runs import report_path
 
 EXAMPLES = 3          # duplicate pairs per kind
 SAMPLES = 6           # generations shown next to their references
@@ -30,8 +37,6 @@ def _version(record: dict, name: str):
 def collect(spark, record: dict) -> dict:
     """Everything the report shows, as plain Python data."""
     from pyspark.sql import functions as F
-
-    from dollyflow.engine.delta import DeltaStore
 
     tables = _tables_config(record)
     store = DeltaStore(spark, tables)
@@ -139,7 +144,6 @@ def collect(spark, record: dict) -> dict:
 def _manifest(shard_dir: str | None) -> dict | None:
     if not shard_dir:
         return None
-    from dollyflow.core.shards import read_manifest
     try:
         return read_manifest(shard_dir)
     except (OSError, ValueError):
@@ -149,7 +153,6 @@ def _manifest(shard_dir: str | None) -> dict | None:
 def _metrics(output_dir: str | None) -> list[dict]:
     if not output_dir:
         return []
-    from dollyflow.core.storage import exists, join, read_bytes
     path = join(output_dir, "metrics.jsonl")
     if not exists(path):
         return []
@@ -160,8 +163,6 @@ def _mlflow(record: dict, train: dict) -> dict:
     """The MLflow run: id, tracking URI and experiment, as the train job resolved them."""
     if not train.get("mlflow_run_id"):
         return {}
-    from dollyflow.core.training import tracking
-    from dollyflow.engine.session import on_databricks
     cfg = record.get("config", {})
     t, tables = cfg.get("train", {}), cfg.get("tables", {})
     try:
@@ -174,12 +175,6 @@ def _mlflow(record: dict, train: dict) -> dict:
 
 def build_report(spark, cfg, record: dict, out: str | None = None) -> str:
     """Collect, draw and write the HTML report of ``record``; returns where it went."""
-    from dollyflow.core.report import render_html
-    from dollyflow.core.storage import absolute, write_atomic
-    from dollyflow.pipeline import report_path
-
-    from dollyflow.config import redact
-
     html = render_html(redact(collect(spark, record)))   # the page is shared: no credentials in it
     path = absolute(out) if out else report_path(record["files_root"], record["run_id"])
     write_atomic(path, html.encode("utf-8"))

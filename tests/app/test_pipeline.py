@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from dollyflow.cli import main
-from dollyflow.core.report import SECTIONS
-from dollyflow.core.summaries import ALL_TABLES, JOB_TABLES
+from dollyflow.report.html import SECTIONS
+from dollyflow.summaries import ALL_TABLES, JOB_TABLES
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from dollyflow.core import report
-from dollyflow.core.summaries import human_line, job_status
+from dollyflow.summaries import human_line, job_status
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
