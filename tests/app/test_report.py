@@ -1,11 +1,13 @@
-"""The run report's plots and HTML, and the pipeline's human summary lines, on synthetic data."""
+"""The run report's plots (core/plots.py) and HTML (report/html.py), and the pipeline's human
+summary lines, on synthetic data."""
 from __future__ import annotations
 
 import re
 
 import pytest
 
-from dollyflow.core import report
+from dollyflow.core import plots
+from dollyflow.report import html as report
 from dollyflow.summaries import human_line, job_status
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -45,9 +47,9 @@ def synthetic() -> dict:
 
 def test_every_plot_is_a_png():
     d = synthetic()
-    for png in (report.plot_categories(d["categories"]), report.plot_counts(d["quarantine"], "t", "lines"),
-                report.plot_lengths(d["tokens"]), report.plot_loss(d["train"]["metrics"]),
-                report.plot_category_loss(d["train"]["metrics"][-1]["eval_loss_per_category"])):
+    for png in (plots.plot_categories(d["categories"]), plots.plot_counts(d["quarantine"], "t", "lines"),
+                plots.plot_lengths(d["tokens"]), plots.plot_loss(d["train"]["metrics"]),
+                plots.plot_category_loss(d["train"]["metrics"][-1]["eval_loss_per_category"])):
         assert png.startswith(PNG) and len(png) > 2000
 
 
@@ -119,8 +121,8 @@ def test_labels_with_mathtext_characters_are_drawn_as_text():
     backslash must not fail the plot (a malformed formula raises in matplotlib's mathtext parser)."""
     counts = {label: i + 1 for i, label in enumerate(MATHTEXT_LABELS)}
     cats = {label: {"bronze": 2, "silver": 1} for label in MATHTEXT_LABELS}
-    pngs = [report.plot_counts(counts, "Quarantined $lines$ per reason", "lines"), report.plot_categories(cats),
-            report.plot_category_loss({label: {"loss": 1.5, "records": 2} for label in MATHTEXT_LABELS})]
+    pngs = [plots.plot_counts(counts, "Quarantined $lines$ per reason", "lines"), plots.plot_categories(cats),
+            plots.plot_category_loss({label: {"loss": 1.5, "records": 2} for label in MATHTEXT_LABELS})]
     assert all(p.startswith(PNG) for p in pngs)
     d = synthetic()
     d["categories"], d["quarantine"] = cats, counts
@@ -139,5 +141,5 @@ def test_tokenize_line_says_when_its_shards_are_not_current():
 def test_literal_text_leaves_the_global_setting_alone():
     import matplotlib
     before = matplotlib.rcParams["text.parse_math"]
-    report.plot_counts({"$x$": 1}, "t", "n")
+    plots.plot_counts({"$x$": 1}, "t", "n")
     assert matplotlib.rcParams["text.parse_math"] == before

@@ -1,0 +1,154 @@
+"""The plots of a pipeline run as PNG bytes (engine-free; matplotlib, imported on first use, with
+the Agg backend): records per category, counts per reason, token lengths, the loss curve.
+
+The run report embeds them; the train job logs the loss curve to MLflow. Labels come from the
+data and are drawn literally (mathtext off).
+"""
+from __future__ import annotations
+
+import functools
+import io
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _literal_text(fn):
+    """Draw with matplotlib's mathtext off (``text.parse_math``): labels come from the data (a
+    category, a quarantine reason, a split), and one holding ``$`` (``$x$``, ``cost $5 or $``),
+    ``_``, ``^`` or ``\\alpha`` is drawn as the characters it is, never parsed (a malformed
+    formula would fail the whole report)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _plt().rc_context({"text.parse_math": False}):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    _plt().close(fig)
+    return buf.getvalue()
+
+
+def _bars(ax, labels, series: dict[str, list], horizontal: bool = True):
+    """Grouped bars with their values written at the bar ends."""
+    n = max(1, len(series))
+    height = 0.8 / n
+    for i, (name, values) in enumerate(series.items()):
+        pos = [k + (i - (n - 1) / 2) * height for k in range(len(labels))]
+        bars = (ax.barh if horizontal else ax.bar)(pos, values, height, label=name)
+        ax.bar_label(bars, labels=[f"{v:,}" if isinstance(v, int) else f"{v:.3g}" for v in values],
+                     padding=2, fontsize=8)
+    if horizontal:
+        ax.set_yticks(range(len(labels)), labels)
+        ax.invert_yaxis()
+        ax.margins(x=0.15)
+    else:
+        ax.set_xticks(range(len(labels)), labels)
+        ax.margins(y=0.15)
+    if n > 1:
+        ax.legend(fontsize=8)
+
+
+@_literal_text
+def plot_categories(categories: dict[str, dict]) -> bytes:
+    """Records per category in bronze (ingested) and silver (after dedupe)."""
+    plt = _plt()
+    labels = sorted(categories)
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(labels) + 1.4))
+    _bars(ax, labels, {"bronze (ingested)": [categories[c].get("bronze", 0) for c in labels],
+                       "silver (after dedupe)": [categories[c].get("silver", 0) for c in labels]})
+    ax.set_xlabel("records")
+    ax.set_title("Records per category")
+    return _png(fig)
+
+
+@_literal_text
+def plot_counts(counts: dict[str, int], title: str, xlabel: str) -> bytes:
+    """One horizontal bar per key (quarantine reasons, duplicate kinds, finish reasons)."""
+    plt = _plt()
+    labels = sorted(counts, key=lambda k: (-counts[k], k))
+    fig, ax = plt.subplots(figsize=(7, 0.45 * max(1, len(labels)) + 1.4))
+    _bars(ax, labels, {"": [int(counts[k]) for k in labels]})
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return _png(fig)
+
+
+@_literal_text
+def plot_lengths(tokens: dict) -> bytes:
+    """Token length histogram per split (bins of the tokenized table), with max_length marked."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    max_length = tokens.get("max_length")
+    splits = tokens.get("splits", {})
+    # the biggest split first, the smaller ones drawn over it (outlined, so none hides another)
+    for i, split in enumerate(sorted(splits, key=lambda s: -sum(splits[s]["bins"].values()))):
+        s = splits[split]
+        w = s["width"]
+        bins = {int(k): v for k, v in s["bins"].items()}
+        xs = [b * w for b in sorted(bins)]
+        ax.bar(xs, [bins[b] for b in sorted(bins)], width=w, align="edge", alpha=0.55 if i == 0 else 0.9,
+               label=f"{split} ({sum(bins.values()):,} records)", edgecolor="white" if i == 0 else "black",
+               linewidth=0.5 if i == 0 else 1.0, zorder=2 + i)
+    from matplotlib.ticker import MaxNLocator
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if max_length:
+        drops = sum((tokens.get("drops") or {}).values())
+        ax.axvline(max_length, color="crimson", linestyle="--",
+                   label=f"max_length {max_length} ({drops:,} longer records dropped)")
+    ax.set_xlabel("tokens per record (prompt + response + ### End)")
+    ax.set_ylabel("records")
+    ax.set_title("Token length per split")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+@_literal_text
+def plot_loss(metrics: list[dict]) -> bytes:
+    """Train loss per step (and its running mean) and eval loss at each evaluation."""
+    plt = _plt()
+    train = [(m["step"], m["loss"]) for m in metrics if m.get("kind") == "train" and m.get("loss") is not None]
+    evals = [(m["step"], m["eval_loss"]) for m in metrics if m.get("kind") == "eval" and m.get("eval_loss") is not None]
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    if train:
+        ax.plot(*zip(*train), color="tab:blue", alpha=0.35, linewidth=1, label="train loss (per step)")
+        k = max(1, len(train) // 20)
+        if k > 1:   # a running mean once there are enough steps to make the raw curve noisy
+            smooth = [(train[i][0], sum(v for _, v in train[max(0, i - k + 1):i + 1]) / len(train[max(0, i - k + 1):i + 1]))
+                      for i in range(len(train))]
+            ax.plot(*zip(*smooth), color="tab:blue", linewidth=2, label=f"train loss (mean of {k} steps)")
+        else:
+            ax.lines[-1].set(alpha=1.0, linewidth=1.5)
+    if evals:
+        ax.plot(*zip(*evals), color="tab:orange", marker="o", linewidth=2, label="eval loss (test split)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats / response token)")
+    ax.set_title("Training and evaluation loss")
+    ax.grid(alpha=0.3)
+    if train or evals:
+        ax.legend(fontsize=8)
+    return _png(fig)
+
+
+@_literal_text
+def plot_category_loss(per_category: dict[str, dict]) -> bytes:
+    """The final eval loss per category (records in the test split in the label)."""
+    plt = _plt()
+    labels = sorted(per_category)
+    fig, ax = plt.subplots(figsize=(7, 0.45 * max(1, len(labels)) + 1.4))
+    _bars(ax, [f"{c} ({per_category[c].get('records', '?')})" for c in labels],
+          {"": [float(per_category[c]["loss"]) for c in labels]})
+    ax.set_xlabel("eval loss (nats / response token)")
+    ax.set_title("Final eval loss per category (test records per category in brackets)")
+    return _png(fig)
