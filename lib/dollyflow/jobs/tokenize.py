@@ -48,7 +48,6 @@ run wrote, writes nothing and reports ``skipped: true``.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 
 from dollyflow.config import Config
@@ -73,9 +72,9 @@ def run(cfg: Config, spark) -> dict:
     from datetime import datetime, timezone
 
     from dollyflow.config import shards_root
-    from dollyflow.core.shards import (MANIFEST, POINTER, export_mds, mds_available, prune_versions,
+    from dollyflow.core.shards import (POINTER, export_mds, manifest_sha256, mds_available, prune_versions,
                                        shard_settings, unchanged_shards, version_dir_name, write_pointer)
-    from dollyflow.core.storage import absolute, check_reachable, join, read_bytes, remove_dir
+    from dollyflow.core.storage import absolute, check_reachable, join, remove_dir
     from dollyflow.core.tokens import load_tokenizer, save_tokenizer
     from dollyflow.engine.delta import DeltaStore
     from dollyflow.engine.session import master_of
@@ -118,7 +117,7 @@ def run(cfg: Config, spark) -> dict:
                 prev = None
         if prev is not None:
             return {**base, "skipped": True, "previous_run_id": prev["run_id"], "shard_dir": prev["_dir"],
-                    "manifest_sha256": hashlib.sha256(read_bytes(join(prev["_dir"], MANIFEST))).hexdigest(),
+                    "manifest_sha256": manifest_sha256(prev["_dir"]),
                     "tokenized": prev["tokenized_table"]["location"],
                     "tokenized_version": prev["tokenized_table"]["version"],
                     "tokenizer_sha256": build["tokenizer_sha256"],
@@ -138,7 +137,7 @@ def run(cfg: Config, spark) -> dict:
             remove_dir(shard_dir, under=root)
             raise
     t1 = time.time()
-    manifest_sha = hashlib.sha256(read_bytes(join(shard_dir, MANIFEST))).hexdigest()
+    manifest_sha = manifest_sha256(shard_dir)
     pointer = write_pointer(root, name, run_id=cfg.run_id, silver=store.location(t.silver),
                             silver_version=silver_version, started_at=started.isoformat(timespec="microseconds"),
                             manifest_sha256=manifest_sha)
