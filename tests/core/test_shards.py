@@ -1,4 +1,6 @@
-"""Shard planning, manifest, verification, the trainer's reader and collate (no Spark)."""
+"""Shard planning, manifest, verification, versions under a root, the trainer's reader and collate,
+the MDS export (no Spark)."""
+import hashlib
 import json
 
 import numpy as np
@@ -6,10 +8,12 @@ import pyarrow as pa
 import pytest
 
 from dollyflow.core.prompt import RESPONSE_KEY_NL
-from dollyflow.core.shards import (ShardDataset, build_manifest, collate, histogram_edges, plan_shards,
-                                   read_manifest, shard_count, shard_file_name, shard_starts, verify_shards, write_manifest,
-                                   write_shard)
+from dollyflow.core.shards import (ShardDataset, build_manifest, collate, export_mds, histogram_edges, manifest_sha256,
+                                   mds_available, plan_shards, prune_versions, read_manifest, read_pointer,
+                                   resolve_shard_dir, shard_count, shard_file_name, shard_settings, shard_starts,
+                                   unchanged_shards, verify_shards, write_manifest, write_pointer, write_shard)
 from dollyflow.core.split import assign_splits, split_keys
+from dollyflow.core.storage import join, upload_dir
 from dollyflow.core.tokens import backend_from_json, encode_records, load_tokenizer, save_tokenizer
 
 
@@ -85,6 +89,7 @@ def test_manifest_describes_the_shards(shard_dir):
     assert m["records"] == len(kept) and m["tokens"] == sum(kept)
     assert m["splits"]["test"]["records"] == 10 and len(m["splits"]["train"]["shards"]) == 4
     assert m["source"] == {"table": "silver", "version": 3}
+    assert manifest_sha256(d) == hashlib.sha256((d / "manifest.json").read_bytes()).hexdigest()
     assert m["drops"]["too_long"] == enc.drop_reason.count("too_long")
     h = m["splits"]["train"]["length_histogram"]
     assert sum(h["counts"]) == m["splits"]["train"]["records"] and len(h["counts"]) == len(h["edges"]) - 1
@@ -140,8 +145,6 @@ def test_root_pointer_resolves_to_a_complete_version(shard_dir, tmp_path):
     root still resolves (relative names); pruning keeps the newest complete ones."""
     import shutil
 
-    from dollyflow.core.shards import prune_versions, read_pointer, resolve_shard_dir, write_pointer
-
     root = tmp_path / "root"
     for i, name in enumerate(["v1-a", "v2-b", "v3-c"]):
         shutil.copytree(shard_dir[0], root / name)
@@ -165,9 +168,6 @@ def test_root_pointer_resolves_to_a_complete_version(shard_dir, tmp_path):
 
 def test_shards_read_and_verify_over_s3(shard_dir, s3_bucket):
     """The reader, verification and the pointer work on an object store (a real S3 endpoint)."""
-    from dollyflow.core.shards import resolve_shard_dir, write_pointer
-    from dollyflow.core.storage import join, upload_dir
-
     root = s3_bucket("s3a", "core-shards")
     upload_dir(shard_dir[0], join(root, "v3-x"))
     write_pointer(root, "v3-x")
@@ -181,7 +181,6 @@ def test_shards_read_and_verify_over_s3(shard_dir, s3_bucket):
 def test_mds_export_without_streaming_says_what_to_install(shard_dir, monkeypatch):
     import sys
 
-    from dollyflow.core.shards import export_mds, mds_available
     monkeypatch.setitem(sys.modules, "streaming", None)      # "import streaming" now raises ImportError
     assert mds_available() is False
     with pytest.raises(RuntimeError, match="pip install mosaicml-streaming"):
@@ -190,8 +189,6 @@ def test_mds_export_without_streaming_says_what_to_install(shard_dir, monkeypatc
 
 def test_unchanged_shards_matches_source_version_and_every_setting(shard_dir, tmp_path):
     import shutil
-
-    from dollyflow.core.shards import shard_settings, unchanged_shards, write_pointer
 
     root = tmp_path / "root"
     shutil.copytree(shard_dir[0], root / "v3-a")
@@ -215,8 +212,6 @@ def test_pointer_never_moves_back_to_an_older_silver_version(tmp_path):
     """Two runs finishing out of order: the pointer stays at the newer silver version and the
     older run learns its shards are not current; of two runs over one version, the one started
     later wins whatever order they finish in; pointers without versions are replaced as before."""
-    from dollyflow.core.shards import read_pointer, write_pointer
-
     root = str(tmp_path / "root")
     silver = "/wh/dollyflow/silver"
     p5 = write_pointer(root, "v5-b", run_id="b", silver=silver, silver_version=5, started_at="2026-01-01T10:00:00")

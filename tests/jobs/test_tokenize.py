@@ -202,10 +202,9 @@ def test_rerun_with_other_partitioning_is_identical(job, spark, tmp_path):
 def test_mds_requested_without_streaming_fails_before_any_work(job, spark, tmp_path, monkeypatch):
     """tokenize.mds=true where mosaicml-streaming cannot be imported: a clear error, and nothing
     written (no shard directory, no new tokenized version)."""
-    import dollyflow.core.shards as shards
     from dollyflow.jobs import tokenize
 
-    monkeypatch.setattr(shards, "mds_available", lambda: False)
+    monkeypatch.setattr(tokenize, "mds_available", lambda: False)
     before = job["store"].version(job["cfg"].tables.tokenized)
     with pytest.raises(RuntimeError, match="mosaicml-streaming"):
         tokenize.run(_cfg(job, f"tokenize.output_dir={tmp_path / 'mds'}", "tokenize.mds=true"), spark)
@@ -277,7 +276,7 @@ def _cfg(job, *overrides):
 def test_each_run_writes_a_new_version_and_moves_the_pointer_only_when_verified(job, spark, tmp_path, monkeypatch):
     """Run 1 -> v.../ + pointer; run 2 fails verification -> pointer and run 1's shards untouched,
     run 2's directory gone; run 3 succeeds with keep_versions=1 -> pointer moves, run 1 pruned."""
-    import dollyflow.core.shards as shards
+    import dollyflow.engine.tokenize as engine_tokenize
     from dollyflow.jobs import tokenize
 
     root = tmp_path / "root"
@@ -285,12 +284,12 @@ def test_each_run_writes_a_new_version_and_moves_the_pointer_only_when_verified(
     assert read_pointer(str(root))["dir"] == Path(s1["shard_dir"]).name
     assert resolve_shard_dir(str(root)) == s1["shard_dir"]
 
-    real_verify = shards.verify_shards
-    monkeypatch.setattr(shards, "verify_shards", lambda d: real_verify(d) + ["train-00000: injected mismatch"])
+    real_verify = engine_tokenize.verify_shards
+    monkeypatch.setattr(engine_tokenize, "verify_shards", lambda d: real_verify(d) + ["train-00000: injected mismatch"])
     cfg2 = _cfg(job, f"tokenize.output_dir={root}", "tokenize.skip_unchanged=false")
     with pytest.raises(RuntimeError, match="injected mismatch"):
         tokenize.run(cfg2, spark)
-    monkeypatch.setattr(shards, "verify_shards", real_verify)
+    monkeypatch.setattr(engine_tokenize, "verify_shards", real_verify)
     assert resolve_shard_dir(str(root)) == s1["shard_dir"] and verify_shards(s1["shard_dir"]) == []
     assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["LATEST.json", Path(s1["shard_dir"]).name]
 

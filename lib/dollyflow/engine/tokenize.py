@@ -40,11 +40,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from dollyflow.core.counts import expect_equal
-from dollyflow.core.shards import plan_shards as core_plan_shards
-from dollyflow.core.shards import shard_file_name, write_shard
-from dollyflow.core.storage import filesystem, is_shared, join
+from dollyflow.config import redact_uri
+from dollyflow.core.counts import StepClock, expect_equal, expect_equal_maps
+from dollyflow.core.shards import (TOKENIZER_DIR, build_manifest, histogram_edges, plan_shards as core_plan_shards,
+                                   shard_count, shard_file_name, verify_shards, write_manifest, write_shard)
 from dollyflow.core.split import TEST, TRAIN, select_test, split_keys
+from dollyflow.core.storage import filesystem, is_shared, join, remove_dir, upload_dir
 from dollyflow.core.tokens import backend_from_json, encode_records, set_single_thread
 
 #: The tokenizer's output inside the job. ``ids`` holds a record's token ids as little-endian
@@ -239,7 +240,6 @@ def plan_outputs(narrow: pa.Table, test_size: float | int, num_shards: int) -> T
     (:func:`dollyflow.core.shards.plan_shards`). A split is a prefix (test) or the rest (train) of
     the (split_key, record_id) order and a shard a contiguous run of its split, so within a
     staging file -- sorted the same way -- a shard's records are one row range; checked."""
-    from dollyflow.core.shards import shard_count
 
     reasons = {r["values"]: int(r["counts"]) for r in pc.value_counts(narrow.column("drop_reason")).to_pylist()}
     rows = narrow.filter(pc.is_null(narrow.column("drop_reason")))
@@ -358,7 +358,6 @@ class NoRecordsToTokenize(RuntimeError):
 
 
 def _no_records(store, table: str, version: int, rows: int, drops: dict, shard_dir: str) -> str:
-    from dollyflow.config import redact_uri
     where = f"silver {redact_uri(store.location(table))} v{version}"
     why = "has no rows" if rows == 0 else \
         f"has {rows} rows and every one was dropped (" + ", ".join(f"{k} {v}" for k, v in sorted(
@@ -376,9 +375,6 @@ def build_version(cfg, spark, store, silver_version: int, shard_dir: str, settin
     commit the table; return the manifest (written into ``shard_dir``). ``timings`` gets each
     step's seconds. On failure the table files written are discarded; removing ``shard_dir`` is
     the caller's."""
-    from dollyflow.core.counts import StepClock, expect_equal_maps
-    from dollyflow.core.shards import TOKENIZER_DIR, build_manifest, histogram_edges, verify_shards, write_manifest
-    from dollyflow.core.storage import remove_dir, upload_dir
 
     t, tk = cfg.tables, cfg.tokenize
     clock = StepClock(timings)

@@ -48,11 +48,14 @@ run wrote, writes nothing and reports ``skipped: true``.
 """
 from __future__ import annotations
 
-import hashlib
+import tempfile
 import time
+from datetime import datetime, timezone
 
 from dollyflow.config import Config, shards_root
-from dollyflow.core.storage import absolute, check_reachable, join, read_bytes, remove_dir
+from dollyflow.core.shards import (POINTER, export_mds, manifest_sha256, mds_available, prune_versions,
+                                   shard_settings, unchanged_shards, version_dir_name, write_pointer)
+from dollyflow.core.storage import absolute, check_reachable, join, remove_dir
 from dollyflow.core.tokens import load_tokenizer, save_tokenizer
 from dollyflow.engine.delta import DeltaStore
 from dollyflow.engine.session import master_of
@@ -74,12 +77,6 @@ def resolve_settings(cfg: Config) -> dict:
 
 
 def run(cfg: Config, spark) -> dict:
-    import tempfile
-    from datetime import datetime, timezone
-
-    from dollyflow.core.shards import (MANIFEST, POINTER, export_mds, mds_available, prune_versions,
-                                       shard_settings, unchanged_shards, version_dir_name, write_pointer)
-
     t0 = time.time()
     started = datetime.now(timezone.utc)
     t, tk = cfg.tables, cfg.tokenize
@@ -117,7 +114,7 @@ def run(cfg: Config, spark) -> dict:
                 prev = None
         if prev is not None:
             return {**base, "skipped": True, "previous_run_id": prev["run_id"], "shard_dir": prev["_dir"],
-                    "manifest_sha256": hashlib.sha256(read_bytes(join(prev["_dir"], MANIFEST))).hexdigest(),
+                    "manifest_sha256": manifest_sha256(prev["_dir"]),
                     "tokenized": prev["tokenized_table"]["location"],
                     "tokenized_version": prev["tokenized_table"]["version"],
                     "tokenizer_sha256": build["tokenizer_sha256"],
@@ -137,7 +134,7 @@ def run(cfg: Config, spark) -> dict:
             remove_dir(shard_dir, under=root)
             raise
     t1 = time.time()
-    manifest_sha = hashlib.sha256(read_bytes(join(shard_dir, MANIFEST))).hexdigest()
+    manifest_sha = manifest_sha256(shard_dir)
     pointer = write_pointer(root, name, run_id=cfg.run_id, silver=store.location(t.silver),
                             silver_version=silver_version, started_at=started.isoformat(timespec="microseconds"),
                             manifest_sha256=manifest_sha)

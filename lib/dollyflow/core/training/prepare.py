@@ -28,7 +28,6 @@ receives. :func:`finish` swaps the new model in and completes the MLflow run aft
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -173,9 +172,8 @@ def prepare(cfg: Config, *, launcher: str | None = None) -> dict:
     problems = shard_io.verify_shards(shard_dir)
     if problems:
         raise shard_io_error(shard_dir, problems)
-    manifest_bytes = read_bytes(join(shard_dir, shard_io.MANIFEST))
-    manifest_sha = hashlib.sha256(manifest_bytes).hexdigest()
-    manifest = json.loads(manifest_bytes)
+    manifest_sha = shard_io.manifest_sha256(shard_dir)
+    manifest = shard_io.read_manifest(shard_dir)
     if "train" not in manifest["splits"]:
         raise ValueError(f"{shard_dir}: the manifest has no train split")
     processes = resolve_processes(t)
@@ -254,7 +252,7 @@ def output_dir_for(cfg: Config) -> str:
     if cfg.train.output_dir:
         return _require_file_path(cfg.train.output_dir, "train.output_dir")
     shard_dir = shard_io.resolve_shard_dir(cfg.train.shard_dir or shards_root(cfg))
-    sha = hashlib.sha256(read_bytes(join(shard_dir, shard_io.MANIFEST))).hexdigest()
+    sha = shard_io.manifest_sha256(shard_dir)
     return _require_file_path(default_output_dir(cfg, sha), "train.output_dir")
 
 
