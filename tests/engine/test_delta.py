@@ -139,10 +139,10 @@ def test_sql_through_temp_view(spark, store):
 def test_write_returns_its_own_commit_when_another_writer_commits_right_after(spark, store, monkeypatch):
     """Another writer commits between our commit and anything we might read afterwards: the
     version and rows we get are still our commit's, not the latest."""
-    import dollyflow.engine.delta_rs as delta_rs
+    from dollyflow.engine.delta import offline
 
     store.write(rows(spark, 0, 5), "own", job="seed", run_id="r0")
-    real_commit = delta_rs.commit_files
+    real_commit = offline.commit_files
     path = store.location("own")
 
     def commit_then_someone_else(p, schema, files, overwrite, options, evolve=False):
@@ -156,7 +156,7 @@ def test_write_returns_its_own_commit_when_another_writer_commits_right_after(sp
                                       mode="append", commit_properties=deltalake.CommitProperties(
                                           custom_metadata={"run_id": "other"}))
 
-    monkeypatch.setattr(delta_rs, "commit_files", commit_then_someone_else)
+    monkeypatch.setattr(offline, "commit_files", commit_then_someone_else)
     c = store.write(rows(spark, 10, 17), "own", job="mine-job", run_id="mine")
     assert (c.version, c.rows, c.committed) == (1, 7, True) and c == 1
     assert store.version("own") == 2
@@ -170,14 +170,14 @@ def test_concurrent_insert_only_merges_insert_each_key_once(spark, store, monkey
     store.write(rows(spark, 0, 10), "ins", job="seed", run_id="r0")
     base = store.version("ins")
     barrier = threading.Barrier(2, timeout=60)
-    import dollyflow.engine.delta_rs as delta_rs
-    real = delta_rs.append_if_unchanged
+    from dollyflow.engine.delta import offline
+    real = offline.append_if_unchanged
 
     def together(*args, **kwargs):
         barrier.wait()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(delta_rs, "append_if_unchanged", together)
+    monkeypatch.setattr(offline, "append_if_unchanged", together)
     out, errors = {}, []
 
     def merge(lo, hi, tag):
@@ -255,7 +255,7 @@ def test_user_session_settings_survive_and_timestamps_are_set_per_write(spark, s
 
 
 def test_backend_choice_says_why_and_native_fails_without_delta(spark, tmp_config, monkeypatch):
-    import dollyflow.engine.delta as delta
+    from dollyflow.engine.delta import backend
 
     auto = DeltaStore(spark, tmp_config("t").tables)
     if auto.native:
@@ -267,10 +267,10 @@ def test_backend_choice_says_why_and_native_fails_without_delta(spark, tmp_confi
         DeltaStore(spark, tmp_config("t", "tables.backend=native").tables)
     # the check itself failing (Spark Connect, a broken gateway): local -> offline with the reason,
     # a cluster -> refuse to guess
-    monkeypatch.setattr(delta, "detect_delta", lambda s: (None, "the check failed (boom)"))
+    monkeypatch.setattr(backend, "detect_delta", lambda s: (None, "the check failed (boom)"))
     s = DeltaStore(spark, tmp_config("t").tables)
     assert s.backend == "offline" and "the check failed (boom)" in s.backend_reason
-    monkeypatch.setattr(delta, "master_of", lambda s: "yarn")
+    monkeypatch.setattr(backend, "master_of", lambda s: "yarn")
     with pytest.raises(RuntimeError, match="cannot tell whether this session has Delta Lake"):
         DeltaStore(spark, tmp_config("t").tables)
 
@@ -338,3 +338,13 @@ def test_replace_where_replaces_only_the_matching_rows_in_one_commit(spark, stor
         store.replace_where(new, "rw", {"model_sha": "m1' OR '1'='1"})
     with pytest.raises(ValueError, match="at least one"):
         store.replace_where(new, "rw", {})
+
+
+def test_the_store_delegates_to_one_of_two_backends_with_one_interface(spark, tmp_config):
+    from dollyflow.engine.delta import DeltaBackend, NativeBackend, OfflineBackend
+
+    for cls in (NativeBackend, OfflineBackend):
+        assert issubclass(cls, DeltaBackend) and not cls.__abstractmethods__
+    store = DeltaStore(spark, tmp_config("t", "tables.backend=offline").tables)
+    assert isinstance(store._backend, OfflineBackend)
+    assert (store.backend, store.native) == ("offline", False)

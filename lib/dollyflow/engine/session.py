@@ -167,7 +167,7 @@ def _register_offline_delta(spark) -> None:
     if found is not False:
         return
     try:
-        from dollyflow.engine.delta_rs import DeltaRsDataSource
+        from dollyflow.engine.delta.offline_source import DeltaRsDataSource
     except ImportError:  # deltalake not installed: native Delta only
         return
     spark.dataSource.register(DeltaRsDataSource)
