@@ -322,10 +322,9 @@ def test_shards_on_an_object_store(job, spark, s3_bucket):
 
 def test_local_output_is_refused_on_a_multi_host_master(job, spark, monkeypatch):
     """A driver-local shards root with executors on other hosts fails before any work."""
-    import dollyflow.engine.session as session
     from dollyflow.jobs import tokenize
 
-    monkeypatch.setattr(session, "master_of", lambda _spark: "yarn")
+    monkeypatch.setattr(tokenize, "master_of", lambda _spark: "yarn")
     with pytest.raises(ValueError, match="executors on other hosts"):
         tokenize.run(_cfg(job), spark)
 
