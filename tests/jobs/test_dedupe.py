@@ -282,7 +282,6 @@ def test_a_failed_count_check_commits_nothing(spark, sample_path, tmp_path, monk
     """The counts are checked on the written-but-uncommitted outputs: a mismatch (bronze's log
     disagreeing with the rows read, or a silver frame that loses a row) fails the run, silver and
     duplicates stay at their previous versions and content, and no staged file is left."""
-    import dollyflow.engine.dedupe as engine
     from dollyflow.core.counts import CountMismatch
     from dollyflow.engine.delta import DeltaStore
     from dollyflow.jobs import dedupe, ingest
@@ -306,13 +305,13 @@ def test_a_failed_count_check_commits_nothing(spark, sample_path, tmp_path, monk
                             real(self, name, version) + (name == "bronze"))
         match = r"dedupe: bronze v1: rows of .* = 25, but rows read by dedupe = 24"
     else:
-        real_silver = engine.silver_of
+        real_silver = dedupe.silver_of
 
         def lossy(bronze, dups):
             df = real_silver(bronze, dups)
             return df.filter(df.record_id != df.orderBy("record_id").first()["record_id"])
 
-        monkeypatch.setattr(engine, "silver_of", lossy)
+        monkeypatch.setattr(dedupe, "silver_of", lossy)   # as the job calls it
         match = (r"dedupe: outputs: bronze rows = 24, but rows of silver \(\d+\) \+ duplicates \(\d+\) as written, "
                  r"before their commits = 23 \(difference -1\)")
     with pytest.raises(CountMismatch, match=match):
