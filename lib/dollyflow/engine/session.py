@@ -18,11 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
-from dollyflow.config import SparkConfig
-
-
-def on_databricks() -> bool:
-    return "DATABRICKS_RUNTIME_VERSION" in os.environ
+from dollyflow.config import SparkConfig, on_databricks
 
 
 def under_spark_submit() -> bool:

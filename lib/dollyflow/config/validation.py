@@ -1,0 +1,157 @@
+"""Value checks beyond types: check_identifier, check_name, and validate (ranges and allowed
+values of every section), each error naming its key."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+from dollyflow.config.errors import ConfigError
+from dollyflow.config.schema import (DEEPSPEED_PRESETS, TRAIN_LAUNCHERS, TRAIN_METHODS, Config, TablesConfig,
+                                     TrainConfig)
+from dollyflow.core.split import parse_test_size
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+
+
+def check_identifier(value: str, what: str) -> str:
+    """Table, schema and catalog names must be plain identifiers (no quoting, no dots, no SQL)."""
+    if not isinstance(value, str) or not _IDENT.match(value):
+        raise ConfigError(f"{what}: {value!r} is not a plain identifier ([A-Za-z_][A-Za-z0-9_]*)")
+    return value
+
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_name(value: str, what: str) -> str:
+    """A name that becomes one path segment (``run_id``: staging, shard and status directories)
+    must be a plain name: letters, digits, ``_ . -``, not starting with ``.``, never ``.`` or
+    ``..`` or anything holding ``..``, no separator (``/``, ``\\``, ``:``). Otherwise ``run_id=..``
+    would make ``<schema>/_staging/<run_id>`` the schema directory itself."""
+    if not isinstance(value, str) or not _NAME.match(value) or ".." in value:
+        raise ConfigError(f"{what}: {value!r} is not a plain name (letters, digits and _ . -, starting with a "
+                          "letter, digit or _, no '..', no '/', '\\' or ':'): it becomes a directory name")
+    return value
+
+
+def validate(cfg: Config) -> None:
+    """Every check of a resolved configuration (after all layers); the first failure raises."""
+    t = cfg.tables
+    for f in dataclasses.fields(TablesConfig):
+        if f.name in ("warehouse", "backend", "catalog"):
+            continue
+        check_identifier(getattr(t, f.name), f"tables.{f.name}")
+    if t.catalog:
+        check_identifier(t.catalog, "tables.catalog")
+    if t.backend not in ("auto", "native", "offline"):
+        raise ConfigError(f"tables.backend: {t.backend!r} is not one of auto, native, offline")
+    if cfg.ingest.format not in ("auto", "json", "csv", "parquet"):
+        raise ConfigError(f"ingest.format: {cfg.ingest.format!r} is not one of auto, json, csv, parquet")
+    bad = set(cfg.ingest.field_map) - {"instruction", "context", "response", "category"}
+    if bad:
+        raise ConfigError(f"ingest.field_map: unknown target field(s) {sorted(bad)}; "
+                          "targets are instruction, context, response, category")
+    inf = cfg.infer
+    if inf.mode not in ("append", "overwrite"):
+        raise ConfigError(f"infer.mode: {inf.mode!r} is not one of append, overwrite")
+    if inf.split not in ("test", "train", "all"):
+        raise ConfigError(f"infer.split: {inf.split!r} is not one of test, train, all")
+    if not inf.key_columns:
+        raise ConfigError("infer.key_columns: at least one key column is needed")
+    for k in [*inf.key_columns, *inf.extra_columns, inf.instruction_column] + \
+             ([inf.context_column] if inf.context_column else []):
+        check_identifier(k, "infer column")
+    check_identifier(inf.function_name, "infer.function_name")
+    for key in ("max_new_tokens", "batch_tokens", "max_batch_size", "window_rows"):
+        if getattr(inf, key) < 1:
+            raise ConfigError(f"infer.{key} must be >= 1, got {getattr(inf, key)}")
+    if inf.partitions < 0 or (inf.limit is not None and inf.limit < 0):
+        raise ConfigError("infer.partitions and infer.limit must not be negative")
+    if inf.do_sample and not (inf.temperature > 0 and 0 < inf.top_p <= 1 and inf.top_k >= 0):
+        raise ConfigError("infer: sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0")
+    check_name(cfg.run_id, "run_id")
+    check_ranges(cfg)
+    validate_train(cfg.train)
+
+
+def _positive(value: Any, key: str, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise ConfigError(f"{key}: must be >= {minimum}, got {value!r}")
+
+
+def check_ranges(cfg: Config) -> None:
+    """Numeric settings that type checks alone cannot catch, each error naming its key."""
+    for key, value in (("spark.shuffle_partitions", cfg.spark.shuffle_partitions),
+                       ("ingest.max_field_chars", cfg.ingest.max_field_chars),
+                       ("ingest.raw_max_chars", cfg.ingest.raw_max_chars),
+                       ("ingest.chunk_bytes", cfg.ingest.chunk_bytes),
+                       ("dedupe.ngram", cfg.dedupe.ngram),
+                       ("dedupe.num_perm", cfg.dedupe.num_perm),
+                       ("dedupe.bands", cfg.dedupe.bands),
+                       ("dedupe.rows", cfg.dedupe.rows),
+                       ("dedupe.max_cc_iterations", cfg.dedupe.max_cc_iterations),
+                       ("model.max_length", cfg.model.max_length),
+                       ("tokenize.max_length", cfg.tokenize.max_length),
+                       ("tokenize.num_shards", cfg.tokenize.num_shards),
+                       ("tokenize.keep_versions", cfg.tokenize.keep_versions)):
+        _positive(value, key)
+    for key, value in (("dedupe.bronze_version", cfg.dedupe.bronze_version),
+                       ("tokenize.silver_version", cfg.tokenize.silver_version)):
+        _positive(value, key, minimum=0)
+    d = cfg.dedupe
+    if not (math.isfinite(d.threshold) and 0 < d.threshold < 1):
+        raise ConfigError(f"dedupe.threshold: must lie strictly between 0 and 1 (a Jaccard similarity), "
+                          f"got {d.threshold!r}")
+    for key, value in (("dedupe.false_positive_weight", d.false_positive_weight),
+                       ("dedupe.false_negative_weight", d.false_negative_weight)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{key}: must be a finite number >= 0, got {value!r}")
+    if d.false_positive_weight + d.false_negative_weight <= 0:
+        raise ConfigError("dedupe.false_positive_weight + dedupe.false_negative_weight: must be > 0")
+    try:
+        parse_test_size(cfg.tokenize.test_size)
+    except ValueError as exc:
+        raise ConfigError(f"tokenize.test_size: {exc}") from None
+
+
+def _one_of(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _at_least(key: str, value, low, *, strict: bool = False) -> None:
+    if value is not None and (value <= low if strict else value < low):
+        raise ConfigError(f"{key}: {value!r} must be {'>' if strict else '>='} {low}")
+
+
+def validate_train(t: TrainConfig) -> None:
+    """Range checks of the ``train:`` section; each error names its key."""
+    _one_of("train.launcher", t.launcher, TRAIN_LAUNCHERS)
+    _one_of("train.method", t.method, TRAIN_METHODS)
+    _one_of("train.lora_save", t.lora_save, ("merged", "adapter", "both"))
+    _one_of("train.lr_scheduler", t.lr_scheduler, ("constant", "cosine"))
+    _one_of("train.warmup_type", t.warmup_type, ("log", "linear"))
+    _one_of("train.precision", t.precision, ("auto", "bf16", "fp16", "fp32"))
+    _one_of("train.progress", t.progress, ("auto", "bar", "log"))
+    if t.zero_stage is not None:
+        _one_of("train.zero_stage", t.zero_stage, (0, 1, 2, 3))
+    if not t.deepspeed:
+        raise ConfigError("train.deepspeed: empty; use auto, a preset "
+                          f"({', '.join(DEEPSPEED_PRESETS[1:])}) or a path to a DeepSpeed JSON file")
+    for key in ("processes", "max_steps", "batch_tokens", "eval_batch_size", "warmup_steps", "keep_checkpoints"):
+        _at_least(f"train.{key}", getattr(t, key), 0)
+    for key in ("epochs", "batch_size", "grad_accum", "group_size", "pad_to_multiple_of", "eval_steps",
+                "save_steps", "log_steps", "lora_r", "timeout_minutes"):
+        _at_least(f"train.{key}", getattr(t, key), 1)
+    for key in ("learning_rate", "lora_alpha", "adam_eps"):
+        _at_least(f"train.{key}", getattr(t, key), 0, strict=True)
+    for key in ("weight_decay", "gradient_clipping"):
+        _at_least(f"train.{key}", getattr(t, key), 0)
+    for key in ("lora_dropout", "adam_beta1", "adam_beta2", "min_lr_ratio"):
+        v = getattr(t, key)
+        if not 0 <= v < 1 and not (key == "min_lr_ratio" and v == 1):
+            raise ConfigError(f"train.{key}: {v!r} must be in [0, 1)")
+    if t.method == "lora" and not t.lora_target_modules:
+        raise ConfigError("train.lora_target_modules: empty; LoRA needs at least one module name")
