@@ -98,7 +98,7 @@ def show_config(argv: list[str]) -> int:
     args = job_parser(f"dollyflow config {job}", "config").parse_args(rest)
     try:
         if args.describe:
-            print(describe(job or "pipeline", conf=args.conf, preset=args.preset, env=args.env), end="")
+            print(describe(job, conf=args.conf), end="")
             return 0
         cfg = load_config(job, args.overrides, preset=args.preset, env=args.env, conf=args.conf)
     except ConfigError as exc:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from dollyflow import cli
-from dollyflow.config import load_config
+from dollyflow.config import load_defaults
 from dollyflow.jobs import ORDER, installed, job_module
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,9 +34,11 @@ def test_config_describe_documents_every_key_with_its_default():
     done = _run("config", "train", "--describe")
     assert done.returncode == 0, done.stderr
     described = yaml.safe_load(done.stdout)
-    resolved = load_config("train").to_dict()
-    assert described["train"] == resolved["train"] and described["model"] == resolved["model"]
-    assert done.stdout.count("#") >= len(resolved["train"])    # a comment per key at least
+    defaults = load_defaults("train").to_dict()
+    assert described["train"] == defaults["train"] and described["model"] == defaults["model"]
+    assert done.stdout.count("#") >= len(defaults["train"])    # a comment per key at least
+    bad = _run("config", "bogus", "--describe")
+    assert bad.returncode == 2 and "unknown job 'bogus'" in bad.stderr
 
 
 def test_every_job_has_its_console_script_and_no_main():
