@@ -75,7 +75,7 @@ def split_version(cfg: Config, store, info: dict | None) -> tuple[int, dict, lis
 
 def read_input(cfg: Config, spark, store, info: dict | None = None):
     """The rows to score (a DataFrame), a description of where they came from, and warnings.
-    ``info``: the model's provenance (:func:`dollyflow.core.model.model_info`)."""
+    ``info``: the model's provenance (:func:`dollyflow.core.models.files.model_info`)."""
     from pyspark.sql import functions as F
 
     from dollyflow.engine.query import run_query
@@ -141,7 +141,7 @@ def run(cfg: Config, spark) -> dict:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    from dollyflow.core.model import model_info
+    from dollyflow.core.models.files import model_info
     from dollyflow.engine.delta import DeltaStore
     from dollyflow.engine.infer import generate_udf, load_accumulator, resolve_spec, summarize_counts
 
