@@ -16,6 +16,7 @@ from dollyflow.core.generation.params import (ERROR_EMPTY_INSTRUCTION, FINISH_ER
 from dollyflow.core.models.device import pick_device, pick_dtype  # noqa: E402
 from dollyflow.core.models.loading import check_dolly_tokenizer, load_for_generation, stop_token_ids  # noqa: E402
 from dollyflow.core.prompt import END_KEY, format_inference_prompt  # noqa: E402
+from dollyflow.core.tokens import load_tokenizer  # noqa: E402
 
 MEMORISED = (1, 3)   # conftest DOLLY_FIXTURE_RECORDS
 
@@ -170,8 +171,6 @@ def test_bad_rows_get_errors_and_the_others_their_answers(loaded, dolly_records)
 def test_an_exception_in_one_row_does_not_sink_its_batch(loaded, dolly_records, tokenizer_path):
     """A token the model has no embedding row for raises (a real IndexError from torch) for that
     row only: the batch is retried row by row and the other rows get their answers."""
-    from dollyflow.core.tokens import load_tokenizer
-
     model, _ = loaded
     tok = load_tokenizer(tokenizer_path)
     tok.add_tokens(["<unseen-token>"])                     # id == the model's vocab size
