@@ -23,7 +23,7 @@ CPU mode (default):
   one prompt, ``model.generate(input_ids, attention_mask, pad_token_id=eos,
   eos_token_id=<### End id>, max_new_tokens, do_sample=False)``, find the ``### Response:`` token
   and ``### End`` in the sequence and decode between them -- one prompt per call, in order.
-- **core**: :class:`dollyflow.core.generate.Generator` over the same prompts, in windows of
+- **core**: :class:`dollyflow.core.generation.generator.Generator` over the same prompts, in windows of
   ``window_rows`` (as the UDF does), one process using every core (torch's default threads).
 - **job**: ``dollyflow.jobs.infer.run`` on local Spark (``local[<cores>]``: one task and one
   Python worker per core, one torch thread each) over the same prompts from a temp view, mode
@@ -159,7 +159,8 @@ def dolly_style(model, tok, rows, max_new_tokens: int) -> dict:
 
 
 def core(model, tok, rows, max_new_tokens: int, window: int, batch_tokens: int, max_batch_size: int) -> dict:
-    from dollyflow.core.generate import GenerationParams, Generator
+    from dollyflow.core.generation.generator import Generator
+    from dollyflow.core.generation.params import GenerationParams
 
     g = Generator(model, tok, GenerationParams(max_new_tokens=max_new_tokens), batch_tokens=batch_tokens,
                   max_batch_size=max_batch_size)
@@ -198,7 +199,7 @@ def core_cold(model_dir: Path, n_prompts: int, max_new_tokens: int, window: int,
 
 def _cold_core_child(args) -> int:
     t0 = time.perf_counter()
-    from dollyflow.core.model import load_for_generation
+    from dollyflow.core.models.loading import load_for_generation
 
     model, tok = load_for_generation(args.cold_core_child)
     load = time.perf_counter() - t0
@@ -270,7 +271,7 @@ def cpu(args) -> dict:
     import torch
 
     from dollyflow.testing.fixtures import tiny_dolly_model
-    from dollyflow.core.model import load_for_generation
+    from dollyflow.core.models.loading import load_for_generation
 
     workdir = Path(args.workdir)
     model_dir = workdir / "model"

@@ -157,7 +157,7 @@ def spark():
 def tiny_model_factory():
     """tiny_model_factory(vocab_size, **kw) -> a random-weight GPTNeoXForCausalLM (pythia layout)."""
     pytest.importorskip("transformers")
-    from dollyflow.core.model import tiny_gpt_neox
+    from dollyflow.core.models.build import tiny_gpt_neox
     return tiny_gpt_neox
 
 

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("deepspeed")
 
 from dollyflow.config import load_config  # noqa: E402
-from dollyflow.core.model import tiny_gpt_neox  # noqa: E402
+from dollyflow.core.models.build import tiny_gpt_neox  # noqa: E402
 from dollyflow.core.tokens import load_tokenizer  # noqa: E402
 from dollyflow.core.training import batching  # noqa: E402
 from dollyflow.core.training.data import build_shard_dir, split_records  # noqa: E402

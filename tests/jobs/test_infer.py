@@ -12,8 +12,10 @@ import pytest
 
 pytest.importorskip("torch")
 
-from dollyflow.core.generate import FINISH_ERROR, FINISH_STOP, GenerationParams, Generator  # noqa: E402
-from dollyflow.core.model import load_for_generation, model_digest  # noqa: E402
+from dollyflow.core.generation.generator import Generator  # noqa: E402
+from dollyflow.core.generation.params import FINISH_ERROR, FINISH_STOP, GenerationParams  # noqa: E402
+from dollyflow.core.models.files import model_digest  # noqa: E402
+from dollyflow.core.models.loading import load_for_generation  # noqa: E402
 from dollyflow.core.records import record_id  # noqa: E402
 
 pytestmark = pytest.mark.spark
@@ -362,7 +364,7 @@ def test_credentials_in_a_model_uri_never_reach_predictions_or_the_summary(spark
     import tempfile
 
     from dollyflow.config import load_config, redact_uri
-    from dollyflow.core.model import CACHE_ENV
+    from dollyflow.core.models.cache import CACHE_ENV
     from dollyflow.core.storage import upload_dir
     from dollyflow.jobs import infer
 

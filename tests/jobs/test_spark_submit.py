@@ -65,8 +65,9 @@ def test_ingest_dedupe_infer_through_spark_submit(tmp_path, sample_path, dolly_m
     assert len(predictions) == 6 and {p["run_id"] for p in predictions} == {"submit-infer"}
     # the rows scored are the first 6 silver record_ids, answered as the engine-free core answers them
     assert sorted(p["record_id"] for p in predictions) == sorted(r["record_id"] for r in silver)[:6]
-    from dollyflow.core.generate import GenerationParams, Generator
-    from dollyflow.core.model import load_for_generation
+    from dollyflow.core.generation.generator import Generator
+    from dollyflow.core.generation.params import GenerationParams
+    from dollyflow.core.models.loading import load_for_generation
     model, tok = load_for_generation(str(dolly_model_dir))
     want = Generator(model, tok, GenerationParams(max_new_tokens=16)).generate(
         [p["instruction"] for p in predictions], [p["context"] for p in predictions])

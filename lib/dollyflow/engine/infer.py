@@ -16,12 +16,12 @@ Why an iterator pandas UDF and not ``pyspark.ml.functions.predict_batch_udf``:
 
 - the model cache: predict_batch_udf keys its per-worker cache by a uuid made at each
   ``predict_batch_udf`` call, so every registration (each job run, each SQL session) loads the
-  model again; ours is keyed by (model sha, device, dtype) in :func:`dollyflow.core.generate.cached`
+  model again; ours is keyed by (model sha, device, dtype) in :func:`dollyflow.core.generation.worker_cache.cached`
   and survives re-registration for as long as Spark keeps the Python worker;
 - the result: predict_batch_udf's struct results take only numeric/string/array fields and fail
   on None inside a list of dicts; ours returns nulls (``error`` is null on success) freely;
 - batching: predict_batch_udf cuts fixed row counts; we buffer ``window_rows`` rows, sort them
-  by length and batch them by a token budget (:mod:`dollyflow.core.generate`);
+  by length and batch them by a token budget (:mod:`dollyflow.core.generation`);
 - one UDF that takes one, two or three arguments (SQL forms) and counts its model loads.
 
 The model is loaded lazily by the first window a Python worker sees, once per worker (Spark
@@ -30,7 +30,7 @@ when Spark assigned one (``TaskContext.resources()["gpu"]``), else the first CUD
 the CPU. Workers read a directory source where the driver found it (a shared path such as
 ``/dbfs`` or ``/Volumes`` on clusters) and fetch a remote one by the immutable identity the
 driver resolved (the MLflow model version, the hub commit, the directory listing), once per
-machine, into the private model cache (:func:`dollyflow.core.model.model_cache_root`), or use
+machine, into the private model cache (:func:`dollyflow.core.models.cache.model_cache_root`), or use
 the driver's complete copy where they see it (the driver's machine). Before a
 worker loads a model it hashes the weight files it is about to load (sha256, once per model and
 Python worker, not per batch) and refuses them, naming both digests and the path, when they are
@@ -45,8 +45,15 @@ from typing import Iterator, Tuple
 
 import pandas as pd
 
-from dollyflow.core.generate import GenerationParams
-from dollyflow.core.model import ModelSource
+from dollyflow.core.generation.generator import Generator
+from dollyflow.core.generation.params import GenerationParams
+from dollyflow.core.generation.worker_cache import cached
+from dollyflow.core.models.cache import cache_entry, fetched_copy
+from dollyflow.core.models.device import pick_device, pick_dtype
+from dollyflow.core.models.fetch import fetch_model
+from dollyflow.core.models.files import model_digest
+from dollyflow.core.models.loading import load_for_generation
+from dollyflow.core.models.sources import ModelSource, locate_model
 
 RESULT_FIELDS = (("response", "string"), ("finish_reason", "string"), ("prompt_tokens", "int"),
                  ("completion_tokens", "int"), ("error", "string"), ("trimmed_context_tokens", "int"))
@@ -72,8 +79,6 @@ def resolve_spec(infer_cfg) -> InferSpec:
     """On the driver: resolve the model source to an immutable identity, find the model there
     (downloading a remote one), hash its weights and freeze the generation parameters of
     ``cfg.infer``."""
-    from dollyflow.core.model import cache_entry, fetch_model, locate_model, model_digest
-
     source = str(infer_cfg.model or "")
     if not source:
         raise ValueError("infer.model is empty: set it to the train job's output directory, an MLflow model "
@@ -111,8 +116,6 @@ def worker_model_dir(spec: InferSpec) -> str:
     cache of this user, else the source fetched by its pinned identity into this machine's
     cache), after checking that its weights hash to the driver's digest (the full sha256 of
     every weight file, so a stale copy of the same architecture and size is refused too)."""
-    from dollyflow.core.model import fetch_model, fetched_copy, model_digest
-
     model_dir = fetched_copy(spec.source, spec.cache_entry, spec.model_dir) or fetch_model(spec.source)
     found = model_digest(model_dir)
     if found != spec.digest:
@@ -125,10 +128,8 @@ def worker_model_dir(spec: InferSpec) -> str:
 
 def worker_generator(spec: InferSpec):
     """(Generator, model loaded now?) for this Python worker. The model and tokenizer are loaded
-    once per (weights, device, dtype) and kept by :func:`dollyflow.core.generate.cached`; the
+    once per (weights, device, dtype) and kept by :func:`dollyflow.core.generation.worker_cache.cached`; the
     Generator around them (parameters, batching) is cheap and made per call."""
-    from dollyflow.core.generate import Generator, cached
-    from dollyflow.core.model import load_for_generation, pick_device, pick_dtype
     from dollyflow.core.tokens import set_single_thread
 
     set_single_thread()

@@ -38,6 +38,7 @@ import sys
 import time
 
 from dollyflow.config import Config, redact, redact_uri
+from dollyflow.core.models.files import model_info
 from dollyflow.engine.delta import DeltaStore
 from dollyflow.engine.infer import generate_udf, load_accumulator, resolve_spec, summarize_counts
 from dollyflow.engine.query import check_query, run_query
@@ -78,7 +79,7 @@ def split_version(cfg: Config, store, info: dict | None) -> tuple[int, dict, lis
 
 def read_input(cfg: Config, spark, store, info: dict | None = None):
     """The rows to score (a DataFrame), a description of where they came from, and warnings.
-    ``info``: the model's provenance (:func:`dollyflow.core.model.model_info`)."""
+    ``info``: the model's provenance (:func:`dollyflow.core.models.files.model_info`)."""
     from pyspark.sql import functions as F
 
     inf, t = cfg.infer, cfg.tables
@@ -141,8 +142,6 @@ def _partitions(spark, configured: int) -> int:
 def run(cfg: Config, spark) -> dict:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
-
-    from dollyflow.core.model import model_info
 
     t0 = time.time()
     inf, t = cfg.infer, cfg.tables

@@ -47,7 +47,7 @@ def tiny_dolly_model(out_dir: str | Path, tokenizer_path: str | Path, records: S
     ``batch_size``: records per step (shuffled, seeded); None: all of them every step."""
     import torch
 
-    from dollyflow.core.model import tiny_gpt_neox
+    from dollyflow.core.models.build import tiny_gpt_neox
     from dollyflow.core.tokens import IGNORE_INDEX, load_tokenizer
 
     tok = load_tokenizer(str(tokenizer_path))

@@ -132,7 +132,7 @@ class _Progress:
 
 def _model_config(name: str, vocab_size: int, max_length: int):
     if name == "tiny-gpt-neox":
-        from dollyflow.core.model import tiny_gpt_neox
+        from dollyflow.core.models.build import tiny_gpt_neox
         return tiny_gpt_neox(vocab_size, max_position_embeddings=max_length).config
     from transformers import AutoConfig
     return AutoConfig.from_pretrained(name, trust_remote_code=False)

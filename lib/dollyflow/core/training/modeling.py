@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dollyflow.core.models.build import load_model
 from dollyflow.core.tokens import IGNORE_INDEX
 
 #: Model types whose causal-LM forward is ``head(body(ids).last_hidden_state)``: for them the head
@@ -36,15 +37,7 @@ def build_model(name: str, vocab_size: int, *, max_length: int, precision: str =
     """The base causal LM, embeddings resized to ``vocab_size`` (the shard tokenizer's length).
     Under ZeRO-3 call it after creating ``transformers.integrations.HfDeepSpeedConfig`` so the
     checkpoint loads partitioned."""
-    if name == "tiny-gpt-neox":
-        from dollyflow.core.model import tiny_gpt_neox
-        model = tiny_gpt_neox(vocab_size, max_position_embeddings=max_length)
-    else:
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(name, use_safetensors=True, trust_remote_code=False,
-                                                     dtype=TORCH_DTYPES[precision])
-        if model.get_input_embeddings().num_embeddings != vocab_size:
-            model.resize_token_embeddings(vocab_size)
+    model = load_model(name, vocab_size, max_length=max_length, dtype=TORCH_DTYPES[precision])
     model.config.use_cache = False
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -171,7 +171,7 @@ def finish_model_dir(output_dir: str, tokenizer, provenance: dict, foreign: set[
     listing in ``files`` every file of the directory but ``foreign`` ones (a user's, there
     before the run) and those under ``skip_dirs`` (checkpoints have markers of their own).
     The one writer of these files for the train job and the test/bench fixture
-    (:mod:`dollyflow.core.fixtures`), so that whatever the infer job is tested on has the train
+    (:mod:`dollyflow.testing.fixtures`), so that whatever the infer job is tested on has the train
     job's layout."""
     tokenizer.save_pretrained(output_dir)
     generation_config(tokenizer).save_pretrained(output_dir)

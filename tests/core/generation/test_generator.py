@@ -1,35 +1,24 @@
-"""The engine-free generation core: Dolly prompts, the batched decode loop, stopping, sampling
-seeds, bad rows, model loading. A tiny GPT-NeoX trained to answer two sample records (conftest
-``dolly_model_dir``), fp32 on CPU."""
+"""The batched generator: Dolly prompts, the decode loop with continuous batching, stopping,
+sampling seeds across batches, bad rows. A tiny GPT-NeoX trained to answer two sample records
+(conftest ``dolly_model_dir``), fp32 on CPU."""
 from __future__ import annotations
 
-import json
 import shutil
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from dollyflow.core.generate import (ERROR_EMPTY_INSTRUCTION, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP,  # noqa: E402
-                                     GenerationParams, Generator, cached, loads, next_tokens,
-                                     row_generators, row_seed)
-from dollyflow.core.model import (check_dolly_tokenizer, load_for_generation, model_digest,  # noqa: E402
-                                  resolve_model_dir, source_kind, stop_token_ids, weight_files)
+from dollyflow.core.generation.batch import Prompt  # noqa: E402
+from dollyflow.core.generation.generator import Generator  # noqa: E402
+from dollyflow.core.generation.params import (ERROR_EMPTY_INSTRUCTION, FINISH_ERROR, FINISH_LENGTH,  # noqa: E402
+                                              FINISH_STOP, GenerationParams)
+from dollyflow.core.models.device import pick_device, pick_dtype  # noqa: E402
+from dollyflow.core.models.loading import check_dolly_tokenizer, load_for_generation, stop_token_ids  # noqa: E402
 from dollyflow.core.prompt import END_KEY, format_inference_prompt  # noqa: E402
+from dollyflow.core.tokens import load_tokenizer  # noqa: E402
 
 MEMORISED = (1, 3)   # conftest DOLLY_FIXTURE_RECORDS
-
-
-@pytest.fixture(scope="module")
-def loaded(dolly_model_dir):
-    return load_for_generation(str(dolly_model_dir))
-
-
-@pytest.fixture(scope="module")
-def rows(dolly_records):
-    """24 sample rows: short and long prompts, with and without context."""
-    return dolly_records[:24]
 
 
 def gen(loaded, **kw):
@@ -65,7 +54,7 @@ def test_greedy_equals_transformers_generate_whatever_the_batch(loaded, rows):
     """The hand-written loop (left padding, position ids, KV cache, rows leaving the batch, rows
     joining a running batch) gives exactly transformers' greedy tokens, in one batch, one row at
     a time, or five rows at a time with refills; through the GPT-NeoX decode step
-    (core/neox.py) and through the model's own forward."""
+    (neox_step.py) and through the model's own forward."""
     runs = {}
     for fast in (True, False):
         g = gen(loaded, max_new_tokens=12, fast=fast)
@@ -81,54 +70,6 @@ def test_greedy_equals_transformers_generate_whatever_the_batch(loaded, rows):
         ref = hf_greedy(loaded, g.stop_ids, r["instruction"], r["context"], 12)
         assert all(side[i].token_ids == ref for sides in runs.values() for side in sides)
     assert any(a.finish_reason == FINISH_STOP for a in runs[True][0])
-
-
-def test_neox_step_equals_the_model_forward_on_a_padded_batch(loaded):
-    """The hand-written GPT-NeoX decode step on a batch of rows right-aligned at different
-    columns (grouped attention), for some rows only (finished ones skipped), gives the logits
-    of the model's forward."""
-    from dollyflow.core import neox
-    from dollyflow.core.generate import new_cache
-
-    model, _ = loaded
-    assert neox.supports(model)
-    lengths = [40, 38, 9, 7, 25, 3]
-    width = max(lengths)
-    torch.manual_seed(0)
-    ids = torch.randint(10, 500, (len(lengths), width))
-    mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths])
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    step = neox.NeoXStep(model)
-    with torch.inference_mode():
-        caches = [new_cache(model, reserve=4) for _ in range(2)]
-        for cache in caches:
-            model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
-        new = torch.tensor([11, 12, 13, 14, 15, 16])
-        mask2 = torch.cat([mask, mask.new_ones((len(lengths), 1))], -1)
-        want = model(input_ids=new[:, None], attention_mask=mask2, position_ids=pos[:, -1:] + 1, cache=caches[0],
-                     use_cache=True).logits[:, -1]
-        starts = (mask2 != 0).int().argmax(dim=1).tolist()
-        live = [True, True, False, True, True, True]
-        groups = neox.attention_groups(starts, live, width + 1)
-        assert groups == [(0, 2, 0, True), (3, 6, 15, True)]     # finished row 2 attends to nothing
-        rows = torch.tensor([j for j, alive in enumerate(live) if alive])
-        got = step(new, pos[:, -1] + 1, caches[1], mask2, groups, rows)
-    assert got.shape == (5, want.shape[-1])
-    assert torch.allclose(got, want[rows], atol=1e-4)
-    assert torch.equal(got.argmax(-1), want[rows].argmax(-1))
-
-
-def test_attention_groups_trade_padding_against_calls():
-    from dollyflow.core.neox import GROUP_COST_COLUMNS, attention_groups
-
-    # equal starts: one group, no mask; finished rows split runs and are left out
-    assert attention_groups([5, 5, 5], [True] * 3, 100) == [(0, 3, 5, False)]
-    assert attention_groups([5, 5, 5, 5], [True, False, True, True], 100) == [(0, 1, 5, False), (2, 4, 5, False)]
-    # a short row beside long ones: its own group when the padding saved exceeds a call's cost
-    far = 1000 - GROUP_COST_COLUMNS // 2
-    assert attention_groups([0, 0, 0, 0, far], [True] * 5, 1000) == [(0, 4, 0, False), (4, 5, far, False)]
-    assert attention_groups([0, 0, 0, 0, 200], [True] * 5, 1000) == [(0, 5, 0, True)]
-    assert attention_groups([0, 0, 3], [True] * 3, 100) == [(0, 3, 0, True)]   # a little padding: masked
 
 
 def test_stops_at_end_and_extracts_the_response(loaded, dolly_records):
@@ -163,66 +104,11 @@ def test_rows_finish_independently_and_batches_respect_the_token_budget(loaded, 
     assert len(set(lengths)) > 1   # rows really finished at different steps in one batch
 
 
-def test_preallocated_cache_with_rows_leaving_and_padding_dropped(loaded):
-    """The loop's KV cache: a long row leaves the batch, the short row's left padding is dropped,
-    and its next logits equal those of the short row run alone."""
-    from dollyflow.core.generate import _drop_left_padding, new_cache
-
-    model, _ = loaded
-    long_ids, short_ids = list(range(100, 130)), list(range(200, 210))
-    ids = torch.tensor([long_ids, [0] * 20 + short_ids])
-    mask = torch.tensor([[1] * 30, [0] * 20 + [1] * 10])
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.inference_mode():
-        cache = new_cache(model, reserve=4)
-        assert type(cache.layers[0]).__name__ == "PreallocatedLayer"
-        model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
-        cache.batch_select_indices(torch.tensor([1]))
-        mask = _drop_left_padding(cache, mask[[1]])
-        assert mask.shape == (1, 10) and cache.get_seq_length() == 10
-        mask = torch.cat([mask, mask.new_ones((1, 1))], -1)
-        step = model(input_ids=torch.tensor([[7]]), attention_mask=mask, position_ids=torch.tensor([[10]]),
-                     cache=cache, use_cache=True).logits[0, -1]
-        alone = model(input_ids=torch.tensor([short_ids + [7]])).logits[0, -1]
-    assert torch.allclose(step, alone, atol=1e-4)
-
-
-def test_preallocated_cache_keeps_rows_in_place_and_merges_kept_rows():
-    """Dropping finished rows moves the kept ones up inside the buffer (any subset, overlapping
-    moves included); a merge takes the kept rows and drops the columns padding in all of them."""
-    import random
-
-    from dollyflow.core.generate import _preallocated_layer_class
-    layer_class = _preallocated_layer_class()
-    rng = random.Random(0)
-    for _ in range(200):
-        b, n = rng.randint(1, 12), rng.randint(1, 6)
-        layer = layer_class(3)
-        k, v = torch.randn(b, 2, n, 4), torch.randn(b, 2, n, 4)
-        layer.update(k, v)
-        buffer = layer._k.data_ptr()
-        keep = sorted(rng.sample(range(b), rng.randint(1, b)))
-        layer.batch_select_indices(torch.tensor(keep))
-        assert torch.equal(layer.keys, k[keep]) and torch.equal(layer.values, v[keep])
-        assert layer._k.data_ptr() == buffer                       # in place
-        step = torch.randn(len(keep), 2, 1, 4)
-        layer.update(step, step)
-        assert torch.equal(layer.keys[:, :, -1:], step)
-    # merge: rows 0 and 2 of a 3-row cache whose first column is padding for both
-    a, other = layer_class(2), layer_class(2)
-    a.update(torch.arange(3 * 4.0).view(3, 1, 4, 1), torch.zeros(3, 1, 4, 1))
-    other.update(torch.full((1, 1, 2, 1), -1.0), torch.zeros(1, 1, 2, 1))
-    a.merge(other, width=3, reserve=2, keep=[0, 2], first=1)
-    assert a.keys[:, 0, :, 0].tolist() == [[1, 2, 3], [9, 10, 11], [0, -1, -1]]
-    assert a._k.shape[2] == 5
-
-
 def test_admission_respects_the_token_budget(loaded):
     from collections import deque
 
-    from dollyflow.core.generate import _Prompt
     g = gen(loaded, max_new_tokens=20, batch_tokens=400, max_batch_size=3)
-    queue = deque(_Prompt(i, [1] * n, 0) for i, n in enumerate([300, 200, 50, 40, 10, 5]))
+    queue = deque(Prompt(i, [1] * n, 0) for i, n in enumerate([300, 200, 50, 40, 10, 5]))
     assert [p.index for p in g._admit(queue, 0, 0)] == [0]          # 320 tokens: alone
     assert [p.index for p in g._admit(queue, 0, 0)] == [1]          # 2 x 220 > 400
     assert [p.index for p in g._admit(queue, 0, 0)] == [2, 3, 4]    # 3 x 70 <= 400, at most 3 rows
@@ -251,30 +137,6 @@ def test_sampling_filters_reduce_to_greedy_at_their_limits(loaded, rows):
     top1 = run(gen(loaded, max_new_tokens=8, do_sample=True, top_k=1, top_p=1.0), rows[:6])
     tiny_p = run(gen(loaded, max_new_tokens=8, do_sample=True, top_p=1e-6), rows[:6])
     assert [x.token_ids for x in top1] == greedy == [x.token_ids for x in tiny_p]
-
-
-def test_sampling_follows_the_filtered_distribution():
-    """Gumbel-max sampling draws from softmax(logits / T) restricted by top_k / top_p."""
-    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
-    n = 6000
-
-    def freq(**kw):
-        toks = next_tokens(logits.repeat(n, 1), GenerationParams(do_sample=True, **kw), row_generators(range(n), "cpu"))
-        return np.bincount(toks.numpy(), minlength=5) / n
-
-    def close(got, want):
-        return np.abs(got - np.asarray(want)).max() < 0.025
-
-    p = torch.softmax(logits, -1).numpy()
-    assert close(freq(top_p=1.0), p)
-    assert close(freq(top_p=1.0, temperature=0.5), torch.softmax(logits / 0.5, -1).numpy())
-    assert close(freq(top_p=1.0, top_k=2), np.r_[p[:2] / p[:2].sum(), 0, 0, 0])
-    # top_p keeps the best tokens until their mass reaches top_p: p = [.53, .20, .12, .07, .03]
-    keep = np.cumsum(p) - p < 0.6
-    assert keep.tolist() == [True, True, False, False, False]
-    assert close(freq(top_p=0.6), np.where(keep, p, 0) / p[keep].sum())
-    assert row_seed(42, "a", "b") == row_seed(42, "a", "b") != row_seed(43, "a", "b")
-    assert 0 <= row_seed(1, "x", None) < 2**63
 
 
 def test_bad_rows_get_errors_and_the_others_their_answers(loaded, dolly_records):
@@ -309,8 +171,6 @@ def test_bad_rows_get_errors_and_the_others_their_answers(loaded, dolly_records)
 def test_an_exception_in_one_row_does_not_sink_its_batch(loaded, dolly_records, tokenizer_path):
     """A token the model has no embedding row for raises (a real IndexError from torch) for that
     row only: the batch is retried row by row and the other rows get their answers."""
-    from dollyflow.core.tokens import load_tokenizer
-
     model, _ = loaded
     tok = load_tokenizer(tokenizer_path)
     tok.add_tokens(["<unseen-token>"])                     # id == the model's vocab size
@@ -350,100 +210,13 @@ def test_non_finite_logits_are_a_row_error(loaded, dolly_records, dolly_model_di
     assert out[0].finish_reason == FINISH_STOP and out[0].response == good["response"].strip()
 
 
-def test_params_identity_and_validation():
-    a = GenerationParams()
-    assert a.to_dict() == {"max_new_tokens": 256, "do_sample": False}   # greedy ignores sampling knobs
-    assert GenerationParams(top_p=0.5).digest() == a.digest()
-    s = GenerationParams(do_sample=True)
-    assert json.loads(s.to_json()) == {"max_new_tokens": 256, "do_sample": True, "temperature": 1.0,
-                                       "top_p": 0.92, "top_k": 0, "seed": 42}
-    assert s.digest() != a.digest() != GenerationParams(max_new_tokens=10).digest()
-    for bad in (dict(max_new_tokens=0), dict(do_sample=True, temperature=0), dict(do_sample=True, top_p=0),
-                dict(do_sample=True, top_k=-1)):
-        with pytest.raises(ValueError):
-            GenerationParams(**bad)
-
-
 def test_max_new_tokens_must_leave_room_for_a_prompt(loaded):
     with pytest.raises(ValueError, match="no room"):
         gen(loaded, max_new_tokens=512)          # the tiny model has 512 positions
 
 
-def test_model_sources_digest_and_safetensors_only(dolly_model_dir, tmp_path):
-    d = str(dolly_model_dir)
-    assert source_kind(d) == "dir" and resolve_model_dir(d) == d
-    assert source_kind("EleutherAI/pythia-410m") == "hub"
-    assert source_kind("runs:/abc/model") == "mlflow" and source_kind("s3://b/m") == "uri"
-    with pytest.raises(FileNotFoundError):
-        source_kind(str(tmp_path / "missing" / "model"))
-    digest = model_digest(d)
-    assert len(digest) == 64 and model_digest(d) == digest
-    copy = tmp_path / "copy"
-    shutil.copytree(dolly_model_dir, copy)
-    assert model_digest(str(copy)) == digest            # content, not location
-    (copy / "model.safetensors").write_bytes((copy / "model.safetensors").read_bytes()[:-1] + b"\x00")
-    assert model_digest(str(copy)) != digest
-    pickled = tmp_path / "pickled"
-    pickled.mkdir()
-    (pickled / "config.json").write_text("{}")
-    (pickled / "pytorch_model.bin").write_bytes(b"x")
-    with pytest.raises(FileNotFoundError, match="safetensors"):
-        weight_files(str(pickled))
-
-
-def test_file_uri_sources_are_fetched_once_per_machine(dolly_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("DOLLYFLOW_MODEL_CACHE", str(tmp_path / "cache"))
-    uri = f"file://{dolly_model_dir}"
-    local = resolve_model_dir(uri)
-    assert local.startswith(str(tmp_path / "cache")) and model_digest(local) == model_digest(str(dolly_model_dir))
-    mtime = (tmp_path / "cache").stat().st_mtime_ns
-    assert resolve_model_dir(uri) == local and (tmp_path / "cache").stat().st_mtime_ns == mtime
-
-
-def test_a_tokenizer_without_dolly_tokens_is_refused(tokenizer_path):
-    from dollyflow.core.tokens import load_tokenizer
-    with pytest.raises(ValueError, match="special tokens"):
-        check_dolly_tokenizer(load_tokenizer(tokenizer_path, dolly_tokens=False))
-
-
-def test_the_model_cache_loads_once_per_key():
-    before = loads()
-    built = []
-
-    def load():
-        built.append(1)
-        return ("model", "tokenizer")
-    key = ("test-digest", "cpu", "float32", object())
-    assert cached(key, load) == (("model", "tokenizer"), True)
-    assert cached(key, load) == (("model", "tokenizer"), False)
-    assert len(built) == 1 and loads() == before + 1
-
-
-@pytest.mark.slow
-def test_mlflow_run_uri_loads_the_logged_directory(dolly_model_dir, tmp_path, monkeypatch):
-    mlflow = pytest.importorskip("mlflow")
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    monkeypatch.setenv("DOLLYFLOW_MODEL_CACHE", str(tmp_path / "cache"))
-    # set_tracking_uri also exports MLFLOW_TRACKING_URI: undo both, or the train job of a later
-    # test in this process would track into this test's store
-    tracking = f"file://{tmp_path / 'mlruns'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)   # the original value comes back at teardown
-    mlflow.set_tracking_uri(tracking)
-    try:
-        with mlflow.start_run() as active:
-            mlflow.log_artifacts(str(dolly_model_dir), artifact_path="model")
-        uri = f"runs:/{active.info.run_id}/model"
-        local = resolve_model_dir(uri)
-    finally:
-        mlflow.set_tracking_uri(None)
-    assert model_digest(local) == model_digest(str(dolly_model_dir))
-    model, tok = load_for_generation(local)
-    assert len(tok) == model.get_input_embeddings().num_embeddings
-
-
 @pytest.mark.gpu
 def test_gpu_bf16_generation(dolly_model_dir, dolly_records):
-    from dollyflow.core.model import pick_device, pick_dtype
     device = pick_device("auto")
     assert device.startswith("cuda")
     model, tok = load_for_generation(str(dolly_model_dir), device=device, dtype="auto")

@@ -1,7 +1,7 @@
 """A hand-written GPT-NeoX decode step for the generation core (engine-free).
 
 The generation loop's decode step is one new token per running row on top of the preallocated KV
-cache (:func:`dollyflow.core.generate.new_cache`). Through transformers' forward every row
+cache (:func:`dollyflow.core.generation.kv_cache.new_cache`). Through transformers' forward every row
 attends over the whole padded cache width, and every row goes through the 50k-vocabulary output
 projection. The batch holds rows of very different lengths (prompts sorted longest first, rows
 joining a running batch right-aligned on its width), so on the bench's prompts ~70% of the keys
@@ -65,7 +65,7 @@ class NeoXStep:
     the batch rows ``rows`` (a LongTensor of row indices, None: all) in that order.
 
     ``tokens``, ``positions``: (batch,) the new token and its position id per row; ``cache``: a
-    :func:`~dollyflow.core.generate.new_cache` cache (its layers take the new keys and values in
+    :func:`~dollyflow.core.generation.kv_cache.new_cache` cache (its layers take the new keys and values in
     place); ``mask``: (batch, cache length + 1) the attention mask, this step's column included;
     ``groups``: :func:`attention_groups` of its rows.
     """

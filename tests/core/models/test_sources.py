@@ -1,32 +1,18 @@
-"""The tiny pythia-architecture model the tests and the local demo train; model sources (kinds,
-the private cache keyed by immutable identities: file:// listings, the MLflow registry)."""
+"""Model sources: kinds, resolution to immutable identities (file:// listings, the MLflow registry),
+fetching once per machine into the private cache; a model directory's weights and digest."""
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
-
-def test_tiny_model_runs_with_the_dolly_tokenizer(tiny_model_factory, tokenizer_path):
-    from dollyflow.core.tokens import load_tokenizer
-    tok = load_tokenizer(str(tokenizer_path))
-    model = tiny_model_factory(len(tok))
-    assert type(model).__name__ == "GPTNeoXForCausalLM"
-    assert sum(p.numel() for p in model.parameters()) < 10_000_000
-    ids = tok("### Instruction:\nSay hi.\n\n### Response:\n", return_tensors="pt")["input_ids"]
-    out = model(input_ids=ids, labels=ids)
-    assert out.logits.shape == (1, ids.shape[1], len(tok))
-    assert torch.isfinite(out.loss)
-    # same seed, same weights: runs are reproducible
-    again = tiny_model_factory(len(tok))
-    assert torch.equal(next(model.parameters()), next(again.parameters()))
-
-
-def test_load_model_tiny_needs_vocab():
-    from dollyflow.core.model import load_model
-    with pytest.raises(ValueError, match="vocab_size"):
-        load_model("tiny-gpt-neox")
+from dollyflow.core.models.cache import CACHE_ENV, model_cache_root  # noqa: E402
+from dollyflow.core.models.fetch import fetch_model, resolve_model_dir  # noqa: E402
+from dollyflow.core.models.files import model_digest, weight_files  # noqa: E402
+from dollyflow.core.models.loading import load_for_generation  # noqa: E402
+from dollyflow.core.models.sources import locate_model, source_kind  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,8 +30,6 @@ def _copy_with_weights_byte(src, dst, byte: bytes):
 
 
 def test_source_kinds_a_missing_path_is_an_error_not_a_hub_download(tmp_path, monkeypatch):
-    from dollyflow.core.model import source_kind
-
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out").mkdir()
     (tmp_path / "model").mkdir()
@@ -68,9 +52,6 @@ def test_source_kinds_a_missing_path_is_an_error_not_a_hub_download(tmp_path, mo
 
 def test_the_cache_is_a_private_directory_of_this_user(tmp_path, monkeypatch):
     import tempfile
-
-    from dollyflow.core.model import CACHE_ENV, model_cache_root
-
     monkeypatch.delenv(CACHE_ENV, raising=False)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     root = Path(model_cache_root())
@@ -110,8 +91,6 @@ def test_the_cache_is_a_private_directory_of_this_user(tmp_path, monkeypatch):
 def test_a_rewritten_uri_directory_is_fetched_again(dolly_model_dir, tmp_path, monkeypatch):
     """The cache is keyed by the directory's listing, not its URI: rewriting the weights (same
     names and sizes) makes the next resolve download the new model, not return the stale copy."""
-    from dollyflow.core.model import locate_model, model_digest, resolve_model_dir
-
     monkeypatch.setenv("DOLLYFLOW_MODEL_CACHE", str(tmp_path / "cache"))
     src = _copy_with_weights_byte(dolly_model_dir, tmp_path / "current", b"\x00")
     uri = f"file://{src}"
@@ -126,7 +105,6 @@ def test_a_rewritten_uri_directory_is_fetched_again(dolly_model_dir, tmp_path, m
     second = resolve_model_dir(uri)
     assert second != first and model_digest(second) == model_digest(str(src)) != model_digest(first)
     # the driver's pinned identity no longer matches a directory rewritten since: a worker refuses it
-    from dollyflow.core.model import fetch_model
     w.write_bytes(w.read_bytes()[:-1] + b"\x02")
     monkeypatch.setenv("DOLLYFLOW_MODEL_CACHE", str(tmp_path / "other-machine"))
     with pytest.raises(RuntimeError, match="changed since it was resolved"):
@@ -139,8 +117,6 @@ def test_mlflow_registry_sources_resolve_to_the_current_version(dolly_model_dir,
     next resolve download the model it now points at."""
     pytest.importorskip("mlflow")
     from mlflow import MlflowClient
-
-    from dollyflow.core.model import locate_model, model_digest, resolve_model_dir
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     monkeypatch.setenv("DOLLYFLOW_MODEL_CACHE", str(tmp_path / "cache"))
@@ -175,3 +151,56 @@ def test_mlflow_registry_sources_resolve_to_the_current_version(dolly_model_dir,
     assert locate_model("models:/dolly@champion").describe() == {
         "kind": "mlflow", "source": "models:/dolly@champion", "resolved": "models:/dolly/2",
         "identity": latest.identity}
+
+
+def test_model_sources_digest_and_safetensors_only(dolly_model_dir, tmp_path):
+    d = str(dolly_model_dir)
+    assert source_kind(d) == "dir" and resolve_model_dir(d) == d
+    assert source_kind("EleutherAI/pythia-410m") == "hub"
+    assert source_kind("runs:/abc/model") == "mlflow" and source_kind("s3://b/m") == "uri"
+    with pytest.raises(FileNotFoundError):
+        source_kind(str(tmp_path / "missing" / "model"))
+    digest = model_digest(d)
+    assert len(digest) == 64 and model_digest(d) == digest
+    copy = tmp_path / "copy"
+    shutil.copytree(dolly_model_dir, copy)
+    assert model_digest(str(copy)) == digest            # content, not location
+    (copy / "model.safetensors").write_bytes((copy / "model.safetensors").read_bytes()[:-1] + b"\x00")
+    assert model_digest(str(copy)) != digest
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text("{}")
+    (pickled / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        weight_files(str(pickled))
+
+
+def test_file_uri_sources_are_fetched_once_per_machine(dolly_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("DOLLYFLOW_MODEL_CACHE", str(tmp_path / "cache"))
+    uri = f"file://{dolly_model_dir}"
+    local = resolve_model_dir(uri)
+    assert local.startswith(str(tmp_path / "cache")) and model_digest(local) == model_digest(str(dolly_model_dir))
+    mtime = (tmp_path / "cache").stat().st_mtime_ns
+    assert resolve_model_dir(uri) == local and (tmp_path / "cache").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.slow
+def test_mlflow_run_uri_loads_the_logged_directory(dolly_model_dir, tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("DOLLYFLOW_MODEL_CACHE", str(tmp_path / "cache"))
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI: undo both, or the train job of a later
+    # test in this process would track into this test's store
+    tracking = f"file://{tmp_path / 'mlruns'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)   # the original value comes back at teardown
+    mlflow.set_tracking_uri(tracking)
+    try:
+        with mlflow.start_run() as active:
+            mlflow.log_artifacts(str(dolly_model_dir), artifact_path="model")
+        uri = f"runs:/{active.info.run_id}/model"
+        local = resolve_model_dir(uri)
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert model_digest(local) == model_digest(str(dolly_model_dir))
+    model, tok = load_for_generation(local)
+    assert len(tok) == model.get_input_embeddings().num_embeddings
