@@ -45,6 +45,7 @@ from typing import Iterator, Tuple
 
 import pandas as pd
 
+from dollyflow.config import check_identifier
 from dollyflow.core.generation.generator import Generator
 from dollyflow.core.generation.params import GenerationParams
 from dollyflow.core.generation.worker_cache import cached
@@ -54,6 +55,7 @@ from dollyflow.core.models.fetch import fetch_model
 from dollyflow.core.models.files import model_digest
 from dollyflow.core.models.loading import load_for_generation
 from dollyflow.core.models.sources import ModelSource, locate_model
+from dollyflow.core.tokens import set_single_thread
 
 RESULT_FIELDS = (("response", "string"), ("finish_reason", "string"), ("prompt_tokens", "int"),
                  ("completion_tokens", "int"), ("error", "string"), ("trimmed_context_tokens", "int"))
@@ -130,7 +132,6 @@ def worker_generator(spec: InferSpec):
     """(Generator, model loaded now?) for this Python worker. The model and tokenizer are loaded
     once per (weights, device, dtype) and kept by :func:`dollyflow.core.generation.worker_cache.cached`; the
     Generator around them (parameters, batching) is cheap and made per call."""
-    from dollyflow.core.tokens import set_single_thread
 
     set_single_thread()
     device = pick_device(spec.device, _task_gpus())
@@ -266,7 +267,6 @@ def register_udf(spark, cfg_or_spec, name: str | None = None, counts=None):
     """Register ``dolly_generate`` (or ``name``, default ``cfg.infer.function_name``) for SQL in
     ``spark`` and return the UDF (usable on DataFrames too). ``cfg_or_spec``: the project
     :class:`~dollyflow.config.Config` or an :class:`InferSpec`."""
-    from dollyflow.config import check_identifier
 
     if isinstance(cfg_or_spec, InferSpec):
         spec, default = cfg_or_spec, "dolly_generate"
