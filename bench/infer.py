@@ -48,7 +48,7 @@ batch running until all its rows stop or reach max_new_tokens). Random weights a
 ``### End``, so every row runs to max_new_tokens on both sides: this measures the loop, not the
 early exits of a fine-tuned model.
 
-Figures measured on 2 CPU cores: README.md, "Benchmarks". Prints one JSON object, also written to
+Figures measured on 2 CPU cores: bench/README.md. Prints one JSON object, also written to
 ``<workdir>/result.json``. Run it alone (it uses every
 core): ``flock /tmp/dollyflow-heavy.lock python bench/infer.py``.
 """
@@ -362,7 +362,7 @@ def main() -> int:
         args.max_new_tokens = 256 if args.gpu else 128
     # CPU: the step's fixed cost (reading the 50k x hidden output embedding, the model's Python
     # modules) is paid per step whatever the rows, so bigger batches amortise it: 128 rows /
-    # 32768 tokens measured ~8% more tokens/s than 64 / 16384 on 2 cores (README, "Benchmarks")
+    # 32768 tokens measured ~8% more tokens/s than 64 / 16384 on 2 cores (bench/HISTORY.md)
     if args.batch_tokens is None:
         args.batch_tokens = 131072 if args.gpu else 32768
     if args.batch_size is None:
