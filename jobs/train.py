@@ -5,6 +5,6 @@ import sys
 # Keep this directory off the import path (jobs/tokenize.py would shadow the standard library).
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-from dollyflow.jobs.train import main  # noqa: E402
+from dollyflow.cli import run_job  # noqa: E402
 
-raise SystemExit(main())
+raise SystemExit(run_job("train"))

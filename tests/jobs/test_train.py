@@ -18,7 +18,7 @@ pytest.importorskip("deepspeed")
 from dollyflow.config import DOLLY_CATEGORIES, load_config  # noqa: E402
 from dollyflow.core.records import record_id  # noqa: E402
 from dollyflow.core.training import checkpoint  # noqa: E402
-from dollyflow.core.training.output import METRICS, read_metrics, read_provenance  # noqa: E402
+from dollyflow.core.training.model_dir import METRICS, read_metrics, read_provenance  # noqa: E402
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.distributed]
 
@@ -233,7 +233,7 @@ def test_a_failing_rank_fails_the_job_with_its_message(shards, spark, tmp_path, 
 
 
 def test_a_corrupted_shard_fails_before_anything_is_launched(shards, spark, tmp_path):
-    from dollyflow.core.training.loop import ShardCheckError
+    from dollyflow.core.training.errors import ShardCheckError
     from dollyflow.jobs import train
 
     bad = tmp_path / "shards"

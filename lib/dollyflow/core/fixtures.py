@@ -4,7 +4,7 @@ A random model never emits ``### End``, so stopping, response extraction and ear
 rows could not be exercised with one. :func:`tiny_dolly_model` trains a tiny GPT-NeoX (pythia
 architecture) for a few hundred plain AdamW steps on a handful of Dolly records until it answers
 with a memorised response followed by ``### End``, and saves it with the train job's own writer
-(:func:`dollyflow.core.training.output.finish_model_dir`): a Hugging Face model directory
+(:func:`dollyflow.core.training.model_dir.finish_model_dir`): a Hugging Face model directory
 (``config.json``, ``model.safetensors``, the tokenizer with Dolly's special tokens and pad = eos,
 ``generation_config.json`` whose ``eos_token_id`` is ``### End``, the model card ``README.md``
 and the provenance ``dollyflow_model.json``, here with ``kind: fixture``).
@@ -25,7 +25,7 @@ from dollyflow.core.prompt import prompt_prefix, response_suffix
 def save_model_dir(model, tokenizer, out_dir: str | Path, info: dict | None = None) -> Path:
     """Save ``model`` (safetensors) and complete the directory as the train job does (tokenizer,
     Dolly's generation config, model card, provenance ``info`` with ``kind: fixture``)."""
-    from dollyflow.core.training.output import finish_model_dir
+    from dollyflow.core.training.model_dir import finish_model_dir
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
