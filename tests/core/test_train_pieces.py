@@ -306,6 +306,25 @@ def test_a_stale_lease_is_taken_over(tmp_path):
     assert leftovers == []
 
 
+def test_torchrun_user_form_is_the_train_job_without_spark(monkeypatch):
+    """``python -m dollyflow.launch.torchrun ARGS`` becomes ``python -m dollyflow train --no-spark
+    ARGS``: the launcher parses no argv and imports neither the CLI nor the jobs."""
+    import subprocess
+    import sys
+
+    from dollyflow.launch import torchrun
+
+    code = ("import sys, dollyflow.launch.torchrun\n"
+            "bad = [m for m in sys.modules if m == 'dollyflow.cli' or m.startswith('dollyflow.jobs')]\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    seen = []
+    monkeypatch.setattr(torchrun.os, "execv", lambda path, argv: seen.append((path, argv)))
+    torchrun.main(["--preset", "tiny", "train.processes=2"])
+    assert seen == [(sys.executable, [sys.executable, "-m", "dollyflow", "train", "--no-spark", "--preset", "tiny",
+                                      "train.processes=2"])]
+
+
 def test_status_dir_cleanup_stays_below_runs(tmp_path):
     from dollyflow.launch.common import cleanup
 

@@ -266,6 +266,20 @@ def test_horovod_launcher(shards, spark, tmp_path):
 # ---- issue 18: the trained model and its checkpoints are safe by default
 
 
+def test_without_spark_torchrun_starts_the_ranks_and_no_row_is_written(shards, spark, tmp_path):
+    """``dollyflow train --no-spark`` and ``python -m dollyflow.launch.torchrun``: the ranks on
+    this machine with torchrun whatever train.launcher says, no ``train_runs`` row."""
+    from dollyflow.jobs import train
+
+    rows = _runs_rows(spark, shards)
+    out = tmp_path / "no-spark"
+    s = train.run_without_spark(train_cfg(shards, f"train.output_dir={out}", "train.processes=1",
+                                          "train.max_steps=2", "train.mlflow=false", "train.launcher=horovod"))
+    assert s["launcher"] == "torchrun" and s["steps"] == 2 and not s["skipped"] and "train_runs" not in s
+    assert read_provenance(str(out))["launcher"] == "torchrun" and len(train_entries(out)) == 2
+    assert _runs_rows(spark, shards) == rows
+
+
 def test_overwrite_with_the_same_fingerprint_is_a_noop(trained, shards, spark):
     from dollyflow.jobs import train
 

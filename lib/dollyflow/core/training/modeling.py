@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dollyflow.core.model import tiny_gpt_neox
 from dollyflow.core.tokens import IGNORE_INDEX
 
 #: Model types whose causal-LM forward is ``head(body(ids).last_hidden_state)``: for them the head
@@ -37,7 +38,6 @@ def build_model(name: str, vocab_size: int, *, max_length: int, precision: str =
     Under ZeRO-3 call it after creating ``transformers.integrations.HfDeepSpeedConfig`` so the
     checkpoint loads partitioned."""
     if name == "tiny-gpt-neox":
-        from dollyflow.core.model import tiny_gpt_neox
         model = tiny_gpt_neox(vocab_size, max_position_embeddings=max_length)
     else:
         from transformers import AutoModelForCausalLM
