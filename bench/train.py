@@ -18,7 +18,7 @@ gradient checkpointing on either side):
   ``DataCollatorForCompletionOnlyLM`` does (re-implemented below: ``DataCollatorForLanguageModeling``
   padding to the longest record, ``pad_to_multiple_of=8``, labels -100 on padding and up to
   and including ``### Response:\\n``), the model's own forward and loss;
-- **dollyflow**: ``python -m dollyflow.launch.torchrun`` semantics (``train_without_spark``):
+- **dollyflow**: ``python -m dollyflow.launch.torchrun`` semantics (``run_without_spark``):
   length-grouped batches of the same number of records, pad to a multiple of 8, the LM head only
   at label positions, the raw DeepSpeed loop;
 - figure: useful (label-bearing) tokens per second of training-loop wall time (first step to
@@ -225,7 +225,7 @@ def run_baseline(shard_dir: str, model_dir: str, out: Path, a) -> dict:
 
 def run_ours(shard_dir: str, model_dir: str, out: Path, a, extra: list[str] = ()) -> dict:
     from dollyflow.config import load_config
-    from dollyflow.core.training.runner import train_without_spark
+    from dollyflow.jobs.train import run_without_spark
 
     cfg = load_config("train", [
         f"tables.warehouse={out.parent / 'wh'}", f"model.name={model_dir}", "model.max_length=512",
@@ -234,7 +234,7 @@ def run_ours(shard_dir: str, model_dir: str, out: Path, a, extra: list[str] = ()
         "train.epochs=100", f"train.learning_rate={a.lr}", f"train.warmup_steps={a.warmup}",
         "train.eval_steps=1000000", "train.save_steps=1000000", "train.gradient_checkpointing=false",
         "train.deepspeed=cpu", "train.progress=log", "train.log_steps=10", *extra], preset="tiny")
-    s = train_without_spark(cfg)
+    s = run_without_spark(cfg)
     m = read_provenance_metrics(out)
     return {"useful_tokens_per_s": m["useful_tokens"] / m["loop_seconds"],
             "tokens_per_s": m["train_tokens"] / m["loop_seconds"], "seconds": m["loop_seconds"],
@@ -310,7 +310,7 @@ def gpu_mode(a) -> dict:
     from dollyflow.config import load_config
     from dollyflow.core.training.data import build_shard_dir
     from dollyflow.core.training.loop import train_main
-    from dollyflow.core.training.output import read_metrics
+    from dollyflow.core.training.model_dir import read_metrics
     from dollyflow.core.training.prepare import prepare
 
     if not torch.cuda.is_available() and not a.allow_cpu:

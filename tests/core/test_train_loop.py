@@ -4,6 +4,7 @@ Exact-loss checks in torchtune's style: the loop's first logged loss equals an i
 Hugging Face forward on the same records with the same labels (|diff| < 1e-5)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,8 +21,9 @@ from dollyflow.core.models.build import tiny_gpt_neox  # noqa: E402
 from dollyflow.core.tokens import load_tokenizer  # noqa: E402
 from dollyflow.core.training import batching  # noqa: E402
 from dollyflow.core.training.data import build_shard_dir, split_records  # noqa: E402
-from dollyflow.core.training.loop import ShardCheckError, train_main  # noqa: E402
-from dollyflow.core.training.output import METRICS, read_metrics, read_provenance  # noqa: E402
+from dollyflow.core.training.errors import ShardCheckError  # noqa: E402
+from dollyflow.core.training.loop import train_main  # noqa: E402
+from dollyflow.core.training.model_dir import METRICS, read_metrics, read_provenance  # noqa: E402
 from dollyflow.core.training.prepare import prepare  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -53,7 +55,7 @@ def hf_loss_sum(model, batch):
 def test_first_step_loss_equals_an_independent_hf_forward(tmp_path, shard_dir):
     spec = spec_for(tmp_path, shard_dir, "train.max_steps=1", "train.batch_size=3", "train.grad_accum=2")
     summary = train_main(spec)
-    (first,) = [e for e in read_metrics(os.path.join(spec["output_dir"], METRICS)) if e["kind"] == "train"]
+    (first,) = [e for e in read_metrics(os.path.join(spec.output_dir, METRICS)) if e["kind"] == "train"]
 
     tok = load_tokenizer(os.path.join(shard_dir, "tokenizer"))
     rec = split_records(shard_dir, "train")
@@ -96,10 +98,10 @@ def test_corrupted_shard_fails_before_step_one(tmp_path, shard_dir):
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    spec["shard_dir"] = str(bad)
+    spec = dataclasses.replace(spec, shard_dir=str(bad))
     with pytest.raises(ShardCheckError, match=f"{shard.name}: sha256 differs from the manifest"):
         train_main(spec)
-    assert not os.path.exists(os.path.join(spec["output_dir"], METRICS))
+    assert not os.path.exists(os.path.join(spec.output_dir, METRICS))
 
 
 def test_lora_adapter_reloads_with_peft_and_merged_with_transformers(tmp_path, shard_dir):
@@ -112,7 +114,7 @@ def test_lora_adapter_reloads_with_peft_and_merged_with_transformers(tmp_path, s
     m = summary["metrics"]
     assert m["trainable_parameters"] < m["parameters"] / 10
     assert m["train_loss"] < m["train_loss_first"]
-    out = spec["output_dir"]
+    out = spec.output_dir
     assert summary["weights"] == "merged" and summary["adapter_dir"] == os.path.join(out, "adapter")
     assert read_provenance(out)["method"] == "lora"
 

@@ -1,14 +1,17 @@
 """Checkpoint selection, fingerprints, provenance and model card, DeepSpeed presets, train config
 checks (milliseconds, no Spark, no training)."""
+import dataclasses
 import json
 import os
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from dollyflow.config import ConfigError, TrainConfig, load_config
-from dollyflow.core.training import checkpoint, dsconfig, output
+from dollyflow.core.training import checkpoint, dsconfig, model_dir
+from dollyflow.core.training.spec import TrainSettings
 
 
 def make_ckpt(root, step, complete=True, started=True, fingerprint="fp", **info):
@@ -123,19 +126,19 @@ def test_only_dollyflows_checkpoints_are_removed(tmp_path):
 
 def test_fingerprint_names_what_differs():
     t = TrainConfig().__dict__
-    a = output.fingerprint(model_name="m", manifest_sha256="abc", train=t, processes=2)
-    b = output.fingerprint(model_name="m", manifest_sha256="abc", train=dict(t, eval_steps=7, output_dir="x"),
+    a = model_dir.fingerprint(model_name="m", manifest_sha256="abc", train=t, processes=2)
+    b = model_dir.fingerprint(model_name="m", manifest_sha256="abc", train=dict(t, eval_steps=7, output_dir="x"),
                            processes=2)
     assert a["sha256"] == b["sha256"]                         # intervals and paths do not change the weights
-    c = output.fingerprint(model_name="m", manifest_sha256="abd", train=dict(t, learning_rate=1e-4), processes=4)
-    diff = output.differences(a["fields"], c["fields"])
+    c = model_dir.fingerprint(model_name="m", manifest_sha256="abd", train=dict(t, learning_rate=1e-4), processes=4)
+    diff = model_dir.differences(a["fields"], c["fields"])
     assert a["sha256"] != c["sha256"]
     assert any(d.startswith("train.learning_rate: 5e-06 -> 0.0001") for d in diff)
     assert any(d.startswith("manifest_sha256") for d in diff) and any(d.startswith("processes: 2 -> 4") for d in diff)
 
 
 def test_provenance_and_card(tmp_path):
-    assert output.read_provenance(str(tmp_path)) is None
+    assert model_dir.read_provenance(str(tmp_path)) is None
     prov = {"name": "m", "base_model": "EleutherAI/pythia-70m", "method": "lora", "launcher": "torchrun",
             "processes": 2, "run_id": "r1",
             "dataset": {"source": {"table": "silver", "location": "/wh/silver", "version": 3}, "shard_dir": "/s",
@@ -144,10 +147,10 @@ def test_provenance_and_card(tmp_path):
             "metrics": {"train_loss": 1.5, "eval_loss": 2.0,
                         "eval_loss_per_category": {"open_qa": {"loss": 2.25, "records": 3, "tokens": 9}}},
             "config": {"train": {"learning_rate": 5e-6}}, "fingerprint": {"sha256": "e" * 64}}
-    output.write_provenance(str(tmp_path), prov)
-    output.write_card(str(tmp_path), prov)
-    back = output.read_provenance(str(tmp_path))
-    assert back["format"] == output.FORMAT and back["run_id"] == "r1"
+    model_dir.write_provenance(str(tmp_path), prov)
+    model_dir.write_card(str(tmp_path), prov)
+    back = model_dir.read_provenance(str(tmp_path))
+    assert back["format"] == model_dir.FORMAT and back["run_id"] == "r1"
     card = (tmp_path / "README.md").read_text()
     assert "base_model: EleutherAI/pythia-70m" in card
     assert "| Delta version | 3 |" in card and "`silver`" in card
@@ -158,21 +161,21 @@ def test_provenance_and_card(tmp_path):
 def test_generation_config_stops_at_end(tokenizer_path):
     from dollyflow.core.tokens import load_tokenizer
     tok = load_tokenizer(tokenizer_path)
-    gen = output.generation_config(tok)
+    gen = model_dir.generation_config(tok)
     assert gen.eos_token_id == tok.convert_tokens_to_ids("### End")
     assert gen.pad_token_id == tok.eos_token_id
     assert (gen.top_p, gen.top_k, gen.max_new_tokens, gen.do_sample) == (0.92, 0, 256, True)
 
 
-def t_dict(**kw):
-    return dict(TrainConfig().__dict__, **kw)
+def train_settings(**kw):
+    return TrainSettings.from_dict(dict(dataclasses.asdict(TrainConfig()), **kw))
 
 
 @pytest.mark.parametrize("name", dsconfig.PRESETS)
 def test_presets_fill_every_auto(name):
     preset = dsconfig.load_preset(name)
     precision = {"a100": "bf16", "a10": "bf16", "v100": "fp16", "cpu": "fp32"}[name]
-    ds = dsconfig.fill(preset, t_dict(batch_size=6, grad_accum=2), world_size=8, total_steps=100,
+    ds = dsconfig.fill(preset, train_settings(batch_size=6, grad_accum=2), world_size=8, total_steps=100,
                        hidden_size=2560, precision=precision)
     assert "auto" not in json.dumps(ds)
     assert ds["train_batch_size"] == 6 * 2 * 8 and ds["train_micro_batch_size_per_gpu"] == 6
@@ -190,13 +193,13 @@ def test_presets_fill_every_auto(name):
 
 
 def test_fill_cosine_stage_override_and_leftover_auto():
-    ds = dsconfig.fill(dsconfig.load_preset("cpu"), t_dict(lr_scheduler="cosine", zero_stage=3, min_lr_ratio=0.1),
+    ds = dsconfig.fill(dsconfig.load_preset("cpu"), train_settings(lr_scheduler="cosine", zero_stage=3, min_lr_ratio=0.1),
                        world_size=2, total_steps=40, hidden_size=64, precision="fp32")
     assert ds["scheduler"]["type"] == "WarmupCosineLR"
     assert ds["scheduler"]["params"]["total_num_steps"] == 40 and ds["scheduler"]["params"]["cos_min_ratio"] == 0.1
     assert ds["zero_optimization"]["stage"] == 3
     with pytest.raises(ValueError, match="'auto' left for zero_optimization.sub_group_size"):
-        dsconfig.fill({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}}, t_dict(), world_size=1,
+        dsconfig.fill({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}}, train_settings(), world_size=1,
                       total_steps=1, hidden_size=8, precision="fp32")
 
 
@@ -241,11 +244,11 @@ def test_exponent_without_a_dot_is_a_float():
 
 
 def test_no_warmup_starts_at_the_peak():
-    ds = dsconfig.fill(dsconfig.load_preset("cpu"), t_dict(warmup_steps=0, learning_rate=1e-3), world_size=1,
+    ds = dsconfig.fill(dsconfig.load_preset("cpu"), train_settings(warmup_steps=0, learning_rate=1e-3), world_size=1,
                        total_steps=10, hidden_size=8, precision="fp32")
     assert ds["scheduler"]["params"]["warmup_min_lr"] == ds["scheduler"]["params"]["warmup_max_lr"] == 1e-3
     assert ds["scheduler"]["params"]["warmup_num_steps"] == 1
-    cos = dsconfig.fill(dsconfig.load_preset("cpu"), t_dict(warmup_steps=0, lr_scheduler="cosine"), world_size=1,
+    cos = dsconfig.fill(dsconfig.load_preset("cpu"), train_settings(warmup_steps=0, lr_scheduler="cosine"), world_size=1,
                         total_steps=10, hidden_size=8, precision="fp32")
     assert cos["scheduler"]["params"]["warmup_min_ratio"] == 1.0
 
@@ -303,6 +306,25 @@ def test_a_stale_lease_is_taken_over(tmp_path):
     assert leftovers == []
 
 
+def test_torchrun_user_form_is_the_train_job_without_spark(monkeypatch):
+    """``python -m dollyflow.launch.torchrun ARGS`` becomes ``python -m dollyflow train --no-spark
+    ARGS``: the launcher parses no argv and imports neither the CLI nor the jobs."""
+    import subprocess
+    import sys
+
+    from dollyflow.launch import torchrun
+
+    code = ("import sys, dollyflow.launch.torchrun\n"
+            "bad = [m for m in sys.modules if m == 'dollyflow.cli' or m.startswith('dollyflow.jobs')]\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    seen = []
+    monkeypatch.setattr(torchrun.os, "execv", lambda path, argv: seen.append((path, argv)))
+    torchrun.main(["--preset", "tiny", "train.processes=2"])
+    assert seen == [(sys.executable, [sys.executable, "-m", "dollyflow", "train", "--no-spark", "--preset", "tiny",
+                                      "train.processes=2"])]
+
+
 def test_status_dir_cleanup_stays_below_runs(tmp_path):
     from dollyflow.launch.common import cleanup
 
@@ -310,7 +332,7 @@ def test_status_dir_cleanup_stays_below_runs(tmp_path):
     (out / ".runs").mkdir(parents=True)
     (out / "model.safetensors").write_bytes(b"weights")
     with pytest.raises(ValueError, match="does not lie below"):
-        cleanup({"output_dir": str(out), "run_id": ".."})       # would have been the model directory
+        cleanup(SimpleNamespace(output_dir=str(out), run_id=".."))   # would have been the model directory
     assert (out / "model.safetensors").read_bytes() == b"weights"
 
 
@@ -319,8 +341,8 @@ def _model_dir(path, fingerprint, weights=b"w", extra=()):
     for name, data in (("config.json", b"{}"), ("model.safetensors", weights), ("README.md", b"card"), *extra):
         with open(os.path.join(path, name), "wb") as f:
             f.write(data)
-    return output.write_provenance(path, {"fingerprint": {"sha256": fingerprint},
-                                          "files": output.list_files(path, ("checkpoints", ".runs"))})
+    return model_dir.write_provenance(path, {"fingerprint": {"sha256": fingerprint},
+                                          "files": model_dir.list_files(path, ("checkpoints", ".runs"))})
 
 
 def test_swap_in_replaces_only_what_the_project_wrote(tmp_path):
@@ -333,10 +355,10 @@ def test_swap_in_replaces_only_what_the_project_wrote(tmp_path):
     with open(os.path.join(out, "eval-results", "scores.csv"), "w") as f:
         f.write("1,2")
     _model_dir(new, "b", b"new weights")
-    done = output.swap_in(new, out, prev)
+    done = model_dir.swap_in(new, out, prev)
     assert sorted(done["carried"]) == ["eval-results", "my-notes.txt"] and done["kept"] is None
     assert open(os.path.join(out, "model.safetensors"), "rb").read() == b"new weights"
-    assert output.read_provenance(out)["fingerprint"]["sha256"] == "b"
+    assert model_dir.read_provenance(out)["fingerprint"]["sha256"] == "b"
     assert open(os.path.join(out, "my-notes.txt")).read() == "mine"
     assert open(os.path.join(out, "eval-results", "scores.csv")).read() == "1,2"
     assert not os.path.exists(prev) and not os.path.exists(new)
@@ -349,7 +371,7 @@ def test_swap_in_keeps_a_user_file_whose_name_the_new_model_uses(tmp_path):
         f.write("user's")
     _model_dir(new, "b")
     os.makedirs(os.path.join(new, "adapter"))
-    done = output.swap_in(new, out, prev)
+    done = model_dir.swap_in(new, out, prev)
     assert done["kept"] == prev and os.listdir(prev) == ["adapter"]
     assert open(os.path.join(prev, "adapter")).read() == "user's"
 
@@ -379,8 +401,8 @@ def test_a_tampered_file_list_cannot_lead_a_removal_outside(tmp_path):
         checkpoint.remove_other_runs(root, "new")
     out, new, prev = str(tmp_path / "m"), str(tmp_path / ".m.next-b"), str(tmp_path / ".m.prev-b")
     prov = _model_dir(out, "a")
-    output.write_provenance(out, dict(prov, files={**prov["files"], "../precious.txt": 4}))
+    model_dir.write_provenance(out, dict(prov, files={**prov["files"], "../precious.txt": 4}))
     _model_dir(new, "b")
     with pytest.raises(ValueError, match="does not lie below"):
-        output.swap_in(new, out, prev)
+        model_dir.swap_in(new, out, prev)
     assert victim.read_text() == "keep"

@@ -437,7 +437,7 @@ def test_a_model_the_train_job_wrote_runs_through_the_infer_job(spark, tmp_path,
     train job's output directory as it is (no fixture in between)."""
     pytest.importorskip("deepspeed")
     from dollyflow.config import load_config
-    from dollyflow.core.training.output import read_provenance
+    from dollyflow.core.training.model_dir import read_provenance
     from dollyflow.engine.delta import DeltaStore
     from dollyflow.jobs import infer, tokenize, train
 

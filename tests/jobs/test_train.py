@@ -18,7 +18,7 @@ pytest.importorskip("deepspeed")
 from dollyflow.config import DOLLY_CATEGORIES, load_config  # noqa: E402
 from dollyflow.core.records import record_id  # noqa: E402
 from dollyflow.core.training import checkpoint  # noqa: E402
-from dollyflow.core.training.output import METRICS, read_metrics, read_provenance  # noqa: E402
+from dollyflow.core.training.model_dir import METRICS, read_metrics, read_provenance  # noqa: E402
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.distributed]
 
@@ -233,7 +233,7 @@ def test_a_failing_rank_fails_the_job_with_its_message(shards, spark, tmp_path, 
 
 
 def test_a_corrupted_shard_fails_before_anything_is_launched(shards, spark, tmp_path):
-    from dollyflow.core.training.loop import ShardCheckError
+    from dollyflow.core.training.errors import ShardCheckError
     from dollyflow.jobs import train
 
     bad = tmp_path / "shards"
@@ -264,6 +264,20 @@ def test_horovod_launcher(shards, spark, tmp_path):
 
 
 # ---- issue 18: the trained model and its checkpoints are safe by default
+
+
+def test_without_spark_torchrun_starts_the_ranks_and_no_row_is_written(shards, spark, tmp_path):
+    """``dollyflow train --no-spark`` and ``python -m dollyflow.launch.torchrun``: the ranks on
+    this machine with torchrun whatever train.launcher says, no ``train_runs`` row."""
+    from dollyflow.jobs import train
+
+    rows = _runs_rows(spark, shards)
+    out = tmp_path / "no-spark"
+    s = train.run_without_spark(train_cfg(shards, f"train.output_dir={out}", "train.processes=1",
+                                          "train.max_steps=2", "train.mlflow=false", "train.launcher=horovod"))
+    assert s["launcher"] == "torchrun" and s["steps"] == 2 and not s["skipped"] and "train_runs" not in s
+    assert read_provenance(str(out))["launcher"] == "torchrun" and len(train_entries(out)) == 2
+    assert _runs_rows(spark, shards) == rows
 
 
 def test_overwrite_with_the_same_fingerprint_is_a_noop(trained, shards, spark):

@@ -1,9 +1,11 @@
 """Per-rank functions the train job tests launch in place of ``train_main`` (imported by the
 ranks: the tests put this directory on PYTHONPATH). Each wraps the real loop."""
+import json
 import os
 import signal
 
 from dollyflow.core.training.loop import Hooks, train_main
+from dollyflow.core.training.model_dir import read_provenance
 
 
 class _FailOnRank1(Hooks):
@@ -35,18 +37,14 @@ class _WatchOldModel(Hooks):
         self.done = False
 
     def on_step(self, step, entry):
-        import json
-
-        from dollyflow.core.training.output import read_provenance
-
         if self.done or int(os.environ.get("RANK", "0")) != 0:
             return
         self.done = True
-        final = self.spec["final_output_dir"]
+        final = self.spec.final_output_dir
         prov = read_provenance(final) or {}
-        spec_path = os.path.join(self.spec["output_dir"], ".runs", self.spec["run_id"], "spec.json")
+        spec_path = os.path.join(self.spec.output_dir, ".runs", self.spec.run_id, "spec.json")
         text = open(spec_path, encoding="utf-8").read() if os.path.isfile(spec_path) else ""
-        seen = {"final": final, "target": self.spec["output_dir"],
+        seen = {"final": final, "target": self.spec.output_dir,
                 "old_fingerprint": prov.get("fingerprint", {}).get("sha256"),
                 "old_weights": os.path.isfile(os.path.join(final, "model.safetensors")),
                 "spec_mode": oct(os.stat(spec_path).st_mode & 0o777) if text else None,

@@ -36,13 +36,15 @@ def expect_equal_maps(what: str, left: tuple[str, dict], right: tuple[str, dict]
 
 
 class StepClock:
-    """Seconds per named step of a job, accumulated into ``timings`` (a summary's ``step_seconds``):
-    each call closes the step that began at the previous call (or at construction)."""
+    """Seconds per named step of a job, accumulated into ``timings`` (a summary's ``step_seconds``,
+    rounded to ``digits``; None: nothing is recorded): each call closes the step that began at
+    the previous call (or at construction)."""
 
-    def __init__(self, timings: dict):
-        self.timings, self.t = timings, time.time()
+    def __init__(self, timings: dict | None, digits: int = 3):
+        self.timings, self.digits, self.t = timings, digits, time.time()
 
     def __call__(self, step: str) -> None:
         now = time.time()
-        self.timings[step] = round(self.timings.get(step, 0.0) + now - self.t, 3)
+        if self.timings is not None:
+            self.timings[step] = round(self.timings.get(step, 0.0) + now - self.t, self.digits)
         self.t = now

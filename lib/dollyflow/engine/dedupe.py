@@ -59,7 +59,6 @@ same bronze version gives the same silver and duplicates tables under any parall
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
@@ -69,6 +68,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
+from dollyflow.core.counts import StepClock
 from dollyflow.core.minhash import (band_keys, bucket_pairs, compact, optimal_bands, part_similarity,
                                     permutations, signatures, signatures_from_buffer)
 from dollyflow.core.text import fields_and_key, part_shingles
@@ -334,19 +334,6 @@ def connected_components(pairs: DataFrame, max_iterations: int = 40) -> DataFram
 # 5. clusters, survivors, outputs
 
 
-class _Clock:
-    """Records seconds since the previous call under a step name (when given a dict)."""
-
-    def __init__(self, timings: dict | None):
-        self.timings, self.last = timings, time.time()
-
-    def __call__(self, step: str) -> None:
-        now = time.time()
-        if self.timings is not None:
-            self.timings[step] = round(now - self.last, 2)
-        self.last = now
-
-
 @dataclass
 class DedupeFrames:
     duplicates: DataFrame      # record_id, cluster_id, survivor_id, kind, similarity (materialised)
@@ -373,7 +360,7 @@ def find_duplicates(bronze: DataFrame, params: DedupeParams, max_cc_iterations: 
     whose qa part has no shingle (no word character in instruction and response) gets a single
     band key derived from its exact key instead, so that only its exact copies meet it.
     """
-    clock = _Clock(timings)
+    clock = StepClock(timings, digits=2)
     signed = sign(bronze, params).withColumn("nid", node_id()).persist(StorageLevel.DISK_ONLY)
     input_rows = signed.count()
     clock("sign")

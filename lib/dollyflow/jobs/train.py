@@ -1,7 +1,9 @@
 """train: fine-tune the model on the tokenize job's shards; one row per run -> ``train_runs``.
 
-The loop (:mod:`dollyflow.core.training`) is engine-free; this job only launches it on the
-cluster (``train.launcher``: TorchDistributor by default, torchrun, Horovod) and records the run:
+The loop (:mod:`dollyflow.core.training`) is engine-free; this job prepares the run, picks the
+launcher that starts the loop on every rank (``train.launcher``: TorchDistributor by default,
+torchrun, Horovod: :func:`launch`, as a datatrove script picks its executor), finishes the run
+and records it:
 
 - input: the shard directory, ``train.shard_dir`` or the tokenize job's shards root (its
   ``LATEST.json``), verified against its manifest before anything is launched;
@@ -14,11 +16,24 @@ cluster (``train.launcher``: TorchDistributor by default, torchrun, Horovod) and
   old one and swapped in once complete (a failed or NaN run leaves the old model in place);
 - one train job per output directory at a time (a lease beside it); the ``train_runs`` row is
   written only for a run that finished.
+
+:func:`run` is the job (with Spark: the ``train_runs`` row); :func:`run_without_spark` is the
+same run on this machine's ranks with torchrun and no Delta row (``dollyflow train --no-spark``,
+``python -m dollyflow.launch.torchrun``).
 """
 from __future__ import annotations
 
-from dollyflow.config import Config
-from dollyflow.launch import DEFAULT_FN
+import os
+import time
+from datetime import datetime, timezone
+
+from dollyflow.config import Config, redact
+from dollyflow.core.training.lease import Lease
+from dollyflow.core.training.prepare import finish, output_dir_for, prepare
+from dollyflow.core.training.spec import TrainSpec
+from dollyflow.engine.delta import DeltaStore
+from dollyflow.launch import horovod, torch_distributor, torchrun
+from dollyflow.launch.common import DEFAULT_FN
 
 RUNS_DDL = ("run_id string, started_at timestamp, finished_at timestamp, skipped boolean, decision string, "
             "shard_dir string, manifest_sha256 string, source_table string, source_version long, "
@@ -37,10 +52,6 @@ def _i(x):
 
 
 def runs_row(summary: dict) -> tuple:
-    from datetime import datetime, timezone
-
-    from dollyflow.config import redact
-
     summary = redact(summary)     # shard and output paths may be URIs with credentials
     per_cat = {c: float(d["loss"]) for c, d in (summary.get("eval_loss_per_category") or {}).items()}
     return (summary["run_id"], datetime.fromtimestamp(summary["started_at"], timezone.utc),
@@ -54,9 +65,6 @@ def runs_row(summary: dict) -> tuple:
 
 
 def run(cfg: Config, spark, *, fn: str = DEFAULT_FN) -> dict:
-    from dollyflow.core.training.runner import run_training
-    from dollyflow.engine.delta import DeltaStore
-
     summary = run_training(cfg, spark, fn=fn)
     store = DeltaStore(spark, cfg.tables)
     store.append_rows([runs_row(summary)], RUNS_DDL, cfg.tables.train_runs, job="train", run_id=cfg.run_id)
@@ -65,6 +73,91 @@ def run(cfg: Config, spark, *, fn: str = DEFAULT_FN) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    from dollyflow.cli import run_job
-    return run_job("train", argv)
+def run_without_spark(cfg: Config) -> dict:
+    """The train job on this machine without Spark: the ranks are started by torchrun whatever
+    ``train.launcher`` says (the other launchers run on Spark), no ``train_runs`` row."""
+    cfg.train.launcher = "torchrun"
+    return run_training(cfg, None)
+
+
+def launch(spec: TrainSpec, *, spark=None, fn: str = DEFAULT_FN) -> dict:
+    """Run ``fn(spec)`` on ``spec.processes`` ranks with the launcher ``spec.launcher``; rank 0's result."""
+    name = spec.launcher
+    if name == "torchrun":
+        return torchrun.launch(spec, fn=fn)
+    if name == "torch_distributor":
+        return torch_distributor.launch(spec, spark=spark, fn=fn)
+    if name == "horovod":
+        return horovod.launch(spec, spark=spark, fn=fn)
+    raise ValueError(f"train.launcher: unknown launcher {name!r}")
+
+
+def run_training(cfg: Config, spark=None, *, fn: str = DEFAULT_FN) -> dict:
+    """Train per ``cfg`` (or skip): prepare, launch, finish; returns the job summary (without the
+    ``train_runs`` row). ``fn`` is the per-rank function (``module:function``),
+    :func:`~dollyflow.core.training.loop.train_main` unless a caller wraps it. The output
+    directory's lease is held throughout: a second train job for the same directory fails at
+    once, naming this run."""
+    t0 = time.time()
+    with Lease(output_dir_for(cfg), cfg.run_id) as lease:
+        if lease.taken_over:
+            print(f"[dollyflow train] took over the lease of run {lease.taken_over.get('run_id')!r} "
+                  f"(host {lease.taken_over.get('host')}): its heartbeat had stopped", flush=True)
+        plan = prepare(cfg)
+        summary = {"job": "train", "run_id": cfg.run_id, "skipped": plan["decision"] == "skip",
+                   "decision": plan["decision"], "shard_dir": plan["shard_dir"],
+                   "manifest_sha256": plan["manifest_sha256"], "source_table": plan["source"].get("table", ""),
+                   "source_version": plan["source"].get("version"), "output_dir": plan["output_dir"],
+                   "checkpoint_dir": plan["checkpoint_dir"], "method": cfg.train.method,
+                   "launcher": plan["launcher"], "processes": plan["processes"], "model": cfg.model.name,
+                   "fingerprint": plan["fingerprint"]["sha256"],
+                   "lease_taken_over_from": (lease.taken_over or {}).get("run_id")}
+        if plan["decision"] == "skip":
+            prov = plan["provenance"]
+            m = prov.get("metrics", {})
+            summary.update(_metrics_summary(m), mlflow_run_id=prov.get("mlflow_run_id"), resumed_from=None,
+                           message=f"{plan['output_dir']} already holds this model (same manifest and training "
+                                   "config): nothing to do", started_at=t0, job_seconds=round(time.time() - t0, 2))
+            print(f"[dollyflow train] {summary['message']}", flush=True)
+            return summary
+        spec: TrainSpec = plan["spec"]
+        print(f"[dollyflow train] {plan['mlflow_message']}", flush=True)
+        if plan.get("replaces"):
+            print(f"[dollyflow train] {plan['output_dir']} holds another model (fingerprint "
+                  f"{str(plan.get('replaced_fingerprint'))[:16]}); train.overwrite=true: training into "
+                  f"{plan['target_dir']}, swapped in once complete (the old model stays readable until then)",
+                  flush=True)
+        if plan["decision"] == "resume":
+            print(f"[dollyflow train] resuming from the checkpoint at step {plan['resume_step']}", flush=True)
+        try:
+            result = launch(spec, spark=spark, fn=fn)
+        except BaseException:
+            try:
+                finish(plan, None, failed=True)
+            except Exception as exc:  # noqa: BLE001 - the training error is the one to report
+                print(f"[dollyflow train] could not close the MLflow run: {exc}", flush=True)
+            raise
+        done = finish(plan, result)
+    m = result["metrics"]
+    summary.update(_metrics_summary(m), resumed_from=m.get("resumed_from"),
+                   mlflow_run_id=spec.mlflow.run_id if spec.mlflow else None, mlflow=done["mlflow"] or None,
+                   replaced=done["swap"], checkpoint_dir=done["checkpoint_dir"],
+                   weights=result.get("weights"), adapter_dir=_final_path(result.get("adapter_dir"), plan),
+                   deepspeed_preset=result.get("deepspeed_preset"), zero_stage=result.get("zero_stage"),
+                   precision=result.get("precision"), started_at=t0, job_seconds=round(time.time() - t0, 2))
+    return summary
+
+
+def _final_path(path: str | None, plan: dict) -> str | None:
+    """A path inside the directory the ranks wrote, where it is after a replacement's swap."""
+    target = plan.get("target_dir")
+    if not path or not target or target == plan["output_dir"]:
+        return path
+    rel = os.path.relpath(path, target)
+    return path if rel.startswith("..") else os.path.join(plan["output_dir"], rel)
+
+
+def _metrics_summary(m: dict) -> dict:
+    keys = ("steps", "train_loss", "train_loss_first", "eval_loss", "eval_loss_per_category", "useful_tokens",
+            "useful_tokens_per_s", "tokens_per_s", "padding_share", "train_seconds", "peak_rss_mb")
+    return {k: m.get(k) for k in keys}

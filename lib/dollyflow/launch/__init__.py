@@ -7,25 +7,10 @@
     common.py             what every launcher shares: the per-rank wrapper that records a failing
                           rank's error, and the check that turns it into the job's error.
 
-The loop never knows which launcher started it: each sets the torch.distributed environment
-(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and calls
-:func:`common.run_rank` with the function reference and the spec.
+Each module's ``launch(spec, ..., fn)`` runs ``fn`` on ``spec.processes`` ranks and returns rank
+0's result; the train job (:mod:`dollyflow.jobs.train`) picks one by ``spec.launcher``. The loop
+never knows which launcher started it: each sets the torch.distributed environment (RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and calls :func:`common.run_rank` with the
+function reference and ``spec.to_dict()``. Launchers import only ``dollyflow.core`` and
+``dollyflow.config``.
 """
-from __future__ import annotations
-
-DEFAULT_FN = "dollyflow.core.training.loop:train_main"
-
-
-def launch(spec: dict, *, spark=None, fn: str = DEFAULT_FN) -> dict:
-    """Run ``fn(spec)`` on ``spec["processes"]`` ranks with ``spec["launcher"]``; rank 0's result."""
-    name = spec["launcher"]
-    if name == "torchrun":
-        from dollyflow.launch.torchrun import launch as run
-        return run(spec, fn=fn)
-    if name == "torch_distributor":
-        from dollyflow.launch.torch_distributor import launch as run
-        return run(spec, spark=spark, fn=fn)
-    if name == "horovod":
-        from dollyflow.launch.horovod import launch as run
-        return run(spec, spark=spark, fn=fn)
-    raise ValueError(f"train.launcher: unknown launcher {name!r}")

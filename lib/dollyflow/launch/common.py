@@ -10,6 +10,10 @@ rank to ``<status dir>/rank-<r>.error.json`` before re-raising, and rank 0's ret
 :class:`TrainingFailed` naming the *first* rank that failed, with its message and traceback.
 The status directory is ``<output_dir>/.runs/<run_id>/`` (a path every rank sees) and is removed
 afterwards.
+
+Launchers take a :class:`~dollyflow.core.training.spec.TrainSpec` and ship ``spec.to_dict()`` to
+the ranks; :func:`run_rank` rebuilds it there (:meth:`TrainSpec.from_dict` fails at once on an
+unknown or missing key) and calls the per-rank function, :data:`DEFAULT_FN` unless a caller wraps it.
 """
 from __future__ import annotations
 
@@ -21,6 +25,10 @@ import time
 import traceback
 
 from dollyflow.core.storage import remove_dir, write_atomic
+from dollyflow.core.training.spec import TrainSpec
+
+#: The per-rank function every launcher starts (``module:function``): the training recipe.
+DEFAULT_FN = "dollyflow.core.training.loop:train_main"
 
 
 class TrainingFailed(RuntimeError):
@@ -32,8 +40,8 @@ class TrainingFailed(RuntimeError):
         self.error = error
 
 
-def status_dir(spec: dict) -> str:
-    return os.path.join(spec["output_dir"], ".runs", spec["run_id"])
+def status_dir(spec: TrainSpec) -> str:
+    return os.path.join(spec.output_dir, ".runs", spec.run_id)
 
 
 def resolve_fn(ref: str):
@@ -52,8 +60,10 @@ def _rank() -> int:
     return 0
 
 
-def run_rank(fn_ref: str, spec: dict):
-    """Run ``fn_ref(spec)`` on this rank, recording a failure (and rank 0's result)."""
+def run_rank(fn_ref: str, data: dict):
+    """Run ``fn_ref(spec)`` on this rank with the spec rebuilt from ``data`` (``spec.to_dict()``),
+    recording a failure (and rank 0's result)."""
+    spec = TrainSpec.from_dict(data)
     rank = _rank()
     sdir = status_dir(spec)
     os.makedirs(sdir, exist_ok=True)
@@ -69,7 +79,7 @@ def run_rank(fn_ref: str, spec: dict):
     return result
 
 
-def errors(spec: dict) -> list[dict]:
+def errors(spec: TrainSpec) -> list[dict]:
     """The recorded rank failures, earliest first."""
     sdir = status_dir(spec)
     out = []
@@ -87,7 +97,7 @@ def errors(spec: dict) -> list[dict]:
     return sorted(out, key=lambda e: (e["time"], e["rank"]))
 
 
-def read_result(spec: dict) -> dict | None:
+def read_result(spec: TrainSpec) -> dict | None:
     try:
         with open(os.path.join(status_dir(spec), "result.json"), encoding="utf-8") as f:
             return json.load(f)
@@ -95,7 +105,7 @@ def read_result(spec: dict) -> dict | None:
         return None
 
 
-def failure(spec: dict, launcher_error: BaseException | str | None = None) -> TrainingFailed | None:
+def failure(spec: TrainSpec, launcher_error: BaseException | str | None = None) -> TrainingFailed | None:
     """The job's error when any rank failed (or the launcher did), else None."""
     errs = errors(spec)
     if errs:
@@ -113,7 +123,7 @@ def failure(spec: dict, launcher_error: BaseException | str | None = None) -> Tr
     return None
 
 
-def check(spec: dict, launcher_error: BaseException | None = None) -> None:
+def check(spec: TrainSpec, launcher_error: BaseException | None = None) -> None:
     err = failure(spec, launcher_error)
     if err is not None:
         if launcher_error is not None and not isinstance(launcher_error, TrainingFailed):
@@ -121,10 +131,10 @@ def check(spec: dict, launcher_error: BaseException | None = None) -> None:
         raise err
 
 
-def cleanup(spec: dict) -> None:
+def cleanup(spec: TrainSpec) -> None:
     """Remove this run's status directory (and ``.runs/`` when that leaves it empty); it must lie
     below ``<output_dir>/.runs``, whatever the run id."""
-    runs = os.path.join(spec["output_dir"], ".runs")
+    runs = os.path.join(spec.output_dir, ".runs")
     remove_dir(status_dir(spec), under=runs)
     try:
         os.rmdir(runs)

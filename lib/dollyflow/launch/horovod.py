@@ -9,10 +9,10 @@ deprecated Horovod after 15.4 LTS ML; TorchDistributor is the default.
 from __future__ import annotations
 
 import os
-import socket
 
-from dollyflow.launch import DEFAULT_FN
-from dollyflow.launch.common import check, cleanup, run_rank
+from dollyflow.core.training.rendezvous import free_port, host_address
+from dollyflow.core.training.spec import TrainSpec
+from dollyflow.launch.common import DEFAULT_FN, check, cleanup, run_rank
 
 
 def available() -> tuple[bool, str]:
@@ -24,24 +24,14 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
-def _host_address() -> str:
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("10.255.255.255", 1))
-            return s.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
-
-
 def hvd_rank(fn: str, spec: dict):
-    """One Horovod process: set the torch.distributed environment from Horovod's ranks, run."""
+    """One Horovod process: set the torch.distributed environment from Horovod's ranks, run
+    ``fn`` on the spec (``TrainSpec.to_dict()``)."""
     import horovod.torch as hvd
-
-    from dollyflow.core.training.distributed import free_port
 
     hvd.init()
     try:
-        addr = (_host_address(), free_port()) if hvd.rank() == 0 else None
+        addr = (host_address(), free_port()) if hvd.rank() == 0 else None
         addr = hvd.broadcast_object(addr, root_rank=0, name="dollyflow_master")
         os.environ.update(RANK=str(hvd.rank()), WORLD_SIZE=str(hvd.size()), LOCAL_RANK=str(hvd.local_rank()),
                           MASTER_ADDR=str(addr[0]), MASTER_PORT=str(addr[1]))
@@ -50,7 +40,7 @@ def hvd_rank(fn: str, spec: dict):
         hvd.shutdown()
 
 
-def launch(spec: dict, *, spark=None, fn: str = DEFAULT_FN) -> dict:
+def launch(spec: TrainSpec, *, spark=None, fn: str = DEFAULT_FN) -> dict:
     ok, why = available()
     if not ok:
         raise RuntimeError(f"train.launcher=horovod: {why}")
@@ -58,7 +48,7 @@ def launch(spec: dict, *, spark=None, fn: str = DEFAULT_FN) -> dict:
 
     try:
         try:
-            results = horovod.spark.run(hvd_rank, args=(fn, spec), num_proc=int(spec["processes"]),
+            results = horovod.spark.run(hvd_rank, args=(fn, spec.to_dict()), num_proc=spec.processes,
                                         use_gloo=True, verbose=1)
         except Exception as exc:  # noqa: BLE001 - replaced by the failing rank's own error
             check(spec, exc)

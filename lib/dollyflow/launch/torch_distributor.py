@@ -15,8 +15,8 @@ the returned value may come from any rank, so the per-rank status files decide s
 """
 from __future__ import annotations
 
-from dollyflow.launch import DEFAULT_FN
-from dollyflow.launch.common import TrainingFailed, check, cleanup, read_result, run_rank
+from dollyflow.core.training.spec import TrainSpec
+from dollyflow.launch.common import DEFAULT_FN, TrainingFailed, check, cleanup, read_result, run_rank
 
 
 def detect_gpu(spark, local_mode: bool) -> bool:
@@ -33,19 +33,18 @@ def detect_gpu(spark, local_mode: bool) -> bool:
         return False
 
 
-def launch(spec: dict, *, spark, fn: str = DEFAULT_FN) -> dict:
+def launch(spec: TrainSpec, *, spark, fn: str = DEFAULT_FN) -> dict:
     from pyspark.ml.torch.distributor import TorchDistributor
 
     if spark is None:
         raise ValueError("train.launcher=torch_distributor needs a SparkSession (use train.launcher=torchrun "
                          "without Spark)")
-    t = spec["train"]
-    use_gpu = t["use_gpu"] if t["use_gpu"] is not None else detect_gpu(spark, bool(t["local_mode"]))
-    distributor = TorchDistributor(num_processes=int(spec["processes"]), local_mode=bool(t["local_mode"]),
-                                   use_gpu=bool(use_gpu))
+    t = spec.train
+    use_gpu = t.use_gpu if t.use_gpu is not None else detect_gpu(spark, t.local_mode)
+    distributor = TorchDistributor(num_processes=spec.processes, local_mode=t.local_mode, use_gpu=bool(use_gpu))
     try:
         try:
-            result = distributor.run(run_rank, fn, spec)
+            result = distributor.run(run_rank, fn, spec.to_dict())
         except Exception as exc:  # noqa: BLE001 - replaced by the failing rank's own error
             check(spec, exc)
             raise

@@ -4,7 +4,7 @@ A random model never emits ``### End``, so stopping, response extraction and ear
 rows could not be exercised with one. :func:`tiny_dolly_model` trains a tiny GPT-NeoX (pythia
 architecture) for a few hundred plain AdamW steps on a handful of Dolly records until it answers
 with a memorised response followed by ``### End``, and saves it with the train job's own writer
-(:func:`dollyflow.core.training.output.finish_model_dir`): a Hugging Face model directory
+(:func:`dollyflow.core.training.model_dir.finish_model_dir`): a Hugging Face model directory
 (``config.json``, ``model.safetensors``, the tokenizer with Dolly's special tokens and pad = eos,
 ``generation_config.json`` whose ``eos_token_id`` is ``### End``, the model card ``README.md``
 and the provenance ``dollyflow_model.json``, here with ``kind: fixture``).
@@ -19,20 +19,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from dollyflow.core.models.build import TINY_MODEL, tiny_gpt_neox
 from dollyflow.core.prompt import prompt_prefix, response_suffix
+from dollyflow.core.tokens import IGNORE_INDEX, load_tokenizer
+from dollyflow.core.training.model_dir import finish_model_dir
 
 
 def save_model_dir(model, tokenizer, out_dir: str | Path, info: dict | None = None) -> Path:
     """Save ``model`` (safetensors) and complete the directory as the train job does (tokenizer,
     Dolly's generation config, model card, provenance ``info`` with ``kind: fixture``)."""
-    from dollyflow.core.training.output import finish_model_dir
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))   # safetensors
     info = {"kind": "fixture", **(info or {})}
     finish_model_dir(str(out), tokenizer, {
-        "name": out.name, "base_model": "tiny-gpt-neox", "method": "full", "weights": "full",
+        "name": out.name, "base_model": TINY_MODEL, "method": "full", "weights": "full",
         "trained_by": "dollyflow's test fixture (plain AdamW on the transformer blocks, frozen embeddings, "
                       f"{info.get('steps', '?')} steps on {info.get('records', '?')} records)",
         "processes": 1, **info})
@@ -46,9 +48,6 @@ def tiny_dolly_model(out_dir: str | Path, tokenizer_path: str | Path, records: S
     answers with their responses and ``### End``; save it under ``out_dir`` (see module doc).
     ``batch_size``: records per step (shuffled, seeded); None: all of them every step."""
     import torch
-
-    from dollyflow.core.models.build import tiny_gpt_neox
-    from dollyflow.core.tokens import IGNORE_INDEX, load_tokenizer
 
     tok = load_tokenizer(str(tokenizer_path))
     model = tiny_gpt_neox(len(tok), hidden_size=hidden_size, layers=layers, heads=heads,

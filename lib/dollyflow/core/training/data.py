@@ -20,9 +20,13 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from dollyflow.core.shards import ShardDataset, read_manifest
+from dollyflow.core.records import record_id
+from dollyflow.core.shards import (ShardDataset, build_manifest, histogram_edges, plan_shards, read_manifest,
+                                   shard_count, shard_file_name, write_manifest, write_shard)
+from dollyflow.core.split import assign_splits, split_keys
 from dollyflow.core.storage import is_uri, join, list_dir, read_bytes
-from dollyflow.core.tokens import IGNORE_INDEX
+from dollyflow.core.tokens import (IGNORE_INDEX, backend_from_json, backend_json, encode_records, load_tokenizer,
+                                   save_tokenizer)
 from dollyflow.core.training.batching import padded_width
 
 
@@ -107,19 +111,12 @@ def build_shard_dir(records: Iterable[dict], tokenizer_path: str | os.PathLike, 
     tokenize job uses, without Spark. Returns the manifest."""
     import pyarrow as pa
 
-    from dollyflow.core.records import record_id
-    from dollyflow.core.shards import (build_manifest, histogram_edges, plan_shards, shard_count, shard_file_name,
-                                       write_manifest, write_shard)
-    from dollyflow.core.split import assign_splits, split_keys
-    from dollyflow.core.tokens import encode_records, load_tokenizer, save_tokenizer
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     recs = list(records)
     tok = load_tokenizer(str(tokenizer_path))
     tok_info = save_tokenizer(tok, out_dir / "tokenizer")
     tok_info.update(name=str(tokenizer_path), dir="tokenizer")
-    from dollyflow.core.tokens import backend_from_json, backend_json
     backend = backend_from_json(backend_json(tok))
     enc = encode_records(backend, [r["instruction"] for r in recs], [r.get("context") or "" for r in recs],
                          [r["response"] for r in recs], max_length)

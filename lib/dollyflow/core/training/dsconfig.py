@@ -12,6 +12,8 @@ import copy
 import json
 from pathlib import Path
 
+from dollyflow.config import conf_dir
+
 PRESETS = ("a100", "a10", "v100", "cpu")
 
 
@@ -43,7 +45,6 @@ def load_preset(name: str, conf_root: str | Path | None = None) -> dict:
     """A preset by name (``conf/deepspeed/<name>.json``) or a JSON/YAML file by path."""
     if name in PRESETS:
         if conf_root is None:
-            from dollyflow.config import conf_dir
             conf_root = conf_dir()
         path = Path(conf_root) / "deepspeed" / f"{name}.json"
     else:
@@ -84,49 +85,49 @@ def _set_auto(d: dict, key: str, value) -> None:
         d[key] = value
 
 
-def fill(preset: dict, t: dict, *, world_size: int, total_steps: int, hidden_size: int, precision: str) -> dict:
-    """The preset with every ``auto`` filled from the train config ``t`` (a dict of the
-    ``train:`` section), the ZeRO stage overridden when ``train.zero_stage`` is set and the
+def fill(preset: dict, t, *, world_size: int, total_steps: int, hidden_size: int, precision: str) -> dict:
+    """The preset with every ``auto`` filled from the train settings ``t`` (the ``train:``
+    section: the spec's :class:`~.spec.TrainSettings` or a :class:`~dollyflow.config.TrainConfig`), the ZeRO stage overridden when ``train.zero_stage`` is set and the
     precision sections set to ``precision``. Raises if an ``auto`` is left."""
     ds = copy.deepcopy(preset)
     ds.pop("_comment", None)
-    micro = int(t["batch_size"])
-    gas = int(t["grad_accum"])
+    micro = t.batch_size
+    gas = t.grad_accum
     _set_auto(ds, "train_micro_batch_size_per_gpu", micro)
     _set_auto(ds, "gradient_accumulation_steps", gas)
     _set_auto(ds, "train_batch_size", micro * gas * world_size)
-    _set_auto(ds, "gradient_clipping", float(t["gradient_clipping"]))
+    _set_auto(ds, "gradient_clipping", t.gradient_clipping)
     ds["fp16"] = dict(ds.get("fp16") or {}, enabled=precision == "fp16")
     ds["bf16"] = dict(ds.get("bf16") or {}, enabled=precision == "bf16")
     opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     p = opt.setdefault("params", {})
-    _set_auto(p, "lr", float(t["learning_rate"]))
-    _set_auto(p, "betas", [float(t["adam_beta1"]), float(t["adam_beta2"])])
-    _set_auto(p, "eps", float(t["adam_eps"]))
-    _set_auto(p, "weight_decay", float(t["weight_decay"]))
+    _set_auto(p, "lr", t.learning_rate)
+    _set_auto(p, "betas", [t.adam_beta1, t.adam_beta2])
+    _set_auto(p, "eps", t.adam_eps)
+    _set_auto(p, "weight_decay", t.weight_decay)
     sched = ds.get("scheduler")
     if sched is not None and sched.get("type") in ("WarmupLR", "WarmupCosineLR", "auto"):
-        warmup = int(t["warmup_steps"])
+        warmup = t.warmup_steps
         # DeepSpeed's schedulers need >= 1 warmup step: no warmup = one "warmup" step at the peak
-        if t["lr_scheduler"] == "cosine":
+        if t.lr_scheduler == "cosine":
             ds["scheduler"] = {"type": "WarmupCosineLR", "params": {
                 "total_num_steps": max(2, int(total_steps)), "warmup_min_ratio": 0.0 if warmup else 1.0,
-                "warmup_num_steps": max(1, warmup), "cos_min_ratio": float(t["min_lr_ratio"]),
-                "warmup_type": t["warmup_type"]}}
+                "warmup_num_steps": max(1, warmup), "cos_min_ratio": t.min_lr_ratio,
+                "warmup_type": t.warmup_type}}
         else:
             sp = dict(sched.get("params") or {})
             if not warmup:
-                sp["warmup_min_lr"] = float(t["learning_rate"]) if sp.get("warmup_min_lr", "auto") == "auto" \
+                sp["warmup_min_lr"] = t.learning_rate if sp.get("warmup_min_lr", "auto") == "auto" \
                     else sp["warmup_min_lr"]
                 warmup = 1
             _set_auto(sp, "warmup_min_lr", 0.0)
-            _set_auto(sp, "warmup_max_lr", float(t["learning_rate"]))
+            _set_auto(sp, "warmup_max_lr", t.learning_rate)
             _set_auto(sp, "warmup_num_steps", warmup)
-            sp.setdefault("warmup_type", t["warmup_type"])
+            sp.setdefault("warmup_type", t.warmup_type)
             ds["scheduler"] = {"type": "WarmupLR", "params": sp}
     z = ds.setdefault("zero_optimization", {"stage": 0})
-    if t.get("zero_stage") is not None:
-        z["stage"] = int(t["zero_stage"])
+    if t.zero_stage is not None:
+        z["stage"] = t.zero_stage
     h2 = int(hidden_size) * int(hidden_size)
     _set_auto(z, "reduce_bucket_size", h2)
     _set_auto(z, "allgather_bucket_size", 5 * 10**8)     # DeepSpeed's default

@@ -20,6 +20,8 @@ import threading
 import time
 import uuid
 
+from dollyflow.core.storage import write_atomic
+
 HEARTBEAT_SECONDS = 30.0
 STALE_SECONDS = 600.0
 
@@ -113,8 +115,6 @@ class Lease:
         return bool(held) and held.get("token") == self.token
 
     def _beat(self) -> None:
-        from dollyflow.core.storage import write_atomic
-
         while not self._stop.wait(self.heartbeat_seconds):
             if not self.holds():        # taken over after we went quiet: never write over theirs
                 return

@@ -51,20 +51,20 @@ def _module_name(model, module) -> str:
     raise ValueError("module not found in the model")
 
 
-def lora_config(t: dict, model=None, new_token_ids=()):
-    """The peft ``LoraConfig`` for train config ``t`` (a dict of the ``train:`` section)."""
+def lora_config(t, model=None, new_token_ids=()):
+    """The peft ``LoraConfig`` for the train settings ``t`` (the ``train:`` section)."""
     from peft import LoraConfig
 
-    kw = dict(r=int(t["lora_r"]), lora_alpha=int(t["lora_alpha"]), lora_dropout=float(t["lora_dropout"]),
-              target_modules=list(t["lora_target_modules"]), bias="none", task_type="CAUSAL_LM")
-    if t.get("lora_train_new_tokens") and new_token_ids and model is not None:
+    kw = dict(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
+              target_modules=list(t.lora_target_modules), bias="none", task_type="CAUSAL_LM")
+    if t.lora_train_new_tokens and new_token_ids and model is not None:
         ids = sorted(int(i) for i in new_token_ids)
         kw["trainable_token_indices"] = {_module_name(model, model.get_input_embeddings()): ids,
                                          _module_name(model, model.get_output_embeddings()): ids}
     return LoraConfig(**kw)
 
 
-def apply_lora(model, t: dict, new_token_ids=()):
+def apply_lora(model, t, new_token_ids=()):
     from peft import get_peft_model
 
     return get_peft_model(model, lora_config(t, model, new_token_ids))

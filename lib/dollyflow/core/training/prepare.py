@@ -23,8 +23,8 @@ old model's provenance lists, checkpoints by their markers), and anything else i
 directory (a user's own files) moves into the new one. The runner holds a lease on the output
 directory (:mod:`.lease`) around all of this, so two train jobs never share one.
 
-It returns the *spec*, the plain dict every rank's :func:`~dollyflow.core.training.loop.train_main`
-receives. :func:`finish` swaps the new model in and completes the MLflow run after the ranks are done.
+It returns the *spec*, the :class:`~.spec.TrainSpec` every rank's
+:func:`~dollyflow.core.training.loop.train_main` receives. :func:`finish` swaps the new model in and completes the MLflow run after the ranks are done.
 """
 from __future__ import annotations
 
@@ -35,10 +35,16 @@ from dataclasses import asdict
 
 from dollyflow.config import Config, redact, redact_uri, shards_root
 from dollyflow.core import shards as shard_io
+from dollyflow.core.models.build import TINY_MODEL
+from dollyflow.core.prompt import DOLLY_SPECIAL_TOKENS
 from dollyflow.core.storage import is_uri, join, read_bytes, write_atomic
-from dollyflow.core.training import checkpoint, dsconfig, output, tracking
+from dollyflow.core.tokens import load_tokenizer
+from dollyflow.core.training import checkpoint, dsconfig, model_dir, tracking
+from dollyflow.core.training.data import local_dir
+from dollyflow.core.training.errors import shard_check_error
+from dollyflow.core.training.spec import TrainSpec
 
-RUN_FILE = output.RUN_FILE   # written at the start of a run: marks the directory as ours
+RUN_FILE = model_dir.RUN_FILE   # written at the start of a run: marks the directory as ours
 
 
 class OutputConflict(RuntimeError):
@@ -99,7 +105,7 @@ def presets_for(t) -> dict:
 def _ours(directory: str) -> bool:
     """The directory was written by a dollyflow train run: its run file or a finished model's
     provenance is there. (A ``checkpoints/`` folder or a ``metrics.jsonl`` alone proves nothing.)"""
-    return any(os.path.isfile(os.path.join(directory, n)) for n in (output.PROVENANCE, RUN_FILE))
+    return any(os.path.isfile(os.path.join(directory, n)) for n in (model_dir.PROVENANCE, RUN_FILE))
 
 
 def check_tokenizer(shard_dir: str, model_cfg: dict) -> dict:
@@ -107,18 +113,14 @@ def check_tokenizer(shard_dir: str, model_cfg: dict) -> dict:
     (Dolly's three special tokens): same ids for every token of the model's vocabulary, and
     nothing else added. Fails before training, naming both sizes. The tiny random model is built
     for whatever tokenizer the shards carry, so it needs no check."""
-    from dollyflow.core.prompt import DOLLY_SPECIAL_TOKENS
-    from dollyflow.core.tokens import load_tokenizer
-    from dollyflow.core.training.data import local_dir
-
     base = model_cfg.get("tokenizer") or model_cfg["name"]
-    if model_cfg["name"] == "tiny-gpt-neox" and not model_cfg.get("tokenizer"):
+    if model_cfg["name"] == TINY_MODEL and not model_cfg.get("tokenizer"):
         return {"checked": False, "why": "the tiny model is built for the shards' tokenizer"}
     shard_tok = load_tokenizer(local_dir(join(shard_dir, shard_io.TOKENIZER_DIR)), dolly_tokens=False)
     try:
         model_tok = load_tokenizer(base, dolly_tokens=False)
     except Exception as exc:  # noqa: BLE001 - named in the error
-        if model_cfg["name"] == "tiny-gpt-neox":
+        if model_cfg["name"] == TINY_MODEL:
             return {"checked": False, "why": f"model.tokenizer {base!r} cannot be loaded ({exc}); the tiny model "
                                              "is built for the shards' tokenizer"}
         raise TokenizerMismatch(f"cannot load the base model's tokenizer {base!r} to check the shards against it: "
@@ -150,13 +152,13 @@ def _conflict(out_dir: str, ckpt_dir: str, prov: dict | None, fp: dict) -> str |
     if prov is not None:
         if prov.get("fingerprint", {}).get("sha256") == fp["sha256"]:
             return None
-        diff = output.differences(prov.get("fingerprint", {}).get("fields", {}), fp["fields"])
+        diff = model_dir.differences(prov.get("fingerprint", {}).get("fields", {}), fp["fields"])
         return f"{out_dir} holds a model trained with a different fingerprint ({'; '.join(diff)})"
     others = [c for c in checkpoint.list_checkpoints(ckpt_dir)
               if c.complete and c.info.get("fingerprint") != fp["sha256"]]
     if others and checkpoint.latest_complete(ckpt_dir, fp["sha256"]) is None:
         old = _read_run_file(out_dir)
-        diff = output.differences(old.get("fingerprint", {}).get("fields", {}), fp["fields"]) if old else []
+        diff = model_dir.differences(old.get("fingerprint", {}).get("fields", {}), fp["fields"]) if old else []
         return (f"{ckpt_dir} holds checkpoints of a different training run "
                 f"({'; '.join(diff) or 'fingerprint ' + str(others[-1].info.get('fingerprint'))})")
     return None
@@ -165,13 +167,13 @@ def _conflict(out_dir: str, ckpt_dir: str, prov: dict | None, fp: dict) -> str |
 def prepare(cfg: Config, *, launcher: str | None = None) -> dict:
     """Resolve, verify and decide; returns ``{"decision": skip|resume|fresh, "spec": ..., ...}``.
     Callers that may run concurrently with another train job hold the output directory's lease
-    (:class:`~dollyflow.core.training.lease.Lease`, as :func:`~.runner.run_training` does)."""
+    (:class:`~dollyflow.core.training.lease.Lease`, as :func:`dollyflow.jobs.train.run_training` does)."""
     t = cfg.train
     launcher = launcher or t.launcher
     shard_dir = shard_io.resolve_shard_dir(t.shard_dir or shards_root(cfg))
     problems = shard_io.verify_shards(shard_dir)
     if problems:
-        raise shard_io_error(shard_dir, problems)
+        raise shard_check_error(shard_dir, problems)
     manifest_sha = shard_io.manifest_sha256(shard_dir)
     manifest = shard_io.read_manifest(shard_dir)
     if "train" not in manifest["splits"]:
@@ -179,12 +181,12 @@ def prepare(cfg: Config, *, launcher: str | None = None) -> dict:
     processes = resolve_processes(t)
     out_dir = _require_file_path(t.output_dir or default_output_dir(cfg, manifest_sha), "train.output_dir")
     train = asdict(t)
-    fp = output.fingerprint(model_name=cfg.model.name, manifest_sha256=manifest_sha, train=train, processes=processes)
+    fp = model_dir.fingerprint(model_name=cfg.model.name, manifest_sha256=manifest_sha, train=train, processes=processes)
     base = {"shard_dir": shard_dir, "manifest_sha256": manifest_sha, "output_dir": out_dir,
             "fingerprint": fp, "processes": processes, "launcher": launcher, "source": manifest.get("source", {})}
 
     # fingerprint first: the same model finished already is a no-op, overwrite or not
-    prov = output.read_provenance(out_dir)
+    prov = model_dir.read_provenance(out_dir)
     if prov is not None and prov.get("fingerprint", {}).get("sha256") == fp["sha256"]:
         ckpt_dir = _require_file_path(t.checkpoint_dir or os.path.join(out_dir, "checkpoints"), "train.checkpoint_dir")
         return dict(base, checkpoint_dir=ckpt_dir, target_dir=out_dir, decision="skip", spec=None, provenance=prov)
@@ -227,16 +229,13 @@ def prepare(cfg: Config, *, launcher: str | None = None) -> dict:
         params = {"model": asdict(cfg.model), "train": train, "processes": processes, "launcher": launcher}
         run_id = tracking.start_run(uri, experiment, cfg.run_id, redact(params), redact(tags))
         mlflow = {"uri": uri, "experiment": experiment, "run_id": run_id}
-    spec = {"run_id": cfg.run_id, "train": train, "model": asdict(cfg.model), "config": cfg.redacted(),
-            "deepspeed_presets": presets_for(t), "mlflow": mlflow, **base, "output_dir": target,
-            "final_output_dir": out_dir}
+    spec = TrainSpec.from_dict({
+        "run_id": cfg.run_id, "train": train, "model": asdict(cfg.model), "config": cfg.redacted(),
+        "deepspeed_presets": presets_for(t), "mlflow": mlflow, "shard_dir": shard_dir,
+        "manifest_sha256": manifest_sha, "output_dir": target, "final_output_dir": out_dir,
+        "checkpoint_dir": ckpt_dir, "fingerprint": fp, "processes": processes, "launcher": launcher})
     return dict(base, decision=decision, spec=spec, mlflow_message=mlflow_msg, vocab=vocab,
                 resume_step=ckpt.step if ckpt else None)
-
-
-def shard_io_error(shard_dir: str, problems: list[str]) -> Exception:
-    from dollyflow.core.training.loop import ShardCheckError
-    return ShardCheckError(f"shard directory {shard_dir} does not match its manifest: " + "; ".join(problems[:10]))
 
 
 def _read_run_file(out_dir: str) -> dict:
@@ -258,31 +257,31 @@ def output_dir_for(cfg: Config) -> str:
 
 def finish(plan: dict, result: dict | None, *, failed: bool = False) -> dict:
     """After the ranks: on success, a replacement model (trained beside the old one) is swapped
-    in (:func:`~.output.swap_in`: the old model's own files removed, a user's files carried
+    in (:func:`~.model_dir.swap_in`: the old model's own files removed, a user's files carried
     over) and checkpoints of the replaced run are removed by their markers; then the MLflow run
     ends (artifacts, metrics backfill, the model). A failed run changes nothing: the old model
     stays, and the replacement's checkpoints stay beside it for a retry to resume from.
     Returns ``{"mlflow": what was logged, "swap": ..., "checkpoint_dir": where they are now}``."""
-    spec = plan.get("spec") or {}
+    spec: TrainSpec | None = plan.get("spec")
     out, target = plan["output_dir"], plan.get("target_dir") or plan["output_dir"]
     ckpt_dir, swap = plan["checkpoint_dir"], None
     if not failed and plan.get("replaces"):
         fp = plan["fingerprint"]["sha256"]
-        swap = output.swap_in(target, out, sibling_dir(out, fp, "prev"))
+        swap = model_dir.swap_in(target, out, sibling_dir(out, fp, "prev"))
         if os.path.normpath(ckpt_dir).startswith(os.path.normpath(target) + os.sep):
             ckpt_dir = os.path.join(out, os.path.relpath(ckpt_dir, target))
         else:     # a checkpoint_dir of the user's: only the replaced run's checkpoints go
             swap["checkpoints_removed"], kept = checkpoint.remove_other_runs(ckpt_dir, fp)
             if kept:
                 swap["checkpoints_kept"] = kept
-    model_dir = target if failed else out
-    mlf = spec.get("mlflow")
+    written = target if failed else out
+    mlf = spec.mlflow if spec else None
     logged = {}
     if mlf:
-        entries = output.read_metrics(os.path.join(model_dir, output.METRICS))
+        entries = model_dir.read_metrics(os.path.join(written, model_dir.METRICS))
         backfill = failed or not (result or {}).get("mlflow_live", False)
-        logged = tracking.finish_run(mlf["uri"], mlf["run_id"], output_dir=model_dir, entries=entries,
+        logged = tracking.finish_run(mlf.uri, mlf.run_id, output_dir=written, entries=entries,
                                      backfill=backfill,
-                                     log_model=bool(spec["train"]["mlflow_log_model"]) and not failed,
+                                     log_model=spec.train.mlflow_log_model and not failed,
                                      status="FAILED" if failed else "FINISHED")
     return {"mlflow": logged, "swap": swap, "checkpoint_dir": ckpt_dir}

@@ -1,4 +1,4 @@
-"""The trained model's directory: fingerprint, provenance, model card, generation config, metrics.
+"""The trained model's directory: fingerprint, provenance, model card, generation config, metrics, swap-in.
 
 The output directory is a Hugging Face model directory (``AutoModelForCausalLM.from_pretrained``
 and ``AutoTokenizer.from_pretrained`` load it and nothing else is needed) plus:
@@ -24,7 +24,10 @@ import json
 import os
 from datetime import datetime, timezone
 
+from dollyflow.core.models.build import TINY_MODEL
+from dollyflow.core.prompt import END_KEY
 from dollyflow.core.storage import check_within, join, read_bytes, write_atomic
+from dollyflow.core.training import checkpoint
 
 PROVENANCE = "dollyflow_model.json"
 METRICS = "metrics.jsonl"
@@ -85,8 +88,6 @@ def generation_config(tokenizer):
     """Dolly's generation settings, stopping at ``### End``; pad = eos."""
     from transformers import GenerationConfig
 
-    from dollyflow.core.prompt import END_KEY
-
     end_id = tokenizer.convert_tokens_to_ids(END_KEY)
     if end_id is None or end_id == tokenizer.unk_token_id:
         raise ValueError("the tokenizer lacks the '### End' special token")
@@ -108,7 +109,7 @@ def model_card(p: dict) -> str:
     src = p.get("dataset", {}).get("source", {})
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "license: apache-2.0"]
     base = p.get("base_model", "")
-    if base and base != "tiny-gpt-neox":
+    if base and base != TINY_MODEL:
         lines.append(f"base_model: {base}")
     lines += ["tags:", "  - dollyflow", "  - dolly", "  - gpt-neox", f"  - {p.get('method', 'full')}", "---", ""]
     by = p.get("trained_by") or (f"dollyflow (DeepSpeed, launched by {p.get('launcher')} on "
@@ -266,7 +267,6 @@ def swap_in(new_dir: str, out_dir: str, prev_dir: str) -> dict:
             removed += 1
         except (FileNotFoundError, IsADirectoryError):
             pass
-    from dollyflow.core.training import checkpoint
     ckpt = os.path.join(prev_dir, "checkpoints")
     if os.path.isdir(ckpt):
         checkpoint.remove_other_runs(ckpt, fingerprint="")
