@@ -58,6 +58,7 @@ setup(
                   "safetensors>=0.4", "deepspeed>=0.16", "mlflow-skinny>=3",
                   "peft>=0.15",     # LoRA (train.method=lora) with trainable_token_indices
                   "tqdm>=4.66",     # the training progress bar
+                  "matplotlib>=3.8",   # the loss plot logged to MLflow (core/plots.py)
                   "pyarrow>=18"],   # the shard reader (core/shards.py) on a GPU box without Spark
         "horovod": ["horovod[pytorch]>=0.28"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "datasketch>=1.6",

@@ -121,7 +121,7 @@ def test_mlflow_run_has_params_metrics_tags_and_the_model_card(trained, shards):
     assert {"eval_loss", "useful_tokens_per_s"} <= set(run.data.metrics)
     assert any(k.startswith("eval_loss.") for k in run.data.metrics)
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"README.md", "dollyflow_model.json", "metrics.jsonl", "loss_curve.svg"} <= names
+    assert {"README.md", "dollyflow_model.json", "metrics.jsonl", "loss_curve.png"} <= names
     assert s["mlflow"]["model_logged"], s["mlflow"]["model_error"]       # the transformers flavour
     assert s["mlflow"]["model_uri"].startswith("models:/")
 

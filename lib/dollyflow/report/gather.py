@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 
-from dollyflow.config import TablesConfig, redact
+from dollyflow.config import TablesConfig, on_databricks, redact
 from dollyflow.core.shards import read_manifest
 from dollyflow.core.storage import absolute, exists, join, read_bytes, write_atomic
 from dollyflow.core.training import tracking
 from dollyflow.engine.delta import DeltaStore
-from dollyflow.engine.session import on_databricks
 from dollyflow.report.html import render_html
 from dollyflow.runs import report_path
 

@@ -33,7 +33,7 @@ import os
 import re
 from dataclasses import asdict
 
-from dollyflow.config import Config, redact, redact_uri, shards_root
+from dollyflow.config import Config, on_databricks, redact, redact_uri, shards_root
 from dollyflow.core import shards as shard_io
 from dollyflow.core.models.build import TINY_MODEL
 from dollyflow.core.prompt import DOLLY_SPECIAL_TOKENS
@@ -53,10 +53,6 @@ class OutputConflict(RuntimeError):
 
 class TokenizerMismatch(ValueError):
     """The shards were tokenized with a tokenizer that is not the base model's."""
-
-
-def on_databricks() -> bool:
-    return "DATABRICKS_RUNTIME_VERSION" in os.environ
 
 
 def resolve_processes(t) -> int:

@@ -3,7 +3,7 @@
 The driver (the job, or the torchrun entry point) creates the run: params (the resolved config),
 tags (dataset table and Delta version, manifest sha256, shard dir, fingerprint). Rank 0 logs
 metrics per optimizer step and per evaluation to that run while training. The driver then logs
-the artifacts (model card, config, provenance, metrics.jsonl, a loss-curve SVG) and, when
+the artifacts (model card, config, provenance, metrics.jsonl, the loss plot of the run report as a PNG) and, when
 ``mlflow.transformers`` imports, the model with the transformers flavour. If live logging from
 rank 0 failed (a worker that cannot reach the tracking server), the driver logs the metrics from
 ``metrics.jsonl`` afterwards. Where MLflow is not installed, tracking is off with a message and
@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from dollyflow.core.plots import plot_loss
 from dollyflow.core.storage import is_uri
 
 MAX_PARAM_CHARS = 6000
@@ -139,30 +140,6 @@ def metric_rows(entries: list[dict]) -> list[tuple[int, dict]]:
     return rows
 
 
-def loss_curve_svg(entries: list[dict], width: int = 640, height: int = 320) -> str:
-    """The train loss (and eval loss points) per step as a small standalone SVG."""
-    train = [(e["step"], e["loss"]) for e in entries if e.get("kind") == "train" and "loss" in e]
-    evals = [(e["step"], e["eval_loss"]) for e in entries if e.get("kind") == "eval" and "eval_loss" in e]
-    pts = train + evals
-    pad = 40
-    if not pts:
-        return f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}"></svg>'
-    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-    sx = (width - 2 * pad) / max(1e-9, x1 - x0)
-    sy = (height - 2 * pad) / max(1e-9, y1 - y0)
-
-    def xy(p):
-        return pad + (p[0] - x0) * sx, height - pad - (p[1] - y0) * sy
-
-    line = " ".join(f"{x:.1f},{y:.1f}" for x, y in map(xy, train))
-    dots = "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="#d62728"/>' for x, y in map(xy, evals))
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-            f'font-size="11"><rect width="100%" height="100%" fill="white"/>'
-            f'<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{line}"/>{dots}'
-            f'<text x="{pad}" y="16">loss (blue: train, red: eval) by step {x0}-{x1}; {y0:.3f}-{y1:.3f}</text></svg>')
-
-
 def finish_run(uri: str, run_id: str, *, output_dir: str, entries: list[dict], backfill: bool,
                log_model: bool, status: str = "FINISHED") -> dict:
     """Artifacts, metrics backfill and the transformers-flavour model; ends the run."""
@@ -180,11 +157,15 @@ def finish_run(uri: str, run_id: str, *, output_dir: str, entries: list[dict], b
         if p.is_file():
             client.log_artifact(run_id, str(p))
             info["artifacts"].append(name)
-    with tempfile.TemporaryDirectory() as tmp:
-        svg = Path(tmp, "loss_curve.svg")
-        svg.write_text(loss_curve_svg(entries), encoding="utf-8")
-        client.log_artifact(run_id, str(svg))
-        info["artifacts"].append("loss_curve.svg")
+    with tempfile.TemporaryDirectory() as tmp:   # the run report's loss plot, as a PNG artifact
+        png = Path(tmp, "loss_curve.png")
+        try:
+            png.write_bytes(plot_loss(entries))
+        except ImportError as exc:   # matplotlib absent: the metrics are logged, MLflow draws them
+            info["loss_curve"] = f"not drawn: {exc}"
+        else:
+            client.log_artifact(run_id, str(png))
+            info["artifacts"].append("loss_curve.png")
     if log_model and Path(output_dir, "config.json").is_file():
         info.update(_log_transformers_model(uri, run_id, output_dir))
     client.set_terminated(run_id, status=status)
