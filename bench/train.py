@@ -248,7 +248,7 @@ def read_provenance_metrics(out: Path) -> dict:
 
 def cpu_mode(a) -> dict:
     from dollyflow.core.tokens import load_tokenizer
-    from dollyflow.core.training.data import build_shard_dir
+    from dollyflow.core.shards.build import build_shard_dir
 
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -308,7 +308,7 @@ def gpu_mode(a) -> dict:
     import torch
 
     from dollyflow.config import load_config
-    from dollyflow.core.training.data import build_shard_dir
+    from dollyflow.core.shards.build import build_shard_dir
     from dollyflow.core.training.loop import train_main
     from dollyflow.core.training.model_dir import read_metrics
     from dollyflow.core.training.prepare import prepare

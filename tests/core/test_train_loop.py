@@ -20,7 +20,8 @@ from dollyflow.config import load_config  # noqa: E402
 from dollyflow.core.models.build import tiny_gpt_neox  # noqa: E402
 from dollyflow.core.tokens import load_tokenizer  # noqa: E402
 from dollyflow.core.training import batching  # noqa: E402
-from dollyflow.core.training.data import build_shard_dir, split_records  # noqa: E402
+from dollyflow.core.shards.build import build_shard_dir  # noqa: E402
+from dollyflow.core.training.data import split_records  # noqa: E402
 from dollyflow.core.training.errors import ShardCheckError  # noqa: E402
 from dollyflow.core.training.loop import train_main  # noqa: E402
 from dollyflow.core.training.model_dir import METRICS, read_metrics, read_provenance  # noqa: E402
@@ -160,7 +161,7 @@ def test_shards_of_another_tokenizer_fail_before_training_naming_both_sizes(tmp_
     assert not out.exists()                              # nothing written, nothing launched
     # the model's own tokenizer with Dolly's three tokens added: accepted
     model_cfg = {"name": str(base), "tokenizer": str(tmp_path / "other-tok")}
-    from dollyflow.core.training.data import build_shard_dir
+    from dollyflow.core.shards.build import build_shard_dir
     records = [json.loads(line) for line in open(sample_path, encoding="utf-8")][:20]
     mine = tmp_path / "own-shards"
     build_shard_dir(records, tmp_path / "other-tok", mine, max_length=512, test_size=2, num_shards=1)

@@ -466,3 +466,27 @@ def test_a_run_over_an_older_silver_version_finishing_last_leaves_the_pointer(jo
     assert resolve_shard_dir(str(root)) == newer["shard_dir"]
     assert verify_shards(newer["shard_dir"]) == [] and verify_shards(older["shard_dir"]) == []
     assert older["pruned"] == []
+
+
+def test_the_builder_without_spark_writes_the_jobs_shards(job, tmp_path):
+    """core/shards/build.py (a GPU box without Spark, the benches) and the Spark job write the
+    same records, in the same shards, in the same order, with the same per-shard stats."""
+    from dollyflow.core.shards.build import build_shard_dir
+
+    s, cfg = job["summary"], job["cfg"]
+    records = [{"instruction": r[1], "context": r[2], "response": r[3], "category": r[4]} for r in job["rows"]]
+    local = tmp_path / "local"
+    built = build_shard_dir(records, job["tokenizer_path"], local, max_length=MAX_LENGTH,
+                            test_size=cfg.tokenize.test_size, num_shards=cfg.tokenize.num_shards, seed=cfg.tokenize.seed)
+    made = read_manifest(s["shard_dir"])
+    assert built["drops"] == made["drops"] == s["drops"]
+    for split in ("train", "test"):
+        ours, theirs = built["splits"][split], made["splits"][split]
+        for key in ("records", "tokens", "label_tokens", "categories", "length_histogram"):
+            assert ours[key] == theirs[key], (split, key)
+        assert [(a["file"], a["records"], a["tokens"]) for a in ours["shards"]] == \
+            [(b["file"], b["records"], b["tokens"]) for b in theirs["shards"]] and ours["shards"]
+        for a in ours["shards"]:
+            ta, tb = pq.read_table(local / a["file"]), pq.read_table(Path(s["shard_dir"]) / a["file"])
+            for column in ("record_id", "category", "input_ids", "response_start", "length"):
+                assert ta.column(column).to_pylist() == tb.column(column).to_pylist(), (a["file"], column)

@@ -7,26 +7,18 @@
 - :func:`rank_records`: rank ``r`` of ``w`` reads every ``w``-th shard; when a split has fewer
   shards than ranks, every rank reads all of them and keeps every ``w``-th record instead.
 - :func:`local_dir`: a local copy of a directory on an object store (the tokenizer).
-- :func:`build_shard_dir`: the tokenize job's output for a list of records, without Spark (the
-  same core functions: Dolly prompts, drops, hash split, token-balanced shards, manifest), for
-  a GPU box without Spark, the benchmark and the core tests.
 """
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from dollyflow.core.records import record_id
-from dollyflow.core.shards import (ShardDataset, build_manifest, histogram_edges, plan_shards, read_manifest,
-                                   shard_count, shard_file_name, write_manifest, write_shard)
-from dollyflow.core.split import assign_splits, split_keys
+from dollyflow.core.shards import ShardDataset, read_manifest
 from dollyflow.core.storage import is_uri, join, list_dir, read_bytes
-from dollyflow.core.tokens import (IGNORE_INDEX, backend_from_json, backend_json, encode_records, load_tokenizer,
-                                   save_tokenizer)
+from dollyflow.core.tokens import IGNORE_INDEX
 from dollyflow.core.training.batching import padded_width
 
 
@@ -103,53 +95,3 @@ def local_dir(path: str, cache_root: str | None = None) -> str:
     return target
 
 
-def build_shard_dir(records: Iterable[dict], tokenizer_path: str | os.PathLike, out_dir: str | os.PathLike, *,
-                    max_length: int = 512, test_size: float = 10, num_shards: int = 2, seed: int = 42,
-                    source: dict | None = None) -> dict:
-    """Write a shard directory (shards, ``tokenizer/``, ``manifest.json``) for dolly records
-    (``instruction``, ``context``, ``response``, ``category``) with the core functions the
-    tokenize job uses, without Spark. Returns the manifest."""
-    import pyarrow as pa
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    recs = list(records)
-    tok = load_tokenizer(str(tokenizer_path))
-    tok_info = save_tokenizer(tok, out_dir / "tokenizer")
-    tok_info.update(name=str(tokenizer_path), dir="tokenizer")
-    backend = backend_from_json(backend_json(tok))
-    enc = encode_records(backend, [r["instruction"] for r in recs], [r.get("context") or "" for r in recs],
-                         [r["response"] for r in recs], max_length)
-    drops: dict[str, int] = {}
-    kept = []
-    for i, r in enumerate(recs):
-        if enc.drop_reason[i]:
-            drops[enc.drop_reason[i]] = drops.get(enc.drop_reason[i], 0) + 1
-            continue
-        rid = record_id(r["instruction"], r.get("context") or "", r["response"], r.get("category") or "")
-        kept.append((rid, r.get("category") or "", enc.input_ids[i], enc.response_start[i]))
-    splits = assign_splits([k[0] for k in kept], test_size, seed)
-    edges = histogram_edges(max_length)
-    by_split: dict[str, list[dict]] = {}
-    for split in sorted(set(splits)):
-        rows = [k for k, s in zip(kept, splits) if s == split]
-        lengths = [len(k[2]) for k in rows]
-        plan = plan_shards(lengths, split_keys([k[0] for k in rows], seed), num_shards, [k[0] for k in rows])
-        count = shard_count(num_shards, len(rows))
-        stats = []
-        for s in range(count):
-            part = [rows[i] for i in range(len(rows)) if plan[i] == s]
-            part.sort(key=lambda k: k[0])
-            table = pa.table({"record_id": [k[0] for k in part], "category": [k[1] for k in part],
-                              "input_ids": [list(k[2]) for k in part],
-                              "response_start": [int(k[3]) for k in part],
-                              "length": [len(k[2]) for k in part]})
-            st = write_shard(table, str(out_dir / shard_file_name(split, s, count)), edges)
-            st["split"] = split
-            stats.append(st)
-        by_split[split] = stats
-    manifest = build_manifest(source=source or {"table": "local", "location": "", "version": 0, "backend": "none"},
-                              tokenizer=tok_info, max_length=max_length, seed=seed, test_size=test_size,
-                              edges=edges, split_shards=by_split, drops=drops, run_id="local")
-    write_manifest(str(out_dir), manifest)
-    return manifest
