@@ -34,11 +34,6 @@ def setting(default: Any = dataclasses.MISSING, *, doc: str,
     return field(default=default, default_factory=factory, metadata={"doc": doc})
 
 
-def doc_of(cls: type, name: str) -> str:
-    """The documentation of field ``name`` of the section dataclass ``cls``."""
-    return next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("doc", "")
-
-
 @dataclass
 class SparkConfig:
     """spark: the Spark session. A session that already exists (Databricks, spark-submit) is used
