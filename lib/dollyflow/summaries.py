@@ -96,6 +96,7 @@ def human_line(name: str, s: dict, changes: dict | None = None) -> str:
         return (f"{_n(s.get('rows_in'))} rows of {where}: {_n(s.get('generated'))} generated, "
                 f"{_n(s.get('already_predicted'))} already predicted; finish {_reasons(s.get('finish_reasons'))}; "
                 f"{_n(s.get('completion_tokens'))} tokens at {_n(s.get('tokens_per_second'))} tokens/s"
+                + (f" ({s['engine']} {s.get('compute_type')})" if s.get("engine") not in (None, "torch") else "")
                 + (f" (model loads: {_n(w['loads'])}, slowest {w['load_seconds']:.1f} s)"
                    if (w := s.get("workers") or {}).get("loads") else "") + tail)
     return tail.lstrip(" |")

@@ -325,6 +325,18 @@ class InferConfig:
     top_k: int = setting(0, doc="Dolly: 0 = off (only with do_sample)")
     seed: int = setting(42, doc="per-row seed = hash(seed, instruction, context) unless SQL passes one (only with "
                                 "do_sample)")
+    engine: str = setting("torch", doc="torch: the project's own batched generator (transformers' model, exact: greedy "
+                                       "output equals model.generate) | ctranslate2: CTranslate2 (the optional "
+                                       "extra dollyflow[ctranslate2]; the model converted once per model sha and "
+                                       "compute type on each machine) | auto: ctranslate2 when it is installed and "
+                                       "converts the model, else torch. Predictions of different engines or "
+                                       "compute types never mix (params records them)")
+    compute_type: str = setting("default", doc="ctranslate2 only: default | float32 | int8 | int8_float16 | "
+                                               "bfloat16 | float16, checked against the device (cpu: float32, "
+                                               "int8; default: float32 on cpu)")
+    ct2_threads: int = setting(0, doc="ctranslate2 only: intra threads per generator; 0: CTranslate2's default "
+                                      "(every core of the task's executor; one per Spark task when tasks share "
+                                      "a machine)")
     device: str = setting("auto", doc="auto: the task's GPU (Spark's gpu resource) when CUDA is there, else cpu | "
                                       "cpu | cuda | cuda:N")
     dtype: str = setting("auto", doc="auto: bf16 on Ampere+ GPUs, fp16 on older GPUs (V100), fp32 on cpu | "

@@ -67,6 +67,13 @@ def validate(cfg: Config) -> None:
     for key in ("max_new_tokens", "batch_tokens", "max_batch_size", "window_rows"):
         if getattr(inf, key) < 1:
             raise ConfigError(f"infer.{key} must be >= 1, got {getattr(inf, key)}")
+    if inf.engine not in ("torch", "ctranslate2", "auto"):
+        raise ConfigError(f"infer.engine: {inf.engine!r} is not one of torch, ctranslate2, auto")
+    compute_types = ("default", "float32", "int8", "int8_float16", "bfloat16", "float16")
+    if inf.compute_type not in compute_types:
+        raise ConfigError(f"infer.compute_type: {inf.compute_type!r} is not one of {', '.join(compute_types)}")
+    if inf.ct2_threads < 0:
+        raise ConfigError(f"infer.ct2_threads must not be negative, got {inf.ct2_threads}")
     if inf.partitions < 0 or (inf.limit is not None and inf.limit < 0):
         raise ConfigError("infer.partitions and infer.limit must not be negative")
     if inf.do_sample and not (inf.temperature > 0 and 0 < inf.top_p <= 1 and inf.top_k >= 0):

@@ -38,6 +38,8 @@ not the ones the driver hashed: every row is stamped with the driver's ``model_s
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -46,16 +48,17 @@ from typing import Iterator, Tuple
 import pandas as pd
 
 from dollyflow.config import check_identifier
+from dollyflow.core.generation import ct2
 from dollyflow.core.generation.generator import Generator
 from dollyflow.core.generation.params import GenerationParams
 from dollyflow.core.generation.worker_cache import cached
-from dollyflow.core.models.cache import cache_entry, fetched_copy
+from dollyflow.core.models.cache import cache_entry, fetched_copy, model_cache_root
 from dollyflow.core.models.device import pick_device, pick_dtype
 from dollyflow.core.models.fetch import fetch_model
-from dollyflow.core.models.files import model_digest
+from dollyflow.core.models.files import model_digest, tokenizer_dir_for
 from dollyflow.core.models.loading import load_for_generation
 from dollyflow.core.models.sources import ModelSource, locate_model
-from dollyflow.core.tokens import set_single_thread
+from dollyflow.core.tokens import load_tokenizer, set_single_thread
 
 RESULT_FIELDS = (("response", "string"), ("finish_reason", "string"), ("prompt_tokens", "int"),
                  ("completion_tokens", "int"), ("error", "string"), ("trimmed_context_tokens", "int"))
@@ -75,6 +78,49 @@ class InferSpec:
     batch_tokens: int = 16384
     max_batch_size: int = 64
     window_rows: int = 256
+    engine: str = "torch"            # torch | ctranslate2 (resolved: never auto)
+    compute_type: str = "float32"    # ctranslate2: the quantization the model is converted to
+    ct2_threads: int = 0
+
+    def identity(self) -> dict:
+        """What decides the generated text besides the weights: the generation parameters, and
+        for CTranslate2 the engine and compute type (the torch engine's identity is the
+        parameters alone, as before engines existed, so its stored predictions keep matching)."""
+        d = self.params.to_dict()
+        if self.engine != "torch":
+            d.update(engine=self.engine, compute_type=self.compute_type)
+        return d
+
+    def params_json(self) -> str:
+        return json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+
+    def params_sha(self) -> str:
+        """16 hex digits of sha256 over :meth:`params_json` (the predictions table's key part)."""
+        return hashlib.sha256(self.params_json().encode("utf-8")).hexdigest()[:16]
+
+
+def resolve_engine(engine: str, compute_type: str, device: str, model_dir: str) -> tuple[str, str]:
+    """(engine, compute type) for ``infer.engine`` / ``infer.compute_type``: ``auto`` picks
+    CTranslate2 when it is installed and converts the model, else the torch core;
+    ``ctranslate2`` without the package fails at once with the install hint. The compute type
+    is checked against ``device`` when it is known here (``cpu``/``cuda``; ``auto`` is checked
+    again on each worker's device); ``default`` converts to float32."""
+    if engine == "auto":
+        engine = "ctranslate2" if ct2.available() and ct2.supports(model_dir) else "torch"
+    if engine == "torch":
+        if compute_type != "default":
+            raise ValueError(f"infer.compute_type={compute_type!r} applies to infer.engine=ctranslate2 only; the "
+                             "torch engine's precision is infer.dtype")
+        return "torch", "float32"
+    if engine != "ctranslate2":
+        raise ValueError(f"infer.engine: {engine!r} is not one of torch, ctranslate2, auto")
+    ct2.require()
+    if not ct2.supports(model_dir):
+        raise ValueError(f"infer.engine=ctranslate2: CTranslate2 cannot convert the model at {model_dir}; use "
+                         "infer.engine=torch (or auto)")
+    if device in ("cpu", "cuda") or device.startswith("cuda:"):
+        ct2.check_compute_type(compute_type, "cuda" if device.startswith("cuda") else "cpu")
+    return "ctranslate2", ("float32" if compute_type == "default" else compute_type)
 
 
 def resolve_spec(infer_cfg) -> InferSpec:
@@ -90,10 +136,12 @@ def resolve_spec(infer_cfg) -> InferSpec:
     params = GenerationParams(max_new_tokens=infer_cfg.max_new_tokens, do_sample=infer_cfg.do_sample,
                               temperature=infer_cfg.temperature, top_p=infer_cfg.top_p, top_k=infer_cfg.top_k,
                               seed=infer_cfg.seed)
+    engine, compute_type = resolve_engine(infer_cfg.engine, infer_cfg.compute_type, infer_cfg.device, model_dir)
     return InferSpec(source=located, model_dir=model_dir, cache_entry=cache_entry(located),
                      digest=model_digest(model_dir), params=params,
                      device=infer_cfg.device, dtype=infer_cfg.dtype, batch_tokens=infer_cfg.batch_tokens,
-                     max_batch_size=infer_cfg.max_batch_size, window_rows=infer_cfg.window_rows)
+                     max_batch_size=infer_cfg.max_batch_size, window_rows=infer_cfg.window_rows,
+                     engine=engine, compute_type=compute_type, ct2_threads=infer_cfg.ct2_threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,13 +176,27 @@ def worker_model_dir(spec: InferSpec) -> str:
     return model_dir
 
 
+def _task_cpus() -> int:
+    try:
+        from pyspark import TaskContext
+        ctx = TaskContext.get()
+        return max(1, int(ctx.cpus())) if ctx is not None else 1
+    except Exception:
+        return 1
+
+
 def worker_generator(spec: InferSpec):
-    """(Generator, model loaded now?) for this Python worker. The model and tokenizer are loaded
+    """(generator, model loaded now?) for this Python worker. The model and tokenizer are loaded
     once per (weights, device, dtype) and kept by :func:`dollyflow.core.generation.worker_cache.cached`; the
-    Generator around them (parameters, batching) is cheap and made per call."""
+    Generator around them (parameters, batching) is cheap and made per call. With CTranslate2
+    the model is converted once per (weights, compute type) on this machine, under a lock, into
+    the model cache, and the CTranslate2 generator (``ct2_threads`` intra threads, default the
+    task's cores) is kept the same way."""
 
     set_single_thread()
     device = pick_device(spec.device, _task_gpus())
+    if spec.engine == "ctranslate2":
+        return _ct2_generator(spec, device)
     dtype = str(pick_dtype(device, spec.dtype)).replace("torch.", "")
 
     def load():
@@ -143,6 +205,21 @@ def worker_generator(spec: InferSpec):
     (model, tokenizer), loaded = cached((spec.digest, device, dtype), load)
     return Generator(model, tokenizer, spec.params, batch_tokens=spec.batch_tokens,
                      max_batch_size=spec.max_batch_size), loaded
+
+
+def _ct2_generator(spec: InferSpec, device: str):
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    ct2.check_compute_type(spec.compute_type, kind)
+    threads = spec.ct2_threads or _task_cpus()
+
+    def load():
+        model_dir = worker_model_dir(spec)
+        converted = ct2.converted_dir(model_dir, spec.digest, spec.compute_type, model_cache_root())
+        tokenizer = load_tokenizer(tokenizer_dir_for(model_dir), dolly_tokens=False)
+        return ct2.CT2Generator(converted, tokenizer, spec.params, device=device, compute_type=spec.compute_type,
+                                inter_threads=1, intra_threads=threads)
+
+    return cached((spec.digest, "ctranslate2", device, spec.compute_type, threads, spec.params.digest()), load)
 
 
 def _seed(v) -> int | None:

@@ -150,7 +150,7 @@ def run(cfg: Config, spark) -> dict:
     store = DeltaStore(spark, cfg.tables)
     spec = resolve_spec(inf)
     info = model_info(spec.model_dir)
-    params_json, params_sha = spec.params.to_json(), spec.params.digest()
+    params_json, params_sha = spec.params_json(), spec.params_sha()
     keys = list(inf.key_columns)
     about = spec.source.describe()
     say(f"model source {about['kind']}: {about['source']}"
@@ -241,7 +241,9 @@ def run(cfg: Config, spark) -> dict:
         "job": "infer", "run_id": cfg.run_id, "mode": inf.mode,
         "input": source, "model": spec.source.display, "model_source": about, "model_dir": spec.model_dir,
         "model_sha": spec.digest, "model_info": redact(info), "params": json.loads(params_json),
-        "params_sha": params_sha, "predictions": store.location(t.predictions), "predictions_version": version,
+        "params_sha": params_sha, "engine": spec.engine,
+        "compute_type": spec.compute_type if spec.engine != "torch" else None,
+        "predictions": store.location(t.predictions), "predictions_version": version,
         "written": written, "replaced_rows": replaced, "warnings": warnings,
         "rows_in": rows_in, "null_keys_skipped": null_keys, "duplicate_keys_dropped": rows_in - null_keys - rows_unique,
         "already_predicted": existing, "generated": n_generated,
