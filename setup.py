@@ -4,6 +4,7 @@ pyspark is not a hard requirement: Databricks runtimes ship their own. Extras:
   spark    pyspark, delta-spark, deltalake (offline Delta), pyarrow, pandas<3, matplotlib (run report)
   train    torch, transformers>=5, accelerate, safetensors, deepspeed, mlflow-skinny, peft
   horovod  horovod[pytorch]
+  ctranslate2  ctranslate2 (the infer job's CTranslate2 engine: int8/float32 on CPU, NVIDIA GPUs)
   dev      pytest and friends, databricks-bundles (the bundle's schema, for tests)
 
 No extra is needed on a Databricks ML GPU runtime: it ships CUDA torch; the bundle's train and
@@ -61,6 +62,7 @@ setup(
                   "matplotlib>=3.8",   # the loss plot logged to MLflow (core/plots.py)
                   "pyarrow>=18"],   # the shard reader (core/shards.py) on a GPU box without Spark
         "horovod": ["horovod[pytorch]>=0.28"],
+        "ctranslate2": ["ctranslate2>=4.6"],   # infer.engine=ctranslate2 (core/generation/ct2.py)
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "datasketch>=1.6",
                 "moto[server]>=5",    # a real S3 endpoint on loopback for the object-store tests
                 "databricks-bundles>=1.22"],  # tests load the bundle's jobs into its Job/Volume classes

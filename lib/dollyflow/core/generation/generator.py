@@ -55,16 +55,11 @@ from typing import Sequence
 from dollyflow.core.generation.batch import Prompt, RunningBatch
 from dollyflow.core.generation.kv_cache import can_merge, merge_caches, new_cache
 from dollyflow.core.generation.neox_step import NeoXStep, attention_groups, supports
-from dollyflow.core.generation.params import (ERROR_EMPTY_INSTRUCTION, FINISH_LENGTH, FINISH_STOP, Generation,
-                                              GenerationParams)
-from dollyflow.core.generation.sampling import MASK64, next_tokens, row_generators, row_seed
+from dollyflow.core.generation.params import FINISH_LENGTH, FINISH_STOP, Generation, GenerationParams
+from dollyflow.core.generation.prompts import PromptFitter, describe, split_rows
+from dollyflow.core.generation.sampling import next_tokens, row_generators
 from dollyflow.core.models.device import release_gpu_memory
 from dollyflow.core.models.loading import check_dolly_tokenizer, stop_token_ids
-from dollyflow.core.prompt import format_inference_prompt
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
 
 
 class Generator:
@@ -97,11 +92,9 @@ class Generator:
             raise ValueError("no stop token: the tokenizer has neither '### End' nor eos")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         limit = max_positions or getattr(model.config, "max_position_embeddings", None) or 2048
-        self.max_positions = int(limit)
-        self.max_prompt_tokens = self.max_positions - self.params.max_new_tokens
-        if self.max_prompt_tokens < 1:
-            raise ValueError(f"max_new_tokens={self.params.max_new_tokens} leaves no room for a prompt "
-                             f"in the model's {self.max_positions} positions")
+        self._fitter = PromptFitter(tokenizer, self.params, int(limit))
+        self.max_positions = self._fitter.max_positions
+        self.max_prompt_tokens = self._fitter.max_prompt_tokens
         forward = inspect.signature(model.forward).parameters
         # transformers 5.24 renamed past_key_values to cache (the old name is deprecated)
         self._cache_kw = "cache" if "cache" in forward else "past_key_values"
@@ -117,84 +110,22 @@ class Generator:
                  seeds: Sequence[int | None] | None = None) -> list[Generation]:
         """One :class:`Generation` per row, in the rows' order. ``seeds``: per-row sampling seeds
         (None or missing: :func:`row_seed` of the params' seed and the row's text)."""
-        n = len(instructions)
-        contexts = list(contexts) if contexts is not None else [None] * n
-        seeds = list(seeds) if seeds is not None else [None] * n
-        if not (len(contexts) == len(seeds) == n):
-            raise ValueError("instructions, contexts and seeds must have the same length")
-        results: list[Generation | None] = [None] * n
+        instructions, contexts, seeds = split_rows(instructions, contexts, seeds)
+        results: list[Generation | None] = [None] * len(instructions)
         prompts = self._prompts(instructions, contexts, seeds, results)
         self._run(prompts, results)
         return results  # type: ignore[return-value]
 
-    # -- prompts ------------------------------------------------------------------------------
+    # -- prompts (shared with the CTranslate2 engine: core/generation/prompts.py) -------------
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
+        return self._fitter.encode(texts)
 
     def _prompts(self, instructions, contexts, seeds, results) -> list[Prompt]:
-        keep, texts = [], []
-        for i, (ins, ctx) in enumerate(zip(instructions, contexts)):
-            if ins is not None and not isinstance(ins, str):
-                results[i] = Generation.failed(f"instruction must be a string, got {type(ins).__name__}")
-            elif ins is None or not ins.strip():
-                results[i] = Generation.failed(ERROR_EMPTY_INSTRUCTION)
-            elif ctx is not None and not isinstance(ctx, str):
-                results[i] = Generation.failed(f"context must be a string, got {type(ctx).__name__}")
-            else:
-                keep.append(i)
-                texts.append(format_inference_prompt(ins, ctx))
-        try:
-            encoded = self._encode(texts)
-        except Exception:  # one odd string must not fail the window: encode row by row
-            encoded = []
-            for text in texts:
-                try:
-                    encoded.append(self._encode([text])[0])
-                except Exception as exc:
-                    encoded.append(exc)
-        prompts = []
-        for i, ids in zip(keep, encoded):
-            if isinstance(ids, Exception):
-                results[i] = Generation.failed(_describe(ids))
-                continue
-            seed = seeds[i] if seeds[i] is not None else row_seed(self.params.seed, instructions[i], contexts[i])
-            trimmed = 0
-            if len(ids) > self.max_prompt_tokens:
-                full = len(ids)
-                try:
-                    ids, trimmed, error = self._fit(instructions[i], contexts[i], full)
-                except Exception as exc:
-                    ids, error = None, _describe(exc)
-                if ids is None:
-                    results[i] = Generation.failed(error, prompt_tokens=full)
-                    continue
-            prompts.append(Prompt(i, ids, int(seed) & MASK64, trimmed))
-        return prompts
+        return self._fitter.prompts(instructions, contexts, seeds, results)
 
     def _fit(self, instruction: str, context: str | None, length: int):
-        """Trim the context from the left until prompt + max_new_tokens fits the model
-        (``(ids, trimmed_tokens, None)``), or ``(None, 0, error)`` when even no context is too
-        long."""
-        limit = self.max_prompt_tokens
-        if context:
-            enc = self.tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)
-            offsets = enc["offset_mapping"]
-            drop = length - limit
-            while drop < len(offsets):
-                kept = context[offsets[drop][0]:].lstrip()
-                if not kept:
-                    break
-                ids = self._encode([format_inference_prompt(instruction, kept)])[0]
-                if len(ids) <= limit:
-                    return ids, drop, None
-                drop += len(ids) - limit
-        ids = self._encode([format_inference_prompt(instruction, None)])[0]
-        if len(ids) <= limit:
-            return ids, len(self.tokenizer(context, add_special_tokens=False)["input_ids"]) if context else 0, None
-        return None, 0, (f"prompt too long: {len(ids)} tokens without any context; the model's "
-                         f"{self.max_positions} positions minus max_new_tokens={self.params.max_new_tokens} "
-                         f"leave {limit}")
+        return self._fitter.fit(instruction, context, length)
 
     # -- running ------------------------------------------------------------------------------
 
@@ -214,7 +145,7 @@ class Generator:
                         self._decode(deque([row]), results, [])
                     except Exception as exc:
                         self._release()
-                        results[row.index] = Generation.failed(_describe(exc), len(row.ids), row.trimmed)
+                        results[row.index] = Generation.failed(describe(exc), len(row.ids), row.trimmed)
 
     def _release(self) -> None:
         release_gpu_memory()
