@@ -158,6 +158,9 @@ def run(cfg: Config, spark) -> dict:
         + f" ({spec.model_dir}), model_sha {spec.digest}")
 
     df, source, warnings = read_input(cfg, spark, store, info)
+    if spec.engine == "ctranslate2" and spec.params.do_sample:
+        warnings.append("sampling with CTranslate2: a row's sample depends on what ran before it on its worker "
+                        "(CTranslate2 has no per-row seed); per-row seeded samples need infer.engine=torch")
     for w in warnings:
         say(f"warning: {w}")
     check_columns(df, cfg)
