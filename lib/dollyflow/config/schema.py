@@ -334,9 +334,10 @@ class InferConfig:
     compute_type: str = setting("default", doc="ctranslate2 only: default | float32 | int8 | int8_float16 | "
                                                "bfloat16 | float16, checked against the device (cpu: float32, "
                                                "int8; default: float32 on cpu)")
-    ct2_threads: int = setting(0, doc="ctranslate2 only: intra threads per generator; 0: CTranslate2's default "
-                                      "(every core of the task's executor; one per Spark task when tasks share "
-                                      "a machine)")
+    ct2_threads: int = setting(0, doc="ctranslate2 only: threads per generator (on CPUs, single-threaded replicas "
+                                      "sharing one copy of the weights); 0: the infer job on CPUs runs one task "
+                                      "per executor (unless partitions is set) with one replica per executor "
+                                      "core; dolly_generate from SQL uses the task's cores")
     device: str = setting("auto", doc="auto: the task's GPU (Spark's gpu resource) when CUDA is there, else cpu | "
                                       "cpu | cuda | cuda:N")
     dtype: str = setting("auto", doc="auto: bf16 on Ampere+ GPUs, fp16 on older GPUs (V100), fp32 on cpu | "

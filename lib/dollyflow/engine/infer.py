@@ -216,8 +216,12 @@ def _ct2_generator(spec: InferSpec, device: str):
         model_dir = worker_model_dir(spec)
         converted = ct2.converted_dir(model_dir, spec.digest, spec.compute_type, model_cache_root())
         tokenizer = load_tokenizer(tokenizer_dir_for(model_dir), dolly_tokens=False)
+        # CPU: ``threads`` replicas of one thread each share one copy of the weights (faster than
+        # one replica with several threads, and than one process per core with a copy each);
+        # a GPU: one replica
+        replicas, intra = (threads, 1) if kind == "cpu" else (1, threads)
         return ct2.CT2Generator(converted, tokenizer, spec.params, device=device, compute_type=spec.compute_type,
-                                inter_threads=1, intra_threads=threads)
+                                inter_threads=replicas, intra_threads=intra)
 
     return cached((spec.digest, "ctranslate2", device, spec.compute_type, threads, spec.params.digest()), load)
 

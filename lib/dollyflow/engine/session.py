@@ -38,6 +38,28 @@ def master_of(spark) -> str:
             return ""
 
 
+def executor_layout(spark) -> tuple[int, int]:
+    """(executors, cores per executor) of the session: ``local[N]`` is one executor of N cores
+    (``local[*]``: every core of this machine); a cluster's executors are counted from the block
+    managers (the driver's left out), their cores from ``spark.executor.cores``, else the
+    default parallelism spread over them. (1, 1) when unknown (Spark Connect)."""
+    master = master_of(spark)
+    try:
+        sc = spark.sparkContext
+        parallelism = int(sc.defaultParallelism)
+    except Exception:
+        return 1, 1
+    m = re.match(r"local\[(\d+|\*)", master)
+    if master == "local" or m:
+        return 1, max(1, parallelism)
+    try:
+        executors = max(1, int(sc._jsc.sc().getExecutorMemoryStatus().size()) - 1)
+    except Exception:
+        executors = 1
+    cores = sc.getConf().get("spark.executor.cores", "")
+    return executors, max(1, int(cores) if cores.isdigit() else parallelism // executors)
+
+
 def _package_root() -> str:
     return str(Path(__file__).resolve().parents[2])  # .../lib, the directory holding dollyflow/
 

@@ -36,12 +36,14 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 
 from dollyflow.config import Config, redact, redact_uri
 from dollyflow.core.models.files import model_info
 from dollyflow.engine.delta import DeltaStore
 from dollyflow.engine.infer import generate_udf, load_accumulator, resolve_spec, summarize_counts
 from dollyflow.engine.query import check_query, run_query
+from dollyflow.engine.session import executor_layout
 
 RESULT_COLUMNS = ["response", "finish_reason", "prompt_tokens", "completion_tokens", "error",
                   "trimmed_context_tokens"]
@@ -139,6 +141,19 @@ def _partitions(spark, configured: int) -> int:
         return int(spark.conf.get("spark.default.parallelism", "8") or 8)
 
 
+def _cpu_workers(spark, device: str) -> bool:
+    """Whether the UDF's tasks generate on CPUs: ``infer.device=cpu``, or ``auto`` where Spark
+    gives the tasks no GPU."""
+    if device == "cpu":
+        return True
+    if device != "auto":
+        return False
+    try:
+        return not spark.conf.get("spark.task.resource.gpu.amount", "")
+    except Exception:
+        return True
+
+
 def run(cfg: Config, spark) -> dict:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
@@ -189,10 +204,18 @@ def run(cfg: Config, spark) -> dict:
         todo = unique.join(done.select(*keys).distinct(), keys, "left_anti")
         existing = rows_unique - todo.count()
 
+    n_parts = _partitions(spark, inf.partitions)
+    if spec.engine == "ctranslate2" and _cpu_workers(spark, spec.device):
+        # CTranslate2 on CPUs: one task per executor whose generator runs one single-threaded
+        # replica per core over one copy of the weights (a task per core would load a copy per
+        # core: measured 0.6x of one process with replicas, bench/README.md)
+        executors, cores = executor_layout(spark)
+        n_parts = int(inf.partitions) or executors
+        if not spec.ct2_threads:
+            spec = replace(spec, ct2_threads=cores)
     counts = load_accumulator(spark)
     udf = generate_udf(spec, counts)
     args = [F.col(c) for c in text]
-    n_parts = _partitions(spark, inf.partitions)
     generated = (todo.repartition(n_parts)
                  .select(*cols, udf(*args).alias("_g"))
                  .select(*cols, *[F.col(f"_g.{c}").alias(c) for c in RESULT_COLUMNS])
@@ -246,6 +269,7 @@ def run(cfg: Config, spark) -> dict:
         "model_sha": spec.digest, "model_info": redact(info), "params": json.loads(params_json),
         "params_sha": params_sha, "engine": spec.engine,
         "compute_type": spec.compute_type if spec.engine != "torch" else None,
+        "ct2_threads": spec.ct2_threads if spec.engine != "torch" else None,
         "predictions": store.location(t.predictions), "predictions_version": version,
         "written": written, "replaced_rows": replaced, "warnings": warnings,
         "rows_in": rows_in, "null_keys_skipped": null_keys, "duplicate_keys_dropped": rows_in - null_keys - rows_unique,
