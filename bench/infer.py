@@ -367,7 +367,8 @@ def cpu(args) -> dict:
                                               f"/{len(rows)}")
         if not args.no_spark:
             job2 = spark_job(workdir, model_dir, rows, args.max_new_tokens, args.window, args.batch_tokens,
-                             args.batch_size, cores, extra=("infer.engine=ctranslate2", "infer.compute_type=float32"))
+                             args.batch_size, cores, extra=("infer.engine=ctranslate2", "infer.compute_type=float32",
+                                    "infer.partitions=0"))   # its own layout: one task, a replica per core
             result.update(job_ct2=job2,
                           job_ct2_equal_to_core=f"{sum(a == b for a, b in zip(job2['responses'], ours['responses']))}"
                                                 f"/{len(rows)}",

@@ -297,7 +297,8 @@ def generate_udf(spec: InferSpec, counts=None):
     ``counts``: an optional :func:`load_accumulator`."""
     from pyspark.sql.functions import pandas_udf
 
-    window = int(spec.window_rows)
+    # CTranslate2's replicas each take batches of a window: a window per replica
+    window = int(spec.window_rows) * (max(1, spec.ct2_threads) if spec.engine == "ctranslate2" else 1)
 
     def note(event: str, n: int = 1) -> None:
         if counts is not None:
