@@ -44,7 +44,8 @@ CPU mode (default):
 - **job, engine=ctranslate2**: the infer job with ``infer.engine=ctranslate2
   infer.compute_type=float32`` (cold: conversion, workers and loads included in its
   ``first_predictions_seconds``; then warm), against the plain script
-  (``job_ct2_warm_vs_ct2_plain``, the issue's goal: >= 1.0).
+  (``job_ct2_warm_vs_ct2_plain``, the issue's goal: >= 1.0); and the same with
+  ``infer.compute_type=int8`` (``job_ct2_int8_*``: int8 weights, answers not all equal).
 
 Reported: generated tokens/s of each side (``### End`` counted as generated on both sides),
 speedup = core / baseline, overhead = job / core, p50/p95 seconds per row (baseline: one call;
@@ -375,6 +376,13 @@ def cpu(args) -> dict:
                           job_ct2_vs_ct2_plain=round(job2["tokens_per_s"] / plain["tokens_per_s"], 3),
                           job_ct2_warm_vs_ct2_plain=round(job2["warm"]["tokens_per_s"] / plain["tokens_per_s"], 3),
                           job_warm_vs_ct2_plain=round(result["job"]["warm"]["tokens_per_s"] / plain["tokens_per_s"], 3))
+            job8 = spark_job(workdir, model_dir, rows, args.max_new_tokens, args.window, args.batch_tokens,
+                             args.batch_size, cores, extra=("infer.engine=ctranslate2", "infer.compute_type=int8",
+                                                            "infer.partitions=0"))
+            result.update(job_ct2_int8=job8,
+                          job_ct2_int8_equal_to_core=f"{sum(a == b for a, b in zip(job8['responses'], ours['responses']))}"
+                                                     f"/{len(rows)}",
+                          job_ct2_int8_warm_vs_ct2_plain=round(job8["warm"]["tokens_per_s"] / plain["tokens_per_s"], 3))
     return result
 
 
