@@ -78,7 +78,7 @@ def test_job_records_the_engine_and_keeps_its_predictions_apart(spark, tmp_path,
     assert ct2_run["params"] == dict(torch_run["params"], engine="ctranslate2", compute_type="float32")
     assert int8_run["params"]["compute_type"] == "int8" and int8_run["compute_type"] == "int8"
     # on CPUs: one task per executor (local[2]: one), a replica per core over one copy of the weights
-    assert ct2_run["partitions"] == 1 and ct2_run["ct2_threads"] == 2 and torch_run["partitions"] == 2
+    assert ct2_run["partitions"] == 1 and ct2_run["ct2_threads"] == 2 and torch_run["partitions"] == spark.sparkContext.defaultParallelism
     assert ct2_run["workers"]["tasks"] == 1
     assert len({torch_run["params_sha"], ct2_run["params_sha"], int8_run["params_sha"]}) == 3
     assert ct2_run["generated"] == int8_run["generated"] == 12         # nothing skipped as "already predicted"

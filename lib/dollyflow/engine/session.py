@@ -50,8 +50,10 @@ def executor_layout(spark) -> tuple[int, int]:
     except Exception:
         return 1, 1
     m = re.match(r"local\[(\d+|\*)", master)
-    if master == "local" or m:
-        return 1, max(1, parallelism)
+    if master == "local":
+        return 1, 1
+    if m:   # local[N]: N cores (the default parallelism may be set to something else)
+        return 1, (os.cpu_count() or 1) if m.group(1) == "*" else max(1, int(m.group(1)))
     try:
         executors = max(1, int(sc._jsc.sc().getExecutorMemoryStatus().size()) - 1)
     except Exception:
