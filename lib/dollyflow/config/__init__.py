@@ -1,12 +1,7 @@
 """Layered, typed configuration: the public names of the config package.
 
-Layers, later wins::
-
-    conf/defaults.yaml            shared defaults (spark, tables, model)
-    conf/jobs/*.yaml              each job's own section (all of them, so every job sees one config)
-    conf/model/<preset>.yaml      model preset (``--preset`` / ``DOLLYFLOW_PRESET``)
-    conf/env/<env>.yaml           environment (``--env`` / ``DOLLYFLOW_ENV``: local, databricks, cluster)
-    key=value                     command-line overrides (``dedupe.threshold=0.8``)
+Layers, later wins (:mod:`~dollyflow.config.loading`): conf/defaults.yaml, conf/jobs/*.yaml, the
+model preset, the environment, key=value overrides.
 
 Every layer is checked against the dataclasses of :mod:`~dollyflow.config.schema`: an unknown key
 or a value of the wrong type fails with a message naming the key and the file (or override) it

@@ -11,10 +11,10 @@ on Databricks only, and says so elsewhere).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -112,6 +112,20 @@ def write_bytes(path: str, data: bytes) -> None:
 #: and is renamed over it. Object stores (S3, GCS, Azure Blob) have no rename, but a PUT there
 #: is atomic already: readers see the old object or the new one.
 RENAMING_FILESYSTEMS = ("local", "hdfs", "viewfs")
+
+
+@contextlib.contextmanager
+def file_lock(path: str):
+    """An exclusive advisory lock (``flock``) held while the block runs, on the local file
+    ``path`` (created when absent; POSIX only). Other processes of this machine taking the same
+    lock wait; it is released when the block ends, or the process dies."""
+    import fcntl   # POSIX only: imported where a lock is taken
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _rename(fs: pafs.FileSystem, src: str, dst: str) -> None:

@@ -27,10 +27,9 @@ import os
 import shutil
 import tempfile
 import threading
-from contextlib import contextmanager
 
 from dollyflow.core.models.files import tokenizer_dir_for
-from dollyflow.core.storage import remove_dir
+from dollyflow.core.storage import file_lock, remove_dir
 from dollyflow.core.tokens import file_sha256
 
 INSTALL_HINT = ("the CTranslate2 engine needs the ctranslate2 package: pip install 'dollyflow[ctranslate2]' "
@@ -168,15 +167,6 @@ def supports(model_dir: str) -> bool:
 # -- the conversion cache ------------------------------------------------------------------------
 
 
-@contextmanager
-def _file_lock(path: str):
-    import fcntl   # POSIX only
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def read_marker(ct2_dir: str) -> dict | None:
@@ -220,7 +210,7 @@ def converted_dir(model_dir: str, digest: str, compute_type: str, cache_root: st
     target = os.path.join(root, name)
     if _verified(target, digest):
         return target
-    with _file_lock(os.path.join(root, f"{name}.lock")):
+    with file_lock(os.path.join(root, f"{name}.lock")):
         if _verified(target, digest):
             return target
         remove_dir(target, under=root)     # a partial or damaged entry of this key

@@ -7,10 +7,9 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
-from contextlib import contextmanager
 
 from dollyflow.core.models.sources import ModelSource
-from dollyflow.core.storage import remove_dir
+from dollyflow.core.storage import file_lock, remove_dir
 
 CACHE_ENV = "DOLLYFLOW_MODEL_CACHE"
 COMPLETE_MARKER = ".dollyflow-complete"      # written last into a cache entry: the download is whole
@@ -58,15 +57,6 @@ def model_cache_root() -> str:
     return private_dir(os.path.join(tempfile.gettempdir(), f"dollyflow-models-{uid}"), "the model cache")
 
 
-@contextmanager
-def _file_lock(path: str):
-    import fcntl   # POSIX only: imported where a download needs it
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def cached_download(ms: ModelSource, fetch) -> str:
@@ -77,7 +67,7 @@ def cached_download(ms: ModelSource, fetch) -> str:
     done = os.path.join(target, COMPLETE_MARKER)
     if os.path.exists(done):
         return target
-    with _file_lock(os.path.join(root, f"{ms.key}.lock")):
+    with file_lock(os.path.join(root, f"{ms.key}.lock")):
         if not os.path.exists(done):
             remove_dir(target, under=root)      # a half-finished download of this key
             os.makedirs(target)

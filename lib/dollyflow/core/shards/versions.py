@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from dollyflow.core.shards.manifest import FORMAT_VERSION, MANIFEST, read_manifest
-from dollyflow.core.storage import is_uri, join, list_dir, read_bytes, remove_dir, write_atomic
+from dollyflow.core.storage import file_lock, is_uri, join, list_dir, read_bytes, remove_dir, write_atomic
 
 POINTER = "LATEST.json"
 POINTER_FORMAT = "dollyflow-shards-pointer"
@@ -67,14 +67,9 @@ def _pointer_lock(root: str):
     if is_uri(root):
         yield
         return
-    import fcntl
     os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, ".LATEST.lock"), "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with file_lock(os.path.join(root, ".LATEST.lock")):
+        yield
 
 
 def _pointer_or_none(root: str) -> dict | None:
