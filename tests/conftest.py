@@ -142,15 +142,53 @@ def tmp_config(tmp_path):
     return make
 
 
-@pytest.fixture(scope="session")
-def spark():
-    """One local[2] session for the whole run (pyspark and Java required)."""
+def local_spark(delta: bool):
+    """The local[2] session of the tests, without (``delta=False``: the offline backend) or with
+    (``delta=True``: the native backend) Delta Lake's jars. One JVM at a time: when the running
+    one is the other kind it is stopped and a new one started (a few seconds), so modules that
+    use both keep each kind's tests together. Without the jars (no network, nothing cached) a
+    native session skips, saying why, unless DOLLYFLOW_REQUIRE_NATIVE=1 (CI), where it fails."""
     pytest.importorskip("pyspark")
+    from pyspark.sql import SparkSession
+
     from dollyflow.config import SparkConfig
-    from dollyflow.engine.session import get_session
-    session = get_session(SparkConfig(master="local[2]", shuffle_partitions=4, driver_memory="2g"))
-    yield session
-    session.stop()
+    from dollyflow.engine.session import delta_jars_note, detect_delta, get_session, stop_local_session
+
+    active = SparkSession.getActiveSession()
+    if active is not None and (detect_delta(active)[0] is True) != delta:
+        stop_local_session(active)
+    session = get_session(SparkConfig(master="local[2]", shuffle_partitions=4, driver_memory="2g",
+                                      delta_packages="auto" if delta else "off"))
+    if delta and detect_delta(session)[0] is not True:
+        why = f"no native Delta session: {delta_jars_note()}"
+        if os.environ.get("DOLLYFLOW_REQUIRE_NATIVE") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
+    return session
+
+
+@pytest.fixture(scope="module")
+def spark():
+    """A local[2] session without Delta's jars (the offline backend), shared by a module (and by
+    every module while no test needs the native one)."""
+    return local_spark(delta=False)
+
+
+@pytest.fixture(scope="module")
+def native_spark():
+    """A local[2] session with Delta Lake's jars (the native backend), shared by a module."""
+    return local_spark(delta=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_spark_at_the_end():
+    yield
+    if "pyspark" in sys.modules:
+        from pyspark.sql import SparkSession
+        active = SparkSession.getActiveSession()
+        if active is not None:
+            from dollyflow.engine.session import stop_local_session
+            stop_local_session(active)
 
 
 @pytest.fixture(scope="session")

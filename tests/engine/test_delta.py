@@ -1,18 +1,37 @@
-"""The Delta module on this machine's backend (offline delta-rs here; native where Delta jars are)."""
+"""The Delta store on both backends: every test runs once on a session without Delta's jars
+(offline: Spark's Parquet writer and delta-rs) and once on a session with them (native: Delta
+Lake in the JVM); then tables written by one backend are read by the other."""
 import threading
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
+from conftest import local_spark
 from dollyflow.config import ConfigError
 from dollyflow.engine.delta import DeltaStore, resolve
 
 pytestmark = pytest.mark.spark
 
 
+@pytest.fixture(scope="module", params=["offline", "native"])
+def backend(request):
+    """The backend under test; its session is started (or kept) for the whole group of its tests."""
+    local_spark(delta=request.param == "native")
+    return request.param
+
+
 @pytest.fixture
-def store(spark, tmp_config):
-    return DeltaStore(spark, tmp_config("test").tables)
+def spark(backend):
+    """The session of the backend under test (the offline one has no Delta jars)."""
+    return local_spark(delta=backend == "native")
+
+
+@pytest.fixture
+def store(spark, tmp_config, backend):
+    s = DeltaStore(spark, tmp_config("test", f"tables.backend={backend}").tables)
+    assert s.backend == backend
+    return s
 
 
 def rows(spark, start, end, tag="a"):
@@ -139,24 +158,37 @@ def test_sql_through_temp_view(spark, store):
 def test_write_returns_its_own_commit_when_another_writer_commits_right_after(spark, store, monkeypatch):
     """Another writer commits between our commit and anything we might read afterwards: the
     version and rows we get are still our commit's, not the latest."""
-    from dollyflow.engine.delta import offline
+    from dollyflow.engine.delta import native, offline
 
     store.write(rows(spark, 0, 5), "own", job="seed", run_id="r0")
-    real_commit = offline.commit_files
     path = store.location("own")
 
-    def commit_then_someone_else(p, schema, files, overwrite, options, evolve=False):
-        real_commit(p, schema, files, overwrite, options, evolve)
-        if p == path and options.get("run_id") == "mine":
-            import deltalake
-            import pyarrow as pa
-            deltalake.write_deltalake(p, pa.table({"k": ["x"], "v": [1], "tag": ["other"],
-                                                   "ids": pa.array([[1]], pa.list_(pa.int32())),
-                                                   "ts": pa.array([0], pa.timestamp("us", tz="UTC"))}),
-                                      mode="append", commit_properties=deltalake.CommitProperties(
-                                          custom_metadata={"run_id": "other"}))
+    def someone_else():
+        import deltalake
+        import pyarrow as pa
+        deltalake.write_deltalake(path, pa.table({"k": ["x"], "v": [1], "tag": ["other"],
+                                                  "ids": pa.array([[1]], pa.list_(pa.int32())),
+                                                  "ts": pa.array([0], pa.timestamp("us", tz="UTC"))}),
+                                  mode="append", commit_properties=deltalake.CommitProperties(
+                                      custom_metadata={"run_id": "other"}))
 
-    monkeypatch.setattr(offline, "commit_files", commit_then_someone_else)
+    if store.backend == "offline":
+        real_commit = offline.commit_files
+
+        def commit_then_someone_else(p, schema, files, overwrite, options, evolve=False):
+            real_commit(p, schema, files, overwrite, options, evolve)
+            if p == path and options.get("run_id") == "mine":
+                someone_else()
+
+        monkeypatch.setattr(offline, "commit_files", commit_then_someone_else)
+    else:
+        real_find = native.NativeBackend._commit
+
+        def someone_else_then_find(self, ref, write_id):
+            someone_else()
+            return real_find(self, ref, write_id)
+
+        monkeypatch.setattr(native.NativeBackend, "_commit", someone_else_then_find)
     c = store.write(rows(spark, 10, 17), "own", job="mine-job", run_id="mine")
     assert (c.version, c.rows, c.committed) == (1, 7, True) and c == 1
     assert store.version("own") == 2
@@ -169,15 +201,16 @@ def test_concurrent_insert_only_merges_insert_each_key_once(spark, store, monkey
     inserted, and together they inserted every new key exactly once."""
     store.write(rows(spark, 0, 10), "ins", job="seed", run_id="r0")
     base = store.version("ins")
-    barrier = threading.Barrier(2, timeout=60)
-    from dollyflow.engine.delta import offline
-    real = offline.append_if_unchanged
+    if store.backend == "offline":   # natively our own merges are serialised (their commit metadata is session state)
+        barrier = threading.Barrier(2, timeout=60)
+        from dollyflow.engine.delta import offline
+        real = offline.append_if_unchanged
 
-    def together(*args, **kwargs):
-        barrier.wait()
-        return real(*args, **kwargs)
+        def together(*args, **kwargs):
+            barrier.wait()
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(offline, "append_if_unchanged", together)
+        monkeypatch.setattr(offline, "append_if_unchanged", together)
     out, errors = {}, []
 
     def merge(lo, hi, tag):
@@ -254,13 +287,15 @@ def test_user_session_settings_survive_and_timestamps_are_set_per_write(spark, s
         spark.conf.unset(MERGE_METADATA_CONF)
 
 
-def test_backend_choice_says_why_and_native_fails_without_delta(spark, tmp_config, monkeypatch):
+def test_backend_choice_says_why_and_native_fails_without_delta(spark, tmp_config, monkeypatch, backend):
     from dollyflow.engine.delta import backend
 
     auto = DeltaStore(spark, tmp_config("t").tables)
-    if auto.native:
-        pytest.skip("this JVM has Delta: the offline fallbacks are not reachable here")
-    assert auto.backend == "offline" and "not on the driver's classpath" in auto.backend_reason
+    if auto.native:   # the session with Delta's jars: auto picks native and says why
+        assert "tables.backend=auto: Delta Lake's JVM classes (io.delta.tables.DeltaTable) are on the driver's " \
+               "classpath" == auto.backend_reason
+        return
+    assert auto.backend == "offline" and "not on the driver's classpath (spark.delta_packages=off)" in auto.backend_reason
     assert "tables.backend=offline" == DeltaStore(spark, tmp_config("t", "tables.backend=offline").tables).backend_reason
     with pytest.raises(RuntimeError, match=r"tables.backend=native, but Delta Lake's JVM classes .* not on the "
                                            r"driver's classpath.*--packages io.delta"):
@@ -348,3 +383,76 @@ def test_the_store_delegates_to_one_of_two_backends_with_one_interface(spark, tm
     store = DeltaStore(spark, tmp_config("t", "tables.backend=offline").tables)
     assert isinstance(store._backend, OfflineBackend)
     assert (store.backend, store.native) == ("offline", False)
+
+
+# -- one backend writes, the other reads ----------------------------------------------------------
+
+
+@pytest.fixture
+def pair(spark, tmp_config, backend):
+    """(native store, offline store) on the session with Delta's jars, over one warehouse."""
+    if backend != "native":
+        pytest.skip("a table written by one backend and read by the other: runs on the session with Delta's jars")
+    return (DeltaStore(spark, tmp_config("test", "tables.backend=native").tables),
+            DeltaStore(spark, tmp_config("test", "tables.backend=offline").tables))
+
+
+def everything(df):
+    cols = sorted(df.columns)
+    return sorted(df.dtypes), sorted(tuple(str(r[c]) for c in cols) for r in df.select(*cols).collect())
+
+
+def same_on_both(pair, name, expected_rows):
+    nat, off = pair
+    assert everything(nat.read(name)) == everything(off.read(name))
+    assert nat.count(name) == off.count(name) == expected_rows == off.read(name).count()
+
+
+def test_native_delete_update_merge_with_deletion_vectors_read_offline(spark, pair):
+    import deltalake
+
+    nat, off = pair
+    nat.write(rows(spark, 0, 30), "dv", job="seed", run_id="r0")
+    path = nat.location("dv")
+    spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('delta.enableDeletionVectors' = 'true')")
+    spark.sql(f"DELETE FROM delta.`{path}` WHERE v % 3 = 0")
+    spark.sql(f"UPDATE delta.`{path}` SET tag = 'u' WHERE v = 1")
+    nat.merge(rows(spark, 28, 33, tag="m"), "dv", keys=["k"], job="m", run_id="r1")
+    dt = deltalake.DeltaTable(path)
+    assert "deletionVectors" in (dt.protocol().reader_features or [])
+    files_rows = sum(pa.table(dt.get_add_actions(flatten=True)).column("num_records").to_pylist())
+    assert files_rows > 23          # the files still hold deleted rows: a file listing would bring them back
+    same_on_both(pair, "dv", 23)    # 30 - 10 deleted + 3 new keys (30..32)
+    got = {r["k"]: r["tag"] for r in off.read("dv").collect()}
+    assert got["1"] == "u" and "3" not in got and got["29"] == "m" and got["32"] == "m"
+    assert off.count("dv", 0) == 30 and off.read("dv", version=0).count() == 30
+
+
+def test_native_column_mapping_and_partitions_read_offline(spark, pair):
+    nat, off = pair
+    nat.write(rows(spark, 0, 4), "cm", job="seed", run_id="r0")
+    path = nat.location("cm")
+    spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('delta.columnMapping.mode' = 'name', "
+              "'delta.minReaderVersion' = '2', 'delta.minWriterVersion' = '5')")
+    spark.sql(f"ALTER TABLE delta.`{path}` RENAME COLUMN tag TO label")
+    nat.write(rows(spark, 4, 6).withColumnRenamed("tag", "label"), "cm", job="more", run_id="r1")
+    same_on_both(pair, "cm", 6)
+    assert "label" in off.read("cm").columns
+    with pytest.raises(ValueError, match="column mapping"):
+        off.write(rows(spark, 9, 10).withColumnRenamed("tag", "label"), "cm")
+    # a partitioned table: the partition values live in the log, not in the files
+    p = nat.location("parts")
+    rows(spark, 0, 9).selectExpr("*", "cast(v % 3 as string) as part").write.format("delta") \
+        .partitionBy("part").save(p)
+    same_on_both(pair, "parts", 9)
+    assert sorted({r["part"] for r in off.read("parts").collect()}) == ["0", "1", "2"]
+
+
+def test_offline_writes_and_merges_read_natively(spark, pair):
+    nat, off = pair
+    off.write(rows(spark, 0, 10), "ow", job="seed", run_id="r0")
+    off.merge(rows(spark, 5, 15, tag="b"), "ow", keys=["k"], job="m", run_id="r1")
+    same_on_both(pair, "ow", 15)
+    assert [h["run_id"] for h in nat.history("ow")] == ["r1", "r0"] == [h["run_id"] for h in off.history("ow")]
+    nat.merge(rows(spark, 14, 16, tag="c"), "ow", keys=["k"], job="n", run_id="r2")
+    same_on_both(pair, "ow", 16)

@@ -48,6 +48,14 @@ class SparkConfig:
     driver_memory: str = setting("4g", doc="local only: spark.driver.memory")
     conf: dict[str, str] = setting(factory=dict, doc="extra Spark conf (key: value), applied locally; its values "
                                                      "are redacted wherever the config is written")
+    delta_packages: str = setting("auto", doc="local only: Delta Lake's jars for the session dollyflow starts. auto: "
+                                              "io.delta:delta-spark_<spark major.minor>_2.13 of the installed delta-spark "
+                                              "(the newest published patch of its minor version), resolved through "
+                                              "spark.jars.packages into the Ivy cache (~/.ivy2.5.2, once per machine); "
+                                              "when it cannot be had (no network, not published) the session starts "
+                                              "without it and tables.backend=auto uses delta-rs, saying why. off: no "
+                                              "Delta jars. Or Maven coordinates, comma-separated "
+                                              "(io.delta:delta-spark_4.2_2.13:4.4.0)")
 
 
 def require_warehouse(warehouse: str) -> str:

@@ -47,6 +47,7 @@ def validate(cfg: Config) -> None:
         check_identifier(t.catalog, "tables.catalog")
     if t.backend not in ("auto", "native", "offline"):
         raise ConfigError(f"tables.backend: {t.backend!r} is not one of auto, native, offline")
+    check_delta_packages(cfg.spark.delta_packages)
     if cfg.ingest.format not in ("auto", "json", "csv", "parquet"):
         raise ConfigError(f"ingest.format: {cfg.ingest.format!r} is not one of auto, json, csv, parquet")
     bad = set(cfg.ingest.field_map) - {"instruction", "context", "response", "category"}
@@ -81,6 +82,20 @@ def validate(cfg: Config) -> None:
     check_name(cfg.run_id, "run_id")
     check_ranges(cfg)
     validate_train(cfg.train)
+
+
+_COORDINATE = re.compile(r"^[A-Za-z0-9_.-]+:[A-Za-z0-9_.-]+:[A-Za-z0-9_.+-]+$")
+
+
+def check_delta_packages(value: str) -> None:
+    """spark.delta_packages: auto, off, or Maven coordinates group:artifact:version (comma-separated)."""
+    if value in ("auto", "off"):
+        return
+    coords = [c.strip() for c in str(value).split(",")]
+    bad = [c for c in coords if not _COORDINATE.match(c)]
+    if not value or bad:
+        raise ConfigError(f"spark.delta_packages: {value!r} is not auto, off or Maven coordinates "
+                          "group:artifact:version (e.g. io.delta:delta-spark_4.2_2.13:4.4.0)")
 
 
 def _positive(value: Any, key: str, minimum: int = 1) -> None:

@@ -7,18 +7,30 @@
   unless something fails: log4j at ERROR, no shell log-level banner, the JDK's incubator-module
   notice filtered from the JVM's stderr; no progress bar when stderr is not a TTY, no UI unless
   asked), and Python workers get this interpreter and the package's source directory on their
-  PYTHONPATH.
+  PYTHONPATH. Delta Lake's jars come along (``spark.delta_packages``,
+  :mod:`~dollyflow.engine.jars`) when they can be had; when not, the session starts without them
+  and :func:`delta_jars_note` says why (``tables.backend=auto`` then reports it).
 """
 from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 import threading
+from collections import deque
 from pathlib import Path
 
 from dollyflow.config import SparkConfig, on_databricks
+from dollyflow.engine.jars import announce, merged_packages, plan_packages
+
+#: What the last local session start did about Delta's jars (None: no local start yet).
+_DELTA_JARS_NOTE: str | None = None
+
+
+def delta_jars_note() -> str | None:
+    """Why the local session dollyflow started has (or lacks) Delta's jars; None when dollyflow
+    started no session (Databricks, spark-submit, a session the user made)."""
+    return _DELTA_JARS_NOTE
 
 
 def under_spark_submit() -> bool:
@@ -83,7 +95,7 @@ def get_session(cfg: SparkConfig | None = None):
 
 
 def _local_session(cfg: SparkConfig):
-    from pyspark import SparkConf, SparkContext
+    from pyspark import SparkContext
     from pyspark.sql import SparkSession
 
     lib = _package_root()
@@ -115,8 +127,7 @@ def _local_session(cfg: SparkConfig):
         **cfg.conf,
     }
     if SparkContext._active_spark_context is None:
-        conf = SparkConf(loadDefaults=False).setAll(list(settings.items()))
-        SparkContext(conf=conf, gateway=_quiet_gateway(conf))
+        settings = _start_jvm(cfg, settings)
     builder = SparkSession.builder
     for k, v in settings.items():
         builder = builder.config(k, v)
@@ -126,26 +137,126 @@ def _local_session(cfg: SparkConfig):
     return spark
 
 
+def _start_jvm(cfg: SparkConfig, settings: dict[str, str]) -> dict[str, str]:
+    """Launch the driver JVM and its SparkContext with Delta's jars when they can be had (see
+    :mod:`~dollyflow.engine.jars`); if the JVM cannot start with them (a failed resolution), start
+    it without them and record why. Returns the settings the session got."""
+    global _DELTA_JARS_NOTE
+    from pyspark import SparkConf, SparkContext
+
+    _drop_stopped_gateway()
+    packages = plan_packages(cfg.delta_packages, dict(cfg.conf))
+    plain = dict(settings)
+    if packages.coordinates:
+        settings = {**settings, **packages.conf, "spark.jars.packages": merged_packages(dict(cfg.conf), packages)}
+        settings.setdefault("spark.databricks.delta.snapshotPartitions", str(cfg.shuffle_partitions))
+        announce(packages, dict(cfg.conf))
+    conf = SparkConf(loadDefaults=False).setAll(list(settings.items()))
+    try:
+        gateway = _quiet_gateway(conf, quiet_ivy=not packages.download)
+        _DELTA_JARS_NOTE = packages.reason
+    except Exception as exc:
+        if not packages.coordinates:
+            raise
+        lines = [ln.strip() for ln in _JVM_STDERR if b"unresolved dependency" in ln or b"not found" in ln]
+        why = lines[-1].decode(errors="replace")[:300] if lines else f"{type(exc).__name__}: {str(exc)[:200]}"
+        _DELTA_JARS_NOTE = (f"{packages.reason}, but the JVM did not start with {', '.join(packages.coordinates)} "
+                            f"({why}); started without Delta's jars")
+        print(f"dollyflow: {_DELTA_JARS_NOTE}", file=sys.stderr, flush=True)
+        settings = plain
+        conf = SparkConf(loadDefaults=False).setAll(list(settings.items()))
+        gateway = _quiet_gateway(conf)
+    SparkContext(conf=conf, gateway=gateway)
+    return settings
+
+
+def _drop_stopped_gateway() -> None:
+    """A JVM left by a stopped SparkContext takes no new jars: shut it down so the next start
+    launches a fresh one (with this session's ``spark.jars.packages``)."""
+    from pyspark import SparkContext
+
+    with SparkContext._lock:
+        gateway = SparkContext._gateway
+        if gateway is None or SparkContext._active_spark_context is not None:
+            return
+        SparkContext._gateway = None
+        SparkContext._jvm = None
+    try:
+        gateway.shutdown()
+    except Exception:
+        pass
+    proc = getattr(gateway, "proc", None)
+    if proc is not None:
+        try:
+            proc.wait(timeout=30)
+        except Exception:
+            proc.kill()
+
+
+def stop_local_session(spark) -> None:
+    """Stop ``spark`` and the driver JVM dollyflow started for it, so that the next
+    :func:`get_session` starts a new JVM (other jars, e.g. with or without Delta)."""
+    spark.stop()
+    _drop_stopped_gateway()
+
+
+def resolve_delta_jars() -> tuple[bool, str]:
+    """Start (and stop) a local session with ``spark.delta_packages=auto`` so that Delta's jars
+    are in the Ivy cache before anything needs them (CI's first step): (native?, why)."""
+    spark = get_session(SparkConfig(master="local[1]", shuffle_partitions=1, driver_memory="1g"))
+    try:
+        found, why = detect_delta(spark)
+        return found is True, f"{why}; {delta_jars_note()}"
+    finally:
+        stop_local_session(spark)
+
+
 #: Lines the JVM writes to stderr at every start that are not about this run: the JDK's notice
 #: for the incubator module Spark 4 adds to every JVM (--add-modules=jdk.incubator.vector).
 JVM_START_NOTICES = (re.compile(rb"^WARNING: Using incubator modules: "),)
 
 
-def _quiet_gateway(conf):
+#: The start and the end of the report Spark's Ivy prints when it resolves ``spark.jars.packages``.
+_IVY_START = re.compile(rb"^(:: loading settings :: |Ivy Default Cache set to: )")
+_IVY_END = re.compile(rb"^\s+\d+ artifacts copied, \d+ already retrieved")
+#: The JVM's latest stderr lines (the reason a start failed).
+_JVM_STDERR: deque = deque(maxlen=200)
+
+
+def _quiet_gateway(conf, quiet_ivy: bool = True):
     """Launch the local driver JVM (as PySpark does) with its stderr piped through a thread
-    that forwards every line to our stderr except :data:`JVM_START_NOTICES`: errors, stack
-    traces and Python worker output still come through, the start-up notice does not."""
+    that forwards every line to our stderr except :data:`JVM_START_NOTICES` and, when
+    ``quiet_ivy`` (the packages are cached), Ivy's resolution report: errors, stack traces and
+    Python worker output still come through, the start-up chatter does not."""
     from pyspark.java_gateway import launch_gateway
 
-    gateway = launch_gateway(conf, popen_kwargs={"stderr": subprocess.PIPE})
-    stream = gateway.proc.stderr
-    threading.Thread(target=_forward_stderr, args=(stream,), name="dollyflow-jvm-stderr", daemon=True).start()
-    return gateway
+    _JVM_STDERR.clear()
+    # The reader starts before the JVM: Ivy's report comes before the gateway's port, and a full
+    # pipe would block the JVM while launch_gateway waits for that port.
+    read_fd, write_fd = os.pipe()
+    reader = threading.Thread(target=_forward_stderr, args=(os.fdopen(read_fd, "rb"), quiet_ivy),
+                              name="dollyflow-jvm-stderr", daemon=True)
+    reader.start()
+    try:
+        return launch_gateway(conf, popen_kwargs={"stderr": write_fd})
+    except BaseException:
+        os.close(write_fd)
+        write_fd = None
+        reader.join(timeout=10)   # the JVM exited: its last lines say why
+        raise
+    finally:
+        if write_fd is not None:
+            os.close(write_fd)   # the JVM holds its own copy; EOF comes when it exits
 
 
-def _forward_stderr(stream) -> None:
+def _forward_stderr(stream, quiet_ivy: bool = True) -> None:
+    in_ivy = False
     for line in iter(stream.readline, b""):
+        _JVM_STDERR.append(line)
         if any(p.match(line) for p in JVM_START_NOTICES):
+            continue
+        if quiet_ivy and (in_ivy or _IVY_START.match(line)):
+            in_ivy = not _IVY_END.match(line)
             continue
         try:
             os.write(2, line)

@@ -19,7 +19,7 @@ from dollyflow.config import TablesConfig
 from dollyflow.engine.delta.commit import Commit
 from dollyflow.engine.delta.parts import PartSink
 from dollyflow.engine.delta.refs import TableRef
-from dollyflow.engine.session import detect_delta, master_of
+from dollyflow.engine.session import delta_jars_note, detect_delta, master_of
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +34,19 @@ def choose_backend(spark, requested: str) -> tuple[bool, str]:
     found, why = detect_delta(spark)
     if requested == "native":
         if found is False:
+            note = delta_jars_note()
             raise RuntimeError(
-                f"tables.backend=native, but {why}. Start Spark with Delta Lake (spark-submit --packages "
-                "io.delta:delta-spark_2.13:<version> --conf spark.sql.extensions=io.delta.sql."
+                f"tables.backend=native, but {why}{f' ({note})' if note else ''}. Locally set "
+                "spark.delta_packages=auto (the default) with Maven Central or the Ivy cache at hand; or start "
+                "Spark with Delta Lake (spark-submit --packages io.delta:delta-spark_<spark x.y>_2.13:<version> --conf spark.sql.extensions=io.delta.sql."
                 "DeltaSparkSessionExtension --conf spark.sql.catalog.spark_catalog=org.apache.spark.sql."
                 "delta.catalog.DeltaCatalog), or set tables.backend=offline (delta-rs) or auto")
         return True, f"tables.backend=native; {why}"
     if found is True:
         return True, f"tables.backend=auto: {why}"
     if found is False:
-        return False, f"tables.backend=auto: {why}, so delta-rs (offline backend)"
+        note = delta_jars_note()
+        return False, f"tables.backend=auto: {why}{f' ({note})' if note else ''}, so delta-rs (offline backend)"
     master = master_of(spark)
     if not master.startswith("local"):
         raise RuntimeError(f"tables.backend=auto cannot tell whether this session has Delta Lake: {why}. "

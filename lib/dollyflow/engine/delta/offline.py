@@ -20,6 +20,7 @@ from dollyflow.engine.delta.backend import DeltaBackend
 from dollyflow.engine.delta.commit import COMMIT_RETRIES, Commit, commit_options, history_meta
 from dollyflow.engine.delta.offline_commits import (TableMoved, append_if_unchanged, commit_files,
                                                     commit_properties, find_commit)
+from dollyflow.engine.delta.offline_read import deleted_rows, scan, special_layout
 from dollyflow.engine.delta.offline_schema import arrow_schema, spark_schema
 from dollyflow.engine.delta.parts import PartSink, discard_parts, write_parts
 from dollyflow.engine.delta.refs import TableRef
@@ -57,7 +58,7 @@ class OfflineBackend(DeltaBackend):
 
     def count(self, ref: TableRef, version: int | None) -> int:
         """From the row counts of the version's files (Delta file statistics, Parquet footers
-        where a file has none)."""
+        where a file has none), less the rows deletion vectors mark deleted."""
         from deltalake import DeltaTable
 
         dt = DeltaTable(ref.path, version=int(version) if version is not None else None)
@@ -69,17 +70,23 @@ class OfflineBackend(DeltaBackend):
                 with fs.open_input_file(root) as f:
                     n = pq.ParquetFile(f).metadata.num_rows
             total += int(n)
-        return total
+        return total - deleted_rows(dt)
 
     def read(self, ref: TableRef, version: int | None):
+        """A plain table: native Parquet scans of exactly this version's files (fast, distributed,
+        no driver copy). A table a native writer gave deletion vectors, column mapping or
+        partition columns: delta-rs's protocol-aware scan (:mod:`~dollyflow.engine.delta.offline_read`)."""
         from deltalake import DeltaTable
 
         dt = DeltaTable(ref.path, version=int(version) if version is not None else None)
-        schema = spark_schema(pa.schema(dt.schema().to_arrow()))
+        arrow = pa.schema(dt.schema().to_arrow())
+        schema = spark_schema(arrow)
+        if special_layout(dt):
+            table = scan(dt)
+            return self.spark.createDataFrame(table if table.num_rows else [], schema=schema)
         files = dt.file_uris()
         if not files:
             return self.spark.createDataFrame([], schema)
-        # Native Parquet scans of exactly this version's files: fast, distributed, no driver copy.
         return self.spark.read.schema(schema).parquet(*files)
 
     # -- writing ------------------------------------------------------------------------------

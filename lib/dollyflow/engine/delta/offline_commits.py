@@ -84,9 +84,23 @@ def commit_files(path: str, schema: pa.Schema, files: list[tuple[str, int, int]]
     if not adds and not overwrite:
         return  # nothing written: no new version
     table = DeltaTable(path)
+    check_plain_layout(table)
     _add_new_columns(table, schema, allowed=evolve or overwrite)
     table.create_write_transaction(adds, mode="overwrite" if overwrite else "append", schema=schema,
                                    commit_properties=props)
+
+
+def check_plain_layout(table) -> None:
+    """Files written by Spark's Parquet writer carry the table's column names and no partition
+    values: committing them as they are is right only for a table without column mapping and
+    partition columns (a native writer may have made either); refuse the others, naming why."""
+    meta = table.metadata()
+    mode = (meta.configuration or {}).get("delta.columnMapping.mode", "none")
+    why = ([f"column mapping (mode {mode})"] if mode and mode != "none" else []) + \
+          ([f"partition columns {list(meta.partition_columns)}"] if meta.partition_columns else [])
+    if why:
+        raise ValueError(f"{table.table_uri}: the offline backend (delta-rs) cannot append files to a table with "
+                         f"{' and '.join(why)}; write it with tables.backend=native (Delta's jars)")
 
 
 def _add_new_columns(table, schema: pa.Schema, allowed: bool) -> None:
@@ -119,6 +133,7 @@ def append_if_unchanged(path: str, schema: pa.Schema, files: list[tuple[str, int
         if _create(path, schema, adds, props):
             return 0
         raise TableMoved(f"{path}: created by another writer")
+    check_plain_layout(DeltaTable(path, version=int(base)))
     try:
         DeltaTable(path, version=int(base)).create_write_transaction(adds, mode="append", schema=schema,
                                                                      commit_properties=props)

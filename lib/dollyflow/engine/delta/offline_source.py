@@ -23,6 +23,7 @@ from pyspark.sql.types import StructType
 
 from dollyflow.core.storage import filesystem
 from dollyflow.engine.delta.offline_commits import commit_files
+from dollyflow.engine.delta.offline_read import scan, special_layout
 from dollyflow.engine.delta.offline_schema import arrow_schema, spark_schema
 
 SHORT_NAME = "delta"
@@ -37,16 +38,36 @@ class _FilePartition(InputPartition):
     uri: str
 
 
+@dataclass
+class _ScanPartition(InputPartition):
+    """The whole version through delta-rs's protocol-aware scan (deletion vectors, column mapping,
+    partition values)."""
+    table: str
+    version: int
+
+
 class DeltaRsReader(DataSourceReader):
-    def __init__(self, uris: list[str], schema: StructType):
+    def __init__(self, uris: list[str], schema: StructType, scan_at: tuple[str, int] | None = None):
         self.uris = uris
         self.schema = schema
+        self.scan_at = scan_at
 
     def partitions(self):
+        if self.scan_at is not None:
+            return [_ScanPartition(*self.scan_at)]
         return [_FilePartition(u) for u in self.uris]
 
-    def read(self, partition: _FilePartition) -> Iterator[pa.RecordBatch]:
+    def read(self, partition) -> Iterator[pa.RecordBatch]:
         target = arrow_schema(self.schema)
+        if isinstance(partition, _ScanPartition):
+            from deltalake import DeltaTable
+            table = scan(DeltaTable(partition.table, version=partition.version))
+            for batch in table.to_batches(max_chunksize=8192):
+                yield pa.RecordBatch.from_arrays(
+                    [batch.column(name).cast(field.type) if name in batch.schema.names
+                     else pa.nulls(batch.num_rows, field.type)
+                     for name, field in zip(target.names, target)], schema=target)
+            return
         fs, path = filesystem(partition.uri)
         with fs.open_input_file(path) as f:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=8192):
@@ -139,7 +160,10 @@ class DeltaRsDataSource(DataSource):
         return spark_schema(pa.schema(self._table().schema().to_arrow()))
 
     def reader(self, schema: StructType) -> DataSourceReader:
-        return DeltaRsReader(self._table().file_uris(), schema)
+        dt = self._table()
+        if special_layout(dt):
+            return DeltaRsReader([], schema, scan_at=(self._path(), int(dt.version())))
+        return DeltaRsReader(dt.file_uris(), schema)
 
     def writer(self, schema: StructType, overwrite: bool) -> DeltaRsWriter:
         return DeltaRsWriter(self._path(), schema, overwrite, dict(self.options))
