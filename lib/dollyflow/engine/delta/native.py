@@ -93,6 +93,12 @@ class NativeBackend(DeltaBackend):
               evolve_schema: bool) -> Commit:
         if skip and df.isEmpty():
             return Commit(self.version(ref), operation="WRITE", rows=0, committed=False, write_id=write_id)
+        if mode == "append" and not evolve_schema and self.version(ref) is not None:
+            have = set(self.read(ref, None).columns)
+            new = [c for c in df.columns if c not in have]
+            if new:   # the same refusal, in the same words, as the offline backend
+                raise ValueError(f"{ref.location}: the rows have columns the table does not ({', '.join(new)}); "
+                                 "write them with evolve_schema=True")
         w = df.write.format("delta").mode(mode).option("userMetadata", user_metadata(job, run_id, write_id))
         if mode == "overwrite":
             w = w.option("overwriteSchema", "true")
