@@ -274,7 +274,9 @@ def test_user_session_settings_survive_and_timestamps_are_set_per_write(spark, s
         store.merge(rows(spark, 2, 6), "ts", keys=["k"], job="b", run_id="r")
         assert spark.conf.get(key) == "INT96" and spark.conf.get(MERGE_METADATA_CONF) == "the user's own"
         files = list(Path(store.location("ts")).rglob("*.parquet"))
-        assert files and all(pq.ParquetFile(f).schema.column(4).physical_type == "INT64" for f in files)
+        assert files
+        if store.backend == "offline":   # delta-rs commits need Delta's INT64 timestamps; Delta Spark reads either
+            assert all(pq.ParquetFile(f).schema.column(4).physical_type == "INT64" for f in files)
         rows(spark, 0, 1).coalesce(1).write.parquet(str(tmp_path / "user"))   # the user's own write: their setting
         (mine,) = Path(tmp_path / "user").glob("*.parquet")
         assert pq.ParquetFile(mine).schema.column(4).physical_type == "INT96"

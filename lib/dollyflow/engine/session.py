@@ -158,8 +158,9 @@ def _start_jvm(cfg: SparkConfig, settings: dict[str, str]) -> dict[str, str]:
     except Exception as exc:
         if not packages.coordinates:
             raise
-        lines = [ln.strip() for ln in _JVM_STDERR if b"unresolved dependency" in ln or b"not found" in ln]
-        why = lines[-1].decode(errors="replace")[:300] if lines else f"{type(exc).__name__}: {str(exc)[:200]}"
+        text = b"".join(_JVM_STDERR).decode(errors="replace")
+        found = re.findall(r"\[unresolved dependency[^\]]*\]", text)
+        why = found[-1][:300] if found else f"{type(exc).__name__}: {str(exc)[:200]}"
         _DELTA_JARS_NOTE = (f"{packages.reason}, but the JVM did not start with {', '.join(packages.coordinates)} "
                             f"({why}); started without Delta's jars")
         print(f"dollyflow: {_DELTA_JARS_NOTE}", file=sys.stderr, flush=True)

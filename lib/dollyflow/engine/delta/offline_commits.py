@@ -12,14 +12,21 @@ import time
 
 import pyarrow as pa
 
+from dollyflow.engine.delta.commit import user_metadata
+
 
 def commit_properties(options: dict[str, str], max_commit_retries: int = 50):
-    """delta-rs commit properties: job, run_id, write_id and userMetadata as custom metadata."""
+    """delta-rs commit properties: the commit's ``userMetadata`` (job, run_id, write_id as JSON), and
+    run_id and write_id as top-level custom metadata. Never a top-level ``job``: Delta's own
+    commitInfo has a ``job`` field (a struct), and Delta Spark cannot read a log whose commitInfo
+    holds a string there (MALFORMED_RECORD_IN_PARSING on every load)."""
     from deltalake import CommitProperties
     opts = {k.lower(): v for k, v in options.items()}   # Spark may lower-case option keys
-    meta = {k: opts[k] for k in ("job", "run_id", "write_id") if opts.get(k)}
+    meta = {k: opts[k] for k in ("run_id", "write_id") if opts.get(k)}
     if opts.get("usermetadata"):
         meta["userMetadata"] = opts["usermetadata"]
+    elif opts.get("job"):
+        meta["userMetadata"] = user_metadata(opts["job"], opts.get("run_id", ""), opts.get("write_id", ""))
     return CommitProperties(custom_metadata=meta or None, max_commit_retries=max_commit_retries)
 
 
