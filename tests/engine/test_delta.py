@@ -428,6 +428,12 @@ def test_native_delete_update_merge_with_deletion_vectors_read_offline(spark, pa
     got = {r["k"]: r["tag"] for r in off.read("dv").collect()}
     assert got["1"] == "u" and "3" not in got and got["29"] == "m" and got["32"] == "m"
     assert off.count("dv", 0) == 30 and off.read("dv", version=0).count() == 30
+    # the `delta` data source registered on sessions without Delta's jars reads it the same way
+    from dollyflow.engine.delta.offline_source import DeltaRsDataSource
+    source = DeltaRsDataSource({"path": path})
+    reader = source.reader(source.schema())
+    keys = [r["k"] for part in reader.partitions() for batch in reader.read(part) for r in batch.to_pylist()]
+    assert sorted(keys) == sorted(got)
 
 
 def test_native_column_mapping_and_partitions_read_offline(spark, pair):
