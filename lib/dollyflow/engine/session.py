@@ -188,7 +188,9 @@ def _drop_stopped_gateway() -> None:
         pass
     proc = getattr(gateway, "proc", None)
     if proc is not None:
-        try:
+        try:   # PySpark's gateway JVM exits when its stdin closes
+            if proc.stdin is not None:
+                proc.stdin.close()
             proc.wait(timeout=30)
         except Exception:
             proc.kill()
