@@ -9,6 +9,7 @@
     dollyflow report [--run-id ID]                               # rebuild a pipeline run's report
     dollyflow quickstart                                         # scripts/run_local.sh
     dollyflow train --no-spark --preset tiny train.processes=2   # torchrun on this machine, no Spark
+    dollyflow tables upgrade-log [--dry-run]                     # make an older dollyflow's tables readable by Delta Spark
 
 Each job is also its own console script (``dollyflow-ingest``) for a bundle's
 ``python_wheel_task``, and a spark-submit script (``jobs/ingest.py``). All of them take the same
@@ -21,6 +22,8 @@ import sys
 import time
 
 from dollyflow.config import ConfigError, available, describe, load_config
+from dollyflow.engine.delta.legacy_log import UPGRADE_COMMAND, UpgradeRefused, legacy_tables, upgrade_log
+from dollyflow.engine.delta.refs import schema_location
 from dollyflow.engine.session import get_session
 from dollyflow.jobs import ORDER as JOBS
 from dollyflow.jobs import job_module
@@ -54,6 +57,8 @@ def job_parser(prog: str, kind: str = "job") -> argparse.ArgumentParser:
     if kind == "pipeline":
         p.add_argument("--verbose", "-v", action="store_true", help="stream the jobs' own output")
         p.add_argument("--no-report", action="store_true", help="do not build the run report")
+    if kind == "tables":
+        p.add_argument("--dry-run", action="store_true", help="list the commits that would be rewritten; change nothing")
     if kind == "report":
         p.add_argument("--run-id", help="the pipeline run to report on (default: the newest)")
         p.add_argument("--out", help="write the HTML here instead of <files root>/reports/<run id>.html")
@@ -127,12 +132,54 @@ def quickstart(argv: list[str]) -> int:
     return pipeline(quickstart_args(argv))
 
 
-COMMANDS = {"pipeline": pipeline, "report": report, "quickstart": quickstart, "config": show_config}
+def tables(argv: list[str]) -> int:
+    """``dollyflow tables upgrade-log``: rewrite the commits an earlier dollyflow's offline backend
+    wrote with a top-level ``job`` in commitInfo (Delta Spark cannot parse them), for every table
+    under the schema location (:func:`~dollyflow.engine.delta.legacy_log.upgrade_log`). No Spark."""
+    if not argv or argv[0] != "upgrade-log":
+        print(f"usage: {UPGRADE_COMMAND} [--dry-run] [--preset P] [--env E] [section.key=value ...]", file=sys.stderr)
+        return 2
+    a = job_parser(UPGRADE_COMMAND, "tables").parse_args(argv[1:])
+    try:
+        cfg = load_config("", a.overrides, preset=a.preset, env=a.env, conf=a.conf)
+    except ConfigError as exc:
+        print(f"{UPGRADE_COMMAND}: config error: {exc}", file=sys.stderr)
+        return 2
+    root = schema_location(cfg.tables)
+    if root is None:
+        print(f"{UPGRADE_COMMAND}: nothing to do: "
+              + ("tables.catalog is set (Unity Catalog tables are never written offline)" if cfg.tables.catalog
+                 else "tables.warehouse is empty"))
+        return 0
+    found = legacy_tables(root, refresh=True)
+    if not found:
+        print(f"{UPGRADE_COMMAND}: no table under {root} has a commit with a top-level job; nothing to do")
+        return 0
+    failed = 0
+    for c in found:
+        try:
+            done = upgrade_log(c.table, dry_run=a.dry_run)
+        except UpgradeRefused as exc:
+            print(f"{UPGRADE_COMMAND}: {c.name}: refused, nothing changed: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        versions = f"{len(done.versions)} commit(s) (versions {', '.join(map(str, done.versions))})"
+        if not done.versions:
+            print(f"{c.name}: nothing left to rewrite")
+        elif a.dry_run:
+            print(f"{c.name}: would rewrite {versions} in {c.table}/_delta_log")
+        else:
+            print(f"{c.name}: rewrote {versions}; the original log is kept in {done.backup}")
+    return 1 if failed else 0
+
+
+COMMANDS = {"pipeline": pipeline, "report": report, "quickstart": quickstart, "config": show_config,
+            "tables": tables}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ["pipeline", "report", "quickstart", "config"] + JOBS
+    commands = ["pipeline", "report", "quickstart", "config", "tables"] + JOBS
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(f"usage: dollyflow {{{','.join(commands)}}} [--preset P] [--env E] [section.key=value ...]\n\n"
               + __doc__, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)

@@ -17,8 +17,9 @@ import pyarrow as pa
 
 from dollyflow.config import TablesConfig
 from dollyflow.engine.delta.commit import Commit
+from dollyflow.engine.delta.legacy_log import UPGRADE_COMMAND, describe, legacy_tables
 from dollyflow.engine.delta.parts import PartSink
-from dollyflow.engine.delta.refs import TableRef
+from dollyflow.engine.delta.refs import TableRef, schema_location
 from dollyflow.engine.session import delta_jars_note, detect_delta, master_of
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,36 @@ def choose_backend(spark, requested: str) -> tuple[bool, str]:
     reason = f"tables.backend=auto: {why}; local master {master}, so delta-rs (offline backend)"
     log.warning("dollyflow: %s", reason)
     return False, reason
+
+
+def check_legacy_logs(tables: TablesConfig, native: bool, reason: str) -> tuple[bool, str]:
+    """Native Delta, when chosen for path-based tables, only if no table under the schema location
+    has commits that dollyflow's offline backend wrote before it kept the job name in userMetadata
+    (a top-level ``job`` in commitInfo: Delta Spark cannot parse those logs). ``auto`` then uses
+    the offline backend (delta-rs reads them), saying which tables and how to move on;
+    ``native`` fails before Spark touches them. Unity Catalog tables are never written offline:
+    not checked. Only the JSON commit files are read, once per table per process."""
+    root = schema_location(tables) if native else None
+    if root is None:
+        return native, reason
+    found = legacy_tables(root)
+    if not found:
+        return native, reason
+    why = (f"{len(found)} table(s) under {root} have commits written by an earlier dollyflow's offline backend, "
+           f"with the job name as a top-level 'job' in commitInfo, which Delta Spark cannot parse: {describe(found)}")
+    remedy = (f"`{UPGRADE_COMMAND} tables.warehouse={tables.warehouse}` rewrites those commits in place (job moved "
+              "into userMetadata, a backup of each _delta_log kept beside it), or use a fresh tables.warehouse")
+    if tables.backend == "native":
+        raise RuntimeError(f"tables.backend=native, but {why}. Run {remedy}; or set tables.backend=offline "
+                           "(or auto) to keep them on delta-rs")
+    reason = f"{reason}, but {why}; so delta-rs (offline backend), which reads and writes them. To use Delta Spark: {remedy}"
+    if root not in _warned:            # once per process: a pipeline makes one store per job
+        _warned.add(root)
+        log.warning("dollyflow: %s", reason)
+    return False, reason
+
+
+_warned: set[str] = set()
 
 
 def check_mode(mode: str) -> None:

@@ -21,6 +21,15 @@ class TableRef:
         return self.fqn or self.path or ""
 
 
+def schema_location(tables: TablesConfig) -> str | None:
+    """The folder of the path-based tables (``<warehouse>/<schema>``); None for Unity Catalog tables
+    (``tables.catalog`` set) or when no warehouse is set (the first table access says so)."""
+    if tables.catalog or not tables.warehouse:
+        return None
+    wh = tables.warehouse if "://" in tables.warehouse else os.path.abspath(tables.warehouse)
+    return f"{wh.rstrip('/')}/{check_identifier(tables.schema, 'tables.schema')}"
+
+
 def resolve(tables: TablesConfig, name: str) -> TableRef:
     check_identifier(name, "table name")
     if tables.catalog:

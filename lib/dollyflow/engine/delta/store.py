@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from dollyflow.config import TablesConfig, check_identifier, redact
 from dollyflow.core.storage import remove_dir
-from dollyflow.engine.delta.backend import DeltaBackend, check_mode, choose_backend
+from dollyflow.engine.delta.backend import DeltaBackend, check_legacy_logs, check_mode, choose_backend
 from dollyflow.engine.delta.commit import Commit
 from dollyflow.engine.delta.native import NativeBackend
 from dollyflow.engine.delta.offline import OfflineBackend
@@ -28,7 +28,7 @@ class DeltaStore:
     def __init__(self, spark, tables: TablesConfig):
         self.spark = spark
         self.tables = tables
-        native, self.backend_reason = choose_backend(spark, tables.backend)
+        native, self.backend_reason = check_legacy_logs(tables, *choose_backend(spark, tables.backend))
         self._backend: DeltaBackend = (NativeBackend if native else OfflineBackend)(spark, tables)
 
     @property
