@@ -137,8 +137,10 @@ def tables(argv: list[str]) -> int:
     wrote with a top-level ``job`` in commitInfo (Delta Spark cannot parse them), for every table
     under the schema location (:func:`~dollyflow.engine.delta.legacy_log.upgrade_log`). No Spark."""
     if not argv or argv[0] != "upgrade-log":
-        print(f"usage: {UPGRADE_COMMAND} [--dry-run] [--preset P] [--env E] [section.key=value ...]", file=sys.stderr)
-        return 2
+        asked = bool(argv) and argv[0] in ("-h", "--help")
+        print(f"usage: {UPGRADE_COMMAND} [--dry-run] [--preset P] [--env E] [section.key=value ...]\n\n"
+              + (tables.__doc__ or ""), file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     a = job_parser(UPGRADE_COMMAND, "tables").parse_args(argv[1:])
     try:
         cfg = load_config("", a.overrides, preset=a.preset, env=a.env, conf=a.conf)
