@@ -22,6 +22,7 @@ import sys
 import time
 
 from dollyflow.config import ConfigError, available, describe, load_config
+from dollyflow.engine.delta import BackendError
 from dollyflow.engine.delta.legacy_log import UPGRADE_COMMAND, UpgradeRefused, legacy_tables, upgrade_log
 from dollyflow.engine.delta.refs import schema_location
 from dollyflow.engine.session import get_session
@@ -91,7 +92,11 @@ def run_job(name: str, argv: list[str] | None = None) -> int:
         return 0
     spark = get_session(cfg.spark)
     t0 = time.time()
-    summary = module.run(cfg, spark)
+    try:
+        summary = module.run(cfg, spark)
+    except BackendError as exc:          # tables.backend cannot serve these tables: what to do, no stack trace
+        print(f"dollyflow {name}: {exc}", file=sys.stderr)
+        return 2
     summary["seconds"] = round(time.time() - t0, 2)
     print_summary(summary)
     return 0

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from dollyflow.config import ConfigError, load_config, redact_uri
 from dollyflow.core.storage import absolute, is_uri, write_bytes
-from dollyflow.engine.delta import DeltaStore
+from dollyflow.engine.delta import BackendError, DeltaStore
 from dollyflow.engine.session import get_session
 from dollyflow.jobs import installed, job_module
 from dollyflow.quickstart import prepare_inputs
@@ -118,7 +118,11 @@ def run_pipeline(overrides: list[str], *, preset: str | None = None, env: str | 
 
     t_start = time.time()
     spark = get_session(cfg.spark)
-    store = DeltaStore(spark, cfg.tables)
+    try:
+        store = DeltaStore(spark, cfg.tables)
+    except BackendError as exc:          # a clear message saying what to do, not a stack trace
+        print(f"dollyflow pipeline: {exc}", file=sys.stderr)
+        return 2
     files_root = absolute(cfg.tables.files_root())
     base_run = cfg.run_id
     record = {"run_id": base_run, "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pytest
 
 from dollyflow.cli import main
-from dollyflow.engine.delta import DeltaStore
+from dollyflow.engine.delta import BackendError, DeltaStore
 from dollyflow.engine.delta.backend import check_legacy_logs
 from dollyflow.engine.delta.commit import commit_options, user_metadata
 from dollyflow.engine.delta.legacy_log import (BACKUP_PREFIX, UpgradeRefused, is_legacy_info, legacy_commit,
@@ -97,7 +97,7 @@ def test_unity_catalog_tables_are_not_checked(warehouse, tmp_config):
     native, reason = check_legacy_logs(path_based, True, "tables.backend=auto: found")
     assert not native and "bronze (from version 1" in reason and "runs (from version 0" in reason
     assert "clean" not in reason and "dollyflow tables upgrade-log" in reason
-    with pytest.raises(RuntimeError, match=r"tables.backend=native, but 2 table\(s\) .*bronze.*upgrade-log.*"
+    with pytest.raises(BackendError, match=r"tables.backend=native, but 2 table\(s\) .*bronze.*upgrade-log.*"
                                            r"fresh tables.warehouse.*tables.backend=offline"):
         check_legacy_logs(tmp_config("", f"tables.warehouse={warehouse}", "tables.backend=native").tables, True, "")
 
@@ -211,7 +211,7 @@ def test_native_session_keeps_legacy_tables_on_delta_rs_until_upgraded(native_sp
                job="dedupe", run_id="run-4", update=False)
     assert auto.count("bronze") == 13
 
-    with pytest.raises(RuntimeError, match=r"tables.backend=native, but 2 table\(s\) .* bronze \(from version 1"):
+    with pytest.raises(BackendError, match=r"tables.backend=native, but 2 table\(s\) .* bronze \(from version 1"):
         DeltaStore(spark, tmp_config("", f"tables.warehouse={warehouse}", "tables.backend=native").tables)
 
     assert main(["tables", "upgrade-log", f"tables.warehouse={warehouse}"]) == 0

@@ -28,7 +28,7 @@ had.
 Table names come from config only and must be plain identifiers
 (:mod:`~dollyflow.engine.delta.refs`).
 """
-from dollyflow.engine.delta.backend import DeltaBackend, choose_backend
+from dollyflow.engine.delta.backend import BackendError, DeltaBackend, choose_backend
 from dollyflow.engine.delta.commit import COMMIT_RETRIES, Commit
 from dollyflow.engine.delta.native import MERGE_METADATA_CONF, NativeBackend, session_conf
 from dollyflow.engine.delta.offline import OfflineBackend
@@ -37,6 +37,7 @@ from dollyflow.engine.delta.refs import TableRef, resolve
 from dollyflow.engine.delta.store import DeltaStore
 
 __all__ = [
+    "BackendError",
     "COMMIT_RETRIES",
     "Commit",
     "DeltaBackend",

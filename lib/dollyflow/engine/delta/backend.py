@@ -25,6 +25,11 @@ from dollyflow.engine.session import delta_jars_note, detect_delta, master_of
 log = logging.getLogger(__name__)
 
 
+class BackendError(RuntimeError):
+    """The asked-for backend cannot serve these tables (no Delta jars for ``native``, logs Delta
+    Spark cannot parse, a cluster where ``auto`` cannot tell): the message says what to do."""
+
+
 def choose_backend(spark, requested: str) -> tuple[bool, str]:
     """(native?, why) for ``tables.backend``: ``offline`` as asked; ``native`` only when Delta's
     JVM classes are there (a clear error otherwise); ``auto`` native when they are, offline when
@@ -36,7 +41,7 @@ def choose_backend(spark, requested: str) -> tuple[bool, str]:
     if requested == "native":
         if found is False:
             note = delta_jars_note()
-            raise RuntimeError(
+            raise BackendError(
                 f"tables.backend=native, but {why}{f' ({note})' if note else ''}. Locally set "
                 "spark.delta_packages=auto (the default) with Maven Central or the Ivy cache at hand; or start "
                 "Spark with Delta Lake (spark-submit --packages io.delta:delta-spark_<spark x.y>_2.13:<version> --conf spark.sql.extensions=io.delta.sql."
@@ -50,7 +55,7 @@ def choose_backend(spark, requested: str) -> tuple[bool, str]:
         return False, f"tables.backend=auto: {why}{f' ({note})' if note else ''}, so delta-rs (offline backend)"
     master = master_of(spark)
     if not master.startswith("local"):
-        raise RuntimeError(f"tables.backend=auto cannot tell whether this session has Delta Lake: {why}. "
+        raise BackendError(f"tables.backend=auto cannot tell whether this session has Delta Lake: {why}. "
                            "Set tables.backend=native (the cluster has Delta) or tables.backend=offline")
     reason = f"tables.backend=auto: {why}; local master {master}, so delta-rs (offline backend)"
     log.warning("dollyflow: %s", reason)
@@ -75,7 +80,7 @@ def check_legacy_logs(tables: TablesConfig, native: bool, reason: str) -> tuple[
     remedy = (f"`{UPGRADE_COMMAND} tables.warehouse={tables.warehouse}` rewrites those commits in place (job moved "
               "into userMetadata, a backup of each _delta_log kept beside it), or use a fresh tables.warehouse")
     if tables.backend == "native":
-        raise RuntimeError(f"tables.backend=native, but {why}. Run {remedy}; or set tables.backend=offline "
+        raise BackendError(f"tables.backend=native, but {why}. Run {remedy}; or set tables.backend=offline "
                            "(or auto) to keep them on delta-rs")
     reason = f"{reason}, but {why}; so delta-rs (offline backend), which reads and writes them. To use Delta Spark: {remedy}"
     if root not in _warned:            # once per process: a pipeline makes one store per job

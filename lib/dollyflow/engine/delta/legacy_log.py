@@ -129,8 +129,9 @@ def legacy_tables(root: str, refresh: bool = False) -> list[LegacyCommit]:
 
 
 def describe(found: list[LegacyCommit]) -> str:
-    """``bronze (first at version 0), ...``: the tables and their first legacy commit."""
-    return ", ".join(f"{c.name} (from version {c.version}, {c.file})" for c in found)
+    """``bronze (from version 0), runs (from version 3) (e.g. <first file>)``: the tables, their
+    first legacy commit, and one such file to look at."""
+    return ", ".join(f"{c.name} (from version {c.version})" for c in found) + (f" (e.g. {found[0].file})" if found else "")
 
 
 # -- the upgrade ------------------------------------------------------------------------------------
