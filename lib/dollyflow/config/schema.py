@@ -82,6 +82,10 @@ class TablesConfig:
     train_runs: str = setting("train_runs", doc="train: one row per run")
     predictions: str = setting("predictions", doc="infer: one generated response per input key, model and "
                                                   "parameters")
+    eval_records: str = setting("eval_records", doc="evaluate: per-record metrics, one row per record, model and "
+                                                    "parameter set (and silver version)")
+    eval_runs: str = setting("eval_runs", doc="evaluate: one row per run: the models compared, the table versions, "
+                                              "aggregates with bootstrap intervals")
     volume: str = setting("files", doc="Unity Catalog Volume under catalog.schema for files (shards, checkpoints, "
                                        "models) when catalog is set")
 
@@ -352,6 +356,31 @@ class InferConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """evaluate: answer quality of the predictions against silver's reference responses -> the
+    eval_records table (per record x model: ROUGE-1/2/L, BLEU, chrF, SQuAD token F1 and exact match,
+    length ratio) and one eval_runs row (aggregates per category and overall with seeded 95% bootstrap
+    intervals; with two or more models, the paired bootstrap of each against the first). Only records
+    predicted by every compared model are compared. Headline metric per category: token F1 for
+    closed_qa, information_extraction, classification; ROUGE-L for summarization and (no judge yet) the
+    open-ended categories."""
+    models: list[str] = setting(factory=list, doc="the models to compare, first = baseline A: each a model_sha "
+                                                  "(or a prefix of 8+ hex digits), a model directory (hashed "
+                                                  "like infer does), the predictions' model column as infer "
+                                                  "wrote it, or an infer run_id; each matches every parameter "
+                                                  "set it has in predictions (narrow with params_sha). Empty: "
+                                                  "the model and parameters of the newest infer run")
+    params_sha: list[str] = setting(factory=list, doc="keep only these parameter sets (predictions.params_sha); "
+                                                      "empty: every parameter set of the models")
+    silver_version: int | None = setting(None, doc="silver version whose response and category are the "
+                                                   "reference; null: the current one (recorded)")
+    seed: int = setting(42, doc="seed of the bootstrap resamples (each category its own stream)")
+    resamples: int = setting(1000, doc="bootstrap resamples per interval")
+    level: float = setting(0.95, doc="the intervals' coverage")
+    partitions: int = setting(0, doc="tasks the scoring is spread over; 0: the session's default parallelism")
+
+
+@dataclass
 class Config:
     """The whole configuration: the run's identity, the layers chosen, and one section per part."""
     job: str = setting("", doc="the job being run (set by the command, not by a layer)")
@@ -369,6 +398,7 @@ class Config:
     tokenize: TokenizeConfig = setting(factory=TokenizeConfig, doc=TokenizeConfig.__doc__)
     train: TrainConfig = setting(factory=TrainConfig, doc=TrainConfig.__doc__)
     infer: InferConfig = setting(factory=InferConfig, doc=InferConfig.__doc__)
+    evaluate: EvaluateConfig = setting(factory=EvaluateConfig, doc=EvaluateConfig.__doc__)
 
     def to_dict(self) -> dict[str, Any]:
         """Every key and value, secrets included: for this process only. What is written or

@@ -78,9 +78,34 @@ def validate(cfg: Config) -> None:
         raise ConfigError("infer.partitions and infer.limit must not be negative")
     if inf.do_sample and not (inf.temperature > 0 and 0 < inf.top_p <= 1 and inf.top_k >= 0):
         raise ConfigError("infer: sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0")
+    validate_evaluate(cfg)
     check_name(cfg.run_id, "run_id")
     check_ranges(cfg)
     validate_train(cfg.train)
+
+
+_HEX = re.compile(r"^[0-9a-f]{1,64}$")
+
+
+def validate_evaluate(cfg: Config) -> None:
+    """Range checks of the ``evaluate:`` section; each error names its key."""
+    e = cfg.evaluate
+    for i, m in enumerate(e.models):
+        if not isinstance(m, str) or not m.strip():
+            raise ConfigError(f"evaluate.models[{i}]: {m!r} is not a model_sha, model directory, model or run id")
+    for p in e.params_sha:
+        if not isinstance(p, str) or not _HEX.match(p):
+            raise ConfigError(f"evaluate.params_sha: {p!r} is not a params_sha (lowercase hex, as in predictions)")
+    if e.seed < 0:
+        raise ConfigError(f"evaluate.seed: must be >= 0, got {e.seed}")
+    if e.resamples < 1:
+        raise ConfigError(f"evaluate.resamples: must be >= 1, got {e.resamples}")
+    if not (math.isfinite(e.level) and 0 < e.level < 1):
+        raise ConfigError(f"evaluate.level: must lie strictly between 0 and 1, got {e.level!r}")
+    if e.partitions < 0:
+        raise ConfigError(f"evaluate.partitions: must not be negative, got {e.partitions}")
+    if e.silver_version is not None and e.silver_version < 0:
+        raise ConfigError(f"evaluate.silver_version: must be >= 0, got {e.silver_version}")
 
 
 def _positive(value: Any, key: str, minimum: int = 1) -> None:
