@@ -19,7 +19,7 @@ from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).parent
-JOBS = ["ingest", "dedupe", "tokenize", "train", "infer"]
+JOBS = ["ingest", "dedupe", "tokenize", "train", "infer", "evaluate"]
 
 
 class BuildWithConf(build_py):

@@ -162,3 +162,7 @@ def train() -> int:
 
 def infer() -> int:
     return run_job("infer")
+
+
+def evaluate() -> int:
+    return run_job("evaluate")

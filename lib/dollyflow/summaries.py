@@ -13,9 +13,10 @@ JOB_TABLES = {
     "tokenize": ["tokenized"],
     "train": [],
     "infer": ["predictions"],
+    "evaluate": ["eval_records"],
 }
 ALL_TABLES = ["bronze", "quarantine", "ingest_runs", "silver", "duplicates", "dedupe_runs", "tokenized",
-              "tokenize_runs", "train_runs", "predictions"]
+              "tokenize_runs", "train_runs", "predictions", "eval_records", "eval_runs"]
 
 
 def _n(x) -> str:
@@ -40,6 +41,12 @@ def _versions(changes: dict) -> str:
         out.append(f"{name} v{after}" if before == after else
                    f"{name} {'new' if before is None else f'v{before}'}->v{after}")
     return ", ".join(out)
+
+
+def _interval(iv: dict | None) -> str:
+    """``0.412 [0.38, 0.45]`` from a summary's interval."""
+    iv = iv or {}
+    return f"{_n(iv.get('mean'))} [{_n(iv.get('low'))}, {_n(iv.get('high'))}]"
 
 
 def job_status(name: str, summary: dict, changes: dict) -> str:
@@ -99,4 +106,14 @@ def human_line(name: str, s: dict, changes: dict | None = None) -> str:
                 + (f" ({s['engine']} {s.get('compute_type')})" if s.get("engine") not in (None, "torch") else "")
                 + (f" (model loads: {_n(w['loads'])}, slowest {w['load_seconds']:.1f} s)"
                    if (w := s.get("workers") or {}).get("loads") else "") + tail)
+    if name == "evaluate":
+        sides = s.get("sides") or []
+        overall = (s.get("headline") or {}).get("overall") or {}
+        figures = " vs ".join(f"{label} {_interval(iv)}" for label, iv in (overall.get("sides") or {}).items())
+        diffs = "; ".join(f"{k} {_n((c or {}).get('diff'))} [{_n((c or {}).get('low'))}, {_n((c or {}).get('high'))}]"
+                          for k, c in (overall.get("diff") or {}).items())
+        names = ", ".join(f"{x.get('label')} = {x.get('model')} params {x.get('params_sha')}" for x in sides)
+        return (f"{_n(s.get('compared'))} records x {len(sides)} model(s) ({names}): {_n(s.get('scored'))} scored, "
+                f"{_n(sum((s.get('unscored_rows') or {}).values()))} without a reference; headline {figures}"
+                + (f"; difference {diffs}" if diffs else "") + tail)
     return tail.lstrip(" |")

@@ -1,0 +1,179 @@
+"""evaluate: answer quality of predictions against silver's reference responses -> ``eval_records``
+and one ``eval_runs`` row.
+
+Which predictions (``conf/jobs/evaluate.yaml``): ``evaluate.models`` lists the models to compare,
+the first being baseline A; each entry is a model_sha (or a prefix of 8+ hex digits), a model
+directory (its weights hashed as infer does), the ``model`` column as infer wrote it, or an infer
+run_id, and selects every parameter set that model has in ``predictions`` (``evaluate.params_sha``
+narrows them). Empty: the model and parameters of the newest infer run. Each selected (model_sha,
+params_sha) is a *side*, labelled A, B, C ... A selector matching nothing fails naming it.
+
+The references are silver's ``response`` and ``category`` at ``evaluate.silver_version`` (default:
+the current version, recorded). Only records predicted by every side and present in silver are
+compared (the others are counted); none left is an error.
+
+Per record and side (:mod:`dollyflow.engine.evaluate`, on the workers): ROUGE-1/2/L, BLEU, chrF,
+SQuAD token F1 and exact match, length ratio, and ``reason`` when a side could not be scored
+normally (an empty or missing reference: no metrics; an error or empty prediction: zeros), see
+:mod:`dollyflow.core.evaluation.metrics`. Rows land in ``eval_records`` (keys, category, model,
+model_sha, params_sha, silver_version, finish_reason, prediction_sha, the metrics, reason, run_id,
+created_at) by a merge on (record_id, model_sha, params_sha, silver_version): rows already stored
+for the same prediction (``prediction_sha``: sha256 of its text and finish reason) are not scored
+again, a prediction infer has since replaced (an error retried) updates its row, and a rerun with
+the same inputs writes nothing to eval_records.
+
+On the driver (:mod:`dollyflow.core.evaluation.compare`): per side and metric the mean and its
+seeded percentile bootstrap interval overall and per category, the paired bootstrap of each side
+against A, and the headline table (each category's headline metric,
+:mod:`dollyflow.core.evaluation.headline`; no judge yet, so the open-ended categories show
+ROUGE-L). One ``eval_runs`` row records the sides, the table versions and all of it as JSON; the
+summary carries the same.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+
+from dollyflow.config import Config
+from dollyflow.core.evaluation.compare import summarize
+from dollyflow.core.evaluation.headline import explain
+from dollyflow.core.evaluation.metrics import METRICS, UNSCORED
+from dollyflow.engine.delta import DeltaStore
+from dollyflow.engine.evaluate import RECORD_KEYS, compared_rows, find_sides, score_rows
+
+RUNS_DDL = ("run_id string, started_at timestamp, finished_at timestamp, sides string, silver_version long, "
+            "predictions_version long, eval_records_version long, records long, compared long, scored long, "
+            "parameters string, fingerprint string, reasons string, aggregates string, comparisons string, "
+            "headline string, seconds double")
+
+
+def say(msg: str) -> None:
+    print(f"dollyflow evaluate: {msg}", file=sys.stderr, flush=True)
+
+
+def _partitions(spark, configured: int) -> int:
+    if configured:
+        return int(configured)
+    try:
+        return int(spark.sparkContext.defaultParallelism)
+    except Exception:   # Spark Connect
+        return int(spark.conf.get("spark.default.parallelism", "8") or 8)
+
+
+def run(cfg: Config, spark) -> dict:
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    t0 = time.time()
+    started = datetime.now(timezone.utc)
+    e, t = cfg.evaluate, cfg.tables
+    store = DeltaStore(spark, t)
+    silver_version = e.silver_version if e.silver_version is not None else store.version(t.silver)
+    if silver_version is None:
+        raise RuntimeError(f"the silver table {store.location(t.silver)} does not exist: run ingest and dedupe first")
+    predictions_version = store.version(t.predictions)
+    sides = find_sides(store, t.predictions, list(e.models), list(e.params_sha))
+    for s in sides:
+        say(f"side {s.label}: {s.model} (model_sha {s.model_sha[:12]}, params_sha {s.params_sha}): {s.rows} predictions")
+    rows, counts = compared_rows(store, t.predictions, t.silver, int(silver_version), sides)
+    if counts["compared"] == 0:
+        raise RuntimeError(
+            f"no record to compare: of the {counts['records']} records the sides "
+            f"{', '.join(f'{s.label} ({s.model}, params_sha {s.params_sha})' for s in sides)} predicted, "
+            f"{counts['not_in_every_model']} lack a prediction of some side and {counts['not_in_silver']} are not in "
+            f"{store.location(t.silver)} v{silver_version}")
+
+    # score only what eval_records does not hold yet for the same prediction
+    todo = rows
+    if store.exists(t.eval_records):
+        done = store.read(t.eval_records).select(*RECORD_KEYS, "prediction_sha")
+        todo = rows.join(done, RECORD_KEYS + ["prediction_sha"], "left_anti")
+    scored = (score_rows(todo, _partitions(spark, e.partitions))
+              .withColumn("run_id", F.lit(cfg.run_id))
+              .withColumn("created_at", F.current_timestamp()))
+    t1 = time.time()
+    scored = scored.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        n_scored = scored.count()
+        score_seconds = time.time() - t1
+        if n_scored:
+            commit = store.merge(scored, t.eval_records, RECORD_KEYS, job="evaluate", run_id=cfg.run_id,
+                                 update=True, update_when="t.prediction_sha <> s.prediction_sha")
+            written = f"{commit.inserted} rows inserted, {commit.updated} rows of replaced predictions updated"
+        else:
+            written = f"every compared row is already scored: {t.eval_records} is unchanged"
+    finally:
+        scored.unpersist()
+    say(written)
+    records_version = store.version(t.eval_records)
+
+    # the compared rows' metrics, from eval_records, to the driver
+    cols = ["record_id", "category", "model_sha", "params_sha", "finish_reason", "reason", *METRICS]
+    stored = (store.read(t.eval_records, records_version)
+              .join(rows.select(*RECORD_KEYS, "prediction_sha"), RECORD_KEYS + ["prediction_sha"], "left_semi")
+              .select(*cols).toPandas())
+    by_side = {}
+    for s in sides:
+        part = stored[(stored["model_sha"] == s.model_sha) & (stored["params_sha"] == s.params_sha)]
+        by_side[s.label] = part.drop_duplicates("record_id").set_index("record_id").sort_index()
+    ids = by_side[sides[0].label].index
+    for s in sides[1:]:
+        if not by_side[s.label].index.equals(ids):
+            raise RuntimeError(f"eval_records v{records_version} does not hold every compared record of side {s.label} "
+                               "(a concurrent merge?): run evaluate again")
+    if len(ids) != counts["compared"]:
+        raise RuntimeError(f"eval_records v{records_version} holds {len(ids)} of the {counts['compared']} compared "
+                           "records (a concurrent merge?): run evaluate again")
+    categories = [c if isinstance(c, str) else "" for c in by_side[sides[0].label]["category"]]
+    values = {label: {m: df[m].to_numpy(dtype=np.float64, na_value=np.nan) for m in METRICS}
+              for label, df in by_side.items()}
+    t2 = time.time()
+    result = summarize([s.label for s in sides], categories, values, seed=e.seed, resamples=e.resamples,
+                       level=e.level)
+    bootstrap_seconds = time.time() - t2
+    reasons = {label: {r: int(n) for r, n in df["reason"].value_counts().items()} for label, df in by_side.items()}
+    finish = {label: {str(r): int(n) for r, n in df["finish_reason"].fillna("null").value_counts().items()}
+              for label, df in by_side.items()}
+    unscored = {label: sum(n for r, n in rs.items() if r in UNSCORED) for label, rs in reasons.items()}
+
+    parameters = {"seed": e.seed, "resamples": e.resamples, "level": e.level, "metrics": list(METRICS),
+                  "judge": None}
+    side_dicts = [s.to_dict() for s in sides]
+    fingerprint = hashlib.sha256(json.dumps(
+        {"sides": [(s.model_sha, s.params_sha) for s in sides], "silver_version": int(silver_version),
+         "records_version": records_version, "parameters": parameters}, sort_keys=True).encode()).hexdigest()[:16]
+    seconds = round(time.time() - t0, 2)
+    row = (cfg.run_id, started, datetime.now(timezone.utc), json.dumps(side_dicts, sort_keys=True),
+           int(silver_version), predictions_version, records_version, counts["records"], counts["compared"],
+           int(n_scored), json.dumps(parameters, sort_keys=True), fingerprint, json.dumps(reasons, sort_keys=True),
+           json.dumps(result["aggregates"], sort_keys=True), json.dumps(result["comparisons"], sort_keys=True),
+           json.dumps(result["headline"], sort_keys=True), float(seconds))
+    runs = store.append_rows([row], RUNS_DDL, t.eval_runs, job="evaluate", run_id=cfg.run_id)
+    return {
+        "job": "evaluate", "run_id": cfg.run_id, "sides": side_dicts,
+        "silver": store.location(t.silver), "silver_version": int(silver_version),
+        "predictions": store.location(t.predictions), "predictions_version": predictions_version,
+        "eval_records": store.location(t.eval_records), "eval_records_version": records_version,
+        "eval_runs": store.location(t.eval_runs), "eval_runs_version": int(runs),
+        **counts, "scored": int(n_scored), "written": written,
+        "reasons": reasons, "unscored_rows": unscored, "finish_reasons": finish,
+        "parameters": parameters, "fingerprint": fingerprint,
+        "headline": result["headline"], "aggregates": result["aggregates"], "comparisons": result["comparisons"],
+        "headline_note": explain(sorted(set(categories)), judged=False),
+        "score_seconds": round(score_seconds, 3), "bootstrap_seconds": round(bootstrap_seconds, 3),
+        "rows_per_second": round(n_scored / score_seconds, 1) if n_scored and score_seconds > 0 else 0.0,
+        "job_seconds": seconds,
+    }
+
+
+def skip_reason(cfg: Config) -> str | None:
+    """``dollyflow pipeline`` skips evaluation when infer did not run (no model configured): there
+    are no predictions of this run to evaluate."""
+    if cfg.evaluate.models:
+        return None
+    return None if cfg.infer.model else "no predictions to evaluate (infer.model is not set and evaluate.models is empty)"
