@@ -86,7 +86,7 @@ def test_two_parameter_sets_scored_aggregated_compared_and_written_once(spark, p
         elif r["record_id"] == "null-instruction":     # infer's error row: no prediction, zeros
             assert r["reason"] == MISSING_PREDICTION and r["rougeL"] == 0.0 and r["finish_reason"] == "error"
         else:
-            assert r["reason"] is None and all(0.0 <= r[m] <= 1.0 for m in METRICS if m != "length_ratio")
+            assert r["reason"] is None and all(0.0 <= r[m] <= 1.0 for m in METRICS if m != "length_ratio"), str({m: r[m] for m in METRICS})
     assert out["reasons"]["A"][EMPTY_REFERENCE] == out["reasons"]["B"][EMPTY_REFERENCE] == 1
     assert out["unscored_rows"] == {"A": 1, "B": 1}
 

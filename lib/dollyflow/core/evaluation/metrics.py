@@ -123,15 +123,15 @@ def rouge(prediction: str, reference: str) -> dict[str, float]:
 
 
 def bleu(prediction: str, reference: str) -> float:
-    """sacrebleu's sentence BLEU, 0..1."""
+    """sacrebleu's sentence BLEU, 0..1 (a perfect match's 100.00000000000004 is 1.0)."""
     import sacrebleu
-    return sacrebleu.sentence_bleu(prediction, [reference]).score / 100.0
+    return min(1.0, sacrebleu.sentence_bleu(prediction, [reference]).score / 100.0)
 
 
 def chrf(prediction: str, reference: str) -> float:
-    """sacrebleu's sentence chrF, 0..1."""
+    """sacrebleu's sentence chrF, 0..1 (clamped like :func:`bleu`)."""
     import sacrebleu
-    return sacrebleu.sentence_chrf(prediction, [reference]).score / 100.0
+    return min(1.0, sacrebleu.sentence_chrf(prediction, [reference]).score / 100.0)
 
 
 # --- a record, a batch ------------------------------------------------------------------------
