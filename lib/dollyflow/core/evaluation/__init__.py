@@ -11,4 +11,6 @@ modules):
   category and overall, and the paired bootstrap of a difference between two models.
 - :mod:`~dollyflow.core.evaluation.judge`: the pairwise judge's rubric prompts (both orders),
   strict verdict parsing, position bias cancelled, win rates with intervals.
+- :mod:`~dollyflow.core.evaluation.compare`: the evaluate job's aggregates of scored records per
+  model (side), the paired comparison against the first side, the headline table.
 """
