@@ -105,12 +105,15 @@ def resolve_engine(engine: str, compute_type: str, device: str, model_dir: str) 
     ``ctranslate2`` without the package fails at once with the install hint. The compute type
     is checked against ``device`` when it is known here (``cpu``/``cuda``; ``auto`` is checked
     again on each worker's device); ``default`` converts to float32."""
-    if engine == "auto":
+    picked = engine == "auto"
+    if picked:
         engine = "ctranslate2" if ct2.available() and ct2.supports(model_dir) else "torch"
     if engine == "torch":
         if compute_type != "default":
+            why = (" (infer.engine=auto picked torch: " + ("ctranslate2 cannot convert this model)" if ct2.available()
+                                                          else ct2.INSTALL_HINT + ")")) if picked else ""
             raise ValueError(f"infer.compute_type={compute_type!r} applies to infer.engine=ctranslate2 only; the "
-                             "torch engine's precision is infer.dtype")
+                             f"torch engine's precision is infer.dtype{why}")
         return "torch", "float32"
     if engine != "ctranslate2":
         raise ValueError(f"infer.engine: {engine!r} is not one of torch, ctranslate2, auto")

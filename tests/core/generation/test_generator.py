@@ -161,7 +161,7 @@ def test_bad_rows_get_errors_and_the_others_their_answers(loaded, dolly_records)
     assert trimmed.prompt_tokens <= 256 - 16
     # the end of the passage is what was kept
     full = len(tok(format_inference_prompt("Summarise.", long_context))["input_ids"])
-    ids, dropped, _ = g._fit("Summarise.", long_context, full)
+    ids, dropped, _ = g._fitter.fit("Summarise.", long_context, full)
     assert dropped == trimmed.trimmed_context_tokens and len(ids) == trimmed.prompt_tokens
     kept = tok.decode(ids)
     assert "The passage ends here." in kept and "word0 " not in kept

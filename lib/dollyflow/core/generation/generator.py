@@ -112,20 +112,10 @@ class Generator:
         (None or missing: :func:`row_seed` of the params' seed and the row's text)."""
         instructions, contexts, seeds = split_rows(instructions, contexts, seeds)
         results: list[Generation | None] = [None] * len(instructions)
-        prompts = self._prompts(instructions, contexts, seeds, results)
+        # prompts, bad rows and context trimming: shared with the CTranslate2 engine (prompts.py)
+        prompts = self._fitter.prompts(instructions, contexts, seeds, results)
         self._run(prompts, results)
         return results  # type: ignore[return-value]
-
-    # -- prompts (shared with the CTranslate2 engine: core/generation/prompts.py) -------------
-
-    def _encode(self, texts: list[str]) -> list[list[int]]:
-        return self._fitter.encode(texts)
-
-    def _prompts(self, instructions, contexts, seeds, results) -> list[Prompt]:
-        return self._fitter.prompts(instructions, contexts, seeds, results)
-
-    def _fit(self, instruction: str, context: str | None, length: int):
-        return self._fitter.fit(instruction, context, length)
 
     # -- running ------------------------------------------------------------------------------
 
