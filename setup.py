@@ -5,7 +5,7 @@ pyspark is not a hard requirement: Databricks runtimes ship their own. Extras:
   train    torch, transformers>=5, accelerate, safetensors, deepspeed, mlflow-skinny, peft
   horovod  horovod[pytorch]
   ctranslate2  ctranslate2 (the infer job's CTranslate2 engine: int8/float32 on CPU, NVIDIA GPUs)
-  eval     rouge-score, sacrebleu (answer-quality metrics, core/evaluation; both work offline)
+  eval     rouge-score, sacrebleu, rapidfuzz (answer-quality metrics, core/evaluation; all work offline)
   dev      pytest and friends, databricks-bundles (the bundle's schema, for tests)
 
 No extra is needed on a Databricks ML GPU runtime: it ships CUDA torch; the bundle's train and
@@ -65,7 +65,8 @@ setup(
         "horovod": ["horovod[pytorch]>=0.28"],
         "ctranslate2": ["ctranslate2>=4.6"],   # infer.engine=ctranslate2 (core/generation/ct2.py)
         "eval": ["rouge-score>=0.1.2",   # ROUGE-1/2/L (pulls nltk for its Porter stemmer: no data download)
-                 "sacrebleu>=2.4"],      # sentence BLEU and chrF (core/evaluation/metrics.py)
+                 "sacrebleu>=2.4",       # sentence BLEU and chrF (core/evaluation/metrics.py)
+                 "rapidfuzz>=3.9,<4"],   # ROUGE-L's longest common subsequence in C++ (metrics.py)
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "datasketch>=1.6",
                 "moto[server]>=5",    # a real S3 endpoint on loopback for the object-store tests
                 "databricks-bundles>=1.22"],  # tests load the bundle's jobs into its Job/Volume classes

@@ -1,8 +1,8 @@
 """Spark glue of the evaluate job: which predictions are compared, their rows joined with
 silver's references, and the per-record scoring on the workers. Spark only moves rows; every
 metric is :func:`dollyflow.core.evaluation.metrics.score_many`, called by a ``mapInPandas``
-function on each batch of rows (``rouge_score``'s scorer is built once per Python worker and
-kept, :func:`dollyflow.core.evaluation.metrics.rouge_scorer`).
+function on each batch of rows (the ROUGE tokenizer and sacrebleu's metric objects are built
+once per Python worker and kept).
 
 - :func:`find_sides`: the (model_sha, params_sha) pairs of ``predictions`` that
   ``evaluate.models`` and ``evaluate.params_sha`` select (default: the newest infer run's), in

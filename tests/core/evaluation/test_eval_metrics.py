@@ -1,6 +1,11 @@
-"""Per-record metrics against values computed by hand on fixed strings."""
+"""Per-record metrics against values computed by hand on fixed strings, and against the reference
+libraries (rouge-score's scorer, sacrebleu's sentence functions, SQuAD's script) on varied pairs."""
+import random
+import re
+import string
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -9,6 +14,7 @@ from dollyflow.core.evaluation import metrics as m
 
 rouge_score = pytest.importorskip("rouge_score")
 sacrebleu = pytest.importorskip("sacrebleu")
+pytest.importorskip("rapidfuzz")
 
 LIB = Path(__file__).resolve().parents[3] / "lib"
 
@@ -152,7 +158,7 @@ def test_score_many_is_score_as_columns():
 
 def test_the_package_imports_without_the_eval_libraries():
     code = ("import sys\n"
-            "for name in ('rouge_score', 'sacrebleu', 'nltk'): sys.modules[name] = None\n"
+            "for name in ('rouge_score', 'sacrebleu', 'nltk', 'rapidfuzz'): sys.modules[name] = None\n"
             "import dollyflow.core.evaluation.metrics as m, dollyflow.core.evaluation.judge\n"
             "import dollyflow.core.evaluation.bootstrap, dollyflow.core.evaluation.headline\n"
             "assert m.token_f1('a b', 'b') > 0 and m.score(None, 'x')['reason'] == m.MISSING_PREDICTION\n"
@@ -161,3 +167,101 @@ def test_the_package_imports_without_the_eval_libraries():
                           env={"PYTHONPATH": str(LIB), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "deferred"
+
+
+# --- the fast path against the libraries, on varied pairs ----------------------------------------
+
+WORDS = ("the a an cat cats running runs ran generalization generalizations organizational connected "
+         "connecting Paris paris PARIS 42 3.14 x y z it's don't well-known e-mail co-operate "
+         "café déjà naïve Ångström İstanbul straße ß ǅ ﬁne ½ ² 日本語 東京 русский язык عربى 😀 👍🏽 "
+         "a\u0301 ﬀ \u200b , . ! ? ; : ( ) \" ' - -- ... & % $ # @ / \\ * + = < >").split()
+
+
+def _squad_normalize(s):
+    """SQuAD v1.1's official evaluate script's normalize_answer, verbatim."""
+    def remove_articles(text):
+        return re.sub(r"\b(a|an|the)\b", " ", text)
+
+    def white_space_fix(text):
+        return " ".join(text.split())
+
+    def remove_punc(text):
+        exclude = set(string.punctuation)
+        return "".join(ch for ch in text if ch not in exclude)
+
+    return white_space_fix(remove_articles(remove_punc(s.lower())))
+
+
+def _varied_pairs(n=300, seed=22):
+    """(prediction, reference) pairs: random word soups of every length class (empty, a word,
+    a sentence, a paragraph, ~1,500 words), joined by varied whitespace, and predictions that are
+    edits of their reference (drops, substitutions, repeats, truncation), copies, or unrelated."""
+    rng = random.Random(seed)
+    seps = [" ", " ", " ", "  ", "\n", "\t", "\n\n", "", " \u00a0"]
+
+    def text(k):
+        return "".join(rng.choice(WORDS) + rng.choice(seps) for _ in range(k))
+
+    def length():
+        return rng.choice([0, 1, 2, 5, 12, 40, 120]) if rng.random() > 0.02 else rng.randint(1200, 1600)
+
+    pairs = [("", ""), ("", "cat"), ("cat", ""), ("!!!", "cat"), ("日本語", "東京"), ("cat cat cat", "cat"),
+             ("a b a b a b", "b a b a"), ("The CAT.", "the cat")]
+    while len(pairs) < n:
+        ref = text(length())
+        kind = rng.random()
+        if kind < 0.2:
+            pred = text(length())
+        elif kind < 0.3:
+            pred = ref
+        else:
+            words = []
+            for w in ref.split(" "):
+                r = rng.random()
+                if r < 0.15:
+                    continue
+                words.append(rng.choice(WORDS) if r < 0.3 else w)
+                if r > 0.95:
+                    words.append(w)
+            pred = " ".join(words[:max(1, int(len(words) * rng.uniform(0.3, 1.0)))] if rng.random() < 0.3 else words)
+        pairs.append((pred, ref))
+    return pairs
+
+
+def test_fast_rouge_equals_rouge_scores_scorer_on_varied_pairs():
+    stock = rouge_score.rouge_scorer.RougeScorer(list(m.ROUGE_TYPES), use_stemmer=True)
+    pairs = _varied_pairs()
+    assert sum(len(r.split()) > 1000 for _, r in pairs) >= 2          # the long ones are there
+    for pred, ref in pairs:
+        want = stock.score(ref, pred)
+        assert m.rouge(pred, ref) == {k: want[k].fmeasure for k in m.ROUGE_TYPES}, (pred, ref)
+
+
+def test_bleu_chrf_and_squad_equal_the_reference_code_on_varied_pairs():
+    for pred, ref in _varied_pairs(seed=23):
+        assert m.bleu(pred, ref) == min(1.0, sacrebleu.sentence_bleu(pred, [ref]).score / 100)
+        assert m.chrf(pred, ref) == min(1.0, sacrebleu.sentence_chrf(pred, [ref]).score / 100)
+        assert m.normalize_answer(pred) == _squad_normalize(pred)
+        p, r = _squad_normalize(pred).split(), _squad_normalize(ref).split()
+        same = sum((Counter(p) & Counter(r)).values())
+        f1 = float(p == r) if not p or not r else 0.0 if not same else \
+            2 * (same / len(p)) * (same / len(r)) / (same / len(p) + same / len(r))
+        assert m.token_f1(pred, ref) == f1
+        assert m.exact_match(pred, ref) == float(_squad_normalize(pred) == _squad_normalize(ref))
+
+
+def test_score_many_equals_the_libraries_record_by_record():
+    stock = rouge_score.rouge_scorer.RougeScorer(list(m.ROUGE_TYPES), use_stemmer=True)
+    pairs = [(p, r) for p, r in _varied_pairs(n=200, seed=24)] + [(None, "x"), ("x", None), (" ", "x")]
+    cols = m.score_many([p for p, _ in pairs], [r for _, r in pairs])
+    for i, (pred, ref) in enumerate(pairs):
+        got = {k: cols[k][i] for k in m.METRICS + ("reason",)}
+        assert got == m.score(pred, ref)
+        if got["reason"] is not None:
+            continue
+        want = stock.score(ref, pred)
+        assert [got[k] for k in m.ROUGE_TYPES] == [want[k].fmeasure for k in m.ROUGE_TYPES]
+        assert got["bleu"] == min(1.0, sacrebleu.sentence_bleu(pred, [ref]).score / 100)
+        assert got["chrf"] == min(1.0, sacrebleu.sentence_chrf(pred, [ref]).score / 100)
+        assert got["length_ratio"] == len(pred.split()) / len(ref.split())
+    assert cols["reason"][-3:] == [m.MISSING_PREDICTION, m.MISSING_REFERENCE, m.EMPTY_PREDICTION]

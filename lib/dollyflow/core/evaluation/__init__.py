@@ -1,6 +1,6 @@
-"""Answer-quality evaluation, split by role (engine-free: no Spark; ``rouge_score`` and
-``sacrebleu``, the ``eval`` extra, are imported when a record is first scored, not with these
-modules):
+"""Answer-quality evaluation, split by role (engine-free: no Spark; ``rouge_score``,
+``sacrebleu`` and ``rapidfuzz``, the ``eval`` extra, are imported when a record is first scored,
+not with these modules):
 
 - :mod:`~dollyflow.core.evaluation.metrics`: per-record metrics of a prediction against its
   reference (ROUGE-1/2/L, BLEU, chrF, SQuAD token F1 and exact match, length ratio), missing and
