@@ -12,8 +12,8 @@ are many and different while keeping Dolly's vocabulary and its length spread (1
 words). Predictions: 10% the reference itself, 15% another reference (a wrong answer), the rest
 an edit of the reference as a model answer differs from it (words dropped, replaced by sample
 words, repeated; sentences reordered; answers cut short; a "Sure! " opening), at most 200 words
-(what ``max_new_tokens`` 256 lets a model write). 1% of the predictions are empty (a failed
-generation: counted with ``reason``, as the job does).
+(what ``max_new_tokens`` 256 lets a model write). About 1% of the predictions are empty (a failed
+generation, or every word dropped: counted with ``reason``, as the job does).
 
 Sides, one after the other in one process:
 
