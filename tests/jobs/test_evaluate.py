@@ -192,6 +192,9 @@ def test_harness_scores_land_in_eval_runs(spark, project, tmp_path):
     assert json.loads(row[0]["parameters"])["harness"] == h["parameters"]
     assert row[0]["fingerprint"] == out["fingerprint"]
 
+    from dollyflow.summaries import human_line
+    assert f"harness dolly_choice acc A {scores['acc']:,.4g}, B {scores['acc']:,.4g}" in human_line("evaluate", out, {})
+
     plain = evaluate(spark, project, *base)
     assert plain["harness"] is None and "harness" not in plain["parameters"]
     assert plain["fingerprint"] != out["fingerprint"] and plain["aggregates"] == out["aggregates"]

@@ -38,9 +38,14 @@ A local task, ``dolly_mc.yaml``, with its items in ``dolly_mc.jsonl`` (one JSON 
     doc_to_target: label               # index of the right choice
     metric_list:
       - metric: acc                    # the right choice has the highest log-likelihood
+        aggregation: mean
+        higher_is_better: true
       - metric: acc_norm               # the same, per byte of the choice
+        aggregation: mean
+        higher_is_better: true
 
-and ``evaluate.harness_tasks=[/Volumes/main/dolly/eval/dolly_mc.yaml]``. Generation tasks
+and ``evaluate.harness_tasks=[/Volumes/main/dolly/eval/dolly_mc.yaml]``
+(:func:`dollyflow.testing.harness_task.write_choice_task` writes such a pair). Generation tasks
 (``output_type: generate_until`` with ``metric: exact_match``) work the same way.
 
 Scores per task: each metric under lm-eval's name (``acc``; a metric of a filter other than
