@@ -378,6 +378,16 @@ class EvaluateConfig:
     resamples: int = setting(1000, doc="bootstrap resamples per interval")
     level: float = setting(0.95, doc="the intervals' coverage")
     partitions: int = setting(0, doc="tasks the scoring is spread over; 0: the session's default parallelism")
+    harness_tasks: list[str] = setting(factory=list, doc="lm-evaluation-harness tasks run on the driver on each "
+                                                         "side's model (pip install 'dollyflow[harness]'): lm-eval "
+                                                         "task, group or tag names (their data comes from the hub) "
+                                                         "and/or paths to task YAML files or directories of them (a "
+                                                         "task on a local JSONL file runs offline); scores land in "
+                                                         "eval_runs.harness. Empty: off")
+    harness_limit: int | None = setting(None, doc="items per harness task; null: all of them")
+    harness_batch_size: int = setting(8, doc="sequences per forward pass of the harness model")
+    harness_device: str = setting("auto", doc="where the harness model runs: auto (cuda when there, else cpu), "
+                                              "cpu, cuda or cuda:<i>")
 
 
 @dataclass

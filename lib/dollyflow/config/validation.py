@@ -85,6 +85,7 @@ def validate(cfg: Config) -> None:
 
 
 _HEX = re.compile(r"^[0-9a-f]{1,64}$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
 
 
 def validate_evaluate(cfg: Config) -> None:
@@ -106,6 +107,15 @@ def validate_evaluate(cfg: Config) -> None:
         raise ConfigError(f"evaluate.partitions: must not be negative, got {e.partitions}")
     if e.silver_version is not None and e.silver_version < 0:
         raise ConfigError(f"evaluate.silver_version: must be >= 0, got {e.silver_version}")
+    for i, t in enumerate(e.harness_tasks):
+        if not isinstance(t, str) or not t.strip():
+            raise ConfigError(f"evaluate.harness_tasks[{i}]: {t!r} is neither an lm-eval task name nor a path")
+    if e.harness_limit is not None and e.harness_limit < 1:
+        raise ConfigError(f"evaluate.harness_limit: must be >= 1 or null, got {e.harness_limit}")
+    if e.harness_batch_size < 1:
+        raise ConfigError(f"evaluate.harness_batch_size: must be >= 1, got {e.harness_batch_size}")
+    if not _DEVICE.match(str(e.harness_device)):
+        raise ConfigError(f"evaluate.harness_device: {e.harness_device!r} is not one of auto, cpu, cuda, cuda:<i>")
 
 
 def _positive(value: Any, key: str, minimum: int = 1) -> None:

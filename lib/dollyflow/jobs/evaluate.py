@@ -28,11 +28,22 @@ against A, and the headline table (each category's headline metric,
 :mod:`dollyflow.core.evaluation.headline`; no judge yet, so the open-ended categories show
 ROUGE-L). One ``eval_runs`` row records the sides, the table versions and all of it as JSON; the
 summary carries the same.
+
+Optional, ``evaluate.harness_tasks`` (:func:`harness_scores`): lm-evaluation-harness on each
+side's model, on the driver before the scoring (a bad task entry fails before anything is
+written), once per distinct model (:mod:`dollyflow.core.evaluation.harness`: lm-eval task names
+need the hub; task YAML files on local data run offline). The model is found with infer's
+loading code, from the ``evaluate.models`` directory that chose the side or else the
+predictions' ``model`` column, and must hash to the side's model_sha. The scores land in
+``eval_runs.harness`` ({side label: {task: {metric: value, metric_stderr: value, samples: n}}})
+and the summary's ``harness``; the harness settings join the run's parameters (and so its
+fingerprint); eval_records is untouched.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -41,15 +52,18 @@ import numpy as np
 
 from dollyflow.config import Config
 from dollyflow.core.evaluation.compare import summarize
+from dollyflow.core.evaluation.harness import run_harness
 from dollyflow.core.evaluation.headline import explain
 from dollyflow.core.evaluation.metrics import METRICS, UNSCORED
+from dollyflow.core.models.fetch import resolve_model_dir
+from dollyflow.core.models.files import model_digest
 from dollyflow.engine.delta import DeltaStore
-from dollyflow.engine.evaluate import RECORD_KEYS, compared_rows, find_sides, score_rows
+from dollyflow.engine.evaluate import RECORD_KEYS, Side, compared_rows, find_sides, score_rows
 
 RUNS_DDL = ("run_id string, started_at timestamp, finished_at timestamp, sides string, silver_version long, "
             "predictions_version long, eval_records_version long, records long, compared long, scored long, "
             "parameters string, fingerprint string, reasons string, aggregates string, comparisons string, "
-            "headline string, seconds double")
+            "headline string, seconds double, harness string")
 
 
 def say(msg: str) -> None:
@@ -87,6 +101,8 @@ def run(cfg: Config, spark) -> dict:
             f"{', '.join(f'{s.label} ({s.model}, params_sha {s.params_sha})' for s in sides)} predicted, "
             f"{counts['not_in_every_model']} lack a prediction of some side and {counts['not_in_silver']} are not in "
             f"{store.location(t.silver)} v{silver_version}")
+
+    harness = harness_scores(cfg, sides)     # on the driver, before the Spark work: a bad task fails early
 
     # score only what eval_records does not hold yet for the same prediction
     todo = rows
@@ -143,6 +159,8 @@ def run(cfg: Config, spark) -> dict:
 
     parameters = {"seed": e.seed, "resamples": e.resamples, "level": e.level, "metrics": list(METRICS),
                   "judge": None}
+    if harness is not None:
+        parameters["harness"] = harness["parameters"]
     side_dicts = [s.to_dict() for s in sides]
     fingerprint = hashlib.sha256(json.dumps(
         {"sides": [(s.model_sha, s.params_sha) for s in sides], "silver_version": int(silver_version),
@@ -152,8 +170,9 @@ def run(cfg: Config, spark) -> dict:
            int(silver_version), predictions_version, records_version, counts["records"], counts["compared"],
            int(n_scored), json.dumps(parameters, sort_keys=True), fingerprint, json.dumps(reasons, sort_keys=True),
            json.dumps(result["aggregates"], sort_keys=True), json.dumps(result["comparisons"], sort_keys=True),
-           json.dumps(result["headline"], sort_keys=True), float(seconds))
-    runs = store.append_rows([row], RUNS_DDL, t.eval_runs, job="evaluate", run_id=cfg.run_id)
+           json.dumps(result["headline"], sort_keys=True), float(seconds),
+           json.dumps(harness["scores"], sort_keys=True) if harness is not None else None)
+    runs = store.append_rows([row], RUNS_DDL, t.eval_runs, job="evaluate", run_id=cfg.run_id, evolve_schema=True)
     return {
         "job": "evaluate", "run_id": cfg.run_id, "sides": side_dicts,
         "silver": store.location(t.silver), "silver_version": int(silver_version),
@@ -165,9 +184,58 @@ def run(cfg: Config, spark) -> dict:
         "parameters": parameters, "fingerprint": fingerprint,
         "headline": result["headline"], "aggregates": result["aggregates"], "comparisons": result["comparisons"],
         "headline_note": explain(sorted(set(categories)), judged=False),
+        "harness": harness,
         "score_seconds": round(score_seconds, 3), "bootstrap_seconds": round(bootstrap_seconds, 3),
         "rows_per_second": round(n_scored / score_seconds, 1) if n_scored and score_seconds > 0 else 0.0,
         "job_seconds": seconds,
+    }
+
+
+def side_model_dir(side: Side) -> str:
+    """The local directory of a side's model, through the loading code infer uses (a directory as
+    it is; an MLflow, hub or object-store source fetched into the model cache), tried from the
+    ``evaluate.models`` entry that chose the side when that is a directory, else from the
+    predictions' ``model`` column; its weights must hash to the side's ``model_sha``."""
+    tried = []
+    chosen_by_dir = side.selector and os.path.isdir(os.path.expanduser(side.selector))
+    for source in dict.fromkeys(([side.selector] if chosen_by_dir else []) + [side.model]):
+        try:
+            model_dir = resolve_model_dir(source)
+            found = model_digest(model_dir)
+        except (OSError, ValueError, RuntimeError) as err:
+            tried.append(f"{source!r}: {type(err).__name__}: {err}")
+            continue
+        if found == side.model_sha:
+            return model_dir
+        tried.append(f"{source!r}: its weights at {model_dir} hash to {found[:12]}")
+    raise RuntimeError(f"evaluate.harness_tasks: cannot find the model of side {side.label} (model_sha "
+                       f"{side.model_sha[:12]}) to run the harness on: " + "; ".join(tried)
+                       + ". Name its directory in evaluate.models")
+
+
+def harness_scores(cfg: Config, sides: list[Side]) -> dict | None:
+    """lm-evaluation-harness on every side's model (``evaluate.harness_tasks``; None when empty),
+    on the driver, once per distinct model (the parameter sets of one model share its scores):
+    ``scores`` {side label: {task: {metric: value, ...}}} for eval_runs, ``parameters`` for the
+    run's fingerprint, and per model where and how long it ran."""
+    e = cfg.evaluate
+    if not e.harness_tasks:
+        return None
+    by_sha: dict[str, dict] = {}
+    for side in sides:
+        if side.model_sha in by_sha:
+            continue
+        model_dir = side_model_dir(side)
+        say(f"harness: {len(e.harness_tasks)} task entr{'y' if len(e.harness_tasks) == 1 else 'ies'} on side "
+            f"{side.label}'s model {model_dir}")
+        by_sha[side.model_sha] = run_harness(model_dir, list(e.harness_tasks), device=e.harness_device,
+                                             batch_size=e.harness_batch_size, limit=e.harness_limit, seed=e.seed)
+    first = next(iter(by_sha.values()))
+    return {
+        "scores": {s.label: by_sha[s.model_sha]["tasks"] for s in sides},
+        "parameters": {"tasks": list(e.harness_tasks), "limit": e.harness_limit, "seed": e.seed,
+                       "lm_eval_version": first["lm_eval_version"]},
+        "models": {sha: {k: v for k, v in r.items() if k != "tasks"} for sha, r in by_sha.items()},
     }
 
 
