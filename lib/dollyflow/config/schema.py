@@ -378,6 +378,10 @@ class EvaluateConfig:
     resamples: int = setting(1000, doc="bootstrap resamples per interval")
     level: float = setting(0.95, doc="the intervals' coverage")
     partitions: int = setting(0, doc="tasks the scoring is spread over; 0: the session's default parallelism")
+    mlflow: bool = setting(True, doc="log the evaluation (headline per category with intervals, the differences, "
+                                     "evaluation.json) to the MLflow run of each compared model the train job "
+                                     "tracked (predictions.model_info), on the tracking URI it used; a failure "
+                                     "is recorded in the summary, never fails the job")
 
 
 @dataclass
