@@ -7,6 +7,7 @@ import html as html_lib
 import re
 
 import numpy as np
+import pytest
 
 from dollyflow.core import plots
 from dollyflow.core.evaluation.compare import summarize
@@ -148,3 +149,110 @@ def test_evaluation_plots_are_pngs_and_draw_labels_literally():
 def test_clip():
     assert clip(None) is None and clip("short") == "short"
     assert clip("x" * (CLIP + 1)) == "x" * CLIP + ELLIPSIS and len(clip("y" * 5000)) == CLIP + 1
+
+
+# --- the evaluation part of the report from real tables (Spark) ---------------------------------
+
+A_SHA, B_SHA = "a0" * 32, "b0" * 32
+QA = [("Who wrote Hamlet?", "Hamlet is a tragedy by William Shakespeare.", "William Shakespeare"),
+      ("What colour is the sky on a clear day?", "", "The sky is blue"),
+      ("Name the capital of France.", "Paris is the capital of France.", "Paris"),
+      ("How many legs has a spider?", "Spiders have eight legs.", "Eight legs")]
+SUMS = [("Summarize the text.", "Delta Lake stores tables as Parquet files and a transaction log.",
+         "Delta Lake keeps Parquet files plus a transaction log"),
+        ("Summarize the text.", "Spark runs jobs on a cluster of executors coordinated by a driver.",
+         "A driver coordinates executors that run Spark jobs")]
+
+
+def planted() -> tuple[list[tuple], dict, dict]:
+    """silver with four closed_qa and two summarization records; side A (the base) answers
+    vaguely, side B (the fine-tune) exactly on Hamlet, with ``,.,.`` on the sky, partly elsewhere."""
+    from dollyflow.testing.evaluation import silver_rows
+    records = [{"instruction": i, "context": c, "response": r, "category": "closed_qa"} for i, c, r in QA]
+    records += [{"instruction": i, "context": c, "response": r, "category": "summarization"} for i, c, r in SUMS]
+    silver = silver_rows(records)
+    ids = [r[0] for r in silver]
+    a = {rid: "I am not sure about that." for rid in ids}
+    b = {ids[0]: "William Shakespeare", ids[1]: UNBROKEN, ids[2]: "It is Paris, France", ids[3]: "Eight",
+         ids[4]: "Delta Lake keeps a transaction log", ids[5]: "Executors run jobs"}
+    return silver, a, b
+
+
+@pytest.mark.spark
+@pytest.mark.slow
+def test_collect_reads_the_evaluation_at_the_run_versions(spark, tmp_path):
+    pytest.importorskip("rouge_score")
+    pytest.importorskip("sacrebleu")
+    from dollyflow.config import load_config
+    from dollyflow.engine.delta import DeltaStore
+    from dollyflow.jobs import evaluate as job
+    from dollyflow.report.gather import collect
+    from dollyflow.summaries import ALL_TABLES
+    from dollyflow.testing.evaluation import prediction_rows, write_tables
+
+    base = [f"tables.warehouse={tmp_path / 'warehouse'}", "spark.shuffle_partitions=2"]
+    cfg = load_config("evaluate", [*base, f"evaluate.models=[{A_SHA[:12]}, {B_SHA[:12]}]", "evaluate.resamples=200"])
+    store = DeltaStore(spark, cfg.tables)
+    silver, a, b = planted()
+    write_tables(spark, store, cfg.tables, silver,
+                 prediction_rows(a, model="/models/base", model_sha=A_SHA, params_sha="pa")
+                 + prediction_rows(b, model="/models/ft", model_sha=B_SHA, params_sha="pb", minute=1))
+    cfg.run_id = "pipeline-t-evaluate"
+    out = job.run(cfg, spark)
+    assert out["mlflow"] is None and "no compared model has an MLflow run" in out["mlflow_skipped"]
+    record = {"run_id": "pipeline-t", "preset": "tiny", "files_root": str(tmp_path), "config": cfg.redacted(),
+              "jobs": {"evaluate": {"status": "changed", "seconds": 1.0, "summary": out}},
+              "tables": {n: {"version": store.version(n), "location": store.location(n)} for n in ALL_TABLES}}
+
+    def check(data: dict) -> dict:
+        ev = data["evaluate"]
+        assert ev["ran"] and ev["source"] == f"{store.location('eval_runs')} v{record['tables']['eval_runs']['version']}"
+        assert [s["label"] for s in ev["sides"]] == ["A", "B"] and ev["compared"] == 6
+        assert ev["headline"] == out["headline"] and ev["aggregates"] == out["aggregates"]
+        assert ev["judge"] is None and not ev["judged"] and "token F1" in ev["headline_note"]
+        ex = {(x["category"], x["kind"]): x for x in ev["examples"]}
+        assert set(ex) == {("closed_qa", "best"), ("closed_qa", "worst"), ("summarization", "best"),
+                           ("summarization", "worst")}
+        best, worst = ex["closed_qa", "best"], ex["closed_qa", "worst"]
+        assert best["metric"] == "token_f1" and best["value"] == 1.0 and best["instruction"] == QA[0][0]
+        assert best["reference"] == "William Shakespeare" and best["context"] == QA[0][1]
+        assert [(p["label"], p["response"], p["value"]) for p in best["predictions"]] == [
+            ("A", "I am not sure about that.", 0.0), ("B", "William Shakespeare", 1.0)]
+        assert worst["value"] == 0.0 and worst["instruction"] == QA[1][0]
+        assert worst["predictions"][1]["response"] == UNBROKEN[:CLIP] + ELLIPSIS
+        assert worst["predictions"][1]["finish_reason"] == "length"
+        assert ex["summarization", "best"]["metric"] == "rougeL"
+        assert ex["summarization", "best"]["value"] > ex["summarization", "worst"]["value"]
+        return ev
+
+    check(collect(spark, record))
+
+    # later: the predictions replaced, silver changed, another evaluation appended; the report of
+    # this run still shows what its evaluation saw
+    silver2 = [(r[0], "CHANGED " + r[1], *r[2:]) for r in silver]
+    write_tables(spark, store, cfg.tables, silver2,
+                 prediction_rows({rid: "other" for rid in a}, model="/models/base", model_sha=A_SHA, params_sha="pa")
+                 + prediction_rows({rid: "other" for rid in b}, model="/models/ft", model_sha=B_SHA, params_sha="pb",
+                                   minute=1))
+    cfg2 = load_config("evaluate", [*base, f"evaluate.models=[{B_SHA[:12]}]", "evaluate.resamples=50"])
+    cfg2.run_id = "pipeline-t-evaluate"        # the same run id again: the recorded version decides
+    job.run(cfg2, spark)
+    check(collect(spark, record))
+    page = report.render_html(collect(spark, record))
+    assert "id='tiny-model'" in page and '<h2 id="evaluation">Evaluation</h2>' in page
+    assert "CHANGED" not in page and "William Shakespeare" in page
+
+
+@pytest.mark.spark
+def test_a_run_without_evaluate_has_no_evaluation(spark, tmp_path):
+    from dollyflow.config import load_config
+    from dollyflow.engine.delta import DeltaStore
+    from dollyflow.report.gather import collect
+
+    cfg = load_config("evaluate", [f"tables.warehouse={tmp_path / 'warehouse'}"])
+    record = {"run_id": "p", "config": cfg.redacted(),
+              "jobs": {"evaluate": {"status": "skipped", "summary": {"skipped": "no predictions to evaluate"}}},
+              "tables": {"eval_runs": {"version": None, "location": DeltaStore(spark, cfg.tables).location("eval_runs")}}}
+    assert collect(spark, record)["evaluate"] == {"ran": False, "reason": "evaluate skipped: no predictions to evaluate"}
+    del record["jobs"]["evaluate"]
+    assert not collect(spark, record)["evaluate"]["ran"]
