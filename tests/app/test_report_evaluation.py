@@ -98,11 +98,13 @@ def test_judge_win_rates_are_shown_when_present():
     d = synthetic()
     ev = evaluation(judge={"model": "/models/judge"})
     iv = {"mean": 0.6, "low": 0.5, "high": 0.7, "n": 40, "missing": 0}
-    ev["judge"] = {"B - A": {"overall": {"n": 40, "unparseable": 3, "win": iv, "tie": iv, "loss": iv, "score": iv},
-                             "open_qa": {"n": 10, "unparseable": 0, "win": iv, "tie": iv, "loss": iv, "score": iv}}}
+    rates = {"n": 10, "unparseable": 0, "win": iv, "tie": iv, "loss": iv, "score": iv}
+    ev["judge"] = {"B": {"overall": {**rates, "n": 40, "unparseable": 3}, "by_category": {"open_qa": rates},
+                         "judged": 43, "not_judged": 0}}
     d["evaluate"] = ev
     page = report.render_html(d)
-    assert "<h3>Judge</h3>" in page and "B - A / open_qa" in page and "0.600 [0.500, 0.700]" in page
+    assert "<h3>Judge</h3>" in page and "<td class=\"pre\">B / open_qa</td>" in page
+    assert "<td class=\"pre\">B / overall</td>" in page and "0.600 [0.500, 0.700]" in page
     assert "judge score" in page      # the judged categories' headline
 
 
@@ -165,16 +167,19 @@ SUMS = [("Summarize the text.", "Delta Lake stores tables as Parquet files and a
 
 
 def planted() -> tuple[list[tuple], dict, dict]:
-    """silver with four closed_qa and two summarization records; side A (the base) answers
-    vaguely, side B (the fine-tune) exactly on Hamlet, with ``,.,.`` on the sky, partly elsewhere."""
+    """silver with four closed_qa, two summarization and two brainstorming records; side A (the
+    base) answers vaguely, side B (the fine-tune) exactly on Hamlet, with ``,.,.`` on the sky,
+    partly elsewhere, and nonsense on both brainstorming records."""
     from dollyflow.testing.evaluation import silver_rows
     records = [{"instruction": i, "context": c, "response": r, "category": "closed_qa"} for i, c, r in QA]
     records += [{"instruction": i, "context": c, "response": r, "category": "summarization"} for i, c, r in SUMS]
+    records += [{"instruction": f"Suggest a name for a {pet}.", "context": "", "response": name,
+                 "category": "brainstorming"} for pet, name in (("cat", "Whiskers"), ("dog", "Rex"))]
     silver = silver_rows(records)
     ids = [r[0] for r in silver]
     a = {rid: "I am not sure about that." for rid in ids}
     b = {ids[0]: "William Shakespeare", ids[1]: UNBROKEN, ids[2]: "It is Paris, France", ids[3]: "Eight",
-         ids[4]: "Delta Lake keeps a transaction log", ids[5]: "Executors run jobs"}
+         ids[4]: "Delta Lake keeps a transaction log", ids[5]: "Executors run jobs", ids[6]: "qqq", ids[7]: "qqq"}
     return silver, a, b
 
 
@@ -207,12 +212,12 @@ def test_collect_reads_the_evaluation_at_the_run_versions(spark, tmp_path):
     def check(data: dict) -> dict:
         ev = data["evaluate"]
         assert ev["ran"] and ev["source"] == f"{store.location('eval_runs')} v{record['tables']['eval_runs']['version']}"
-        assert [s["label"] for s in ev["sides"]] == ["A", "B"] and ev["compared"] == 6
+        assert [s["label"] for s in ev["sides"]] == ["A", "B"] and ev["compared"] == 8
         assert ev["headline"] == out["headline"] and ev["aggregates"] == out["aggregates"]
         assert ev["judge"] is None and not ev["judged"] and "token F1" in ev["headline_note"]
         ex = {(x["category"], x["kind"]): x for x in ev["examples"]}
         assert set(ex) == {("closed_qa", "best"), ("closed_qa", "worst"), ("summarization", "best"),
-                           ("summarization", "worst")}
+                           ("summarization", "worst"), ("brainstorming", "all equal")}   # both score 0
         best, worst = ex["closed_qa", "best"], ex["closed_qa", "worst"]
         assert best["metric"] == "token_f1" and best["value"] == 1.0 and best["instruction"] == QA[0][0]
         assert best["reference"] == "William Shakespeare" and best["context"] == QA[0][1]

@@ -172,7 +172,11 @@ def plot_headline(headline: dict, sides: list[str]) -> bytes:
     bootstrap interval as a whisker (the evaluate job's ``headline`` table); sides grouped."""
     plt = _plt()
     cats = _headline_rows(headline)
-    labels = [f"{c or '(no category)'} · {_metric_label(headline[c].get('metric', ''))}" for c in cats]
+    def records(c: str) -> str:
+        iv = (headline[c].get("sides") or {}).get(sides[0]) if sides else None
+        return f" · n={iv['n']}" if iv and iv.get("n") is not None else ""
+
+    labels = [f"{c or '(no category)'} · {_metric_label(headline[c].get('metric', ''))}{records(c)}" for c in cats]
     n = max(1, len(sides))
     fig, ax = plt.subplots(figsize=(8.5, 0.32 * n * len(cats) + 0.35 * len(cats) + 1.6))
     height = 0.8 / n

@@ -4,7 +4,8 @@ the version the run recorded, and the best and worst examples per category from 
 ``dollyflow report --run-id`` shows what that evaluation saw whatever happened since.
 
 Only the row's JSON and :data:`EXAMPLES_PER_KIND` best plus as many worst records per category
-come to the driver; every text is cut at :data:`CLIP` characters (an ellipsis marks the cut).
+come to the driver (one when the category's best and worst score the same: ``kind`` "all
+equal"; "only" for a category of one record); every text is cut at :data:`CLIP` characters (an ellipsis marks the cut).
 A ``judge`` column (win/tie/loss rates) is passed through when the table has one.
 """
 from __future__ import annotations
@@ -172,12 +173,21 @@ def _examples(store, tables, ev: dict, categories: list[str]) -> tuple[list[dict
            store.read(tables.silver, sv).where(F.col("record_id").isin(ids))
            .select("record_id", "instruction", "context", "response").collect()}
 
+    # a category whose best and worst score the same (every answer as good, or as bad): one example
+    span = {}
+    for r in picked:
+        lo, hi = span.get(r["category"], (r["_v"], r["_v"]))
+        span[r["category"]] = (min(lo, r["_v"]), max(hi, r["_v"]))
     examples = []
     for r in sorted(picked, key=lambda r: (r["category"], r["_b"] != 1, -r["_v"], r["record_id"])):
         metric = metric_of.get(r["category"], ROUGE_L)
         kind = "best" if r["_b"] <= EXAMPLES_PER_KIND else "worst"
         if r["_b"] <= EXAMPLES_PER_KIND and r["_w"] <= EXAMPLES_PER_KIND:
             kind = "only"    # the category's one record
+        elif span[r["category"]][0] == span[r["category"]][1]:
+            if r["_b"] > EXAMPLES_PER_KIND:
+                continue
+            kind = "all equal"
         s = ref.get(r["record_id"], {})
         preds = []
         for side in sides:

@@ -35,8 +35,7 @@ GPU_PRESET = "pythia-1.4b"
 TINY_WARNING = (
     "This run used the <code>tiny</code> preset: <code>tiny-gpt-neox</code>, a randomly initialised GPT-NeoX "
     "model of a few MB trained for seconds on CPU. Its answers are not meaningful, and neither are the "
-    "evaluation's figures: this run shows the pipeline's mechanics (the model learning Dolly's format, rows "
-    "stopping at <code>### End</code>), not answer quality. To evaluate a real fine-tune, run on a GPU with "
+    "evaluation's figures: this run shows the pipeline's mechanics, not answer quality. To evaluate a real fine-tune, run on a GPU with "
     "<code>dollyflow pipeline --preset " + GPU_PRESET + "</code> or larger (<code>pythia-2.8b</code>, "
     "<code>pythia-6.9b</code>, <code>pythia-12b</code>: the sizes Databricks fine-tuned as dolly-v2).")
 
@@ -277,14 +276,14 @@ def _markdown(text: str) -> str:
 
 def _judge_rows(node, path: tuple = ()) -> list[tuple[tuple, dict]]:
     """Every win-rate entry (a dict with ``win``, ``tie`` and ``loss``) in the judge's JSON, with
-    the keys leading to it (comparison, category)."""
+    the keys leading to it (side or comparison, category; ``by_category`` levels left out)."""
     if not isinstance(node, dict):
         return []
     if all(k in node for k in ("win", "tie", "loss")):
         return [(path, node)]
     rows = []
     for k, v in node.items():
-        rows.extend(_judge_rows(v, (*path, str(k))))
+        rows.extend(_judge_rows(v, path if k == "by_category" else (*path, str(k))))
     return rows
 
 
