@@ -128,5 +128,7 @@ def human_line(name: str, s: dict, changes: dict | None = None) -> str:
         names = ", ".join(f"{x.get('label')} = {x.get('model')} params {x.get('params_sha')}" for x in sides)
         return (f"{_n(s.get('compared'))} records x {len(sides)} model(s) ({names}): {_n(s.get('scored'))} scored, "
                 f"{_n(sum((s.get('unscored_rows') or {}).values()))} without a reference; headline {figures}"
-                + (f"; difference {diffs}" if diffs else "") + _harness(s.get("harness")) + tail)
+                + (f"; difference {diffs}" if diffs else "") + _harness(s.get("harness"))
+                + "".join(f"; MLflow run {r.get('run_id')} {r.get('status')}" for r in (s.get("mlflow") or {}).get("runs", []))
+                + tail)
     return tail.lstrip(" |")

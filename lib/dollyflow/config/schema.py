@@ -388,6 +388,10 @@ class EvaluateConfig:
     harness_batch_size: int = setting(8, doc="sequences per forward pass of the harness model")
     harness_device: str = setting("auto", doc="where the harness model runs: auto (cuda when there, else cpu), "
                                               "cpu, cuda or cuda:<i>")
+    mlflow: bool = setting(True, doc="log the evaluation (headline per category with intervals, the differences, "
+                                     "evaluation.json) to the MLflow run of each compared model the train job "
+                                     "tracked (predictions.model_info), on the tracking URI it used; a failure "
+                                     "is recorded in the summary, never fails the job")
 
 
 @dataclass

@@ -38,25 +38,36 @@ predictions' ``model`` column, and must hash to the side's model_sha. The scores
 ``eval_runs.harness`` ({side label: {task: {metric: value, metric_stderr: value, samples: n}}})
 and the summary's ``harness``; the harness settings join the run's parameters (and so its
 fingerprint); eval_records is untouched.
+
+Then, the tables committed (``evaluate.mlflow``, :func:`log_to_mlflow`): each compared model the
+train job tracked (its provenance, which infer keeps in ``predictions.model_info``, names an
+MLflow run and tracking URI) gets the figures in its MLflow run, ``eval/<side>/<category>/<metric>``
+with ``_lo`` and ``_hi``, the differences as ``eval/B-A/...``, and the eval_runs row as
+``evaluation.json``; a run already holding this evaluation (its fingerprint tag) is left alone.
+No such run: ``mlflow`` is null and ``mlflow_skipped`` says why; a failure (an unreachable
+server) is a warning and an entry in the summary, never a failed job.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from datetime import datetime, timezone
 
 import numpy as np
 
-from dollyflow.config import Config
+from dollyflow.config import Config, on_databricks, redact_uri
 from dollyflow.core.evaluation.compare import summarize
 from dollyflow.core.evaluation.harness import run_harness
 from dollyflow.core.evaluation.headline import explain
 from dollyflow.core.evaluation.metrics import METRICS, UNSCORED
 from dollyflow.core.models.fetch import resolve_model_dir
 from dollyflow.core.models.files import model_digest
+from dollyflow.core.training import tracking
 from dollyflow.engine.delta import DeltaStore
 from dollyflow.engine.evaluate import RECORD_KEYS, Side, compared_rows, find_sides, score_rows
 
@@ -173,6 +184,12 @@ def run(cfg: Config, spark) -> dict:
            json.dumps(result["headline"], sort_keys=True), float(seconds),
            json.dumps(harness["scores"], sort_keys=True) if harness is not None else None)
     runs = store.append_rows([row], RUNS_DDL, t.eval_runs, job="evaluate", run_id=cfg.run_id, evolve_schema=True)
+    # the tables are committed: from here on, nothing fails the job
+    document = dict(zip([c.split()[0] for c in RUNS_DDL.split(", ")], row))
+    document.update({k: json.loads(document[k]) for k in ("sides", "parameters", "reasons", "aggregates",
+                                                          "comparisons", "headline", "harness")
+                     if document.get(k) is not None})
+    mlflow_info, mlflow_skipped = log_to_mlflow(cfg, store, sides, document, fingerprint)
     return {
         "job": "evaluate", "run_id": cfg.run_id, "sides": side_dicts,
         "silver": store.location(t.silver), "silver_version": int(silver_version),
@@ -187,7 +204,7 @@ def run(cfg: Config, spark) -> dict:
         "harness": harness,
         "score_seconds": round(score_seconds, 3), "bootstrap_seconds": round(bootstrap_seconds, 3),
         "rows_per_second": round(n_scored / score_seconds, 1) if n_scored and score_seconds > 0 else 0.0,
-        "job_seconds": seconds,
+        "job_seconds": seconds, "mlflow": mlflow_info, "mlflow_skipped": mlflow_skipped,
     }
 
 
@@ -237,6 +254,115 @@ def harness_scores(cfg: Config, sides: list[Side]) -> dict | None:
                        "lm_eval_version": first["lm_eval_version"]},
         "models": {sha: {k: v for k, v in r.items() if k != "tasks"} for sha, r in by_sha.items()},
     }
+FINGERPRINT_TAG = "dollyflow.evaluate.fingerprint"
+
+
+def _key(part) -> str:
+    """One level of an MLflow metric name: letters, digits, ``_ - . space`` (a category such
+    as ``a/b`` or ``$x`` keeps its place without adding a level or failing the logging)."""
+    text = re.sub(r"[^A-Za-z0-9_\-. ]", "_", str(part)).strip()
+    return text or "none"
+
+
+def mlflow_metrics(result: dict) -> dict[str, float]:
+    """The evaluation as MLflow metrics: per side, ``eval/<side>/<category>/<metric>`` with
+    ``_lo`` and ``_hi`` (its interval) for each category's headline metric and for ``overall``
+    (the headline column and every reference metric); per comparison ``eval/<B-A>/...`` the
+    paired difference of the same, with its interval."""
+    out: dict[str, float] = {}
+
+    def put(prefix: str, iv: dict | None, value_key: str) -> None:
+        if not iv or iv.get(value_key) is None:
+            return
+        out[prefix] = float(iv[value_key])
+        for bound, suffix in (("low", "_lo"), ("high", "_hi")):
+            if iv.get(bound) is not None:
+                out[prefix + suffix] = float(iv[bound])
+
+    for cat, h in (result.get("headline") or {}).items():
+        metric = _key(h.get("metric"))
+        for label, iv in (h.get("sides") or {}).items():
+            put(f"eval/{_key(label)}/{_key(cat)}/{metric}", iv, "mean")
+        for comp, c in (h.get("diff") or {}).items():
+            put(f"eval/{_key(comp.replace(' ', ''))}/{_key(cat)}/{metric}", c, "diff")
+    for label, by_metric in (result.get("aggregates") or {}).items():
+        for metric, agg in by_metric.items():
+            put(f"eval/{_key(label)}/overall/{_key(metric)}", agg.get("overall"), "mean")
+    for comp, by_metric in (result.get("comparisons") or {}).items():
+        for metric, c in by_metric.items():
+            put(f"eval/{_key(comp.replace(' ', ''))}/overall/{_key(metric)}", c.get("overall"), "diff")
+    return out
+
+
+def _model_runs(store, predictions: str, sides) -> dict[str, dict]:
+    """The MLflow runs of the sides' models, from the provenance infer stored beside their
+    predictions (``model_info``: the train job's ``dollyflow_model.json``): run id -> tracking
+    URI and the labels of the sides whose model it trained."""
+    from pyspark.sql import functions as F
+
+    df = store.read(predictions)
+    if "model_info" not in df.columns:
+        return {}
+    shas = sorted({s.model_sha for s in sides})
+    infos = {r["model_sha"]: r["info"] for r in df.where(F.col("model_sha").isin(shas) & F.col("model_info").isNotNull())
+             .groupBy("model_sha").agg(F.max("model_info").alias("info")).collect()}
+    runs: dict[str, dict] = {}
+    for s in sides:
+        try:
+            info = json.loads(infos.get(s.model_sha) or "null") or {}
+        except ValueError:
+            continue
+        run_id = info.get("mlflow_run_id") if isinstance(info, dict) else None
+        if run_id:
+            entry = runs.setdefault(str(run_id), {"tracking_uri": info.get("mlflow_tracking_uri"), "sides": []})
+            entry["sides"].append(s.label)
+    return runs
+
+
+def log_to_mlflow(cfg: Config, store, sides, document: dict, fingerprint: str) -> tuple[dict | None, str | None]:
+    """Log the evaluation to the MLflow run of each compared model that has one (the run the
+    train job created, on the tracking URI it used): :func:`mlflow_metrics`, tags naming the
+    sides and the evaluate run, and the eval_runs row as ``evaluation.json``. A run that already
+    holds this evaluation (its fingerprint tag) is left alone. Returns ``(info, None)`` or
+    ``(None, why nothing was logged)``; a failure is recorded in ``info``, never raised."""
+    if not cfg.evaluate.mlflow:
+        return None, "evaluate.mlflow=false"
+    try:
+        runs = _model_runs(store, cfg.tables.predictions, sides)
+    except Exception as exc:  # noqa: BLE001 - the evaluation stands without it
+        say(f"WARNING: could not read the models' provenance from {cfg.tables.predictions}: {exc}")
+        return None, f"could not read the models' provenance: {type(exc).__name__}: {exc}"
+    if not runs:
+        return None, ("no compared model has an MLflow run (predictions.model_info holds no mlflow_run_id: "
+                      "a model not trained by the train job with MLflow on)")
+    if not tracking.available():
+        return None, "mlflow is not installed (pip install mlflow-skinny)"
+    metrics = mlflow_metrics(document)
+    artifact = json.dumps(document, sort_keys=True, indent=1, default=str).encode("utf-8")
+    names = ", ".join(f"{s.label}={s.model} (params_sha {s.params_sha})" for s in sides)
+    info = {"runs": []}
+    for run_id, r in runs.items():
+        uri = r["tracking_uri"]
+        if not uri:
+            uri = tracking.resolve(dataclasses.asdict(cfg.train), cfg.tables.warehouse if not cfg.tables.catalog
+                                   else "", on_databricks())[0]
+        entry = {"run_id": run_id, "tracking_uri": redact_uri(uri) if uri else None, "sides": r["sides"]}
+        if not uri:
+            entry.update(status="skipped", error="no tracking URI recorded or configured")
+        else:
+            tags = {"dollyflow.evaluate.run_id": cfg.run_id, "dollyflow.evaluate.sides": names,
+                    "dollyflow.evaluate.this_model": ",".join(r["sides"]), FINGERPRINT_TAG: fingerprint}
+            try:
+                entry.update(tracking.log_to_run(uri, run_id, metrics, tags=tags,
+                                                 artifacts={"evaluation.json": artifact},
+                                                 skip_if_tag=(FINGERPRINT_TAG, fingerprint)))
+            except Exception as exc:  # noqa: BLE001 - the tables are committed; tracking must not fail the job
+                entry.update(status="failed", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500])
+        say(f"MLflow run {run_id} (sides {','.join(r['sides'])}): {entry['status']}"
+            + (f", {entry['metrics']} metrics and evaluation.json" if entry.get("metrics") else "")
+            + (f" -- WARNING: {entry['error']}" if entry.get("error") else ""))
+        info["runs"].append(entry)
+    return info, None
 
 
 def skip_reason(cfg: Config) -> str | None:
