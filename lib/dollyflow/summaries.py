@@ -126,9 +126,18 @@ def human_line(name: str, s: dict, changes: dict | None = None) -> str:
         diffs = "; ".join(f"{k} {_n((c or {}).get('diff'))} [{_n((c or {}).get('low'))}, {_n((c or {}).get('high'))}]"
                           for k, c in (overall.get("diff") or {}).items())
         names = ", ".join(f"{x.get('label')} = {x.get('model')} params {x.get('params_sha')}" for x in sides)
+        judge = s.get("judge") or {}
+        verdicts = "; ".join(
+            f"judge {label} vs {judge.get('baseline') or 'reference'}: "
+            + (f"win {_n(r['overall']['win']['mean'])}, tie {_n(r['overall']['tie']['mean'])}, "
+               f"loss {_n(r['overall']['loss']['mean'])}, score {_interval(r['overall']['score'])} "
+               f"over {_n(r['overall']['n'])} rows" if r["overall"]["n"] else "no parseable verdict")
+            + (f", {_n(r['overall']['unparseable'])} unparseable" if r["overall"]["unparseable"] else "")
+            for label, r in (judge.get("rates") or {}).items())
         return (f"{_n(s.get('compared'))} records x {len(sides)} model(s) ({names}): {_n(s.get('scored'))} scored, "
                 f"{_n(sum((s.get('unscored_rows') or {}).values()))} without a reference; headline {figures}"
-                + (f"; difference {diffs}" if diffs else "") + _harness(s.get("harness"))
+                + (f"; difference {diffs}" if diffs else "") + (f"; {verdicts}" if verdicts else "")
+                + _harness(s.get("harness"))
                 + "".join(f"; MLflow run {r.get('run_id')} {r.get('status')}" for r in (s.get("mlflow") or {}).get("runs", []))
                 + tail)
     return tail.lstrip(" |")

@@ -116,6 +116,18 @@ def validate_evaluate(cfg: Config) -> None:
         raise ConfigError(f"evaluate.harness_batch_size: must be >= 1, got {e.harness_batch_size}")
     if not _DEVICE.match(str(e.harness_device)):
         raise ConfigError(f"evaluate.harness_device: {e.harness_device!r} is not one of auto, cpu, cuda, cuda:<i>")
+    if e.judge_against not in ("baseline", "reference"):
+        raise ConfigError(f"evaluate.judge_against: {e.judge_against!r} is not one of baseline, reference")
+    for key in ("judge_max_new_tokens", "judge_batch_tokens", "judge_max_batch_size", "judge_window_rows"):
+        if getattr(e, key) < 1:
+            raise ConfigError(f"evaluate.{key} must be >= 1, got {getattr(e, key)}")
+    if not re.match(r"^(auto|cpu|cuda|cuda:\d+)$", str(e.judge_device)):
+        raise ConfigError(f"evaluate.judge_device: {e.judge_device!r} is not one of auto, cpu, cuda, cuda:N")
+    if e.judge_dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+        raise ConfigError(f"evaluate.judge_dtype: {e.judge_dtype!r} is not one of auto, float32, bfloat16, float16")
+    if not isinstance(e.judge_model, str):
+        raise ConfigError(f"evaluate.judge_model: {e.judge_model!r} is not a model source (a directory, an MLflow "
+                          "URI or a hub name; empty: no judge)")
 
 
 def _positive(value: Any, key: str, minimum: int = 1) -> None:

@@ -22,12 +22,28 @@ for the same prediction (``prediction_sha``: sha256 of its text and finish reaso
 again, a prediction infer has since replaced (an error retried) updates its row, and a rerun with
 the same inputs writes nothing to eval_records.
 
+The optional judge (``evaluate.judge_model``, :mod:`dollyflow.engine.judge`), a separate stage so
+that a run without one costs nothing more: every side after A is judged against A
+(``judge_against: baseline``; with one side, against the reference, and the summary says so) or
+every side against silver's reference response (``reference``; rows with an empty reference are
+not judged, counted). The judge model is resolved, fetched and hashed as infer resolves its
+model and answers through the same batched generator on the workers, one load per Python worker;
+each row is asked both orders and combined into a win, tie or loss for the side, or counted as
+unparseable. Its verdict, both raw answers, any generation error, the judge's sha, what it judged
+against and ``judge_key`` (sha256 of the judge, its parameters, the rubric, the baseline and
+both answers) land in the same eval_records rows, in the same merge as the metrics: a row whose
+stored key matches is not judged again, a changed judge, baseline or answer updates the columns,
+and a replaced prediction scored without a judge clears them.
+
 On the driver (:mod:`dollyflow.core.evaluation.compare`): per side and metric the mean and its
 seeded percentile bootstrap interval overall and per category, the paired bootstrap of each side
 against A, and the headline table (each category's headline metric,
-:mod:`dollyflow.core.evaluation.headline`; no judge yet, so the open-ended categories show
-ROUGE-L). One ``eval_runs`` row records the sides, the table versions and all of it as JSON; the
-summary carries the same.
+:mod:`dollyflow.core.evaluation.headline`: with a judge, the open-ended categories are headed by
+the judge score, wins + half the ties, side A scoring the ½ of an answer against itself in
+baseline mode; without one, by ROUGE-L). With a judge, each judged side's win/tie/loss rates
+with intervals overall and per category, unparseable rows counted beside them. One
+``eval_runs`` row records the sides, the table versions and all of it as JSON (the judge's part
+in ``judge``); the summary carries the same.
 
 Optional, ``evaluate.harness_tasks`` (:func:`harness_scores`): lm-evaluation-harness on each
 side's model, on the driver before the scoring (a bad task entry fails before anything is
@@ -61,20 +77,28 @@ from datetime import datetime, timezone
 import numpy as np
 
 from dollyflow.config import Config, on_databricks, redact_uri
-from dollyflow.core.evaluation.compare import summarize
+from dollyflow.core.evaluation.compare import judge_rates, judge_values, summarize
 from dollyflow.core.evaluation.harness import run_harness
-from dollyflow.core.evaluation.headline import explain
+from dollyflow.core.evaluation.headline import JUDGE, explain
 from dollyflow.core.evaluation.metrics import METRICS, UNSCORED
 from dollyflow.core.models.fetch import resolve_model_dir
 from dollyflow.core.models.files import model_digest
 from dollyflow.core.training import tracking
 from dollyflow.engine.delta import DeltaStore
-from dollyflow.engine.evaluate import RECORD_KEYS, Side, compared_rows, find_sides, score_rows
+from dollyflow.engine.evaluate import RECORD_KEYS, SCORED_COLUMNS, Side, compared_rows, find_sides, score_rows
+from dollyflow.engine.infer import load_accumulator, summarize_counts
+from dollyflow.engine.judge import JUDGE_COLUMNS, judge_rows, judge_verdicts, resolve_judge
 
 RUNS_DDL = ("run_id string, started_at timestamp, finished_at timestamp, sides string, silver_version long, "
             "predictions_version long, eval_records_version long, records long, compared long, scored long, "
             "parameters string, fingerprint string, reasons string, aggregates string, comparisons string, "
-            "headline string, seconds double, harness string")
+            "headline string, seconds double, harness string, judge string")
+
+
+#: A stored row is updated when its prediction was replaced (infer retried an error), or when the
+#: incoming row carries a verdict of another judge key (another judge, baseline or answer).
+UPDATE_WHEN = ("t.prediction_sha <> s.prediction_sha OR (s.judge_key IS NOT NULL AND "
+               "(t.judge_key IS NULL OR t.judge_key <> s.judge_key))")
 
 
 def say(msg: str) -> None:
@@ -115,38 +139,86 @@ def run(cfg: Config, spark) -> dict:
 
     harness = harness_scores(cfg, sides)     # on the driver, before the Spark work: a bad task fails early
 
-    # score only what eval_records does not hold yet for the same prediction
+    judge = resolve_judge(e, sides) if e.judge_model else None
+    if judge is not None:
+        say(f"judge: {judge.spec.source.display} (sha {judge.spec.digest[:12]}), sides "
+            f"{', '.join(judge.judged)} against "
+            + (f"side A ({judge.baseline.model}, params_sha {judge.baseline.params_sha})" if judge.baseline
+               else "silver's reference responses"))
+        if judge.note:
+            say(judge.note)
+
+    # score only what eval_records does not hold yet for the same prediction, judge only what it
+    # does not hold yet with the same judge key; both land in one merge
+    base_version = store.version(t.eval_records)
+    stored = store.read(t.eval_records, base_version) if base_version is not None else None
+    if stored is not None:
+        lacking = [c for c in JUDGE_COLUMNS if c not in stored.columns]
+        if lacking:
+            raise RuntimeError(f"{store.location(t.eval_records)} predates the judge columns {lacking}: move it away "
+                               "(or set tables.eval_records to a new table) and run evaluate again to rebuild it")
     todo = rows
-    if store.exists(t.eval_records):
-        done = store.read(t.eval_records).select(*RECORD_KEYS, "prediction_sha")
-        todo = rows.join(done, RECORD_KEYS + ["prediction_sha"], "left_anti")
-    scored = (score_rows(todo, _partitions(spark, e.partitions))
-              .withColumn("run_id", F.lit(cfg.run_id))
-              .withColumn("created_at", F.current_timestamp()))
+    if stored is not None:
+        todo = rows.join(stored.select(*RECORD_KEYS, "prediction_sha"), RECORD_KEYS + ["prediction_sha"], "left_anti")
+    partitions = _partitions(spark, e.partitions)
+    scored = score_rows(todo, partitions)
     t1 = time.time()
     scored = scored.persist(StorageLevel.MEMORY_AND_DISK)
+    held = [scored]
+    judge_out = None
     try:
         n_scored = scored.count()
         score_seconds = time.time() - t1
-        if n_scored:
-            commit = store.merge(scored, t.eval_records, RECORD_KEYS, job="evaluate", run_id=cfg.run_id,
-                                 update=True, update_when="t.prediction_sha <> s.prediction_sha")
-            written = f"{commit.inserted} rows inserted, {commit.updated} rows of replaced predictions updated"
+        if judge is None:
+            source = scored.select("*", *[F.lit(None).cast("string").alias(c) for c in JUDGE_COLUMNS])
+            n_judged = 0
         else:
-            written = f"every compared row is already scored: {t.eval_records} is unchanged"
+            wanted, unjudged = judge_rows(rows, store.read(t.silver, int(silver_version)), judge, sides)
+            jtodo = wanted
+            if stored is not None:
+                jtodo = wanted.join(stored.select(*RECORD_KEYS, "judge_key"), RECORD_KEYS + ["judge_key"], "left_anti")
+            acc = load_accumulator(spark)
+            tj = time.time()
+            verdicts = judge_verdicts(jtodo, judge, partitions, acc).persist(StorageLevel.MEMORY_AND_DISK)
+            held.append(verdicts)
+            n_judged = verdicts.count()
+            judge_out = {"generated": int(n_judged), "seconds": round(time.time() - tj, 3),
+                         "workers": summarize_counts(acc.value if acc is not None else None)}
+            say(f"judge: {n_judged} rows judged (both orders) in {judge_out['seconds']} s")
+            # rows only the judge changes: their stored metrics, with the new verdict
+            only_judged = scored.limit(0).select(*SCORED_COLUMNS)
+            if stored is not None:
+                only_judged = (stored.join(verdicts.select(*RECORD_KEYS), RECORD_KEYS, "left_semi")
+                               .join(scored.select(*RECORD_KEYS), RECORD_KEYS, "left_anti")
+                               .select(*SCORED_COLUMNS))
+            source = scored.select(*SCORED_COLUMNS).unionByName(only_judged).join(verdicts, RECORD_KEYS, "left")
+        source = (source.withColumn("run_id", F.lit(cfg.run_id)).withColumn("created_at", F.current_timestamp()))
+        if n_scored or n_judged:
+            commit = store.merge(source, t.eval_records, RECORD_KEYS, job="evaluate", run_id=cfg.run_id,
+                                 update=True, update_when=UPDATE_WHEN)
+            written = (f"{commit.inserted} rows inserted, {commit.updated} rows updated (replaced predictions"
+                       + (", new verdicts" if judge is not None else "") + ")")
+        else:
+            written = (f"every compared row is already scored{' and judged' if judge is not None else ''}: "
+                       f"{t.eval_records} is unchanged")
     finally:
-        scored.unpersist()
+        for df in held:
+            df.unpersist()
     say(written)
     records_version = store.version(t.eval_records)
 
-    # the compared rows' metrics, from eval_records, to the driver
+    # the compared rows' metrics (and verdicts), from eval_records, to the driver
     cols = ["record_id", "category", "model_sha", "params_sha", "finish_reason", "reason", *METRICS]
-    stored = (store.read(t.eval_records, records_version)
-              .join(rows.select(*RECORD_KEYS, "prediction_sha"), RECORD_KEYS + ["prediction_sha"], "left_semi")
-              .select(*cols).toPandas())
+    read = (store.read(t.eval_records, records_version)
+            .join(rows.select(*RECORD_KEYS, "prediction_sha"), RECORD_KEYS + ["prediction_sha"], "left_semi"))
+    if judge is not None:
+        read = (read.join(wanted.select(*RECORD_KEYS, F.col("judge_key").alias("wanted_key")), RECORD_KEYS, "left")
+                .join(unjudged.select(*RECORD_KEYS, F.col("reason").alias("unjudged")), RECORD_KEYS, "left"))
+        cols += ["judge_verdict", "judge_key", "wanted_key", "unjudged"]
+    stored_rows = read.select(*cols).toPandas()
     by_side = {}
     for s in sides:
-        part = stored[(stored["model_sha"] == s.model_sha) & (stored["params_sha"] == s.params_sha)]
+        part = stored_rows[(stored_rows["model_sha"] == s.model_sha) & (stored_rows["params_sha"] == s.params_sha)]
         by_side[s.label] = part.drop_duplicates("record_id").set_index("record_id").sort_index()
     ids = by_side[sides[0].label].index
     for s in sides[1:]:
@@ -159,9 +231,21 @@ def run(cfg: Config, spark) -> dict:
     categories = [c if isinstance(c, str) else "" for c in by_side[sides[0].label]["category"]]
     values = {label: {m: df[m].to_numpy(dtype=np.float64, na_value=np.nan) for m in METRICS}
               for label, df in by_side.items()}
+    metrics = list(METRICS)
+    judge_summary = None
     t2 = time.time()
+    if judge is not None:
+        judge_summary = _judge_summary(judge, sides, by_side, categories, records_version, e)
+        judge_summary.update(judge_out or {})
+        for s in sides:
+            if s.label in judge.judged:
+                values[s.label][JUDGE] = judge_values(judge_summary["verdicts"].pop(s.label))
+            else:   # the baseline against itself: a tie by construction
+                values[s.label][JUDGE] = np.full(len(ids), 0.5)
+        del judge_summary["verdicts"]
+        metrics.append(JUDGE)
     result = summarize([s.label for s in sides], categories, values, seed=e.seed, resamples=e.resamples,
-                       level=e.level)
+                       level=e.level, metrics=metrics, judged=judge is not None)
     bootstrap_seconds = time.time() - t2
     reasons = {label: {r: int(n) for r, n in df["reason"].value_counts().items()} for label, df in by_side.items()}
     finish = {label: {str(r): int(n) for r, n in df["finish_reason"].fillna("null").value_counts().items()}
@@ -169,7 +253,8 @@ def run(cfg: Config, spark) -> dict:
     unscored = {label: sum(n for r, n in rs.items() if r in UNSCORED) for label, rs in reasons.items()}
 
     parameters = {"seed": e.seed, "resamples": e.resamples, "level": e.level, "metrics": list(METRICS),
-                  "judge": None}
+                  "judge": None if judge is None else {
+                      **judge.identity(), "requested": judge.requested, "window_rows": e.judge_window_rows}}
     if harness is not None:
         parameters["harness"] = harness["parameters"]
     side_dicts = [s.to_dict() for s in sides]
@@ -182,12 +267,13 @@ def run(cfg: Config, spark) -> dict:
            int(n_scored), json.dumps(parameters, sort_keys=True), fingerprint, json.dumps(reasons, sort_keys=True),
            json.dumps(result["aggregates"], sort_keys=True), json.dumps(result["comparisons"], sort_keys=True),
            json.dumps(result["headline"], sort_keys=True), float(seconds),
-           json.dumps(harness["scores"], sort_keys=True) if harness is not None else None)
+           json.dumps(harness["scores"], sort_keys=True) if harness is not None else None,
+           None if judge_summary is None else json.dumps(judge_summary, sort_keys=True))
     runs = store.append_rows([row], RUNS_DDL, t.eval_runs, job="evaluate", run_id=cfg.run_id, evolve_schema=True)
     # the tables are committed: from here on, nothing fails the job
     document = dict(zip([c.split()[0] for c in RUNS_DDL.split(", ")], row))
     document.update({k: json.loads(document[k]) for k in ("sides", "parameters", "reasons", "aggregates",
-                                                          "comparisons", "headline", "harness")
+                                                          "comparisons", "headline", "harness", "judge")
                      if document.get(k) is not None})
     mlflow_info, mlflow_skipped = log_to_mlflow(cfg, store, sides, document, fingerprint)
     return {
@@ -196,12 +282,13 @@ def run(cfg: Config, spark) -> dict:
         "predictions": store.location(t.predictions), "predictions_version": predictions_version,
         "eval_records": store.location(t.eval_records), "eval_records_version": records_version,
         "eval_runs": store.location(t.eval_runs), "eval_runs_version": int(runs),
-        **counts, "scored": int(n_scored), "written": written,
+        **counts, "scored": int(n_scored), "judged": int(n_judged), "written": written,
         "reasons": reasons, "unscored_rows": unscored, "finish_reasons": finish,
         "parameters": parameters, "fingerprint": fingerprint,
         "headline": result["headline"], "aggregates": result["aggregates"], "comparisons": result["comparisons"],
-        "headline_note": explain(sorted(set(categories)), judged=False),
         "harness": harness,
+        "judge": judge_summary,
+        "headline_note": explain(sorted(set(categories)), judged=judge is not None),
         "score_seconds": round(score_seconds, 3), "bootstrap_seconds": round(bootstrap_seconds, 3),
         "rows_per_second": round(n_scored / score_seconds, 1) if n_scored and score_seconds > 0 else 0.0,
         "job_seconds": seconds, "mlflow": mlflow_info, "mlflow_skipped": mlflow_skipped,
@@ -363,6 +450,36 @@ def log_to_mlflow(cfg: Config, store, sides, document: dict, fingerprint: str) -
             + (f" -- WARNING: {entry['error']}" if entry.get("error") else ""))
         info["runs"].append(entry)
     return info, None
+
+
+def _judge_summary(judge, sides, by_side: dict, categories: list, records_version, e) -> dict:
+    """The judge's part of the summary and of eval_runs (and, under ``verdicts``, each judged
+    side's outcome per record, None where it was not judged, for the caller)."""
+    verdicts, rates, unjudged = {}, {}, {}
+    for s in sides:
+        if s.label not in judge.judged:
+            continue
+        df = by_side[s.label]
+        current = df["judge_key"].eq(df["wanted_key"]) & df["wanted_key"].notna()
+        stale = int((df["wanted_key"].notna() & ~current).sum())
+        if stale:
+            raise RuntimeError(f"eval_records v{records_version} lacks the verdicts of {stale} rows of side {s.label} "
+                               "(a concurrent merge?): run evaluate again")
+        v = [x if ok else None for x, ok in zip(df["judge_verdict"], current)]
+        verdicts[s.label] = v
+        rates[s.label] = judge_rates(categories, v, seed=e.seed, resamples=e.resamples, level=e.level)
+        unjudged[s.label] = {str(r): int(n) for r, n in df["unjudged"].dropna().value_counts().items()}
+    unparseable = {label: r["overall"]["unparseable"] for label, r in rates.items()}
+    notes = [judge.note] if judge.note else []
+    for label, r in rates.items():
+        if r["judged"] and not r["overall"]["n"]:
+            notes.append(f"side {label}: none of the {r['judged']} judged rows got a parseable verdict (the judge "
+                         "answered neither A, B nor tie in one order or both): no rates")
+    return {"model": judge.spec.source.display, "judge_sha": judge.spec.digest, "against": judge.against,
+            "requested": judge.requested, "baseline": judge.baseline.label if judge.baseline else None,
+            "against_key": judge.against_label, "sides": list(judge.judged), "params": judge.spec.identity(),
+            "rates": rates, "unparseable": unparseable, "not_judged": unjudged, "notes": notes,
+            "verdicts": verdicts}
 
 
 def skip_reason(cfg: Config) -> str | None:
