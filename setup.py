@@ -67,6 +67,8 @@ setup(
         "eval": ["rouge-score>=0.1.2",   # ROUGE-1/2/L (pulls nltk for its Porter stemmer: no data download)
                  "sacrebleu>=2.4",       # sentence BLEU and chrF (core/evaluation/metrics.py)
                  "rapidfuzz>=3.9,<4"],   # ROUGE-L's longest common subsequence in C++ (metrics.py)
+        # evaluate.harness_tasks (core/evaluation/harness.py): lm-eval's HF model class on transformers 5
+        "harness": ["lm-eval[hf]>=0.4.13,<0.5"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "datasketch>=1.6",
                 "moto[server]>=5",    # a real S3 endpoint on loopback for the object-store tests
                 "databricks-bundles>=1.22"],  # tests load the bundle's jobs into its Job/Volume classes

@@ -55,7 +55,7 @@ def code_blocks(text: str, lang: str) -> list[str]:
 
 def test_the_reference_files_exist():
     assert {p.name for p in DOCS} >= {"configuration.md", "jobs.md", "training.md", "inference.md", "delta.md",
-                                      "deploying.md"}
+                                      "deploying.md", "evaluation.md"}
     assert (REPO / "bench" / "HISTORY.md").is_file()
     assert len(read(README).splitlines()) <= 260, "the README is for a newcomer: reference goes to docs/"
 

@@ -76,8 +76,12 @@ def test_pipeline_end_to_end_rerun_and_report(spark, tmp_path, capsys, sample_pa
     assert report.parent == wh / "reports"
     for key, title in SECTIONS:
         assert f'<h2 id="{key}">{title}</h2>' in html
-    # categories, quarantine, duplicates, lengths, loss, per-category loss, finish reasons
-    assert html.count('<img alt="') == 7 and "data:image/png;base64," in html
+    # categories, quarantine, duplicates, lengths, loss, per-category loss, finish reasons, the
+    # evaluation's headline per category (one side: no difference drawn)
+    assert html.count('<img alt="') == 8 and "data:image/png;base64," in html
+    assert "Best and worst answers per category" in html and "id='tiny-model'" in html     # the tiny preset
+    evaluated = first["jobs"]["evaluate"]["summary"]
+    assert evaluated["mlflow"]["runs"][0]["run_id"] == first["jobs"]["train"]["summary"]["mlflow_run_id"]
     assert copy["instruction"] in html                # the duplicate pair is shown
     assert first["jobs"]["train"]["summary"]["mlflow_run_id"] in html
     assert Path(first["jobs"]["train"]["log"]).is_file()  # the job's own output, kept beside the record

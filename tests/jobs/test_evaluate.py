@@ -154,3 +154,48 @@ def test_a_model_without_predictions_and_no_overlap_fail_clearly(spark, project,
         evaluate(spark, project, f"evaluate.models=[{project['model_dir']}]",
                  f"evaluate.params_sha=['{project['short']['params_sha']}', '{third['params_sha']}']")
     assert project["store"].version("eval_records") == version
+
+
+def test_harness_scores_land_in_eval_runs(spark, project, tmp_path):
+    """evaluate.harness_tasks: lm-eval on the sides' model (one model, two parameter sets: run
+    once, both sides carry its scores) with a local task file, offline; the scores in eval_runs
+    and the summary, eval_records untouched, the settings in the fingerprint."""
+    pytest.importorskip("lm_eval")
+    import json
+
+    from dollyflow.config import ConfigError
+    from dollyflow.testing.harness_task import write_choice_task
+    store = project["store"]
+    task = write_choice_task(tmp_path, "dolly_choice")
+    base = [f"evaluate.models=[{project['model_dir']}]", "evaluate.resamples=50",
+            f"evaluate.params_sha=['{project['short']['params_sha']}', '{project['long']['params_sha']}']"]
+    evaluate(spark, project, *base)                   # eval_records holds every compared row
+    records, runs = store.version("eval_records"), store.count("eval_runs")
+
+    # a bad entry fails before anything is written
+    with pytest.raises(ConfigError, match=r"evaluate.harness_tasks: the task file '.*missing.yaml' does not exist"):
+        evaluate(spark, project, *base, f"evaluate.harness_tasks=[{tmp_path / 'missing.yaml'}]")
+    assert store.count("eval_runs") == runs and store.version("eval_records") == records
+
+    out = evaluate(spark, project, *base, f"evaluate.harness_tasks=[{task}]", "evaluate.harness_limit=4",
+                   "evaluate.harness_device=cpu")
+    h = out["harness"]
+    assert set(h["scores"]) == {"A", "B"} and h["scores"]["A"] == h["scores"]["B"]
+    assert list(h["models"]) == [project["short"]["model_sha"]] and h["models"][out["sides"][0]["model_sha"]]["offline"]
+    scores = h["scores"]["A"]["dolly_choice"]
+    assert scores["samples"] == 4 and 0.0 <= scores["acc"] <= 1.0 and scores["acc"] * 4 == round(scores["acc"] * 4)
+    assert h["parameters"] == {"tasks": [str(task)], "limit": 4, "seed": 42,
+                               "lm_eval_version": h["models"][project["short"]["model_sha"]]["lm_eval_version"]}
+    assert out["scored"] == 0 and store.version("eval_records") == records      # eval_records unaffected
+    row = [r for r in store.read("eval_runs").collect() if r["run_id"] == out["run_id"]]
+    assert len(row) == 1 and json.loads(row[0]["harness"]) == h["scores"]
+    assert json.loads(row[0]["parameters"])["harness"] == h["parameters"]
+    assert row[0]["fingerprint"] == out["fingerprint"]
+
+    from dollyflow.summaries import human_line
+    assert f"harness dolly_choice acc A {scores['acc']:,.4g}, B {scores['acc']:,.4g}" in human_line("evaluate", out, {})
+
+    plain = evaluate(spark, project, *base)
+    assert plain["harness"] is None and "harness" not in plain["parameters"]
+    assert plain["fingerprint"] != out["fingerprint"] and plain["aggregates"] == out["aggregates"]
+    assert [r["harness"] for r in store.read("eval_runs").collect() if r["run_id"] == plain["run_id"]] == [None]

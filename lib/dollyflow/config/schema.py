@@ -362,8 +362,8 @@ class EvaluateConfig:
     length ratio) and one eval_runs row (aggregates per category and overall with seeded 95% bootstrap
     intervals; with two or more models, the paired bootstrap of each against the first). Only records
     predicted by every compared model are compared. Headline metric per category: token F1 for
-    closed_qa, information_extraction, classification; ROUGE-L for summarization and (no judge yet) the
-    open-ended categories."""
+    closed_qa, information_extraction, classification; ROUGE-L for summarization; for the open-ended
+    categories the judge score when judge_model is set, else ROUGE-L."""
     models: list[str] = setting(factory=list, doc="the models to compare, first = baseline A: each a model_sha "
                                                   "(or a prefix of 8+ hex digits), a model directory (hashed "
                                                   "like infer does), the predictions' model column as infer "
@@ -378,6 +378,39 @@ class EvaluateConfig:
     resamples: int = setting(1000, doc="bootstrap resamples per interval")
     level: float = setting(0.95, doc="the intervals' coverage")
     partitions: int = setting(0, doc="tasks the scoring is spread over; 0: the session's default parallelism")
+    harness_tasks: list[str] = setting(factory=list, doc="lm-evaluation-harness tasks run on the driver on each "
+                                                         "side's model (pip install 'dollyflow[harness]'): lm-eval "
+                                                         "task, group or tag names (their data comes from the hub) "
+                                                         "and/or paths to task YAML files or directories of them (a "
+                                                         "task on a local JSONL file runs offline); scores land in "
+                                                         "eval_runs.harness. Empty: off")
+    harness_limit: int | None = setting(None, doc="items per harness task; null: all of them")
+    harness_batch_size: int = setting(8, doc="sequences per forward pass of the harness model")
+    harness_device: str = setting("auto", doc="where the harness model runs: auto (cuda when there, else cpu), "
+                                              "cpu, cuda or cuda:<i>")
+    mlflow: bool = setting(True, doc="log the evaluation (headline per category with intervals, the differences, "
+                                     "evaluation.json) to the MLflow run of each compared model the train job "
+                                     "tracked (predictions.model_info), on the tracking URI it used; a failure "
+                                     "is recorded in the summary, never fails the job")
+    judge_model: str = setting("", doc="the optional judge: a causal LM in Dolly's prompt format (a train job "
+                                       "output, databricks/dolly-v2-*), given like infer.model (a directory, an "
+                                       "MLflow URI, a hub name; loaded the same way). For each compared record it "
+                                       "is asked with a fixed rubric which of two answers is better, both orders; "
+                                       "unparseable answers are counted, never guessed. Its judge score (wins + "
+                                       "half the ties) heads open_qa, general_qa, brainstorming, creative_writing. "
+                                       "Empty: no judge")
+    judge_against: str = setting("baseline", doc="baseline: each side B, C ... against side A (with a single "
+                                                 "side: reference, said in the summary) | reference: every side "
+                                                 "against silver's human response (rows with an empty reference "
+                                                 "are not judged)")
+    judge_max_new_tokens: int = setting(16, doc="tokens the judge may answer with (the verdict is read from its "
+                                                "first line)")
+    judge_device: str = setting("auto", doc="as infer.device, for the judge")
+    judge_dtype: str = setting("auto", doc="as infer.dtype, for the judge")
+    judge_batch_tokens: int = setting(16384, doc="as infer.batch_tokens, for the judge")
+    judge_max_batch_size: int = setting(64, doc="as infer.max_batch_size, for the judge")
+    judge_window_rows: int = setting(128, doc="judged rows generated together (two prompts each, both orders), as "
+                                              "infer.window_rows")
 
 
 @dataclass

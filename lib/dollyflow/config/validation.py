@@ -85,6 +85,7 @@ def validate(cfg: Config) -> None:
 
 
 _HEX = re.compile(r"^[0-9a-f]{1,64}$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
 
 
 def validate_evaluate(cfg: Config) -> None:
@@ -106,6 +107,27 @@ def validate_evaluate(cfg: Config) -> None:
         raise ConfigError(f"evaluate.partitions: must not be negative, got {e.partitions}")
     if e.silver_version is not None and e.silver_version < 0:
         raise ConfigError(f"evaluate.silver_version: must be >= 0, got {e.silver_version}")
+    for i, t in enumerate(e.harness_tasks):
+        if not isinstance(t, str) or not t.strip():
+            raise ConfigError(f"evaluate.harness_tasks[{i}]: {t!r} is neither an lm-eval task name nor a path")
+    if e.harness_limit is not None and e.harness_limit < 1:
+        raise ConfigError(f"evaluate.harness_limit: must be >= 1 or null, got {e.harness_limit}")
+    if e.harness_batch_size < 1:
+        raise ConfigError(f"evaluate.harness_batch_size: must be >= 1, got {e.harness_batch_size}")
+    if not _DEVICE.match(str(e.harness_device)):
+        raise ConfigError(f"evaluate.harness_device: {e.harness_device!r} is not one of auto, cpu, cuda, cuda:<i>")
+    if e.judge_against not in ("baseline", "reference"):
+        raise ConfigError(f"evaluate.judge_against: {e.judge_against!r} is not one of baseline, reference")
+    for key in ("judge_max_new_tokens", "judge_batch_tokens", "judge_max_batch_size", "judge_window_rows"):
+        if getattr(e, key) < 1:
+            raise ConfigError(f"evaluate.{key} must be >= 1, got {getattr(e, key)}")
+    if not re.match(r"^(auto|cpu|cuda|cuda:\d+)$", str(e.judge_device)):
+        raise ConfigError(f"evaluate.judge_device: {e.judge_device!r} is not one of auto, cpu, cuda, cuda:N")
+    if e.judge_dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+        raise ConfigError(f"evaluate.judge_dtype: {e.judge_dtype!r} is not one of auto, float32, bfloat16, float16")
+    if not isinstance(e.judge_model, str):
+        raise ConfigError(f"evaluate.judge_model: {e.judge_model!r} is not a model source (a directory, an MLflow "
+                          "URI or a hub name; empty: no judge)")
 
 
 def _positive(value: Any, key: str, minimum: int = 1) -> None:

@@ -35,6 +35,8 @@ PASS_THROUGH = ["record_id", "category", "model", "model_sha", "params_sha", "si
 SCORED_DDL = ("record_id string, category string, model string, model_sha string, params_sha string, "
               "silver_version long, finish_reason string, prediction_sha string, "
               + ", ".join(f"{m} double" for m in METRICS) + ", reason string")
+#: The scored rows' columns, in order.
+SCORED_COLUMNS = [*PASS_THROUGH, *METRICS, "reason"]
 MIN_SHA_PREFIX = 8
 
 

@@ -8,6 +8,9 @@ parameter set) over the same records in the same order.
   category; for every side after the first, the paired bootstrap of ``side - first`` per metric;
   and the headline table (per category: its metric, each side's interval, the differences). All
   JSON-ready (NaN is ``None``).
+- :func:`judge_values` and :func:`judge_rates`: a judged side's outcomes as per-record judge
+  scores (the :data:`~dollyflow.core.evaluation.headline.JUDGE` column :func:`summarize` takes
+  beside the metrics) and as win/tie/loss rates with intervals, overall and per category.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import numpy as np
 from dollyflow.core.evaluation.bootstrap import (DEFAULT_LEVEL, DEFAULT_RESAMPLES, OVERALL, Comparison, Interval,
                                                  aggregate, paired)
 from dollyflow.core.evaluation.headline import headline_metric
+from dollyflow.core.evaluation.judge import LOSS, OUTCOMES, TIE, WIN, WinRates, win_rates
 from dollyflow.core.evaluation.metrics import METRICS
 
 HEADLINE = "headline"
@@ -100,3 +104,41 @@ def summarize(sides: Sequence[str], categories: Sequence[str], values: Mapping[s
         table[cat] = {"metric": metric, "sides": {s: pick(aggregates[s]) for s in sides},
                       "diff": {k: pick(v) for k, v in comparisons.items()}}
     return {"aggregates": aggregates, "comparisons": comparisons, "headline": table}
+
+
+#: The judge score of each outcome (wins + half the ties); unparseable and unjudged rows have none.
+JUDGE_SCORES = {WIN: 1.0, TIE: 0.5, LOSS: 0.0}
+
+
+def judge_values(verdicts: Sequence[str | None]) -> np.ndarray:
+    """Per record the judge score of its outcome (:data:`JUDGE_SCORES`); NaN for an unparseable
+    or unjudged (``None``) row, so the means and the paired bootstrap leave them out."""
+    bad = [v for v in verdicts if v is not None and v not in OUTCOMES]
+    if bad:
+        raise ValueError(f"not an outcome: {bad[0]!r} (expected one of {OUTCOMES} or None)")
+    return np.array([JUDGE_SCORES.get(v, np.nan) if v is not None else np.nan for v in verdicts], dtype=np.float64)
+
+
+def rates_dict(w: WinRates) -> dict:
+    return {"n": w.n, "unparseable": w.unparseable, "win": interval_dict(w.win), "tie": interval_dict(w.tie),
+            "loss": interval_dict(w.loss), "score": interval_dict(w.score)}
+
+
+def judge_rates(categories: Sequence[str], verdicts: Sequence[str | None], *, seed: int,
+                resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL) -> dict:
+    """One side's judge outcomes (``verdicts[i]``: record ``i``'s win, tie, loss or unparseable;
+    ``None``: not judged) as ``{"overall": rates, "by_category": {cat: rates}, "judged": n,
+    "not_judged": n}``, each rates :func:`rates_dict` of
+    :func:`~dollyflow.core.evaluation.judge.win_rates` over that category's judged rows (a
+    category or run without a parseable verdict has ``n`` 0 and null rates, its unparseable rows
+    counted)."""
+    cats = ["" if c is None else str(c) for c in categories]
+    if len(cats) != len(verdicts):
+        raise ValueError(f"{len(cats)} categories for {len(verdicts)} verdicts")
+    kw = dict(seed=seed, resamples=resamples, level=level)
+    judged = [(c, v) for c, v in zip(cats, verdicts) if v is not None]
+    by_category = {}
+    for cat in sorted({c for c, _ in judged}):
+        by_category[cat] = rates_dict(win_rates([v for c, v in judged if c == cat], label=cat, **kw))
+    return {"overall": rates_dict(win_rates([v for _, v in judged], label=OVERALL, **kw)),
+            "by_category": by_category, "judged": len(judged), "not_judged": len(verdicts) - len(judged)}
