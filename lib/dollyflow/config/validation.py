@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 from dollyflow.config.errors import ConfigError
-from dollyflow.config.schema import (DEEPSPEED_PRESETS, TRAIN_LAUNCHERS, TRAIN_METHODS, Config, TablesConfig,
+from dollyflow.config.schema import (BASELINES, DEEPSPEED_PRESETS, TRAIN_LAUNCHERS, TRAIN_METHODS, Config, TablesConfig,
                                      TrainConfig)
 from dollyflow.core.split import parse_test_size
 
@@ -106,6 +106,8 @@ def validate_evaluate(cfg: Config) -> None:
         raise ConfigError(f"evaluate.partitions: must not be negative, got {e.partitions}")
     if e.silver_version is not None and e.silver_version < 0:
         raise ConfigError(f"evaluate.silver_version: must be >= 0, got {e.silver_version}")
+    if e.baseline not in BASELINES:
+        raise ConfigError(f"evaluate.baseline: must be one of {', '.join(BASELINES)}, got {e.baseline!r}")
 
 
 def _positive(value: Any, key: str, minimum: int = 1) -> None:
