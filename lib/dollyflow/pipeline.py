@@ -107,12 +107,13 @@ def _plain(key: str) -> str:
 BASE_KEY = "infer (base)"
 
 
-def baseline_infer(cfg, record: dict, i: int, step, say) -> bool:
+def baseline_infer(cfg, record: dict, i: int, step, say, log: str | None = None) -> bool:
     """``evaluate.baseline=base``: write the untrained base model the fine-tune started from
     beside it (:mod:`dollyflow.core.training.base`) and run infer with it (``step``) before the
     fine-tune's infer. A base that cannot be had (no train run in this pipeline, ``infer.model``
     not the model it trained, a hub name without network) is said and recorded as skipped, and
-    the run goes on with the fine-tune alone. False when the base's infer failed."""
+    the run goes on with the fine-tune alone. False when the base's infer failed. ``log``: where
+    the output of building the base goes (None: not redirected)."""
     trained = (record["jobs"].get("train") or {}).get("summary") or {}
     reason, base = None, None
     if not trained.get("output_dir") or not trained.get("shard_dir"):
@@ -123,7 +124,8 @@ def baseline_infer(cfg, record: dict, i: int, step, say) -> bool:
         shard_dir = trained["shard_dir"]
         try:
             out = base_dir_for(trained["output_dir"], cfg.model.name, read_manifest(shard_dir), cfg.model.max_length)
-            base = write_base_model(cfg.model.name, shard_dir, out, cfg.model.max_length)
+            with captured(log):     # loading and saving print progress bars
+                base = write_base_model(cfg.model.name, shard_dir, out, cfg.model.max_length)
             base["dir"] = out
         except Exception as exc:   # noqa: BLE001 - said and recorded: the fine-tune is evaluated alone
             reason = f"the base model {cfg.model.name} cannot be had ({type(exc).__name__}: {exc})"
@@ -241,7 +243,8 @@ def run_pipeline(overrides: list[str], *, preset: str | None = None, env: str | 
             record["jobs"][name] = {"status": "skipped", "summary": {"skipped": reason}}
             continue
         if name == "infer" and cfg.evaluate.baseline == "base":
-            if not baseline_infer(cfg, record, i, step, say):
+            if not baseline_infer(cfg, record, i, step, say,
+                                  None if verbose else os.path.join(logs, f"{_plain(BASE_KEY)}.log")):
                 break
         if not step(i, name, name, name):
             break
