@@ -26,7 +26,7 @@ def shards(tmp_path_factory, dolly_records, tokenizer_path):
 
 def test_the_base_is_the_train_jobs_starting_point_and_is_reused(shards, tmp_path):
     import torch
-    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
 
     from dollyflow.core.training.modeling import build_model
 
@@ -40,8 +40,8 @@ def test_the_base_is_the_train_jobs_starting_point_and_is_reused(shards, tmp_pat
 
     tok = load_tokenizer(shards + "/tokenizer")
     start = build_model(TINY_MODEL, len(tok), max_length=256).state_dict()     # what train starts from
-    saved = load_file(f"{out}/model.safetensors")
-    assert set(saved) <= set(start) and saved
+    saved = AutoModelForCausalLM.from_pretrained(out).state_dict()                # what infer loads
+    assert set(saved) == set(start) and saved
     assert all(torch.equal(saved[k], start[k]) for k in saved)
     gen = json.load(open(f"{out}/generation_config.json"))
     assert gen["eos_token_id"] == tok.convert_tokens_to_ids(END_KEY)
