@@ -23,6 +23,8 @@ DOLLY_CATEGORIES = [
 
 TRAIN_LAUNCHERS = ("torch_distributor", "torchrun", "horovod")
 TRAIN_METHODS = ("full", "lora")
+#: evaluate.baseline: what dollyflow pipeline compares the fine-tune with
+BASELINES = ("none", "base")
 DEEPSPEED_PRESETS = ("auto", "a100", "a10", "v100", "cpu")
 GPT_NEOX_LORA_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 
@@ -411,6 +413,13 @@ class EvaluateConfig:
     judge_max_batch_size: int = setting(64, doc="as infer.max_batch_size, for the judge")
     judge_window_rows: int = setting(128, doc="judged rows generated together (two prompts each, both orders), as "
                                               "infer.window_rows")
+    baseline: str = setting("none", doc="dollyflow pipeline only: base: before the fine-tune's infer, also run infer "
+                                        "with the untrained base model it started from (train's model.name with "
+                                        "the shards' tokenizer, written beside the fine-tune as "
+                                        "<model>-base-<sha8>; a hub name needs hub access) and, when evaluate."
+                                        "models is empty, compare base (A) with the fine-tune (B); a base that "
+                                        "cannot be had is reported and the fine-tune evaluated alone. none: the "
+                                        "fine-tune alone. The quickstart sets base")
 
 
 @dataclass

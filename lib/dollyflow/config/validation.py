@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 from dollyflow.config.errors import ConfigError
-from dollyflow.config.schema import (DEEPSPEED_PRESETS, TRAIN_LAUNCHERS, TRAIN_METHODS, Config, TablesConfig,
+from dollyflow.config.schema import (BASELINES, DEEPSPEED_PRESETS, TRAIN_LAUNCHERS, TRAIN_METHODS, Config, TablesConfig,
                                      TrainConfig)
 from dollyflow.core.split import parse_test_size
 
@@ -128,6 +128,8 @@ def validate_evaluate(cfg: Config) -> None:
     if not isinstance(e.judge_model, str):
         raise ConfigError(f"evaluate.judge_model: {e.judge_model!r} is not a model source (a directory, an MLflow "
                           "URI or a hub name; empty: no judge)")
+    if e.baseline not in BASELINES:
+        raise ConfigError(f"evaluate.baseline: must be one of {', '.join(BASELINES)}, got {e.baseline!r}")
 
 
 def _positive(value: Any, key: str, minimum: int = 1) -> None:
