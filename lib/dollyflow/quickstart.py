@@ -63,4 +63,8 @@ DEMO = [
     "train.eval_steps=50",
     "infer.do_sample=true",     # Dolly's generation (top_p 0.92, top_k 0; seeded per row: reproducible)
     "evaluate.baseline=base",   # infer with the untrained base too; evaluate: base (A) vs fine-tune (B)
+    # the model under ./warehouse/models is the demo's own: when the demo's settings change (a newer
+    # checkout), the new one is trained beside it and replaces it once complete; an unchanged rerun
+    # is still a no-op
+    "train.overwrite=true",
 ]
