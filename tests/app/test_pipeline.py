@@ -91,8 +91,8 @@ def test_pipeline_end_to_end_rerun_and_report(spark, tmp_path, capsys, sample_pa
     for key, title in SECTIONS:
         assert f'<h2 id="{key}">{title}</h2>' in html
     # categories, quarantine, duplicates, lengths, loss, per-category loss, finish reasons, the
-    # evaluation's headline per category (one side: no difference drawn)
-    assert html.count('<img alt="') == 8 and "data:image/png;base64," in html
+    # evaluation's headline per category and, two sides (base A, fine-tune B), their difference
+    assert html.count('<img alt="') == 9 and "data:image/png;base64," in html
     assert "Best and worst answers per category" in html and "id='tiny-model'" in html     # the tiny preset
     evaluated = first["jobs"]["evaluate"]["summary"]
     assert evaluated["mlflow"]["runs"][0]["run_id"] == first["jobs"]["train"]["summary"]["mlflow_run_id"]

@@ -20,7 +20,7 @@ import json
 import re
 from datetime import datetime
 
-from dollyflow.core.evaluation.bootstrap import OVERALL
+from dollyflow.core.evaluation.bootstrap import MIN_CALL_ROWS, OVERALL
 from dollyflow.core.evaluation.headline import LABELS, REFERENCE_METRICS
 from dollyflow.core.plots import (plot_categories, plot_category_loss, plot_counts, plot_differences, plot_headline,
                                   plot_lengths, plot_loss)
@@ -247,6 +247,9 @@ def _diff(c: dict | None, key: str) -> tuple[str, str]:
     if c.get("significant"):
         better = b if c["diff"] > 0 else a
         return cell, f"<span class='{'good' if better == b else 'bad'}'>{_e(better)} better</span>"
+    if (c.get("n") or 0) < MIN_CALL_ROWS:
+        return cell, (f"<span class='muted'>too few records to call ({c.get('n') or 0} &lt; {MIN_CALL_ROWS}: "
+                      "a bootstrap interval of so few rows is too narrow)</span>")
     return cell, "<span class='muted'>no clear difference (the interval holds 0)</span>"
 
 
@@ -348,7 +351,8 @@ def _evaluation(ev: dict) -> list[str]:
     parts.append("<p class='muted'>Intervals: " + _e(f"{(ev.get('parameters') or {}).get('level', 0.95):.0%}")
                  + " percentile bootstrap of the mean (" + _e((ev.get("parameters") or {}).get("resamples"))
                  + " resamples, seed " + _e((ev.get("parameters") or {}).get("seed")) + "); a difference is the "
-                 "paired bootstrap over the same records, and is called only when its interval excludes 0.</p>")
+                 "paired bootstrap over the same records, and is called only when its interval excludes 0 "
+                 f"and it rests on at least {MIN_CALL_ROWS} records.</p>")
     if ev.get("headline_note"):
         parts.append(f"<div class='note'>{_markdown(ev['headline_note'])}</div>")
 

@@ -160,3 +160,13 @@ def test_100k_rows_and_1000_resamples_in_seconds():
     bs.aggregate(a, cats, seed=0, resamples=1000)
     bs.paired(a, b, cats, seed=0, resamples=1000)
     assert time.perf_counter() - start < 30     # ~2.5 s on 2 shared cores
+
+
+def test_a_difference_on_too_few_records_is_never_called():
+    # one record: a zero-width interval around its own difference, which must not be called
+    one = bs.paired_ci([0.0], [0.9], seed=1)
+    assert one.n == 1 and one.low == one.high == pytest.approx(0.9) and not one.significant
+    few = bs.paired_ci([0.0] * (bs.MIN_CALL_ROWS - 1), [0.9] * (bs.MIN_CALL_ROWS - 1), seed=1)
+    assert few.low > 0 and not few.significant
+    enough = bs.paired_ci([0.0] * bs.MIN_CALL_ROWS, [0.9] * bs.MIN_CALL_ROWS, seed=1)
+    assert enough.low > 0 and enough.significant

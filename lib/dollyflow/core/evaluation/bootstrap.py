@@ -30,6 +30,9 @@ import numpy as np
 DEFAULT_RESAMPLES = 1000
 DEFAULT_LEVEL = 0.95
 OVERALL = "overall"
+#: Fewest paired records a difference is called on (better or worse); below it the report says
+#: "too few records to call" whatever the interval.
+MIN_CALL_ROWS = 10
 #: Indices drawn at once (int32: 16 MiB); bounds the memory whatever the rows and resamples.
 CHUNK_ELEMENTS = 1 << 22
 
@@ -60,8 +63,10 @@ class Comparison:
 
     @property
     def significant(self) -> bool:
-        """Whether the interval of the difference excludes 0."""
-        return self.n > 0 and (self.low > 0 or self.high < 0)
+        """Whether the interval of the difference excludes 0, over at least
+        :data:`MIN_CALL_ROWS` records (a percentile bootstrap of fewer rows gives intervals far
+        too narrow: one record gives a zero-width interval around its own difference)."""
+        return self.n >= MIN_CALL_ROWS and (self.low > 0 or self.high < 0)
 
 
 @dataclass(frozen=True)
