@@ -88,6 +88,7 @@ from dollyflow.engine.delta import DeltaStore
 from dollyflow.engine.evaluate import RECORD_KEYS, SCORED_COLUMNS, Side, compared_rows, find_sides, score_rows
 from dollyflow.engine.infer import load_accumulator, summarize_counts
 from dollyflow.engine.judge import JUDGE_COLUMNS, judge_rows, judge_verdicts, resolve_judge
+from dollyflow.engine.session import task_count
 
 RUNS_DDL = ("run_id string, started_at timestamp, finished_at timestamp, sides string, silver_version long, "
             "predictions_version long, eval_records_version long, records long, compared long, scored long, "
@@ -103,15 +104,6 @@ UPDATE_WHEN = ("t.prediction_sha <> s.prediction_sha OR (s.judge_key IS NOT NULL
 
 def say(msg: str) -> None:
     print(f"dollyflow evaluate: {msg}", file=sys.stderr, flush=True)
-
-
-def _partitions(spark, configured: int) -> int:
-    if configured:
-        return int(configured)
-    try:
-        return int(spark.sparkContext.defaultParallelism)
-    except Exception:   # Spark Connect
-        return int(spark.conf.get("spark.default.parallelism", "8") or 8)
 
 
 def run(cfg: Config, spark) -> dict:
@@ -160,7 +152,7 @@ def run(cfg: Config, spark) -> dict:
     todo = rows
     if stored is not None:
         todo = rows.join(stored.select(*RECORD_KEYS, "prediction_sha"), RECORD_KEYS + ["prediction_sha"], "left_anti")
-    partitions = _partitions(spark, e.partitions)
+    partitions = task_count(spark, e.partitions)
     scored = score_rows(todo, partitions)
     t1 = time.time()
     scored = scored.persist(StorageLevel.MEMORY_AND_DISK)
