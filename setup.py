@@ -5,6 +5,7 @@ pyspark is not a hard requirement: Databricks runtimes ship their own. Extras:
   train    torch, transformers>=5, accelerate, safetensors, deepspeed, mlflow-skinny, peft
   horovod  horovod[pytorch]
   ctranslate2  ctranslate2 (the infer job's CTranslate2 engine: int8/float32 on CPU, NVIDIA GPUs)
+  eval     rouge-score, sacrebleu, rapidfuzz (answer-quality metrics, core/evaluation; all work offline)
   dev      pytest and friends, databricks-bundles (the bundle's schema, for tests)
 
 No extra is needed on a Databricks ML GPU runtime: it ships CUDA torch; the bundle's train and
@@ -18,7 +19,7 @@ from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).parent
-JOBS = ["ingest", "dedupe", "tokenize", "train", "infer"]
+JOBS = ["ingest", "dedupe", "tokenize", "train", "infer", "evaluate"]
 
 
 class BuildWithConf(build_py):
@@ -63,6 +64,11 @@ setup(
                   "pyarrow>=18"],   # the shard reader (core/shards.py) on a GPU box without Spark
         "horovod": ["horovod[pytorch]>=0.28"],
         "ctranslate2": ["ctranslate2>=4.6"],   # infer.engine=ctranslate2 (core/generation/ct2.py)
+        "eval": ["rouge-score>=0.1.2",   # ROUGE-1/2/L (pulls nltk for its Porter stemmer: no data download)
+                 "sacrebleu>=2.4",       # sentence BLEU and chrF (core/evaluation/metrics.py)
+                 "rapidfuzz>=3.9,<4"],   # ROUGE-L's longest common subsequence in C++ (metrics.py)
+        # evaluate.harness_tasks (core/evaluation/harness.py): lm-eval's HF model class on transformers 5
+        "harness": ["lm-eval[hf]>=0.4.13,<0.5"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "datasketch>=1.6",
                 "moto[server]>=5",    # a real S3 endpoint on loopback for the object-store tests
                 "databricks-bundles>=1.22"],  # tests load the bundle's jobs into its Job/Volume classes

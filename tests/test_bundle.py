@@ -3,8 +3,8 @@
 - every job and the Volume load into the maintained ``databricks-bundles`` classes (``Job``,
   ``Volume``: unknown keys, bad enum values and wrong types raise) after the bundle's variables
   are substituted for each target, and a typo'd key is refused;
-- ``dolly_pipeline`` runs the five jobs in order, data tasks on the CPU cluster, train and infer
-  on the GPU ML-runtime cluster with the Spark conf TorchDistributor needs;
+- ``dolly_pipeline`` runs the six jobs in order, data tasks on the CPU cluster, train, infer and
+  evaluate on the GPU ML-runtime cluster with the Spark conf TorchDistributor needs;
 - every task's parameters resolve, through the CLI's own argument parser and ``load_config``,
   to a valid configuration for that job (env databricks), and the train/infer settings fit the
   GPU cluster the task runs on;
@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-JOB_ORDER = ["ingest", "dedupe", "tokenize", "train", "infer"]
+JOB_ORDER = ["ingest", "dedupe", "tokenize", "train", "infer", "evaluate"]
 REF = re.compile(r"\$\{([A-Za-z0-9_.\-]+)\}")
 DYNAMIC = re.compile(r"\{\{([A-Za-z0-9_.\-]+)\}\}")
 RUN_ID = "987654321"
@@ -253,7 +253,7 @@ def test_pipeline_tasks_clusters_and_gpu_conf():
         assert {"whl": "./dist/*.whl"} in task["libraries"]
         assert (REPO / "jobs" / f"{name}.py").is_file() and (REPO / "conf" / "jobs" / f"{name}.yaml").is_file()
         assert (REPO / "lib" / "dollyflow" / "jobs" / f"{name}.py").is_file()
-        assert task["job_cluster_key"] == ("gpu" if name in ("train", "infer") else "cpu")
+        assert task["job_cluster_key"] == ("gpu" if name in ("train", "infer", "evaluate") else "cpu")
         # no library may drag a torch build onto the cluster: the ML runtime's CUDA torch stays
         for lib in task["libraries"]:
             assert "torch" not in json.dumps(lib), lib
@@ -310,6 +310,9 @@ def test_every_task_resolves_to_a_valid_databricks_config(target):
     batch = cfgs["dolly_batch_inference", "infer"].infer
     assert batch.model == train.output_dir and batch.input_table == "silver" and batch.query == ""
     assert batch.split == "all" and batch.key_columns == ["record_id"] and batch.device == "auto"
+    # the pipeline's evaluate compares the predictions of the model the train task wrote
+    evaluate = cfgs["dolly_pipeline", "evaluate"].evaluate
+    assert evaluate.models == [train.output_dir]
 
 
 def test_batch_inference_job_parameters_reach_the_config():

@@ -55,7 +55,7 @@ def code_blocks(text: str, lang: str) -> list[str]:
 
 def test_the_reference_files_exist():
     assert {p.name for p in DOCS} >= {"configuration.md", "jobs.md", "training.md", "inference.md", "delta.md",
-                                      "deploying.md"}
+                                      "deploying.md", "evaluation.md"}
     assert (REPO / "bench" / "HISTORY.md").is_file()
     assert len(read(README).splitlines()) <= 260, "the README is for a newcomer: reference goes to docs/"
 
@@ -143,8 +143,9 @@ def test_the_two_commands():
     for cmd in ("bash scripts/run_local.sh", "bash scripts/test.sh"):
         assert cmd in section(README, "## The two commands") and (REPO / cmd.split()[1]).is_file()
     # what command 1 prints: one line per job, then the report's path
-    assert re.search(r"^\[4/5\] train    done in .* tokens/s", text, re.M)
-    assert re.search(r"^\[5/5\] infer    done in .*\| predictions", text, re.M)
+    assert re.search(r"^\[4/6\] train    done in .* tokens/s", text, re.M)
+    assert re.search(r"^\[5/6\] infer    done in .*\| predictions", text, re.M)
+    assert re.search(r"^\[6/6\] evaluate done in .* headline .*\| eval_records", text, re.M)
     assert re.search(r"^report \([\d.]+ s\): warehouse/reports/pipeline-\S+\.html$", text, re.M)
 
 
@@ -188,7 +189,7 @@ def test_readme_benchmark_table_matches_bench_readme():
     bench = section(README, "## Benchmarks")
     assert "2 CPU cores" in bench and "no GPU" in bench
     rows = re.findall(r"^\| (\w+) \| (\d{4}-\d\d-\d\d) \| .* \| (.+) \|$", bench, re.M)
-    assert {job for job, _, _ in rows} == {"ingest", "dedupe", "tokenize", "train", "infer"}
+    assert {job for job, _, _ in rows} == {"ingest", "dedupe", "tokenize", "train", "infer", "evaluate"}
     latest = section(BENCH, "## Latest figures")
     for job, date, result in rows:
         mine = [line for line in latest.splitlines() if line.startswith(f"| `bench/{job}.py")]

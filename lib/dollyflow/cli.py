@@ -216,3 +216,7 @@ def train() -> int:
 
 def infer() -> int:
     return run_job("infer")
+
+
+def evaluate() -> int:
+    return run_job("evaluate")

@@ -34,7 +34,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from dollyflow.config import ConfigError, load_config, redact_uri
+from dollyflow.core.shards import read_manifest
 from dollyflow.core.storage import absolute, is_uri, write_bytes
+from dollyflow.core.training.base import base_dir_for, write_base_model
 from dollyflow.engine.delta import BackendError, DeltaStore
 from dollyflow.engine.session import get_session
 from dollyflow.jobs import installed, job_module
@@ -96,6 +98,70 @@ def sample_overrides(cfg, say) -> list[str]:
     return extra + ([f"model.tokenizer={tokenizer}"] if need_tok else [])
 
 
+def _plain(key: str) -> str:
+    """A job's key in run.json as a plain name (run ids, log files): ``infer (base)`` -> ``infer-base``."""
+    return key.replace(" (", "-").rstrip(")")
+
+
+#: run.json's key (and the progress lines' label) of the base model's infer run
+BASE_KEY = "infer (base)"
+
+
+def baseline_infer(cfg, record: dict, i: int, step, say, log: str | None = None) -> bool:
+    """``evaluate.baseline=base``: write the untrained base model the fine-tune started from
+    beside it (:mod:`dollyflow.core.training.base`) and run infer with it (``step``) before the
+    fine-tune's infer. A base that cannot be had (no train run in this pipeline, ``infer.model``
+    not the model it trained, a hub name without network) is said and recorded as skipped, and
+    the run goes on with the fine-tune alone. False when the base's infer failed. ``log``: where
+    the output of building the base goes (None: not redirected)."""
+    trained = (record["jobs"].get("train") or {}).get("summary") or {}
+    reason, base = None, None
+    if not trained.get("output_dir") or not trained.get("shard_dir"):
+        reason = "no train run in this pipeline to take the base model from"
+    elif os.path.normpath(str(cfg.infer.model)) != os.path.normpath(trained["output_dir"]):
+        reason = f"infer.model ({redact_uri(str(cfg.infer.model))}) is not the model this run trained: its base is unknown"
+    else:
+        shard_dir = trained["shard_dir"]
+        try:
+            out = base_dir_for(trained["output_dir"], cfg.model.name, read_manifest(shard_dir), cfg.model.max_length)
+            with captured(log):     # loading and saving print progress bars
+                base = write_base_model(cfg.model.name, shard_dir, out, cfg.model.max_length)
+            base["dir"] = out
+        except Exception as exc:   # noqa: BLE001 - said and recorded: the fine-tune is evaluated alone
+            reason = f"the base model {cfg.model.name} cannot be had ({type(exc).__name__}: {exc})"
+    if reason:
+        reason += "; evaluating the fine-tune alone"
+        say(f"[{i}/{len(installed())}] {BASE_KEY} skipped: {reason}")
+        record["jobs"][BASE_KEY] = {"status": "skipped", "summary": {"skipped": reason}}
+        return True
+    fine_tune, cfg.infer.model = cfg.infer.model, base["dir"]
+    try:
+        ok = step(i, "infer", BASE_KEY, BASE_KEY)
+    finally:
+        cfg.infer.model = fine_tune
+    if ok:
+        record["jobs"][BASE_KEY]["summary"]["base"] = {
+            "model": cfg.model.name, "dir": base["dir"], "key": base["key"], "reused": base["reused"]}
+    return ok
+
+
+def compare_with_base(cfg, record: dict, say) -> None:
+    """After both infers: evaluate compares the base (A) with the fine-tune (B), at this run's
+    generation parameters, unless ``evaluate.models`` names the models itself."""
+    base = record["jobs"][BASE_KEY]
+    tuned = record["jobs"].get("infer") or {}
+    if cfg.evaluate.models or "model_sha" not in (base.get("summary") or {}) or "model_sha" not in (
+            tuned.get("summary") or {}):
+        return
+    a, b = base["summary"], tuned["summary"]
+    if a["model_sha"] == b["model_sha"]:
+        say(f"the fine-tune has the base model's weights (model_sha {a['model_sha'][:12]}): evaluating one side")
+        return
+    cfg.evaluate.models = [a["model_sha"], b["model_sha"]]
+    if not cfg.evaluate.params_sha:
+        cfg.evaluate.params_sha = sorted({a["params_sha"], b["params_sha"]})
+
+
 def run_pipeline(overrides: list[str], *, preset: str | None = None, env: str | None = None,
                  conf: str | None = None, as_json: bool = False, verbose: bool = False,
                  report: bool = True) -> int:
@@ -133,6 +199,42 @@ def run_pipeline(overrides: list[str], *, preset: str | None = None, env: str | 
     say(f"dollyflow pipeline {base_run}: {' -> '.join(jobs)} (preset {cfg.preset}, env {cfg.env}); "
         f"tables under {store.location(cfg.tables.bronze).rsplit('/', 1)[0]}")
     failed = None
+
+    def step(i: int, name: str, key: str, label: str) -> bool:
+        """Run job ``name`` as step ``i``, recorded under ``key`` and shown as ``label``; False when it failed."""
+        nonlocal failed
+        module = job_module(name)
+        head = f"[{i}/{len(jobs)}] {label:<8}"
+        say(f"{head} running ...")
+        cfg.job = name
+        cfg.run_id = f"{base_run}-{_plain(key)}"
+        tables = JOB_TABLES.get(name, [])
+        before = table_versions(store, tables)
+        log = None if verbose else os.path.join(logs, f"{_plain(key)}.log")
+        t0 = time.time()
+        try:
+            with captured(log):
+                summary = module.run(cfg, spark)
+        except Exception as exc:   # noqa: BLE001 - reported, recorded, then the run stops
+            failed = (key, exc, [j for j in jobs[i if key == name else i - 1:]])
+            record["jobs"][key] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                                   "seconds": round(time.time() - t0, 2)}
+            if isinstance(getattr(exc, "summary", None), dict):   # what the job committed before failing
+                record["jobs"][key]["summary"] = exc.summary
+            say(f"{head} FAILED after {time.time() - t0:.1f} s: {type(exc).__name__}: {exc}")
+            if log:
+                say(f"---- last lines of its output ({log}) ----\n{_tail(log)}".rstrip())
+            return False
+        seconds = round(time.time() - t0, 2)
+        summary["seconds"] = seconds
+        after = table_versions(store, tables)
+        changes = {n: [before[n], after[n]] for n in tables}
+        status = job_status(name, summary, changes)
+        record["jobs"][key] = {"status": status, "seconds": seconds, "changes": changes, "summary": summary}
+        say(f"{head} {'unchanged' if status == 'unchanged' else 'done'} in {seconds:.1f} s: "
+            f"{human_line(name, summary, changes)}")
+        return True
+
     for i, name in enumerate(jobs, 1):
         module = job_module(name)
         if name == "infer" and not cfg.infer.model:
@@ -140,45 +242,25 @@ def run_pipeline(overrides: list[str], *, preset: str | None = None, env: str | 
             if trained.get("output_dir"):
                 cfg.infer.model = trained["output_dir"]     # score with the model just trained
         reason = module.skip_reason(cfg) if hasattr(module, "skip_reason") else None
-        head = f"[{i}/{len(jobs)}] {name:<8}"
         if reason:
-            say(f"{head} skipped: {reason}")
+            say(f"[{i}/{len(jobs)}] {name:<8} skipped: {reason}")
             record["jobs"][name] = {"status": "skipped", "summary": {"skipped": reason}}
             continue
-        say(f"{head} running ...")
-        cfg.job = name
-        cfg.run_id = f"{base_run}-{name}"
-        tables = JOB_TABLES.get(name, [])
-        before = table_versions(store, tables)
-        log = None if verbose else os.path.join(logs, f"{name}.log")
-        t0 = time.time()
-        try:
-            with captured(log):
-                summary = module.run(cfg, spark)
-        except Exception as exc:   # noqa: BLE001 - reported, recorded, then the run stops
-            failed = (name, exc, [j for j in jobs[i:]])
-            record["jobs"][name] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
-                                    "seconds": round(time.time() - t0, 2)}
-            if isinstance(getattr(exc, "summary", None), dict):   # what the job committed before failing
-                record["jobs"][name]["summary"] = exc.summary
-            say(f"{head} FAILED after {time.time() - t0:.1f} s: {type(exc).__name__}: {exc}")
-            if log:
-                say(f"---- last lines of its output ({log}) ----\n{_tail(log)}".rstrip())
+        if name == "infer" and cfg.evaluate.baseline == "base":
+            if not baseline_infer(cfg, record, i, step, say,
+                                  None if verbose else os.path.join(logs, f"{_plain(BASE_KEY)}.log")):
+                break
+        if not step(i, name, name, name):
             break
-        seconds = round(time.time() - t0, 2)
-        summary["seconds"] = seconds
-        after = table_versions(store, tables)
-        changes = {n: [before[n], after[n]] for n in tables}
-        status = job_status(name, summary, changes)
-        record["jobs"][name] = {"status": status, "seconds": seconds, "changes": changes, "summary": summary}
-        say(f"{head} {'unchanged' if status == 'unchanged' else 'done'} in {seconds:.1f} s: "
-            f"{human_line(name, summary, changes)}")
+        if name == "infer" and BASE_KEY in record["jobs"]:
+            compare_with_base(cfg, record, say)
 
     rdir = run_dir(files_root, base_run)
+    keys = {_plain(k): k for k in record["jobs"]}
     for name in os.listdir(logs):   # the jobs' own output, beside the run record
         with open(os.path.join(logs, name), "rb") as f:
             write_bytes(f"{rdir}/{name}", f.read())
-        record["jobs"].get(name[:-4], {})["log"] = f"{rdir}/{name}"
+        record["jobs"].get(keys.get(name[:-4], name[:-4]), {})["log"] = f"{rdir}/{name}"
     record["tables"] = {n: {"version": v, "location": store.location(n)}
                         for n, v in table_versions(store, ALL_TABLES).items()}
     ran = [j for j in record["jobs"].values() if j["status"] in ("changed", "unchanged")]
@@ -191,7 +273,7 @@ def run_pipeline(overrides: list[str], *, preset: str | None = None, env: str | 
     save_run(record)
     if failed:
         name, exc, rest = failed
-        msg = (f"pipeline {base_run} failed in {name} (job {jobs.index(name) + 1} of {len(jobs)}): "
+        msg = (f"pipeline {base_run} failed in {name} (job {jobs.index(name.split(' ')[0]) + 1} of {len(jobs)}): "
                f"{type(exc).__name__}: {exc}\n"
                f"pipeline {base_run} stopped there; not run: {', '.join(rest) or 'none'}; run record {rdir}/run.json")
         say(msg)

@@ -13,9 +13,10 @@ JOB_TABLES = {
     "tokenize": ["tokenized"],
     "train": [],
     "infer": ["predictions"],
+    "evaluate": ["eval_records"],
 }
 ALL_TABLES = ["bronze", "quarantine", "ingest_runs", "silver", "duplicates", "dedupe_runs", "tokenized",
-              "tokenize_runs", "train_runs", "predictions"]
+              "tokenize_runs", "train_runs", "predictions", "eval_records", "eval_runs"]
 
 
 def _n(x) -> str:
@@ -31,6 +32,19 @@ def _reasons(d: dict | None) -> str:
     return ", ".join(f"{k} {_n(v)}" for k, v in sorted(d.items())) if d else "none"
 
 
+def _harness(h: dict | None) -> str:
+    """``; harness dolly_mc acc A 0.6, B 0.8`` (each task's first metric per side) or ``""``."""
+    scores = (h or {}).get("scores") or {}
+    parts = []
+    for task in sorted({t for tasks in scores.values() for t in tasks}):
+        metric = next((m for label in scores for m in scores[label].get(task, {})
+                       if m != "samples" and not m.endswith("_stderr")), None)
+        if metric:
+            parts.append(f"{task} {metric} " + ", ".join(f"{label} {_n(tasks.get(task, {}).get(metric))}"
+                                                         for label, tasks in scores.items()))
+    return f"; harness {'; '.join(parts)}" if parts else ""
+
+
 def _versions(changes: dict) -> str:
     """``bronze v0->v1, quarantine v0`` from {table: [before, after]}."""
     out = []
@@ -40,6 +54,12 @@ def _versions(changes: dict) -> str:
         out.append(f"{name} v{after}" if before == after else
                    f"{name} {'new' if before is None else f'v{before}'}->v{after}")
     return ", ".join(out)
+
+
+def _interval(iv: dict | None) -> str:
+    """``0.412 [0.38, 0.45]`` from a summary's interval."""
+    iv = iv or {}
+    return f"{_n(iv.get('mean'))} [{_n(iv.get('low'))}, {_n(iv.get('high'))}]"
 
 
 def job_status(name: str, summary: dict, changes: dict) -> str:
@@ -99,4 +119,25 @@ def human_line(name: str, s: dict, changes: dict | None = None) -> str:
                 + (f" ({s['engine']} {s.get('compute_type')})" if s.get("engine") not in (None, "torch") else "")
                 + (f" (model loads: {_n(w['loads'])}, slowest {w['load_seconds']:.1f} s)"
                    if (w := s.get("workers") or {}).get("loads") else "") + tail)
+    if name == "evaluate":
+        sides = s.get("sides") or []
+        overall = (s.get("headline") or {}).get("overall") or {}
+        figures = " vs ".join(f"{label} {_interval(iv)}" for label, iv in (overall.get("sides") or {}).items())
+        diffs = "; ".join(f"{k} {_n((c or {}).get('diff'))} [{_n((c or {}).get('low'))}, {_n((c or {}).get('high'))}]"
+                          for k, c in (overall.get("diff") or {}).items())
+        names = ", ".join(f"{x.get('label')} = {x.get('model')} params {x.get('params_sha')}" for x in sides)
+        judge = s.get("judge") or {}
+        verdicts = "; ".join(
+            f"judge {label} vs {judge.get('baseline') or 'reference'}: "
+            + (f"win {_n(r['overall']['win']['mean'])}, tie {_n(r['overall']['tie']['mean'])}, "
+               f"loss {_n(r['overall']['loss']['mean'])}, score {_interval(r['overall']['score'])} "
+               f"over {_n(r['overall']['n'])} rows" if r["overall"]["n"] else "no parseable verdict")
+            + (f", {_n(r['overall']['unparseable'])} unparseable" if r["overall"]["unparseable"] else "")
+            for label, r in (judge.get("rates") or {}).items())
+        return (f"{_n(s.get('compared'))} records x {len(sides)} model(s) ({names}): {_n(s.get('scored'))} scored, "
+                f"{_n(sum((s.get('unscored_rows') or {}).values()))} without a reference; headline {figures}"
+                + (f"; difference {diffs}" if diffs else "") + (f"; {verdicts}" if verdicts else "")
+                + _harness(s.get("harness"))
+                + "".join(f"; MLflow run {r.get('run_id')} {r.get('status')}" for r in (s.get("mlflow") or {}).get("runs", []))
+                + tail)
     return tail.lstrip(" |")

@@ -1,6 +1,7 @@
 """``dollyflow pipeline`` end to end on the sample with the tiny preset (ingest -> dedupe ->
-tokenize -> train -> infer on local Spark, then the run report), a rerun with the same inputs,
-and ``dollyflow report`` rebuilding the first run's report from the versions it recorded."""
+tokenize -> train -> infer of the untrained base and of the fine-tune -> evaluate of base against
+fine-tune on local Spark, then the run report), a rerun with the same inputs, and ``dollyflow
+report`` rebuilding the first run's report from the versions it recorded."""
 from __future__ import annotations
 
 import json
@@ -38,7 +39,7 @@ def test_pipeline_end_to_end_rerun_and_report(spark, tmp_path, capsys, sample_pa
     data_file = tmp_path / "input.jsonl"
     data_file.write_text("\n".join(lines + ['{"instruction": "broken', json.dumps(copy)]) + "\n", encoding="utf-8")
     args = ["pipeline", "--preset", "tiny", "--json", f"tables.warehouse={wh}", f"ingest.input={data_file}",
-            f"model.tokenizer={tokenizer_path}", "tokenize.test_size=0.1",
+            f"model.tokenizer={tokenizer_path}", "tokenize.test_size=0.1", "evaluate.baseline=base",
             "spark.conf={spark.hadoop.fs.s3a.secret.key: TOPSECRET}"]    # where people put secrets
     assert main(args) == 0
     out = capsys.readouterr()
@@ -49,9 +50,11 @@ def test_pipeline_end_to_end_rerun_and_report(spark, tmp_path, capsys, sample_pa
     for p in wh.rglob("*"):
         if p.is_file() and p.suffix in (".json", ".html", ".yaml", ".txt", ".md", ".jsonl", ""):
             assert b"TOPSECRET" not in p.read_bytes(), p
-    assert "[5/5] infer" in out.err and "report" in out.err   # the progress lines went to stderr
+    assert "[5/6] infer" in out.err and "[6/6] evaluate" in out.err and "report" in out.err   # the progress lines went to stderr
+    assert "[5/6] infer (base) done" in out.err and out.err.index("infer (base) done") < out.err.index("[5/6] infer    done")
     assert first["status"] == "succeeded" and not first["unchanged"]
-    assert [j["status"] for j in first["jobs"].values()] == ["changed"] * 5
+    assert list(first["jobs"]) == ["ingest", "dedupe", "tokenize", "train", "infer (base)", "infer", "evaluate"]
+    assert [j["status"] for j in first["jobs"].values()] == ["changed"] * 7
     for name in ALL_TABLES:                           # every table exists and has rows
         assert first["tables"][name]["version"] is not None, name
     data = contents(spark, wh)
@@ -65,7 +68,18 @@ def test_pipeline_end_to_end_rerun_and_report(spark, tmp_path, capsys, sample_pa
     assert pred["model"] == first["jobs"]["train"]["summary"]["output_dir"]
     assert pred["generated"] == len(test_ids) > 0
     assert {r["record_id"] for r in store.read("predictions").select("record_id").collect()} == test_ids
-    assert store.count("predictions") == len(test_ids)
+    # evaluate.baseline=base: the untrained base the fine-tune started from scored the same rows first,
+    # with the same generation parameters; evaluate compared it (A) with the fine-tune (B)
+    base = first["jobs"]["infer (base)"]["summary"]
+    assert base["base"]["model"] == "tiny-gpt-neox" and Path(base["model"]).name.startswith("tiny-gpt-neox-base-")
+    assert Path(base["model"]).parent == Path(pred["model"]).parent and base["model_info"]["kind"] == "base"
+    assert base["generated"] == pred["generated"] and base["params_sha"] == pred["params_sha"]
+    assert base["model_sha"] != pred["model_sha"] and base["input"]["tokenized_version"] == pred["input"]["tokenized_version"]
+    assert store.count("predictions") == 2 * len(test_ids)
+    ev = first["jobs"]["evaluate"]["summary"]
+    assert [(s["label"], s["model_sha"]) for s in ev["sides"]] == [("A", base["model_sha"]), ("B", pred["model_sha"])]
+    assert ev["compared"] == len(test_ids) and list(ev["comparisons"]) == ["B - A"]
+    assert Path(first["jobs"]["infer (base)"]["log"]).name == "infer-base.log"
     # the human summaries (without --json) are one line per job, no JSON
     for name in JOB_TABLES:
         assert f"] {name}" in out.err
@@ -76,8 +90,12 @@ def test_pipeline_end_to_end_rerun_and_report(spark, tmp_path, capsys, sample_pa
     assert report.parent == wh / "reports"
     for key, title in SECTIONS:
         assert f'<h2 id="{key}">{title}</h2>' in html
-    # categories, quarantine, duplicates, lengths, loss, per-category loss, finish reasons
-    assert html.count('<img alt="') == 7 and "data:image/png;base64," in html
+    # categories, quarantine, duplicates, lengths, loss, per-category loss, finish reasons, the
+    # evaluation's headline per category and, two sides (base A, fine-tune B), their difference
+    assert html.count('<img alt="') == 9 and "data:image/png;base64," in html
+    assert "Best and worst answers per category" in html and "id='tiny-model'" in html     # the tiny preset
+    evaluated = first["jobs"]["evaluate"]["summary"]
+    assert evaluated["mlflow"]["runs"][0]["run_id"] == first["jobs"]["train"]["summary"]["mlflow_run_id"]
     assert copy["instruction"] in html                # the duplicate pair is shown
     assert first["jobs"]["train"]["summary"]["mlflow_run_id"] in html
     assert Path(first["jobs"]["train"]["log"]).is_file()  # the job's own output, kept beside the record
@@ -87,8 +105,10 @@ def test_pipeline_end_to_end_rerun_and_report(spark, tmp_path, capsys, sample_pa
     second = json.loads(capsys.readouterr().out)
     assert contents(spark, wh) == data
     status = {n: j["status"] for n, j in second["jobs"].items()}
-    assert status["ingest"] == status["dedupe"] == status["infer"] == "unchanged", status
-    for name in ("ingest", "dedupe", "infer"):
+    assert status["ingest"] == status["dedupe"] == status["infer"] == status["evaluate"] == "unchanged", status
+    assert status["infer (base)"] == "unchanged" and second["jobs"]["infer (base)"]["summary"]["base"]["reused"]
+    assert second["jobs"]["evaluate"]["summary"]["sides"] == ev["sides"]
+    for name in ("ingest", "dedupe", "infer", "infer (base)"):
         assert all(a == b for a, b in second["jobs"][name]["changes"].values())
     if "skipped" in second["jobs"]["tokenize"]["summary"]:   # the tokenize job with skip_unchanged
         assert status["tokenize"] == status["train"] == "unchanged" and second["unchanged"], status
@@ -113,14 +133,14 @@ def test_pipeline_stops_at_the_first_failing_job_and_names_it(spark, tmp_path, c
             f"model.tokenizer={tokenizer_path}", "tokenize.test_size=0.1"]
     assert main(args) == 1
     out = capsys.readouterr()
-    assert "[1/5] ingest   FAILED" in out.out and "NoRecordsError" in out.out and str(data_file) in out.out
-    assert "failed in ingest (job 1 of 5): NoRecordsError" in out.err
-    assert "not run: dedupe, tokenize, train, infer" in out.err
-    assert "[2/5]" not in out.out
+    assert "[1/6] ingest   FAILED" in out.out and "NoRecordsError" in out.out and str(data_file) in out.out
+    assert "failed in ingest (job 1 of 6): NoRecordsError" in out.err
+    assert "not run: dedupe, tokenize, train, infer, evaluate" in out.err
+    assert "[2/6]" not in out.out
     (run_dir,) = (wh / "pipeline_runs").iterdir()
     record = json.loads((run_dir / "run.json").read_text())
     assert (record["status"], record["failed_job"], list(record["jobs"])) == ("failed", "ingest", ["ingest"])
-    assert record["not_run"] == ["dedupe", "tokenize", "train", "infer"]
+    assert record["not_run"] == ["dedupe", "tokenize", "train", "infer", "evaluate"]
     assert record["jobs"]["ingest"]["summary"]["lines_read"] == content.count(b"\n")
     store = _store(spark, wh)
     assert store.version("silver") is None and store.version("tokenized") is None

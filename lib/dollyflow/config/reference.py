@@ -25,6 +25,7 @@ JOB_SECTIONS = {
     "tokenize": ("model", "tokenize"),
     "train": ("model", "tokenize", "train"),
     "infer": ("model", "infer"),
+    "evaluate": ("evaluate",),
 }
 WIDTH = 100
 

@@ -23,6 +23,8 @@ DOLLY_CATEGORIES = [
 
 TRAIN_LAUNCHERS = ("torch_distributor", "torchrun", "horovod")
 TRAIN_METHODS = ("full", "lora")
+#: evaluate.baseline: what dollyflow pipeline compares the fine-tune with
+BASELINES = ("none", "base")
 DEEPSPEED_PRESETS = ("auto", "a100", "a10", "v100", "cpu")
 GPT_NEOX_LORA_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 
@@ -90,6 +92,10 @@ class TablesConfig:
     train_runs: str = setting("train_runs", doc="train: one row per run")
     predictions: str = setting("predictions", doc="infer: one generated response per input key, model and "
                                                   "parameters")
+    eval_records: str = setting("eval_records", doc="evaluate: per-record metrics, one row per record, model and "
+                                                    "parameter set (and silver version)")
+    eval_runs: str = setting("eval_runs", doc="evaluate: one row per run: the models compared, the table versions, "
+                                              "aggregates with bootstrap intervals")
     volume: str = setting("files", doc="Unity Catalog Volume under catalog.schema for files (shards, checkpoints, "
                                        "models) when catalog is set")
 
@@ -360,6 +366,71 @@ class InferConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """evaluate: answer quality of the predictions against silver's reference responses -> the
+    eval_records table (per record x model: ROUGE-1/2/L, BLEU, chrF, SQuAD token F1 and exact match,
+    length ratio) and one eval_runs row (aggregates per category and overall with seeded 95% bootstrap
+    intervals; with two or more models, the paired bootstrap of each against the first). Only records
+    predicted by every compared model are compared. Headline metric per category: token F1 for
+    closed_qa, information_extraction, classification; ROUGE-L for summarization; for the open-ended
+    categories the judge score when judge_model is set, else ROUGE-L."""
+    models: list[str] = setting(factory=list, doc="the models to compare, first = baseline A: each a model_sha "
+                                                  "(or a prefix of 8+ hex digits), a model directory (hashed "
+                                                  "like infer does), the predictions' model column as infer "
+                                                  "wrote it, or an infer run_id; each matches every parameter "
+                                                  "set it has in predictions (narrow with params_sha). Empty: "
+                                                  "the model and parameters of the newest infer run")
+    params_sha: list[str] = setting(factory=list, doc="keep only these parameter sets (predictions.params_sha); "
+                                                      "empty: every parameter set of the models")
+    silver_version: int | None = setting(None, doc="silver version whose response and category are the "
+                                                   "reference; null: the current one (recorded)")
+    seed: int = setting(42, doc="seed of the bootstrap resamples (each category its own stream)")
+    resamples: int = setting(1000, doc="bootstrap resamples per interval")
+    level: float = setting(0.95, doc="the intervals' coverage")
+    partitions: int = setting(0, doc="tasks the scoring is spread over; 0: the session's default parallelism")
+    harness_tasks: list[str] = setting(factory=list, doc="lm-evaluation-harness tasks run on the driver on each "
+                                                         "side's model (pip install 'dollyflow[harness]'): lm-eval "
+                                                         "task, group or tag names (their data comes from the hub) "
+                                                         "and/or paths to task YAML files or directories of them (a "
+                                                         "task on a local JSONL file runs offline); scores land in "
+                                                         "eval_runs.harness. Empty: off")
+    harness_limit: int | None = setting(None, doc="items per harness task; null: all of them")
+    harness_batch_size: int = setting(8, doc="sequences per forward pass of the harness model")
+    harness_device: str = setting("auto", doc="where the harness model runs: auto (cuda when there, else cpu), "
+                                              "cpu, cuda or cuda:<i>")
+    mlflow: bool = setting(True, doc="log the evaluation (headline per category with intervals, the differences, "
+                                     "evaluation.json) to the MLflow run of each compared model the train job "
+                                     "tracked (predictions.model_info), on the tracking URI it used; a failure "
+                                     "is recorded in the summary, never fails the job")
+    judge_model: str = setting("", doc="the optional judge: a causal LM in Dolly's prompt format (a train job "
+                                       "output, databricks/dolly-v2-*), given like infer.model (a directory, an "
+                                       "MLflow URI, a hub name; loaded the same way). For each compared record it "
+                                       "is asked with a fixed rubric which of two answers is better, both orders; "
+                                       "unparseable answers are counted, never guessed. Its judge score (wins + "
+                                       "half the ties) heads open_qa, general_qa, brainstorming, creative_writing. "
+                                       "Empty: no judge")
+    judge_against: str = setting("baseline", doc="baseline: each side B, C ... against side A (with a single "
+                                                 "side: reference, said in the summary) | reference: every side "
+                                                 "against silver's human response (rows with an empty reference "
+                                                 "are not judged)")
+    judge_max_new_tokens: int = setting(16, doc="tokens the judge may answer with (the verdict is read from its "
+                                                "first line)")
+    judge_device: str = setting("auto", doc="as infer.device, for the judge")
+    judge_dtype: str = setting("auto", doc="as infer.dtype, for the judge")
+    judge_batch_tokens: int = setting(16384, doc="as infer.batch_tokens, for the judge")
+    judge_max_batch_size: int = setting(64, doc="as infer.max_batch_size, for the judge")
+    judge_window_rows: int = setting(128, doc="judged rows generated together (two prompts each, both orders), as "
+                                              "infer.window_rows")
+    baseline: str = setting("none", doc="dollyflow pipeline only: base: before the fine-tune's infer, also run infer "
+                                        "with the untrained base model it started from (train's model.name with "
+                                        "the shards' tokenizer, written beside the fine-tune as "
+                                        "<model>-base-<sha8>; a hub name needs hub access) and, when evaluate."
+                                        "models is empty, compare base (A) with the fine-tune (B); a base that "
+                                        "cannot be had is reported and the fine-tune evaluated alone. none: the "
+                                        "fine-tune alone. The quickstart sets base")
+
+
+@dataclass
 class Config:
     """The whole configuration: the run's identity, the layers chosen, and one section per part."""
     job: str = setting("", doc="the job being run (set by the command, not by a layer)")
@@ -377,6 +448,7 @@ class Config:
     tokenize: TokenizeConfig = setting(factory=TokenizeConfig, doc=TokenizeConfig.__doc__)
     train: TrainConfig = setting(factory=TrainConfig, doc=TrainConfig.__doc__)
     infer: InferConfig = setting(factory=InferConfig, doc=InferConfig.__doc__)
+    evaluate: EvaluateConfig = setting(factory=EvaluateConfig, doc=EvaluateConfig.__doc__)
 
     def to_dict(self) -> dict[str, Any]:
         """Every key and value, secrets included: for this process only. What is written or

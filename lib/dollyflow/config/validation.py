@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 from dollyflow.config.errors import ConfigError
-from dollyflow.config.schema import (DEEPSPEED_PRESETS, TRAIN_LAUNCHERS, TRAIN_METHODS, Config, TablesConfig,
+from dollyflow.config.schema import (BASELINES, DEEPSPEED_PRESETS, TRAIN_LAUNCHERS, TRAIN_METHODS, Config, TablesConfig,
                                      TrainConfig)
 from dollyflow.core.split import parse_test_size
 
@@ -79,6 +79,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("infer.partitions and infer.limit must not be negative")
     if inf.do_sample and not (inf.temperature > 0 and 0 < inf.top_p <= 1 and inf.top_k >= 0):
         raise ConfigError("infer: sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0")
+    validate_evaluate(cfg)
     check_name(cfg.run_id, "run_id")
     check_ranges(cfg)
     validate_train(cfg.train)
@@ -96,6 +97,54 @@ def check_delta_packages(value: str) -> None:
     if not value or bad:
         raise ConfigError(f"spark.delta_packages: {value!r} is not auto, off or Maven coordinates "
                           "group:artifact:version (e.g. io.delta:delta-spark_4.2_2.13:4.4.0)")
+
+
+_HEX = re.compile(r"^[0-9a-f]{1,64}$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
+
+
+def validate_evaluate(cfg: Config) -> None:
+    """Range checks of the ``evaluate:`` section; each error names its key."""
+    e = cfg.evaluate
+    for i, m in enumerate(e.models):
+        if not isinstance(m, str) or not m.strip():
+            raise ConfigError(f"evaluate.models[{i}]: {m!r} is not a model_sha, model directory, model or run id")
+    for p in e.params_sha:
+        if not isinstance(p, str) or not _HEX.match(p):
+            raise ConfigError(f"evaluate.params_sha: {p!r} is not a params_sha (lowercase hex, as in predictions)")
+    if e.seed < 0:
+        raise ConfigError(f"evaluate.seed: must be >= 0, got {e.seed}")
+    if e.resamples < 1:
+        raise ConfigError(f"evaluate.resamples: must be >= 1, got {e.resamples}")
+    if not (math.isfinite(e.level) and 0 < e.level < 1):
+        raise ConfigError(f"evaluate.level: must lie strictly between 0 and 1, got {e.level!r}")
+    if e.partitions < 0:
+        raise ConfigError(f"evaluate.partitions: must not be negative, got {e.partitions}")
+    if e.silver_version is not None and e.silver_version < 0:
+        raise ConfigError(f"evaluate.silver_version: must be >= 0, got {e.silver_version}")
+    for i, t in enumerate(e.harness_tasks):
+        if not isinstance(t, str) or not t.strip():
+            raise ConfigError(f"evaluate.harness_tasks[{i}]: {t!r} is neither an lm-eval task name nor a path")
+    if e.harness_limit is not None and e.harness_limit < 1:
+        raise ConfigError(f"evaluate.harness_limit: must be >= 1 or null, got {e.harness_limit}")
+    if e.harness_batch_size < 1:
+        raise ConfigError(f"evaluate.harness_batch_size: must be >= 1, got {e.harness_batch_size}")
+    if not _DEVICE.match(str(e.harness_device)):
+        raise ConfigError(f"evaluate.harness_device: {e.harness_device!r} is not one of auto, cpu, cuda, cuda:<i>")
+    if e.judge_against not in ("baseline", "reference"):
+        raise ConfigError(f"evaluate.judge_against: {e.judge_against!r} is not one of baseline, reference")
+    for key in ("judge_max_new_tokens", "judge_batch_tokens", "judge_max_batch_size", "judge_window_rows"):
+        if getattr(e, key) < 1:
+            raise ConfigError(f"evaluate.{key} must be >= 1, got {getattr(e, key)}")
+    if not re.match(r"^(auto|cpu|cuda|cuda:\d+)$", str(e.judge_device)):
+        raise ConfigError(f"evaluate.judge_device: {e.judge_device!r} is not one of auto, cpu, cuda, cuda:N")
+    if e.judge_dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+        raise ConfigError(f"evaluate.judge_dtype: {e.judge_dtype!r} is not one of auto, float32, bfloat16, float16")
+    if not isinstance(e.judge_model, str):
+        raise ConfigError(f"evaluate.judge_model: {e.judge_model!r} is not a model source (a directory, an MLflow "
+                          "URI or a hub name; empty: no judge)")
+    if e.baseline not in BASELINES:
+        raise ConfigError(f"evaluate.baseline: must be one of {', '.join(BASELINES)}, got {e.baseline!r}")
 
 
 def _positive(value: Any, key: str, minimum: int = 1) -> None:

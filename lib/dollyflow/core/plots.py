@@ -1,5 +1,6 @@
 """The plots of a pipeline run as PNG bytes (engine-free; matplotlib, imported on first use, with
-the Agg backend): records per category, counts per reason, token lengths, the loss curve.
+the Agg backend): records per category, counts per reason, token lengths, the loss curve, and
+the evaluation's headline per category and paired differences with their intervals.
 
 The run report embeds them; the train job logs the loss curve to MLflow. Labels come from the
 data and are drawn literally (mathtext off).
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import io
+
+from dollyflow.core.evaluation.headline import LABELS
 
 
 def _plt():
@@ -151,4 +154,79 @@ def plot_category_loss(per_category: dict[str, dict]) -> bytes:
           {"": [float(per_category[c]["loss"]) for c in labels]})
     ax.set_xlabel("eval loss (nats / response token)")
     ax.set_title("Final eval loss per category (test records per category in brackets)")
+    return _png(fig)
+
+
+def _metric_label(metric: str) -> str:
+    return "headline" if metric == "headline" else LABELS.get(metric, metric)
+
+
+def _headline_rows(headline: dict) -> list[str]:
+    """The headline table's categories in order, "overall" last."""
+    return sorted(c for c in headline if c != "overall") + (["overall"] if "overall" in headline else [])
+
+
+@_literal_text
+def plot_headline(headline: dict, sides: list[str]) -> bytes:
+    """Per category, each side's mean of the category's headline metric as a bar with its
+    bootstrap interval as a whisker (the evaluate job's ``headline`` table); sides grouped."""
+    plt = _plt()
+    cats = _headline_rows(headline)
+    def records(c: str) -> str:
+        iv = (headline[c].get("sides") or {}).get(sides[0]) if sides else None
+        return f" · n={iv['n']}" if iv and iv.get("n") is not None else ""
+
+    labels = [f"{c or '(no category)'} · {_metric_label(headline[c].get('metric', ''))}{records(c)}" for c in cats]
+    n = max(1, len(sides))
+    fig, ax = plt.subplots(figsize=(8.5, 0.32 * n * len(cats) + 0.35 * len(cats) + 1.6))
+    height = 0.8 / n
+    for i, side in enumerate(sides):
+        means, errs = [], [[], []]
+        for c in cats:
+            iv = (headline[c].get("sides") or {}).get(side) or {}
+            m, lo, hi = iv.get("mean"), iv.get("low"), iv.get("high")
+            means.append(float("nan") if m is None else m)
+            errs[0].append(0.0 if m is None or lo is None else max(0.0, m - lo))
+            errs[1].append(0.0 if m is None or hi is None else max(0.0, hi - m))
+        pos = [k + (i - (n - 1) / 2) * height for k in range(len(cats))]
+        ax.barh(pos, [0.0 if v != v else v for v in means], height, xerr=errs, capsize=3, label=side,
+                error_kw={"elinewidth": 1, "ecolor": "#333"})
+        for k, (p, v) in enumerate(zip(pos, means)):   # the value right of the whisker
+            ax.text((0.0 if v != v else v + errs[1][k]) + 0.01, p, "n/a" if v != v else f"{v:.3f}", va="center",
+                    fontsize=7)
+    ax.set_yticks(range(len(cats)), labels)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.12)
+    ax.set_xlabel("mean of the category's headline metric (0-1), whiskers: bootstrap interval")
+    ax.set_title("Answer quality per category")
+    ax.grid(axis="x", alpha=0.3)
+    if n > 1:
+        ax.legend(fontsize=8, loc="lower right")
+    return _png(fig)
+
+
+@_literal_text
+def plot_differences(headline: dict, key: str) -> bytes:
+    """Per category, the paired difference ``key`` (e.g. "B - A") of the headline metric with its
+    bootstrap interval; intervals that exclude 0 are drawn solid, the others grey."""
+    plt = _plt()
+    cats = [c for c in _headline_rows(headline) if ((headline[c].get("diff") or {}).get(key) or {}).get("diff")
+            is not None]
+    fig, ax = plt.subplots(figsize=(8.5, 0.4 * max(1, len(cats)) + 1.6))
+    for k, c in enumerate(cats):
+        d = headline[c]["diff"][key]
+        color = ("tab:green" if d["diff"] > 0 else "tab:red") if d.get("significant") else "0.55"
+        lo, hi = d.get("low"), d.get("high")
+        if lo is not None and hi is not None:
+            ax.plot([lo, hi], [k, k], color=color, linewidth=2.5, solid_capstyle="butt")
+        ax.plot([d["diff"]], [k], "o", color=color, markersize=6)
+        ax.annotate(f"{d['diff']:+.3f}", (d["diff"], k), textcoords="offset points", xytext=(0, 6), ha="center",
+                    fontsize=7)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(cats)), [f"{c or '(no category)'} · {_metric_label(headline[c].get('metric', ''))}"
+                                     for c in cats])
+    ax.set_ylim(len(cats) - 0.5, -0.7)
+    ax.set_xlabel(f"{key} (paired bootstrap interval; coloured: excludes 0)")
+    ax.set_title(f"Difference per category: {key}")
+    ax.grid(axis="x", alpha=0.3)
     return _png(fig)

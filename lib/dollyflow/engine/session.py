@@ -74,6 +74,17 @@ def executor_layout(spark) -> tuple[int, int]:
     return executors, max(1, int(cores) if cores.isdigit() else parallelism // executors)
 
 
+def task_count(spark, configured: int) -> int:
+    """The tasks a job spreads its rows over: ``configured`` when set (a job's ``partitions``
+    key), else the session's default parallelism (its conf on Spark Connect)."""
+    if configured:
+        return int(configured)
+    try:
+        return int(spark.sparkContext.defaultParallelism)
+    except Exception:   # Spark Connect
+        return int(spark.conf.get("spark.default.parallelism", "8") or 8)
+
+
 def _package_root() -> str:
     return str(Path(__file__).resolve().parents[2])  # .../lib, the directory holding dollyflow/
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-ORDER = ["ingest", "dedupe", "tokenize", "train", "infer"]
+ORDER = ["ingest", "dedupe", "tokenize", "train", "infer", "evaluate"]
 
 
 def job_module(name: str) -> ModuleType:
-    """The module of job ``name`` (imported on first use: train and infer pull in torch)."""
+    """The module of job ``name`` (imported on first use: train and infer pull in torch, evaluate and the others pyspark)."""
     if name not in ORDER:
         raise ValueError(f"unknown job {name!r}; jobs: {', '.join(ORDER)}")
     return importlib.import_module(f"{__name__}.{name}")

@@ -43,7 +43,7 @@ from dollyflow.core.models.files import model_info
 from dollyflow.engine.delta import DeltaStore
 from dollyflow.engine.infer import generate_udf, load_accumulator, resolve_spec, summarize_counts
 from dollyflow.engine.query import check_query, run_query
-from dollyflow.engine.session import executor_layout
+from dollyflow.engine.session import executor_layout, task_count
 
 RESULT_COLUMNS = ["response", "finish_reason", "prompt_tokens", "completion_tokens", "error",
                   "trimmed_context_tokens"]
@@ -132,15 +132,6 @@ def check_columns(df, cfg: Config) -> None:
         raise ValueError(f"input column(s) {sorted(clash)} clash with predictions columns: rename them")
 
 
-def _partitions(spark, configured: int) -> int:
-    if configured:
-        return int(configured)
-    try:
-        return int(spark.sparkContext.defaultParallelism)
-    except Exception:   # Spark Connect
-        return int(spark.conf.get("spark.default.parallelism", "8") or 8)
-
-
 def _cpu_workers(spark, device: str) -> bool:
     """Whether the UDF's tasks generate on CPUs: ``infer.device=cpu``, or ``auto`` where Spark
     gives the tasks no GPU."""
@@ -204,7 +195,7 @@ def run(cfg: Config, spark) -> dict:
         todo = unique.join(done.select(*keys).distinct(), keys, "left_anti")
         existing = rows_unique - todo.count()
 
-    n_parts = _partitions(spark, inf.partitions)
+    n_parts = task_count(spark, inf.partitions)
     if spec.engine == "ctranslate2" and _cpu_workers(spark, spec.device):
         # CTranslate2 on CPUs: one task per executor whose generator runs one single-threaded
         # replica per core over one copy of the weights (a task per core would load a copy per

@@ -13,6 +13,7 @@ from dollyflow.core.shards import read_manifest
 from dollyflow.core.storage import absolute, exists, join, read_bytes, write_atomic
 from dollyflow.core.training import tracking
 from dollyflow.engine.delta import DeltaStore
+from dollyflow.report.evaluation import collect_evaluation
 from dollyflow.report.html import render_html
 from dollyflow.runs import report_path
 
@@ -43,6 +44,7 @@ def collect(spark, record: dict) -> dict:
     data: dict = {"run": {k: record.get(k) for k in ("run_id", "started_at", "finished_at", "seconds", "preset",
                                                        "env", "status", "unchanged", "files_root")},
                   "jobs": {n: {k: j.get(k) for k in ("status", "seconds")} for n, j in jobs.items()}}
+    data["run"]["model"] = (record.get("config", {}).get("model") or {}).get("name")
 
     def read(logical: str):
         v = _version(record, logical)
@@ -124,6 +126,9 @@ def collect(spark, record: dict) -> dict:
                 data["infer"]["samples"].append({k: r[k] for k in ("record_id", "category", "instruction", "context",
                                                                     "reference", "response", "finish_reason",
                                                                     "completion_tokens")})
+
+    # evaluation: the run's eval_runs row and the best / worst examples per category
+    data["evaluate"] = collect_evaluation(store, tables, record, lambda logical: _version(record, logical))
 
     # every table with its version at the end of the run and that commit's operation
     data["tables"] = []

@@ -209,3 +209,32 @@ def _log_transformers_model(uri: str, run_id: str, output_dir: str) -> dict:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def log_to_run(uri: str, run_id: str, metrics: dict[str, float], *, tags: dict[str, str] | None = None,
+               artifacts: dict[str, bytes] | None = None, skip_if_tag: tuple[str, str] | None = None) -> dict:
+    """Log ``metrics`` (step 0), ``tags`` and ``artifacts`` (file name -> content, at the
+    artifact root) to the existing run ``run_id``, leaving its status alone (a finished training
+    run stays finished). ``skip_if_tag`` ``(key, value)``: when the run already has that tag,
+    log nothing (``status: already logged``). Raises what MLflow raises (an unknown run, an
+    unreachable server): the caller decides whether that fails anything."""
+    from mlflow.entities import Metric, RunTag
+
+    client = _client(uri)
+    run = client.get_run(run_id)
+    if skip_if_tag and run.data.tags.get(skip_if_tag[0]) == skip_if_tag[1]:
+        return {"status": "already logged", "metrics": 0, "artifacts": []}
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, 0) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v]
+    for i in range(0, len(items), 1000):
+        client.log_batch(run_id, metrics=items[i:i + 1000])
+    names = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, content in (artifacts or {}).items():
+            path = Path(tmp, name)
+            path.write_bytes(content)
+            client.log_artifact(run_id, str(path))
+            names.append(name)
+    if tags:   # last: the skip tag marks a complete logging
+        client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+    return {"status": "logged", "metrics": len(items), "artifacts": names}
