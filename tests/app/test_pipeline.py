@@ -161,7 +161,9 @@ def test_pipeline_and_its_rerun_on_native_delta(native_spark, tmp_path, capsys, 
             f"model.tokenizer={tokenizer_path}", "tokenize.test_size=0.1", "tables.backend=native"]
     assert main(args) == 0
     first = json.loads(capsys.readouterr().out)
-    assert first["status"] == "succeeded" and [j["status"] for j in first["jobs"].values()] == ["changed"] * 5
+    assert first["status"] == "succeeded" and list(first["jobs"]) == ["ingest", "dedupe", "tokenize", "train", "infer",
+                                                                      "evaluate"]
+    assert [j["status"] for j in first["jobs"].values()] == ["changed"] * 6
     for name, job in first["jobs"].items():
         if "backend" in job["summary"]:
             assert job["summary"]["backend"] == "native", (name, job["summary"].get("backend_reason"))
@@ -176,10 +178,10 @@ def test_pipeline_and_its_rerun_on_native_delta(native_spark, tmp_path, capsys, 
     assert main(args) == 0
     second = json.loads(capsys.readouterr().out)
     status = {n: j["status"] for n, j in second["jobs"].items()}
-    assert status["ingest"] == status["dedupe"] == status["infer"] == "unchanged", status
+    assert status["ingest"] == status["dedupe"] == status["infer"] == status["evaluate"] == "unchanged", status
     assert contents(native_spark, wh) == data
     unchanged = [job for job, st in status.items() if st == "unchanged"]
-    assert {"ingest", "dedupe", "infer"} <= set(unchanged)
+    assert {"ingest", "dedupe", "infer", "evaluate"} <= set(unchanged)
     for job in unchanged:                       # an unchanged job committed no new version
         for name in JOB_TABLES[job]:
             assert store.version(name) == versions[name], (job, name)

@@ -392,11 +392,14 @@ def test_the_store_delegates_to_one_of_two_backends_with_one_interface(spark, tm
 
 @pytest.fixture
 def pair(spark, tmp_config, backend):
-    """(native store, offline store) on the session with Delta's jars, over one warehouse."""
-    if backend != "native":
-        pytest.skip("a table written by one backend and read by the other: runs on the session with Delta's jars")
+    """(native store, offline store) on the session with Delta's jars, over one warehouse (the tests
+    using it run on the native session only: :data:`NATIVE_ONLY`)."""
+    assert backend == "native", "cross-backend tests need the session with Delta's jars"
     return (DeltaStore(spark, tmp_config("test", "tables.backend=native").tables),
             DeltaStore(spark, tmp_config("test", "tables.backend=offline").tables))
+
+
+NATIVE_ONLY = pytest.mark.parametrize("backend", ["native"], indirect=True)
 
 
 def everything(df):
@@ -410,6 +413,7 @@ def same_on_both(pair, name, expected_rows):
     assert nat.count(name) == off.count(name) == expected_rows == off.read(name).count()
 
 
+@NATIVE_ONLY
 def test_native_delete_update_merge_with_deletion_vectors_read_offline(spark, pair):
     import deltalake
 
@@ -436,6 +440,7 @@ def test_native_delete_update_merge_with_deletion_vectors_read_offline(spark, pa
     assert sorted(keys) == sorted(got)
 
 
+@NATIVE_ONLY
 def test_native_column_mapping_and_partitions_read_offline(spark, pair):
     nat, off = pair
     nat.write(rows(spark, 0, 4), "cm", job="seed", run_id="r0")
@@ -456,6 +461,7 @@ def test_native_column_mapping_and_partitions_read_offline(spark, pair):
     assert sorted({r["part"] for r in off.read("parts").collect()}) == ["0", "1", "2"]
 
 
+@NATIVE_ONLY
 def test_offline_writes_and_merges_read_natively(spark, pair):
     nat, off = pair
     off.write(rows(spark, 0, 10), "ow", job="seed", run_id="r0")
