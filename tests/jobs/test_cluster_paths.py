@@ -18,7 +18,7 @@ from dollyflow.core.training.prepare import output_dir_for
 
 pytest.importorskip("pyspark")   # the jobs' modules import the engine
 
-from dollyflow.engine.infer import InferSpec, needs_shipping  # noqa: E402
+from dollyflow.engine.infer import InferSpec, needs_shipping, ship_model  # noqa: E402
 from dollyflow.jobs.ingest import check_input_reachable  # noqa: E402
 from dollyflow.jobs.train import check_rank_paths  # noqa: E402
 
@@ -121,6 +121,10 @@ def test_which_models_are_shipped_to_the_executors(tmp_path):
     for kind in ("hub", "mlflow", "uri"):
         assert needs_shipping(spec(kind, str(tmp_path / "cache" / "entry")), MASTER, [str(tmp_path)])
         assert not needs_shipping(spec(kind, str(tmp_path / "cache" / "entry")), "local[2]")
+    # a session without a SparkContext (Spark Connect: unknown master, treated as remote) cannot
+    # ship anything: the spec stays as it is and the workers read or fetch the source themselves
+    remote = spec("hub", str(tmp_path / "cache" / "entry"))
+    assert ship_model(object(), remote) is remote
 
 
 @pytest.fixture(scope="module")

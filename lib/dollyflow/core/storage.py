@@ -104,7 +104,7 @@ def check_reachable(path: str, master: str, allow_local: bool = False, what: str
         return
     alt = f", or set {allow_key}=true" if allow_key else ""
     raise ValueError(f"{what} {path!r} is a local path of the driver, but the Spark master is {master!r}: "
-                     "executors (and training ranks) on other hosts cannot see it. Use shared storage (a "
+                     "executors on other hosts (and training ranks there) cannot see it. Use shared storage (a "
                      "/Volumes/... path on Databricks, or s3://, abfss://, gs://, hdfs:// URIs), or, if it lies "
                      "on a mount every node has (NFS), declare that mount: tables.shared_mounts=[<mount "
                      f"point>]{alt}")

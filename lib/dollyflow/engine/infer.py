@@ -167,11 +167,16 @@ def ship_model(spark, spec: InferSpec, shared_mounts=()) -> InferSpec:
     (:func:`needs_shipping`): the directory packed once per model into an uncompressed tar in the
     driver's private model cache and added with ``SparkContext.addArchive``, so every executor gets
     it from the driver (no shared disk, no credentials) unpacked under ``SparkFiles`` as
-    ``dollyflow-model-<sha16>.tar``; workers load that copy (after the same digest check)."""
+    ``dollyflow-model-<sha16>.tar``; workers load that copy (after the same digest check). Without
+    a SparkContext (Spark Connect) nothing can be shipped and ``spec`` is returned as it is."""
     if not needs_shipping(spec, master_of(spark), shared_mounts):
         return spec
+    try:
+        sc = spark.sparkContext
+        sc.addArchive   # noqa: B018 - Spark Connect (and Databricks' shared clusters) have no SparkContext
+    except Exception:
+        return spec     # nothing can be shipped: the workers read or fetch the source themselves
     name = f"dollyflow-model-{spec.digest[:16]}.tar"
-    sc = spark.sparkContext
     shipped = getattr(sc, "_dollyflow_shipped", None)
     if shipped is None:
         shipped = sc._dollyflow_shipped = set()
