@@ -46,6 +46,17 @@ def test_local_paths_are_refused_when_executors_are_elsewhere(path, master, allo
             storage.check_reachable(path, master, allow)
 
 
+def test_declared_shared_mounts_count_as_shared():
+    mounts = ["/mnt/nfs"]
+    storage.check_reachable("/mnt/nfs/wh/shards", "spark://head:7077", shared_mounts=mounts)
+    storage.check_reachable("/mnt/nfs", "spark://head:7077", shared_mounts=mounts)
+    with pytest.raises(ValueError, match=r"tokenize.output_dir '/mnt/nfs2/x' .*executors on other hosts.*"
+                                         r"tables.shared_mounts=\[<mount point>\], or set tokenize.allow_local_output"):
+        storage.check_reachable("/mnt/nfs2/x", "spark://head:7077", what="tokenize.output_dir", shared_mounts=mounts,
+                                allow_key="tokenize.allow_local_output")
+    assert storage.is_shared("/mnt/nfs/a/../b", mounts) and not storage.is_shared("/mnt/nfs/../x", mounts)
+
+
 def test_atomic_write_replaces_whole_files(tmp_path):
     target = tmp_path / "d" / "LATEST.json"
     storage.write_atomic(str(target), b"one")

@@ -98,6 +98,13 @@ class TablesConfig:
                                               "aggregates with bootstrap intervals")
     volume: str = setting("files", doc="Unity Catalog Volume under catalog.schema for files (shards, checkpoints, "
                                        "models) when catalog is set")
+    shared_mounts: list[str] = setting(factory=list, doc="absolute local paths mounted on every node of the "
+                                                         "cluster (NFS, a FUSE mount): a path under one of them "
+                                                         "counts as shared storage when the Spark master is not "
+                                                         "local (ingest.input, the shards root, the train output "
+                                                         "and checkpoints, a local warehouse), e.g. [/mnt/shared]. "
+                                                         "Empty: only URIs and Databricks' /Volumes, /dbfs, "
+                                                         "/Workspace count")
 
     def files_root(self) -> str:
         """Where the jobs' files go (shards, checkpoints, models, reports): the Unity Catalog

@@ -40,7 +40,7 @@ def validate(cfg: Config) -> None:
     """Every check of a resolved configuration (after all layers); the first failure raises."""
     t = cfg.tables
     for f in dataclasses.fields(TablesConfig):
-        if f.name in ("warehouse", "backend", "catalog"):
+        if f.name in ("warehouse", "backend", "catalog", "shared_mounts"):
             continue
         check_identifier(getattr(t, f.name), f"tables.{f.name}")
     if t.catalog:
@@ -48,6 +48,10 @@ def validate(cfg: Config) -> None:
     if t.backend not in ("auto", "native", "offline"):
         raise ConfigError(f"tables.backend: {t.backend!r} is not one of auto, native, offline")
     check_delta_packages(cfg.spark.delta_packages)
+    for m in t.shared_mounts:
+        if not isinstance(m, str) or "://" in m or m.startswith("dbfs:") or not m.startswith("/"):
+            raise ConfigError(f"tables.shared_mounts: {m!r} is not an absolute local path (a mount point every "
+                              "node sees, e.g. /mnt/shared; URIs are shared already)")
     if cfg.ingest.format not in ("auto", "json", "csv", "parquet"):
         raise ConfigError(f"ingest.format: {cfg.ingest.format!r} is not one of auto, json, csv, parquet")
     bad = set(cfg.ingest.field_map) - {"instruction", "context", "response", "category"}

@@ -62,13 +62,25 @@ def absolute(path: str) -> str:
     return str(path) if is_uri(path) else os.path.abspath(path)
 
 
-def is_shared(path: str) -> bool:
-    """Whether every node of a cluster can see ``path``: a URI (object store, HDFS, dbfs:/) or a
-    path under a Databricks mount (/Volumes, /dbfs, /Workspace). A plain local path is not."""
+def is_shared(path: str, shared_mounts=()) -> bool:
+    """Whether every node of a cluster can see ``path``: a URI (object store, HDFS, dbfs:/), a
+    path under a Databricks mount (/Volumes, /dbfs, /Workspace) or under one of ``shared_mounts``
+    (``tables.shared_mounts``: local paths mounted on every node, e.g. NFS). Any other plain local
+    path is not."""
     path = str(path)
     if is_uri(path):
         return not path.startswith("file:")
-    return os.path.abspath(path).startswith(SHARED_MOUNTS)
+    full = os.path.abspath(path)
+    if full.startswith(SHARED_MOUNTS):
+        return True
+    return any(full == os.path.abspath(m) or full.startswith(os.path.abspath(m).rstrip("/") + "/")
+               for m in shared_mounts)
+
+
+def is_local_master(master: str) -> bool:
+    """True for ``local``, ``local[N]``, ``local-cluster[...]`` is not: its executors are other
+    processes, but on this machine, so they share its disk too."""
+    return str(master).startswith("local")
 
 
 def join(base: str, *parts: str) -> str:
@@ -81,16 +93,21 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)]) + query
 
 
-def check_reachable(path: str, master: str, allow_local: bool = False, what: str = "output") -> None:
+def check_reachable(path: str, master: str, allow_local: bool = False, what: str = "output",
+                    shared_mounts=(), allow_key: str = "") -> None:
     """Refuse a plain local path when executors may run on other hosts (any master but
-    ``local[...]``): each executor would write to its own disk and the driver's listing would
-    name files that are not there. ``allow_local`` accepts it (a shared NFS mount)."""
-    if allow_local or is_shared(path) or str(master).startswith("local"):
+    ``local[...]``): each executor would read or write its own disk and the driver's listing would
+    name files that are not there. A path under one of ``shared_mounts`` (``tables.shared_mounts``)
+    is accepted, and so is any path with ``allow_local`` (the key ``allow_key``: this path is a
+    shared mount). The error names ``what`` (the key) and both ways out."""
+    if allow_local or is_shared(path, shared_mounts) or is_local_master(master):
         return
-    raise ValueError(f"{what} {path!r} is a local path, but the Spark master is {master!r}: executors on "
-                     "other hosts cannot write there. Use shared storage (a /Volumes/... path on "
-                     "Databricks, or s3://, abfss://, gs://, hdfs:// URIs), or set allow_local_output=true "
-                     "if this path is a shared mount on every node")
+    alt = f", or set {allow_key}=true" if allow_key else ""
+    raise ValueError(f"{what} {path!r} is a local path of the driver, but the Spark master is {master!r}: "
+                     "executors on other hosts (and training ranks there) cannot see it. Use shared storage (a "
+                     "/Volumes/... path on Databricks, or s3://, abfss://, gs://, hdfs:// URIs), or, if it lies "
+                     "on a mount every node has (NFS), declare that mount: tables.shared_mounts=[<mount "
+                     f"point>]{alt}")
 
 
 def exists(path: str) -> bool:

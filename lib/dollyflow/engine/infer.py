@@ -41,8 +41,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tarfile
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Tuple
 
 import pandas as pd
@@ -58,7 +60,9 @@ from dollyflow.core.models.fetch import fetch_model
 from dollyflow.core.models.files import model_digest, tokenizer_dir_for
 from dollyflow.core.models.loading import load_for_generation
 from dollyflow.core.models.sources import ModelSource, locate_model
+from dollyflow.core.storage import is_local_master, is_shared
 from dollyflow.core.tokens import load_tokenizer, set_single_thread
+from dollyflow.engine.session import master_of
 
 RESULT_FIELDS = (("response", "string"), ("finish_reason", "string"), ("prompt_tokens", "int"),
                  ("completion_tokens", "int"), ("error", "string"), ("trimmed_context_tokens", "int"))
@@ -81,6 +85,7 @@ class InferSpec:
     engine: str = "torch"            # torch | ctranslate2 (resolved: never auto)
     compute_type: str = "float32"    # ctranslate2: the quantization the model is converted to
     ct2_threads: int = 0
+    shipped: str = ""                # the name of the driver's copy shipped with the job (ship_model); "" if not
 
     def identity(self) -> dict:
         """What decides the generated text besides the weights: the generation parameters, and
@@ -147,8 +152,72 @@ def resolve_spec(infer_cfg) -> InferSpec:
                      engine=engine, compute_type=compute_type, ct2_threads=infer_cfg.ct2_threads)
 
 
+def needs_shipping(spec: InferSpec, master: str, shared_mounts=()) -> bool:
+    """Whether the workers could not read the driver's model themselves: on a master that is not
+    ``local[...]``, a model directory that is not on shared storage (``tables.shared_mounts``
+    counts), and any remote source (hub, MLflow, URI), which the driver downloaded into its own
+    cache with its own credentials and workers would have to fetch again without them."""
+    if is_local_master(master):
+        return False
+    return not (spec.source.kind == "dir" and is_shared(spec.model_dir, shared_mounts))
+
+
+def ship_model(spark, spec: InferSpec, shared_mounts=()) -> InferSpec:
+    """``spec``, with the driver's model copy shipped with the job when the workers need it
+    (:func:`needs_shipping`): the directory packed once per model into an uncompressed tar in the
+    driver's private model cache and added with ``SparkContext.addArchive``, so every executor gets
+    it from the driver (no shared disk, no credentials) unpacked under ``SparkFiles`` as
+    ``dollyflow-model-<sha16>.tar``; workers load that copy (after the same digest check). Without
+    a SparkContext (Spark Connect) nothing can be shipped and ``spec`` is returned as it is."""
+    if not needs_shipping(spec, master_of(spark), shared_mounts):
+        return spec
+    try:
+        sc = spark.sparkContext
+        sc.addArchive   # noqa: B018 - Spark Connect (and Databricks' shared clusters) have no SparkContext
+    except Exception:
+        return spec     # nothing can be shipped: the workers read or fetch the source themselves
+    name = f"dollyflow-model-{spec.digest[:16]}.tar"
+    shipped = getattr(sc, "_dollyflow_shipped", None)
+    if shipped is None:
+        shipped = sc._dollyflow_shipped = set()
+    if name not in shipped:
+        archive = os.path.join(model_cache_root(), name)
+        if not os.path.isfile(archive):
+            tmp = tempfile.NamedTemporaryFile(dir=model_cache_root(), prefix=f".{name}.", suffix=".tmp",
+                                              delete=False)
+            try:
+                with tarfile.open(fileobj=tmp, mode="w") as tar:
+                    for entry in sorted(os.listdir(spec.model_dir)):
+                        if entry in ("checkpoints", ".runs") or entry.startswith(".dollyflow"):
+                            continue     # training state, not the model
+                        tar.add(os.path.join(spec.model_dir, entry), arcname=entry)
+                tmp.close()
+                os.replace(tmp.name, archive)
+            except BaseException:
+                tmp.close()
+                os.unlink(tmp.name)
+                raise
+        sc.addArchive(archive)
+        shipped.add(name)
+    return replace(spec, shipped=name)
+
+
 # ---------------------------------------------------------------------------------------------
 # in the Python worker
+
+
+def shipped_copy(spec: InferSpec) -> str | None:
+    """The model directory the driver shipped with the job (:func:`ship_model`), unpacked on this
+    executor; None when nothing was shipped."""
+    if not spec.shipped:
+        return None
+    from pyspark import SparkFiles
+
+    path = SparkFiles.get(spec.shipped)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise RuntimeError(f"the model the driver shipped as {spec.shipped} is not unpacked at {path} on this "
+                           "executor")
+    return path
 
 
 def _task_gpus() -> list[str] | None:
@@ -169,7 +238,8 @@ def worker_model_dir(spec: InferSpec) -> str:
     cache of this user, else the source fetched by its pinned identity into this machine's
     cache), after checking that its weights hash to the driver's digest (the full sha256 of
     every weight file, so a stale copy of the same architecture and size is refused too)."""
-    model_dir = fetched_copy(spec.source, spec.cache_entry, spec.model_dir) or fetch_model(spec.source)
+    model_dir = shipped_copy(spec) or fetched_copy(spec.source, spec.cache_entry, spec.model_dir) or \
+        fetch_model(spec.source)
     found = model_digest(model_dir)
     if found != spec.digest:
         raise RuntimeError(f"the model weights at {model_dir} (on this worker) have sha256 {found}, but the driver "
@@ -357,6 +427,7 @@ def register_udf(spark, cfg_or_spec, name: str | None = None, counts=None):
         spec, default = cfg_or_spec, "dolly_generate"
     else:
         spec, default = resolve_spec(cfg_or_spec.infer), cfg_or_spec.infer.function_name
+    spec = ship_model(spark, spec, () if isinstance(cfg_or_spec, InferSpec) else cfg_or_spec.tables.shared_mounts)
     name = check_identifier(name or default, "function name")
     udf = generate_udf(spec, counts)
     spark.udf.register(name, udf)

@@ -86,7 +86,7 @@ from dollyflow.core.models.files import model_digest
 from dollyflow.core.training import tracking
 from dollyflow.engine.delta import DeltaStore
 from dollyflow.engine.evaluate import RECORD_KEYS, SCORED_COLUMNS, Side, compared_rows, find_sides, score_rows
-from dollyflow.engine.infer import load_accumulator, summarize_counts
+from dollyflow.engine.infer import load_accumulator, ship_model, summarize_counts
 from dollyflow.engine.judge import JUDGE_COLUMNS, judge_rows, judge_verdicts, resolve_judge
 from dollyflow.engine.session import task_count
 
@@ -132,7 +132,8 @@ def run(cfg: Config, spark) -> dict:
     harness = harness_scores(cfg, sides)     # on the driver, before the Spark work: a bad task fails early
 
     judge = resolve_judge(e, sides) if e.judge_model else None
-    if judge is not None:
+    if judge is not None:   # the workers that cannot read the judge model get the driver's copy
+        judge = dataclasses.replace(judge, spec=ship_model(spark, judge.spec, cfg.tables.shared_mounts))
         say(f"judge: {judge.spec.source.display} (sha {judge.spec.digest[:12]}), sides "
             f"{', '.join(judge.judged)} against "
             + (f"side A ({judge.baseline.model}, params_sha {judge.baseline.params_sha})" if judge.baseline

@@ -41,7 +41,7 @@ from dataclasses import replace
 from dollyflow.config import Config, redact, redact_uri
 from dollyflow.core.models.files import model_info
 from dollyflow.engine.delta import DeltaStore
-from dollyflow.engine.infer import generate_udf, load_accumulator, resolve_spec, summarize_counts
+from dollyflow.engine.infer import generate_udf, load_accumulator, resolve_spec, ship_model, summarize_counts
 from dollyflow.engine.query import check_query, run_query
 from dollyflow.engine.session import executor_layout, task_count
 
@@ -154,7 +154,7 @@ def run(cfg: Config, spark) -> dict:
     if inf.query.strip():
         check_query(spark, inf.query, "infer.query")      # before anything is loaded, let alone run
     store = DeltaStore(spark, cfg.tables)
-    spec = resolve_spec(inf)
+    spec = ship_model(spark, resolve_spec(inf), t.shared_mounts)   # workers that cannot read it get the driver's copy
     info = model_info(spec.model_dir)
     params_json, params_sha = spec.params_json(), spec.params_sha()
     keys = list(inf.key_columns)

@@ -25,9 +25,10 @@ from datetime import datetime, timezone
 
 from dollyflow.config import Config, redact_uri
 from dollyflow.core.counts import expect_equal
-from dollyflow.core.storage import check_within, remove_dir
+from dollyflow.core.storage import check_reachable, check_within, remove_dir
 from dollyflow.engine.delta import DeltaStore
 from dollyflow.engine.ingest import parse_inputs, rejected_keys
+from dollyflow.engine.session import master_of
 
 BRONZE_COLUMNS = ["record_id", "instruction", "context", "response", "category", "source_file",
                   "source_line", "ingested_at", "run_id"]
@@ -40,10 +41,20 @@ RUNS_DDL = ("run_id string, started_at timestamp, finished_at timestamp, inputs 
             "skipped_files array<struct<path:string,reason:string>>")
 
 
+def check_input_reachable(cfg: Config, master: str) -> None:
+    """The executors read the input files (the driver only lists and cuts them): on a master that
+    is not ``local[...]`` a plain local ``ingest.input`` must lie on a mount declared in
+    ``tables.shared_mounts``, else it is refused naming the key (each executor would read its own
+    disk: files missing there, or other files of the same name)."""
+    if cfg.ingest.input:
+        check_reachable(cfg.ingest.input, master, what="ingest.input", shared_mounts=cfg.tables.shared_mounts)
+
+
 def run(cfg: Config, spark) -> dict:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
+    check_input_reachable(cfg, master_of(spark))
     store = DeltaStore(spark, cfg.tables)
     t = cfg.tables
     started = datetime.now(timezone.utc)

@@ -85,7 +85,8 @@ def run(cfg: Config, spark) -> dict:
                            "mosaicml-streaming), which cannot be imported here")
     settings = resolve_settings(cfg)
     root = absolute(shards_root(cfg))
-    check_reachable(root, master_of(spark), tk.allow_local_output, "tokenize.output_dir (shards root)")
+    check_reachable(root, master_of(spark), tk.allow_local_output, "tokenize.output_dir (shards root)",
+                    cfg.tables.shared_mounts, "tokenize.allow_local_output")
     store = DeltaStore(spark, cfg.tables)
     silver_version = tk.silver_version if tk.silver_version is not None else store.version(t.silver)
     if silver_version is None:

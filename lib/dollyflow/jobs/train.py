@@ -29,9 +29,12 @@ from datetime import datetime, timezone
 
 from dollyflow.config import Config, redact
 from dollyflow.core.training.lease import Lease
-from dollyflow.core.training.prepare import finish, output_dir_for, prepare
+from dollyflow.core.storage import check_reachable
+from dollyflow.core.training.model_dir import verify_complete
+from dollyflow.core.training.prepare import checkpoint_dir_for, finish, output_dir_for, prepare
 from dollyflow.core.training.spec import TrainSpec
 from dollyflow.engine.delta import DeltaStore
+from dollyflow.engine.session import master_of
 from dollyflow.launch import horovod, torch_distributor, torchrun
 from dollyflow.launch.common import DEFAULT_FN
 
@@ -99,6 +102,8 @@ def run_training(cfg: Config, spark=None, *, fn: str = DEFAULT_FN) -> dict:
     directory's lease is held throughout: a second train job for the same directory fails at
     once, naming this run."""
     t0 = time.time()
+    if spark is not None:
+        check_rank_paths(cfg, master_of(spark))
     with Lease(output_dir_for(cfg), cfg.run_id) as lease:
         if lease.taken_over:
             print(f"[dollyflow train] took over the lease of run {lease.taken_over.get('run_id')!r} "
@@ -138,6 +143,7 @@ def run_training(cfg: Config, spark=None, *, fn: str = DEFAULT_FN) -> dict:
                 print(f"[dollyflow train] could not close the MLflow run: {exc}", flush=True)
             raise
         done = finish(plan, result)
+        verify_complete(plan["output_dir"])   # the ranks' files where the driver reports them
     m = result["metrics"]
     summary.update(_metrics_summary(m), resumed_from=m.get("resumed_from"),
                    mlflow_run_id=spec.mlflow.run_id if spec.mlflow else None, mlflow=done["mlflow"] or None,
@@ -146,6 +152,30 @@ def run_training(cfg: Config, spark=None, *, fn: str = DEFAULT_FN) -> dict:
                    deepspeed_preset=result.get("deepspeed_preset"), zero_stage=result.get("zero_stage"),
                    precision=result.get("precision"), started_at=t0, job_seconds=round(time.time() - t0, 2))
     return summary
+
+
+def ranks_elsewhere(cfg: Config) -> bool:
+    """Whether the ranks may run on other hosts than the driver: TorchDistributor's distributed
+    mode (``train.local_mode=false``) and Horovod on Spark start them on executors."""
+    t = cfg.train
+    return (t.launcher == "torch_distributor" and not t.local_mode) or t.launcher == "horovod"
+
+
+def check_rank_paths(cfg: Config, master: str) -> None:
+    """Refuse, before anything runs, an output or checkpoint directory the ranks on other hosts
+    and the driver would not all see: on a master that is not ``local[...]`` with ranks on the
+    executors, ``train.output_dir`` (or its default under the files root) and
+    ``train.checkpoint_dir`` must be URIs or lie under a Databricks mount or a mount declared in
+    ``tables.shared_mounts`` (the error names the key). Ranks on the driver (local mode) write
+    its own disk, which it sees."""
+    if not ranks_elsewhere(cfg):
+        return
+    out = output_dir_for(cfg)
+    mounts = cfg.tables.shared_mounts
+    key = "train.output_dir" if cfg.train.output_dir else \
+        f"train.output_dir (empty: its default under the files root, tables.warehouse={cfg.tables.warehouse!r})"
+    check_reachable(out, master, what=key, shared_mounts=mounts)
+    check_reachable(checkpoint_dir_for(cfg, out), master, what="train.checkpoint_dir", shared_mounts=mounts)
 
 
 def _final_path(path: str | None, plan: dict) -> str | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fnmatch
 import hashlib
 import json
 import os
@@ -180,6 +181,54 @@ def finish_model_dir(output_dir: str, tokenizer, provenance: dict, foreign: set[
     files = {k: v for k, v in list_files(output_dir, skip_dirs).items()
              if k not in foreign and k != PROVENANCE and ".tmp-" not in k}
     return write_provenance(output_dir, dict(provenance, files=files))
+
+
+class ModelIncomplete(RuntimeError):
+    """The model directory a train run reports lacks files it should hold."""
+
+
+#: What a loadable model directory must hold, by the provenance's ``weights``: (description, any of).
+REQUIRED_FILES = {
+    "full": (("config.json", ("config.json",)), ("safetensors weights", ("*.safetensors",)),
+             ("the tokenizer", ("tokenizer.json", "tokenizer_config.json"))),
+    "adapter": (("adapter/adapter_config.json", ("adapter/adapter_config.json",)),
+                ("adapter weights", ("adapter/*.safetensors",)),
+                ("the tokenizer", ("tokenizer.json", "tokenizer_config.json"))),
+}
+
+
+def verify_complete(output_dir: str) -> dict:
+    """Check, on this machine, that ``output_dir`` holds the finished model the train run wrote:
+    the provenance (``dollyflow_model.json``), every file its ``files`` manifest lists at the size
+    recorded there, and what loading needs (``config.json``, safetensors weights, the tokenizer;
+    for ``weights: adapter`` the adapter's config and weights). Raises :class:`ModelIncomplete`
+    naming the directory and what is missing (e.g. the ranks wrote to another host's disk);
+    returns the provenance."""
+    prov = read_provenance(output_dir)
+    if prov is None:
+        raise ModelIncomplete(f"the model directory {output_dir} the train job reports holds no {PROVENANCE} on "
+                              "the driver: the ranks wrote it elsewhere (another host's disk?) or did not finish. "
+                              "train.output_dir must be a path every rank and the driver see (a mount declared "
+                              "in tables.shared_mounts, /Volumes/... on Databricks)")
+    present = list_files(output_dir, ("checkpoints", RUNS_DIR))
+    problems = []
+    listed = prov.get("files")
+    if isinstance(listed, dict):
+        for rel, size in sorted(listed.items()):
+            if rel not in present:
+                problems.append(f"{rel} (listed in {PROVENANCE}) is missing")
+            elif size is not None and int(present[rel]) != int(size):
+                problems.append(f"{rel} has {present[rel]} bytes, {PROVENANCE} recorded {size}")
+    else:
+        problems.append(f"{PROVENANCE} has no files manifest")
+    for what, patterns in REQUIRED_FILES["adapter" if prov.get("weights") == "adapter" else "full"]:
+        if not any(fnmatch.fnmatch(rel, pat) for rel in present for pat in patterns):
+            problems.append(f"{what} ({' or '.join(patterns)}) is missing")
+    if problems:
+        raise ModelIncomplete(f"the model directory {output_dir} is incomplete on the driver: "
+                              + "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10
+                                                            else ""))
+    return prov
 
 
 # ---------------------------------------------------------------------------------------------

@@ -248,7 +248,22 @@ def output_dir_for(cfg: Config) -> str:
         return _require_file_path(cfg.train.output_dir, "train.output_dir")
     shard_dir = shard_io.resolve_shard_dir(cfg.train.shard_dir or shards_root(cfg))
     sha = shard_io.manifest_sha256(shard_dir)
-    return _require_file_path(default_output_dir(cfg, sha), "train.output_dir")
+    default = default_output_dir(cfg, sha)
+    if is_uri(default):
+        raise ValueError(f"train.output_dir is empty and its default {redact_uri(default)!r} follows the files "
+                         f"root (tables.warehouse={redact_uri(cfg.tables.warehouse)!r}), a URI; but DeepSpeed "
+                         "checkpoints and the model directory are written as files by the ranks: set "
+                         "train.output_dir to a path every rank and the driver see (on a cluster a mount on "
+                         "every node, declared in tables.shared_mounts; /Volumes/... on Databricks), or put the "
+                         "warehouse itself on such a mount")
+    return _require_file_path(default, "train.output_dir")
+
+
+def checkpoint_dir_for(cfg: Config, out_dir: str) -> str:
+    """The checkpoint directory a run writing ``out_dir`` uses (absolute; replacements may
+    use a sibling of ``out_dir``, which lies on the same mount)."""
+    return _require_file_path(cfg.train.checkpoint_dir or os.path.join(out_dir, "checkpoints"),
+                              "train.checkpoint_dir")
 
 
 def finish(plan: dict, result: dict | None, *, failed: bool = False) -> dict:
