@@ -215,7 +215,8 @@ class TrainConfig:
     # ---- input and output
     shard_dir: str = setting("", doc="a shard directory (manifest.json) or a shards root (LATEST.json); empty: "
                                      "the tokenize job's root, <files root>/shards/<silver>")
-    output_dir: str = setting("", doc="local path or FUSE mount (/Volumes/..., /dbfs/..., NFS) every rank sees. "
+    output_dir: str = setting("", doc="local path or FUSE mount (/Volumes/..., /dbfs/..., NFS) every rank sees, "
+                                      "or an object-store URI (staged locally, then uploaded: see staging_dir). "
                                       "Empty: <files root>/models/<model>-<method>-<first 8 hex of the manifest "
                                       "sha256>")
     checkpoint_dir: str = setting("", doc="empty: <output_dir>/checkpoints (must be a path every rank sees)")
@@ -290,6 +291,9 @@ class TrainConfig:
                                                "importable")
     timeout_minutes: int = setting(30, doc="timeout of collective operations (a hung rank fails the job after "
                                            "this)")
+    staging_dir: str = setting("", doc="a URI output_dir (s3a://...) is trained into a local staging directory "
+                                       "<staging_dir>/<name>-<hash>, then uploaded (the upload manifest last). "
+                                       "Empty: ~/.cache/dollyflow/train-staging")
 
 
 @dataclass
