@@ -55,7 +55,8 @@ def test_pipeline_with_warehouse_shards_and_model_on_s3a(fresh_jvm, s3_server, s
     out = capsys.readouterr()
     first = json.loads(out.out)
     assert first["status"] == "succeeded", out.err[-3000:]
-    assert [j["status"] for j in first["jobs"].values()] == ["changed"] * 5
+    assert {"ingest", "dedupe", "tokenize", "train", "infer"} <= set(first["jobs"])
+    assert {j["status"] for j in first["jobs"].values()} == {"changed"}, first["jobs"].keys()
     for name, job in first["jobs"].items():
         if "backend" in job["summary"]:
             assert job["summary"]["backend"] == "native", (name, job["summary"].get("backend_reason"))
