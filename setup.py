@@ -70,7 +70,7 @@ setup(
         # evaluate.harness_tasks (core/evaluation/harness.py): lm-eval's HF model class on transformers 5
         "harness": ["lm-eval[hf]>=0.4.13,<0.5"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "datasketch>=1.6",
-                "moto[server]>=5",    # a real S3 endpoint on loopback for the object-store tests
+                # the object-store tests run s3proxy (Maven Central, via mvn; dollyflow.testing.s3proxy)
                 "databricks-bundles>=1.22"],  # tests load the bundle's jobs into its Job/Volume classes
     },
     entry_points={

@@ -212,31 +212,55 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+#: The environment variables the s3 fixtures put the test server's keys in (storage.*_env).
+S3_KEY_ENV, S3_SECRET_ENV = "DOLLYFLOW_TEST_S3_ACCESS_KEY", "DOLLYFLOW_TEST_S3_SECRET_KEY"
+S3_TEST_BUCKET = "dollyflow-test"
+
+
 @pytest.fixture(scope="session")
-def s3_bucket():
-    """A real S3 endpoint on loopback (moto's server) with one empty bucket, as a URI factory:
-    ``s3_bucket("s3a", "shards")`` -> ``s3a://key:secret@<bucket>/shards?endpoint_override=...``.
-    The credentials and endpoint travel inside the URI, so Spark's Python workers reach it too."""
-    pytest.importorskip("moto.server", reason="moto[server] is not installed (dev extra)")
-    import logging
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server process for the session: s3proxy (org.gaul:s3proxy from Maven
+    Central, resolved once per machine into ~/.cache/dollyflow by mvn) on a free loopback port,
+    objects under a tmp directory, with one empty bucket (``S3_TEST_BUCKET``); its keys are in
+    ``$DOLLYFLOW_TEST_S3_ACCESS_KEY`` / ``$DOLLYFLOW_TEST_S3_SECRET_KEY``. Stopped at the end; its
+    work directory (log: s3proxy.log, data/) stays under pytest's basetemp. Skips when s3proxy
+    cannot be had (no mvn, no network, nothing cached) unless DOLLYFLOW_REQUIRE_NATIVE=1 (CI)."""
+    from dollyflow.testing.s3proxy import S3Server, resolve
 
-    import boto3
-    from moto.server import ThreadedMotoServer
+    try:
+        jars = resolve()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        if os.environ.get("DOLLYFLOW_REQUIRE_NATIVE") == "1":
+            pytest.fail(f"no S3 server: {exc}")
+        pytest.skip(f"no S3 server: {exc}")
+    server = S3Server(tmp_path_factory.mktemp("s3proxy"), jars).start()
+    try:
+        server.bucket = server.create_bucket(S3_TEST_BUCKET)
+        os.environ[S3_KEY_ENV], os.environ[S3_SECRET_ENV] = server.access_key, server.secret_key
+        yield server
+    finally:
+        server.stop()
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    _, port = server.get_host_and_port()
-    endpoint = f"127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=f"http://{endpoint}", aws_access_key_id="key", aws_secret_access_key="secret",
-                 region_name="us-east-1").create_bucket(Bucket="dollyflow-test")
+
+@pytest.fixture(scope="session")
+def s3_bucket(s3_server):
+    """The test server's bucket as a URI factory with the credentials inside the URI (the old,
+    still supported form): ``s3_bucket("s3a", "shards")`` ->
+    ``s3a://KEY:SECRET@dollyflow-test/shards?endpoint_override=...&scheme=http``."""
+    host = s3_server.endpoint[len("http://"):]
 
     def uri(scheme: str = "s3", prefix: str = "") -> str:
-        return (f"{scheme}://key:secret@dollyflow-test/{prefix.strip('/')}"
-                f"?endpoint_override={endpoint}&scheme=http&region=us-east-1")
+        return (f"{scheme}://{s3_server.access_key}:{s3_server.secret_key}@{S3_TEST_BUCKET}/{prefix.strip('/')}"
+                f"?endpoint_override={host}&scheme=http&region=us-east-1")
 
-    yield uri
-    server.stop()
+    return uri
+
+
+@pytest.fixture(scope="session")
+def s3_storage(s3_server) -> list[str]:
+    """Config overrides pointing the ``storage:`` section at the test server (keys by env name)."""
+    return [f"storage.endpoint={s3_server.endpoint}", "storage.region=us-east-1", "storage.path_style=true",
+            f"storage.access_key_env={S3_KEY_ENV}", f"storage.secret_key_env={S3_SECRET_ENV}"]
 
 
 # Two short sample records the tiny Dolly model memorises (answers, then "### End").

@@ -22,10 +22,11 @@ import sys
 import time
 
 from dollyflow.config import ConfigError, available, describe, load_config
+from dollyflow.core import object_store
 from dollyflow.engine.delta import BackendError
 from dollyflow.engine.delta.legacy_log import UPGRADE_COMMAND, UpgradeRefused, legacy_tables, upgrade_log
 from dollyflow.engine.delta.refs import schema_location
-from dollyflow.engine.session import get_session
+from dollyflow.engine.session import session_for
 from dollyflow.jobs import ORDER as JOBS
 from dollyflow.jobs import job_module
 from dollyflow.pipeline import rebuild_report, run_pipeline
@@ -88,9 +89,10 @@ def run_job(name: str, argv: list[str] | None = None) -> int:
         return 2
     module = job_module(name)
     if getattr(args, "no_spark", False):
+        object_store.activate(cfg.storage)     # storage: for the ranks' s3:// reads and the upload
         print_summary(module.run_without_spark(cfg))
         return 0
-    spark = get_session(cfg.spark)
+    spark = session_for(cfg)
     t0 = time.time()
     try:
         summary = module.run(cfg, spark)

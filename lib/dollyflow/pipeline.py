@@ -38,7 +38,7 @@ from dollyflow.core.shards import read_manifest
 from dollyflow.core.storage import absolute, is_uri, write_bytes
 from dollyflow.core.training.base import base_dir_for, write_base_model
 from dollyflow.engine.delta import BackendError, DeltaStore
-from dollyflow.engine.session import get_session
+from dollyflow.engine.session import session_for
 from dollyflow.jobs import installed, job_module
 from dollyflow.quickstart import prepare_inputs
 from dollyflow.report.gather import build_report
@@ -183,7 +183,7 @@ def run_pipeline(overrides: list[str], *, preset: str | None = None, env: str | 
         return 2
 
     t_start = time.time()
-    spark = get_session(cfg.spark)
+    spark = session_for(cfg)
     try:
         store = DeltaStore(spark, cfg.tables)
     except BackendError as exc:          # a clear message saying what to do, not a stack trace
@@ -310,7 +310,7 @@ def rebuild_report(overrides: list[str], *, preset: str | None = None, env: str 
     except FileNotFoundError as exc:
         print(f"dollyflow report: {exc}", file=sys.stderr)
         return 2
-    path = build_report(get_session(cfg.spark), cfg, record, out=out)
+    path = build_report(session_for(cfg), cfg, record, out=out)
     if as_json:
         print(json.dumps({"run_id": record["run_id"], "report": path}), flush=True)
     else:

@@ -145,3 +145,61 @@ def test_write_atomic_failing_before_the_rename_leaves_no_temp_file(tmp_path, mo
     with pytest.raises(OSError, match="fsync failed"):
         storage.write_atomic(str(target), b"new")
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+# -- the storage: section against a real S3-compatible server (s3proxy) ------------------------
+
+@pytest.fixture
+def s3_settings(s3_storage, monkeypatch):
+    """The storage: section pointed at the test server, active in this process for one test."""
+    from dollyflow.config import load_config
+    from dollyflow.core import object_store
+
+    monkeypatch.delenv(object_store.ENV, raising=False)
+    storage.__dict__["_s3"].cache_clear()
+    cfg = load_config("", s3_storage)
+    yield object_store.activate(cfg.storage)
+    monkeypatch.delenv(object_store.ENV, raising=False)
+
+
+def test_s3_paths_use_the_configured_endpoint_and_keys(s3_settings, s3_server):
+    """Without credentials in the URI, s3:// and s3a:// reach the server through storage:."""
+    base = f"s3a://{s3_server.bucket}/config-storage"
+    storage.write_atomic(storage.join(base, "a", "x.txt"), b"one")
+    assert storage.read_bytes(f"s3://{s3_server.bucket}/config-storage/a/x.txt") == b"one"
+    assert storage.list_dir(base) == [("a", True)]
+    storage.remove_dir(storage.join(base, "a"), under=base)
+    assert not storage.exists(storage.join(base, "a", "x.txt"))
+
+
+def test_delta_rs_uses_the_same_settings(s3_settings, s3_server):
+    import pyarrow as pa
+    from deltalake import DeltaTable, write_deltalake
+
+    from dollyflow.core.object_store import storage_options
+
+    path = f"s3a://{s3_server.bucket}/config-delta/t"
+    write_deltalake(path, pa.table({"x": [1, 2]}), storage_options=storage_options(path))
+    write_deltalake(path, pa.table({"x": [3]}), mode="append", storage_options=storage_options(path))
+    dt = DeltaTable(path, storage_options=storage_options(path))
+    assert dt.version() == 1 and sorted(dt.to_pyarrow_table()["x"].to_pylist()) == [1, 2, 3]
+    assert storage.exists(f"{path}/_delta_log/00000000000000000001.json")    # pyarrow sees delta-rs' files
+
+
+def test_a_missing_key_variable_is_named(monkeypatch):
+    from dollyflow.config import load_config
+    from dollyflow.core import object_store
+
+    cfg = load_config("", ["storage.endpoint=http://127.0.0.1:1", "storage.access_key_env=NO_SUCH_KEY_VAR_X"])
+    monkeypatch.delenv("NO_SUCH_KEY_VAR_X", raising=False)
+    with pytest.raises(ValueError, match="storage.access_key_env: the environment variable NO_SUCH_KEY_VAR_X"):
+        object_store.pyarrow_options(object_store.settings_of(cfg.storage))
+
+
+def test_storage_endpoint_with_credentials_is_refused():
+    from dollyflow.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="storage.endpoint"):
+        load_config("", ["storage.endpoint=http://KEY:SECRET@host:9000"])
+    with pytest.raises(ConfigError, match="storage.secret_key_env"):
+        load_config("", ["storage.secret_key_env=not a name"])

@@ -16,7 +16,7 @@ from dollyflow.config.schema import Config
 #: The top-level keys a layer may set (``job`` is the command's, never a layer's).
 TOP_LEVEL = ("run_id", "preset", "env")
 #: The sections every job reads.
-SHARED_SECTIONS = ("spark", "tables")
+SHARED_SECTIONS = ("spark", "tables", "storage")
 #: The sections each job reads besides the shared ones (train finds its shards through
 #: tokenize.output_dir; tokenize and infer tokenize with the model's tokenizer).
 JOB_SECTIONS = {

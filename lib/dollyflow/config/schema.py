@@ -222,7 +222,8 @@ class TrainConfig:
     # ---- input and output
     shard_dir: str = setting("", doc="a shard directory (manifest.json) or a shards root (LATEST.json); empty: "
                                      "the tokenize job's root, <files root>/shards/<silver>")
-    output_dir: str = setting("", doc="local path or FUSE mount (/Volumes/..., /dbfs/..., NFS) every rank sees. "
+    output_dir: str = setting("", doc="local path or FUSE mount (/Volumes/..., /dbfs/..., NFS) every rank sees, "
+                                      "or an object-store URI (staged locally, then uploaded: see staging_dir). "
                                       "Empty: <files root>/models/<model>-<method>-<first 8 hex of the manifest "
                                       "sha256>")
     checkpoint_dir: str = setting("", doc="empty: <output_dir>/checkpoints (must be a path every rank sees)")
@@ -297,6 +298,9 @@ class TrainConfig:
                                                "importable")
     timeout_minutes: int = setting(30, doc="timeout of collective operations (a hung rank fails the job after "
                                            "this)")
+    staging_dir: str = setting("", doc="a URI output_dir (s3a://...) is trained into a local staging directory "
+                                       "<staging_dir>/<name>-<hash>, then uploaded (the upload manifest last). "
+                                       "Empty: ~/.cache/dollyflow/train-staging")
 
 
 @dataclass
@@ -438,6 +442,28 @@ class EvaluateConfig:
 
 
 @dataclass
+class StorageConfig:
+    """storage: the object store (S3 or an S3-compatible server: MinIO, s3proxy, Ceph...) behind
+    s3:// and s3a:// paths, one place for every client: Spark's s3a (fs.s3a.* on the local session;
+    on spark-submit give the same as --conf spark.hadoop.fs.s3a.*), pyarrow (shards, models) and
+    delta-rs (the offline backend). Secrets are never config values: the *_env keys name the
+    environment variables holding them. Empty endpoint: each client's defaults (AWS, the
+    instance profile)."""
+    endpoint: str = setting("", doc="the S3 endpoint URL, e.g. http://minio:9000 (http:// turns TLS off); empty: "
+                                    "AWS with each client's default credentials")
+    region: str = setting("", doc="the region to sign for; empty: us-east-1")
+    path_style: bool = setting(True, doc="path-style requests (http://host/bucket/key), as most S3-compatible "
+                                         "servers want; false: virtual-hosted style (bucket.host)")
+    access_key_env: str = setting("AWS_ACCESS_KEY_ID", doc="the environment variable holding the access key")
+    secret_key_env: str = setting("AWS_SECRET_ACCESS_KEY", doc="the environment variable holding the secret key")
+    hadoop_aws: str = setting("auto", doc="local only: the hadoop-aws jar Spark's s3a:// needs. auto: "
+                                          "org.apache.hadoop:hadoop-aws at the version of pyspark's bundled Hadoop, "
+                                          "added when the warehouse or a path is s3a:// (resolved like Delta's jars, "
+                                          "once per machine; it pulls the AWS SDK bundle, about 700 MB); off; or "
+                                          "Maven coordinates")
+
+
+@dataclass
 class Config:
     """The whole configuration: the run's identity, the layers chosen, and one section per part."""
     job: str = setting("", doc="the job being run (set by the command, not by a layer)")
@@ -456,6 +482,7 @@ class Config:
     train: TrainConfig = setting(factory=TrainConfig, doc=TrainConfig.__doc__)
     infer: InferConfig = setting(factory=InferConfig, doc=InferConfig.__doc__)
     evaluate: EvaluateConfig = setting(factory=EvaluateConfig, doc=EvaluateConfig.__doc__)
+    storage: StorageConfig = setting(factory=StorageConfig, doc=StorageConfig.__doc__)
 
     def to_dict(self) -> dict[str, Any]:
         """Every key and value, secrets included: for this process only. What is written or

@@ -52,6 +52,7 @@ def validate(cfg: Config) -> None:
         if not isinstance(m, str) or "://" in m or m.startswith("dbfs:") or not m.startswith("/"):
             raise ConfigError(f"tables.shared_mounts: {m!r} is not an absolute local path (a mount point every "
                               "node sees, e.g. /mnt/shared; URIs are shared already)")
+    check_storage(cfg.storage)
     if cfg.ingest.format not in ("auto", "json", "csv", "parquet"):
         raise ConfigError(f"ingest.format: {cfg.ingest.format!r} is not one of auto, json, csv, parquet")
     bad = set(cfg.ingest.field_map) - {"instruction", "context", "response", "category"}
@@ -230,3 +231,20 @@ def validate_train(t: TrainConfig) -> None:
             raise ConfigError(f"train.{key}: {v!r} must be in [0, 1)")
     if t.method == "lora" and not t.lora_target_modules:
         raise ConfigError("train.lora_target_modules: empty; LoRA needs at least one module name")
+
+
+def check_storage(st) -> None:
+    """storage: an endpoint is a URL (http:// or https://, or host[:port]); the *_env keys are
+    environment variable names; hadoop_aws is auto, off or Maven coordinates."""
+    ep = st.endpoint
+    if ep and (any(c.isspace() for c in ep) or ("://" in ep and not ep.startswith(("http://", "https://")))
+               or "@" in ep):
+        raise ConfigError(f"storage.endpoint: {ep!r} is not an http(s):// URL or host[:port] (credentials never go "
+                          "here: set storage.access_key_env / storage.secret_key_env)")
+    for key in ("access_key_env", "secret_key_env"):
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", getattr(st, key)):
+            raise ConfigError(f"storage.{key}: {getattr(st, key)!r} is not an environment variable name")
+    if st.hadoop_aws not in ("auto", "off"):
+        bad = [c for c in st.hadoop_aws.split(",") if not _COORDINATE.match(c.strip())]
+        if bad:
+            raise ConfigError(f"storage.hadoop_aws: {st.hadoop_aws!r} is not auto, off or Maven coordinates")

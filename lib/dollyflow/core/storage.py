@@ -5,13 +5,18 @@ through these helpers, so a local path, a FUSE mount (``/dbfs``, ``/Volumes``) a
 filesystem URI (``s3://``, ``gs://``, ``abfss://``, ``hdfs://``, ``file://``) behave the same.
 
 Spark-style spellings are accepted too: ``s3a://`` and ``s3n://`` are read as ``s3://`` (same
-bucket and key; pyarrow uses the AWS default credential chain, e.g. the cluster's instance
-profile), and ``dbfs:/path`` is read through Databricks' FUSE mount ``/dbfs/path`` (so it works
+bucket and key). An S3 URI reaches the endpoint and credentials of the ``storage:`` config section
+when one is set (:mod:`~dollyflow.core.object_store`), else pyarrow's defaults (the AWS default
+credential chain, e.g. the cluster's instance profile); a URI that carries its own
+(``s3://KEY:SECRET@bucket/p?endpoint_override=...``) keeps them.
+``dbfs:/path`` is read through Databricks' FUSE mount ``/dbfs/path`` (so it works
 on Databricks only, and says so elsewhere).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import os
 import posixpath
 import shutil
@@ -19,6 +24,8 @@ import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
+
+from dollyflow.core import object_store
 
 
 #: Mount points that every node of a Databricks cluster sees (Unity Catalog Volumes, DBFS,
@@ -52,9 +59,18 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or a URI (s3://, s3a://, gs://, abfss://,
     hdfs://, file://, dbfs:/)."""
     uri = native(uri)
+    settings = object_store.active()
+    if settings is not None and uri.startswith("s3://") and "?" not in uri and "@" not in uri.split("/")[2]:
+        # the configured endpoint and credentials (storage:); a URI carrying its own wins
+        return _s3(json.dumps(settings, sort_keys=True)), uri[len("s3://"):].rstrip("/")
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+@functools.lru_cache(maxsize=4)
+def _s3(settings: str) -> pafs.S3FileSystem:
+    return pafs.S3FileSystem(**object_store.pyarrow_options(json.loads(settings)))
 
 
 def absolute(path: str) -> str:

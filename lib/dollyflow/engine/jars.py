@@ -139,3 +139,28 @@ def announce(packages: Packages, conf: dict[str, str]) -> None:
         print(f"dollyflow: resolving {', '.join(packages.coordinates)} from Maven Central into {ivy_dir(conf)} "
               "(first use on this machine: about 90 MB, once; later sessions start from the cache)",
               file=sys.stderr, flush=True)
+
+
+def bundled_hadoop_version() -> str | None:
+    """The Hadoop version of pyspark's own jars (``hadoop-client-api-<version>.jar``); None when
+    pyspark ships none (a pyspark without Hadoop)."""
+    import pyspark
+
+    for jar in sorted((Path(pyspark.__file__).parent / "jars").glob("hadoop-client-api-*.jar")):
+        return jar.name[len("hadoop-client-api-"):-len(".jar")]
+    return None
+
+
+def hadoop_aws_packages(setting: str, needed: bool) -> tuple[list[str], str]:
+    """(coordinates, why) of the jars Spark's ``s3a://`` needs (``storage.hadoop_aws``): ``auto``
+    adds ``org.apache.hadoop:hadoop-aws`` at pyspark's Hadoop version when ``needed`` (a path is
+    s3a://; its AWS SDK bundle comes along, about 700 MB on first use); ``off`` nothing;
+    anything else is used as the coordinates."""
+    if setting == "off" or (setting == "auto" and not needed):
+        return [], f"storage.hadoop_aws={setting}"
+    if setting != "auto":
+        return [c.strip() for c in setting.split(",") if c.strip()], f"storage.hadoop_aws={setting}"
+    version = bundled_hadoop_version()
+    if version is None:
+        return [], "storage.hadoop_aws=auto: pyspark ships no hadoop-client-api jar to match; set the coordinates"
+    return [f"org.apache.hadoop:hadoop-aws:{version}"], f"storage.hadoop_aws=auto: Hadoop {version} (pyspark's)"

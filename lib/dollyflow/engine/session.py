@@ -20,8 +20,9 @@ import threading
 from collections import deque
 from pathlib import Path
 
-from dollyflow.config import SparkConfig, on_databricks
-from dollyflow.engine.jars import announce, merged_packages, plan_packages
+from dollyflow.config import Config, SparkConfig, StorageConfig, on_databricks
+from dollyflow.core import object_store
+from dollyflow.engine.jars import announce, cached_jar, hadoop_aws_packages, merged_packages, plan_packages
 
 #: What the last local session start did about Delta's jars (None: no local start yet).
 _DELTA_JARS_NOTE: str | None = None
@@ -89,11 +90,35 @@ def _package_root() -> str:
     return str(Path(__file__).resolve().parents[2])  # .../lib, the directory holding dollyflow/
 
 
-def get_session(cfg: SparkConfig | None = None):
-    """The SparkSession to use: the active one if any, else a new one for where we are."""
+def uses_s3a(cfg: Config) -> bool:
+    """Whether the warehouse or any path of the config is an ``s3a://`` URI."""
+    def strings(v):
+        if isinstance(v, str):
+            yield v
+        elif isinstance(v, dict):
+            for x in v.values():
+                yield from strings(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                yield from strings(x)
+    return any(s.startswith("s3a://") for s in strings(cfg.to_dict()))
+
+
+def session_for(cfg: Config):
+    """:func:`get_session` for a job's whole config: its ``spark:`` section, its ``storage:``
+    settings, and hadoop-aws when a path is ``s3a://``."""
+    return get_session(cfg.spark, storage=cfg.storage, s3a=uses_s3a(cfg))
+
+
+def get_session(cfg: SparkConfig | None = None, storage: StorageConfig | None = None, s3a: bool = False):
+    """The SparkSession to use: the active one if any, else a new one for where we are.
+    ``storage``: the object store's settings, made this process's (and a local session's workers')
+    (:func:`~dollyflow.core.object_store.activate`) and given to a local session as ``fs.s3a.*``;
+    ``s3a``: a local session also gets hadoop-aws (``storage.hadoop_aws``)."""
     from pyspark.sql import SparkSession
 
     cfg = cfg or SparkConfig()
+    object_store.activate(storage)
     active = SparkSession.getActiveSession()
     if active is not None:
         _register_offline_delta(active)
@@ -102,10 +127,10 @@ def get_session(cfg: SparkConfig | None = None):
         spark = SparkSession.builder.appName(cfg.app_name).getOrCreate()
         _register_offline_delta(spark)
         return spark
-    return _local_session(cfg)
+    return _local_session(cfg, storage or StorageConfig(), s3a)
 
 
-def _local_session(cfg: SparkConfig):
+def _local_session(cfg: SparkConfig, storage: StorageConfig | None = None, s3a: bool = False):
     from pyspark import SparkContext
     from pyspark.sql import SparkSession
 
@@ -135,10 +160,14 @@ def _local_session(cfg: SparkConfig):
         "spark.python.worker.reuse": "true",
         "spark.driver.host": "127.0.0.1",
         "spark.driver.bindAddress": "127.0.0.1",
-        **cfg.conf,
     }
+    s3 = object_store.settings_of(storage)
+    if s3 is not None:   # s3a:// with storage:'s endpoint and keys; the workers read $DOLLYFLOW_S3
+        settings.update(object_store.hadoop_conf(s3))
+        settings["spark.executorEnv." + object_store.ENV] = os.environ[object_store.ENV]
+    settings.update(cfg.conf)
     if SparkContext._active_spark_context is None:
-        settings = _start_jvm(cfg, settings)
+        settings = _start_jvm(cfg, settings, hadoop_aws_packages((storage or StorageConfig()).hadoop_aws, s3a))
     builder = SparkSession.builder
     for k, v in settings.items():
         builder = builder.config(k, v)
@@ -148,7 +177,8 @@ def _local_session(cfg: SparkConfig):
     return spark
 
 
-def _start_jvm(cfg: SparkConfig, settings: dict[str, str]) -> dict[str, str]:
+def _start_jvm(cfg: SparkConfig, settings: dict[str, str],
+               extra: tuple[list[str], str] = ([], "")) -> dict[str, str]:
     """Launch the driver JVM and its SparkContext with Delta's jars when they can be had (see
     :mod:`~dollyflow.engine.jars`); if the JVM cannot start with them (a failed resolution), start
     it without them and record why. Returns the settings the session got."""
@@ -157,6 +187,10 @@ def _start_jvm(cfg: SparkConfig, settings: dict[str, str]) -> dict[str, str]:
 
     _drop_stopped_gateway()
     packages = plan_packages(cfg.delta_packages, dict(cfg.conf))
+    if extra[0]:   # hadoop-aws for s3a://
+        packages.coordinates += [c for c in extra[0] if c not in packages.coordinates]
+        packages.download = packages.download or not all(cached_jar(c, dict(cfg.conf)) for c in extra[0])
+        packages.reason += f"; {extra[1]}"
     plain = dict(settings)
     if packages.coordinates:
         settings = {**settings, **packages.conf, "spark.jars.packages": merged_packages(dict(cfg.conf), packages)}

@@ -23,15 +23,18 @@ same run on this machine's ranks with torchrun and no Delta row (``dollyflow tra
 """
 from __future__ import annotations
 
+import copy
 import os
 import time
 from datetime import datetime, timezone
 
-from dollyflow.config import Config, redact
+from dollyflow.config import Config, redact, redact_uri
+from dollyflow.core.storage import check_reachable, is_uri, join
+from dollyflow.core.training import model_dir, remote
 from dollyflow.core.training.lease import Lease
-from dollyflow.core.storage import check_reachable
 from dollyflow.core.training.model_dir import verify_complete
-from dollyflow.core.training.prepare import checkpoint_dir_for, finish, output_dir_for, prepare
+from dollyflow.core.training.prepare import (OutputConflict, checkpoint_dir_for, finish, identify, output_dir_for,
+                                             prepare, remote_output)
 from dollyflow.core.training.spec import TrainSpec
 from dollyflow.engine.delta import DeltaStore
 from dollyflow.engine.session import master_of
@@ -100,7 +103,80 @@ def run_training(cfg: Config, spark=None, *, fn: str = DEFAULT_FN) -> dict:
     ``train_runs`` row). ``fn`` is the per-rank function (``module:function``),
     :func:`~dollyflow.core.training.loop.train_main` unless a caller wraps it. The output
     directory's lease is held throughout: a second train job for the same directory fails at
-    once, naming this run."""
+    once, naming this run. An object-store output directory is trained in a local staging
+    directory and uploaded (:func:`run_to_uri`)."""
+    uri = remote_output(cfg)
+    if uri is not None:
+        return run_to_uri(cfg, uri, spark, fn=fn)
+    return _run_local(cfg, spark, fn=fn)
+
+
+def run_to_uri(cfg: Config, uri: str, spark=None, *, fn: str = DEFAULT_FN) -> dict:
+    """Train for an output directory on an object store (:mod:`~dollyflow.core.training.remote`):
+    the model the URI holds already (its upload manifest of the same fingerprint) is a no-op; one
+    of another fingerprint fails unless ``train.overwrite``; else the ranks train in the staging
+    directory (resuming from its checkpoints), the driver uploads it with the manifest last and
+    verifies every uploaded file before reporting the URI."""
+    t = cfg.train
+    if t.checkpoint_dir:
+        raise ValueError(f"train.checkpoint_dir: {redact_uri(t.checkpoint_dir)!r} cannot be set with an object-store "
+                         f"train.output_dir ({redact_uri(uri)}): checkpoints are staged with the model and uploaded "
+                         "to <output_dir>/checkpoints; leave it empty")
+    if t.launcher != "torchrun" and not t.local_mode:
+        raise ValueError(f"train.output_dir {redact_uri(uri)} is an object-store URI: the model is staged on the "
+                         "driver's disk and uploaded from there, so the ranks must run on the driver "
+                         "(train.local_mode=true); for ranks on executors give a train.output_dir on a mount "
+                         "every node sees")
+    t0 = time.time()
+    ident = identify(cfg)
+    fp = ident["fingerprint"]["sha256"]
+    staging = remote.staging_dir(uri, t.staging_dir)
+    held = remote.published(uri)
+    if held is not None and held.get("fingerprint") == fp:
+        prov = model_dir.read_provenance(uri) or {}
+        summary = {"job": "train", "run_id": cfg.run_id, "skipped": True, "decision": "skip",
+                   "shard_dir": ident["shard_dir"], "manifest_sha256": ident["manifest_sha256"],
+                   "source_table": ident["source"].get("table", ""), "source_version": ident["source"].get("version"),
+                   "output_dir": uri, "checkpoint_dir": join(uri, "checkpoints"), "method": t.method,
+                   "launcher": ident["launcher"], "processes": ident["processes"], "model": cfg.model.name,
+                   "fingerprint": fp, "lease_taken_over_from": None, "staging_dir": staging}
+        summary.update(_metrics_summary(prov.get("metrics", {})), mlflow_run_id=prov.get("mlflow_run_id"),
+                       resumed_from=None, started_at=t0, job_seconds=round(time.time() - t0, 2),
+                       message=f"{redact_uri(uri)} already holds this model (same manifest and training config): "
+                               "nothing to do")
+        print(f"[dollyflow train] {summary['message']}", flush=True)
+        return summary
+    if held is not None and not t.overwrite:
+        old = model_dir.read_provenance(uri) or {}
+        diff = model_dir.differences(old.get("fingerprint", {}).get("fields", {}), ident["fingerprint"]["fields"])
+        raise OutputConflict(f"{redact_uri(uri)} holds a model trained with a different fingerprint "
+                             f"({'; '.join(diff) or held.get('fingerprint')}); set train.overwrite=true to replace "
+                             "it, or choose another train.output_dir")
+    remote.prepare_staging(uri, staging, fp)
+    local = copy.deepcopy(cfg)
+    local.train.output_dir = staging
+    summary = _run_local(local, spark, fn=fn)
+    print(f"[dollyflow train] uploading {staging} to {redact_uri(uri)}", flush=True)
+    t1 = time.time()
+    manifest = remote.publish(staging, uri, fp)
+    remote.check_published(uri, fp)
+    ckpt = summary.get("checkpoint_dir")
+    if ckpt and os.path.normpath(ckpt).startswith(os.path.normpath(staging) + os.sep):
+        ckpt = join(uri, os.path.relpath(ckpt, staging))
+    summary.update(output_dir=uri, checkpoint_dir=ckpt, staging_dir=staging, uploaded_files=len(manifest["files"]),
+                   upload_seconds=round(time.time() - t1, 2), replaced=summary.get("replaced") or bool(held),
+                   adapter_dir=_remote_path(summary.get("adapter_dir"), staging, uri))
+    return summary
+
+
+def _remote_path(path: str | None, staging: str, uri: str) -> str | None:
+    if not path or is_uri(path):
+        return path
+    rel = os.path.relpath(path, staging)
+    return path if rel.startswith("..") else join(uri, rel)
+
+
+def _run_local(cfg: Config, spark=None, *, fn: str = DEFAULT_FN) -> dict:
     t0 = time.time()
     if spark is not None:
         check_rank_paths(cfg, master_of(spark))

@@ -43,6 +43,7 @@ import pyarrow.fs as pafs
 
 from dollyflow.config import redact_uri
 from dollyflow.core.storage import filesystem
+from dollyflow.core.training.remote import UPLOAD_MANIFEST
 
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "dbfs:/databricks/mlflow")
 _HUB_NAME = re.compile(r"(?P<org>[A-Za-z0-9][\w.-]*)/(?P<name>[A-Za-z0-9_][\w.-]*)(?:@(?P<revision>[\w.-]+))?")
@@ -118,6 +119,12 @@ def listing(source: str) -> tuple[object, str, list[tuple[str, int, int]]]:
                    for i in infos if i.type == pafs.FileType.File)
     if not files:
         raise FileNotFoundError(f"model directory {redact_uri(source)} holds no files")
+    names = {p for p, _, _ in files}
+    if UPLOAD_MANIFEST + ".replacing" in names:
+        raise RuntimeError(f"model directory {redact_uri(source)} is being replaced by a train job's upload: run "
+                           "again once it has finished")
+    if UPLOAD_MANIFEST in names:    # a train job's upload: the model, not its checkpoints
+        files = [f for f in files if not f[0].startswith("checkpoints/") and f[0] != UPLOAD_MANIFEST]
     return fs, root, files
 
 

@@ -170,16 +170,12 @@ def prepare(cfg: Config, *, launcher: str | None = None) -> dict:
     problems = shard_io.verify_shards(shard_dir)
     if problems:
         raise shard_check_error(shard_dir, problems)
-    manifest_sha = shard_io.manifest_sha256(shard_dir)
+    base = identify(cfg, launcher, shard_dir)
+    manifest_sha, fp, processes = base["manifest_sha256"], base["fingerprint"], base["processes"]
     manifest = shard_io.read_manifest(shard_dir)
-    if "train" not in manifest["splits"]:
-        raise ValueError(f"{shard_dir}: the manifest has no train split")
-    processes = resolve_processes(t)
-    out_dir = _require_file_path(t.output_dir or default_output_dir(cfg, manifest_sha), "train.output_dir")
+    out_dir = _require_file_path(base["output_dir"], "train.output_dir")
+    base["output_dir"] = out_dir
     train = asdict(t)
-    fp = model_dir.fingerprint(model_name=cfg.model.name, manifest_sha256=manifest_sha, train=train, processes=processes)
-    base = {"shard_dir": shard_dir, "manifest_sha256": manifest_sha, "output_dir": out_dir,
-            "fingerprint": fp, "processes": processes, "launcher": launcher, "source": manifest.get("source", {})}
 
     # fingerprint first: the same model finished already is a no-op, overwrite or not
     prov = model_dir.read_provenance(out_dir)
@@ -232,6 +228,33 @@ def prepare(cfg: Config, *, launcher: str | None = None) -> dict:
         "checkpoint_dir": ckpt_dir, "fingerprint": fp, "processes": processes, "launcher": launcher})
     return dict(base, decision=decision, spec=spec, mlflow_message=mlflow_msg, vocab=vocab,
                 resume_step=ckpt.step if ckpt else None)
+
+
+def identify(cfg: Config, launcher: str | None = None, shard_dir: str | None = None) -> dict:
+    """What a run of ``cfg`` is, without verifying or writing anything: the shard directory, its
+    manifest's sha256 and source, the processes, the output directory as configured (a URI
+    stays one) and the fingerprint."""
+    t = cfg.train
+    shard_dir = shard_dir or shard_io.resolve_shard_dir(t.shard_dir or shards_root(cfg))
+    manifest_sha = shard_io.manifest_sha256(shard_dir)
+    manifest = shard_io.read_manifest(shard_dir)
+    if "train" not in manifest["splits"]:
+        raise ValueError(f"{shard_dir}: the manifest has no train split")
+    processes = resolve_processes(t)
+    fp = model_dir.fingerprint(model_name=cfg.model.name, manifest_sha256=manifest_sha, train=asdict(t),
+                               processes=processes)
+    return {"shard_dir": shard_dir, "manifest_sha256": manifest_sha, "fingerprint": fp, "processes": processes,
+            "output_dir": t.output_dir or default_output_dir(cfg, manifest_sha), "launcher": launcher or t.launcher,
+            "source": manifest.get("source", {})}
+
+
+def remote_output(cfg: Config) -> str | None:
+    """The output directory when it is an object-store URI (trained in a staging directory and
+    uploaded: :mod:`.remote`), else None."""
+    if cfg.train.output_dir:
+        return cfg.train.output_dir if is_uri(cfg.train.output_dir) else None
+    root = cfg.tables.files_root()
+    return identify(cfg)["output_dir"] if is_uri(root) else None
 
 
 def _read_run_file(out_dir: str) -> dict:

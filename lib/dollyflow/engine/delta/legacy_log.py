@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
 
+from dollyflow.core.object_store import storage_options
 from dollyflow.core.storage import absolute, file_lock, filesystem, join
 from dollyflow.engine.delta.commit import history_meta
 
@@ -197,7 +198,7 @@ def _rewrite(text: str, version: int, table: str) -> str | None:
 def _history_jobs(table: str) -> dict[int, object]:
     """version -> job name, as the offline backend reads the history (top level or userMetadata)."""
     from deltalake import DeltaTable
-    return {int(h["version"]): history_meta(h).get("job") for h in DeltaTable(table).history()}
+    return {int(h["version"]): history_meta(h).get("job") for h in DeltaTable(table, storage_options=storage_options(table)).history()}
 
 
 def _fsync_dir(path: str) -> None:

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from dollyflow.core.object_store import storage_options
 from dollyflow.core.storage import filesystem, join, remove_dir
 from dollyflow.engine.delta.backend import DeltaBackend
 from dollyflow.engine.delta.commit import COMMIT_RETRIES, Commit, commit_options, history_meta
@@ -61,7 +62,7 @@ class OfflineBackend(DeltaBackend):
         where a file has none), less the rows deletion vectors mark deleted."""
         from deltalake import DeltaTable
 
-        dt = DeltaTable(ref.path, version=int(version) if version is not None else None)
+        dt = DeltaTable(ref.path, storage_options=storage_options(ref.path), version=int(version) if version is not None else None)
         actions = pa.table(dt.get_add_actions(flatten=True)).to_pydict()
         total = 0
         for path, n in zip(actions.get("path", []), actions.get("num_records", [])):
@@ -78,7 +79,7 @@ class OfflineBackend(DeltaBackend):
         partition columns: delta-rs's protocol-aware scan (:mod:`~dollyflow.engine.delta.offline_read`)."""
         from deltalake import DeltaTable
 
-        dt = DeltaTable(ref.path, version=int(version) if version is not None else None)
+        dt = DeltaTable(ref.path, storage_options=storage_options(ref.path), version=int(version) if version is not None else None)
         arrow = pa.schema(dt.schema().to_arrow())
         schema = spark_schema(arrow)
         if special_layout(dt):
@@ -166,7 +167,7 @@ class OfflineBackend(DeltaBackend):
             cond = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
             for attempt in range(COMMIT_RETRIES + 1):
                 source = ds.dataset(paths, format="parquet", filesystem=fs, schema=schema)
-                dt = DeltaTable(ref.path)
+                dt = DeltaTable(ref.path, storage_options=storage_options(ref.path))
                 m = dt.merge(source=source.scanner().to_reader(), predicate=cond, source_alias="s",
                              target_alias="t", commit_properties=commit_properties(options))
                 if update:
@@ -200,7 +201,7 @@ class OfflineBackend(DeltaBackend):
             fs, root = filesystem(join(ref.path, folder))
             paths = [f"{root}/{p.rsplit('/', 1)[-1]}" for p, _, _ in files]
             source = ds.dataset(paths, format="parquet", filesystem=fs, schema=schema)
-            write_deltalake(ref.path, source.scanner().to_reader(), mode="overwrite", predicate=predicate,
+            write_deltalake(ref.path, source.scanner().to_reader(), storage_options=storage_options(ref.path), mode="overwrite", predicate=predicate,
                             schema_mode="merge",
                             commit_properties=commit_properties(commit_options(job, run_id, write_id)))
             version, entry = find_commit(ref.path, write_id)
@@ -217,7 +218,7 @@ class OfflineBackend(DeltaBackend):
         from deltalake import DeltaTable
         from deltalake.exceptions import TableNotFoundError
         try:
-            return DeltaTable(ref.path)
+            return DeltaTable(ref.path, storage_options=storage_options(ref.path))
         except TableNotFoundError:
             return None
 

@@ -12,6 +12,7 @@ import time
 
 import pyarrow as pa
 
+from dollyflow.core.object_store import storage_options
 from dollyflow.engine.delta.commit import user_metadata
 
 
@@ -35,7 +36,7 @@ def find_commit(path: str, write_id: str) -> tuple[int, dict]:
     a transaction of ours got, whatever other writers committed before or after it."""
     from deltalake import DeltaTable
 
-    dt = DeltaTable(path)
+    dt = DeltaTable(path, storage_options=storage_options(path))
     for limit in (20, 500, None):
         entries = dt.history(limit)
         for h in entries:
@@ -67,10 +68,10 @@ def _create(path: str, schema: pa.Schema, adds, props) -> bool:
     from deltalake import DeltaTable, Schema
     from deltalake.transaction import create_table_with_add_actions
     try:
-        create_table_with_add_actions(path, Schema.from_arrow(schema), adds, mode="error", commit_properties=props)
+        create_table_with_add_actions(path, Schema.from_arrow(schema), adds, mode="error", storage_options=storage_options(path), commit_properties=props)
         return True
     except Exception:
-        if DeltaTable.is_deltatable(path):
+        if DeltaTable.is_deltatable(path, storage_options=storage_options(path)):
             return False
         raise
 
@@ -86,11 +87,11 @@ def commit_files(path: str, schema: pa.Schema, files: list[tuple[str, int, int]]
 
     adds = _adds(files)
     props = commit_properties(options)
-    if not DeltaTable.is_deltatable(path) and _create(path, schema, adds, props):
+    if not DeltaTable.is_deltatable(path, storage_options=storage_options(path)) and _create(path, schema, adds, props):
         return
     if not adds and not overwrite:
         return  # nothing written: no new version
-    table = DeltaTable(path)
+    table = DeltaTable(path, storage_options=storage_options(path))
     check_plain_layout(table)
     _add_new_columns(table, schema, allowed=evolve or overwrite)
     table.create_write_transaction(adds, mode="overwrite" if overwrite else "append", schema=schema,
@@ -140,12 +141,12 @@ def append_if_unchanged(path: str, schema: pa.Schema, files: list[tuple[str, int
         if _create(path, schema, adds, props):
             return 0
         raise TableMoved(f"{path}: created by another writer")
-    check_plain_layout(DeltaTable(path, version=int(base)))
+    check_plain_layout(DeltaTable(path, storage_options=storage_options(path), version=int(base)))
     try:
-        DeltaTable(path, version=int(base)).create_write_transaction(adds, mode="append", schema=schema,
+        DeltaTable(path, storage_options=storage_options(path), version=int(base)).create_write_transaction(adds, mode="append", schema=schema,
                                                                      commit_properties=props)
     except CommitFailedError:
-        if DeltaTable(path).version() > int(base):
+        if DeltaTable(path, storage_options=storage_options(path)).version() > int(base):
             raise TableMoved(f"{path}: version {int(base) + 1} was committed by another writer") from None
         raise
     return int(base) + 1

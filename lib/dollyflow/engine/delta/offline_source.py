@@ -21,6 +21,7 @@ from pyspark.sql.datasource import (DataSource, DataSourceArrowWriter, DataSourc
                                     InputPartition, WriterCommitMessage)
 from pyspark.sql.types import StructType
 
+from dollyflow.core.object_store import storage_options
 from dollyflow.core.storage import filesystem
 from dollyflow.engine.delta.offline_commits import commit_files
 from dollyflow.engine.delta.offline_read import scan, special_layout
@@ -61,7 +62,7 @@ class DeltaRsReader(DataSourceReader):
         target = arrow_schema(self.schema)
         if isinstance(partition, _ScanPartition):
             from deltalake import DeltaTable
-            table = scan(DeltaTable(partition.table, version=partition.version))
+            table = scan(DeltaTable(partition.table, storage_options=storage_options(partition.table), version=partition.version))
             for batch in table.to_batches(max_chunksize=8192):
                 yield pa.RecordBatch.from_arrays(
                     [batch.column(name).cast(field.type) if name in batch.schema.names
@@ -154,7 +155,7 @@ class DeltaRsDataSource(DataSource):
     def _table(self):
         from deltalake import DeltaTable
         version = self.options.get("versionAsOf")
-        return DeltaTable(self._path(), version=int(version) if version is not None else None)
+        return DeltaTable(self._path(), storage_options=storage_options(self._path()), version=int(version) if version is not None else None)
 
     def schema(self) -> StructType:
         return spark_schema(pa.schema(self._table().schema().to_arrow()))
