@@ -53,8 +53,6 @@ def job_parser(prog: str, kind: str = "job") -> argparse.ArgumentParser:
         p.add_argument("--describe", action="store_true",
                        help="print every key of the job's sections with its documentation and default")
     if kind == "trace":
-        p.add_argument("target", nargs="?", metavar="record_id|source_file:line",
-                       help="a record id (bronze.record_id) or a line of an input file as given to ingest")
         p.add_argument("--model", help="list the raw files and line ranges behind this model directory instead")
     if kind in ("pipeline", "report", "trace"):
         p.add_argument("--json", action="store_true", help="print one JSON document (the run record) on stdout")
@@ -64,7 +62,12 @@ def job_parser(prog: str, kind: str = "job") -> argparse.ArgumentParser:
     if kind == "report":
         p.add_argument("--run-id", help="the pipeline run to report on (default: the newest)")
         p.add_argument("--out", help="write the HTML here instead of <files root>/reports/<run id>.html")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    if kind == "trace":
+        p.add_argument("overrides", nargs="*", metavar="record_id|source_file:line [section.key=value]",
+                       help="first (without --model): a record id (bronze.record_id) or a line of an input file "
+                            "as given to ingest; then the overrides")
+    else:
+        p.add_argument("overrides", nargs="*", metavar="section.key=value")
     return p
 
 
@@ -137,16 +140,14 @@ def quickstart(argv: list[str]) -> int:
 def trace(argv: list[str]) -> int:
     """``dollyflow trace``: one record through every stage, or the raw lines behind a model
     (:mod:`dollyflow.engine.trace`); an unknown record, line or model exits with status 2."""
-    a = job_parser("dollyflow trace", "trace").parse_args(argv)
-    overrides = list(a.overrides)
-    if a.model and a.target is not None:      # with --model every positional is an override
-        overrides.insert(0, a.target)
-    if not a.model and not a.target:
+    a = job_parser("dollyflow trace", "trace").parse_intermixed_args(argv)
+    overrides = list(a.overrides)      # with --model every positional is an override
+    if not a.model and not overrides:
         print("dollyflow trace: give a record id, <source_file>:<line> or --model <dir>", file=sys.stderr)
         return 2
     try:
+        target = None if a.model else parse_target(overrides.pop(0))
         cfg = load_config("trace", overrides, preset=a.preset, env=a.env, conf=a.conf)
-        target = None if a.model else parse_target(a.target)
     except (ConfigError, TraceError) as exc:
         print(f"dollyflow trace: {exc}", file=sys.stderr)
         return 2

@@ -149,15 +149,21 @@ def test_quarantine_duplicate_repeat_and_unknown(spark, project, capsys):
     assert t["quarantine"][0]["raw"].startswith('{"instruction": "broken')
     code, text, _ = _run(capsys, project, f"{data}:42")
     assert code == 0 and "quarantined  " in text and "malformed_json" in text
-    # the case-changed copy of line 1: removed by dedupe as an exact duplicate of line 1's record
-    t = _json(capsys, project, f"{data}:43")
-    assert t["record_id"] == _record_of(lines[42])
+    # line 1 and its case-changed copy (line 43): an exact pair; dedupe kept one (same ingest time: the
+    # smaller record id) and removed the other as its duplicate
+    pair = {1: _json(capsys, project, f"{data}:1"), 43: _json(capsys, project, f"{data}:43")}
+    assert pair[43]["record_id"] == _record_of(lines[42]) and pair[1]["record_id"] == _record_of(lines[0])
+    [(gone, t)] = [(n, p) for n, p in pair.items() if p["dedupe"]["status"] == "duplicate"]
+    kept = 1 if gone == 43 else 43
     d = t["dedupe"]
-    assert (d["status"], d["kind"], d["duplicate_of"], d["similarity"]) == ("duplicate", "exact", _record_of(lines[0]), 1.0)
-    assert d["survivor_source"] == {"source_file": str(data), "source_line": 1}
+    assert (d["kind"], d["duplicate_of"], d["similarity"]) == ("exact", pair[kept]["record_id"], 1.0)
+    assert d["survivor_source"] == {"source_file": str(data), "source_line": kept}
     assert t["models"] == [] and t["tokenize"]["status"].startswith("not in tokenized")
-    survivor = _json(capsys, project, _record_of(lines[0]))
-    assert [x["record_id"] for x in survivor["dedupe"]["duplicates"]] == [_record_of(lines[42])]
+    assert t["filter"]["status"] == "no filter run" and t["predictions"] == []
+    assert pair[kept]["dedupe"]["status"] == "survivor"
+    assert [x["record_id"] for x in pair[kept]["dedupe"]["duplicates"]] == [t["record_id"]]
+    code, text, _ = _run(capsys, project, f"{data}:{gone}")
+    assert code == 0 and f"removed: exact duplicate of {pair[kept]['record_id']}" in text
     # line 44 repeats line 2: the same record, stored once, from line 2
     t = _json(capsys, project, f"{data}:44")
     assert t["record_id"] == _record_of(lines[1]) and t["repeat_of"]["source_line"] == 2
@@ -183,19 +189,27 @@ def test_model_backward_to_raw_lines(spark, project, capsys, tmp_path):
     assert t["train_run_id"] == train_run["run_id"] and t["mlflow_run_id"] == train_run["mlflow_run_id"]
     assert t["source"]["table"] == "silver" and t["tokenized_version"] == store.version("tokenized")
     tokenized = {r["record_id"]: r["split"] for r in store.read("tokenized").collect()}
-    line_of = {_record_of(line): i for i, line in enumerate(project["lines"], 1) if line.startswith('{"instruction": "')
-               and line.endswith("}")}
+    line_of: dict = {}
+    for i, line in enumerate(project["lines"], 1):
+        try:
+            line_of.setdefault(_record_of(line), i)     # a record's first line (line 44 repeats line 2)
+        except ValueError:
+            pass                                        # the blank and the broken line
     for split in ("train", "test"):
         s = t["splits"][split]
         want = sorted({line_of[r] for r, sp in tokenized.items() if sp == split})
         [f] = s["files"]
         assert f["source_file"] == str(project["data"]) and s["records"] == len(want) == f["lines"]
         assert f["ranges"] == line_ranges(want) and s["unlocated"] == 0
-    # the copy of line 1 (line 43) reached the model through line 1's record when that was trained on
-    first_trained = tokenized.get(_record_of(project["lines"][0])) == "train"
-    assert t["duplicates"]["records"] == (1 if first_trained else 0)
-    if first_trained:
-        assert t["duplicates"]["files"] == [{"source_file": str(project["data"]), "lines": 1, "ranges": [[43, 43]]}]
+    # of line 1 and its copy (line 43) one was removed by dedupe; it reached the model through the
+    # other when that one was trained on
+    [gone] = [r["record_id"] for r in store.read("duplicates").collect()]
+    kept = ({_record_of(project["lines"][0]), _record_of(project["lines"][42])} - {gone}).pop()
+    trained = tokenized.get(kept) == "train"
+    assert t["duplicates"]["records"] == (1 if trained else 0)
+    if trained:
+        assert t["duplicates"]["files"] == [{"source_file": str(project["data"]), "lines": 1,
+                                             "ranges": [[line_of[gone]] * 2]}]
     code, text, _ = _run(capsys, project, "--model", train_run["output_dir"])
     assert code == 0 and f"trained by run {train_run['run_id']}" in text
     assert f"{project['data']}: lines {format_ranges(t['splits']['train']['files'][0]['ranges'])}" in text

@@ -117,6 +117,10 @@ def _short(text, limit: int = SHOWN_CHARS) -> str:
     return s if len(s) <= limit else s[:limit] + f"... ({len(s)} chars)"
 
 
+def _sim(x) -> str:
+    return "?" if x is None else f"{float(x):.3f}"
+
+
 def _where(d: dict | None) -> str:
     return f"{d['source_file']}:{d['source_line']}" if d else "?"
 
@@ -140,14 +144,14 @@ def render_record(t: dict) -> str:
     d = t["dedupe"]
     if d["status"] == "duplicate":
         out.append(f"  dedupe       removed: {d['kind']} duplicate of {d['duplicate_of']} (similarity "
-                   f"{d['similarity']:.3f}" + (f", its line {_where(d.get('survivor_source'))}" if d.get(
+                   f"{_sim(d['similarity'])}" + (f", its line {_where(d.get('survivor_source'))}" if d.get(
                        "survivor_source") else "") + f"); dedupe run {d.get('dedupe_run_id')}")
         out.append(f"               the survivor's trace: dollyflow trace {d['duplicate_of']}")
     elif d["status"] == "survivor":
         dup = d.get("duplicates", [])
         out.append(f"  dedupe       kept in silver v{d.get('silver_version')} (dedupe run {d.get('dedupe_run_id')})"
                    + (f"; survivor of {len(dup)} duplicate(s): " + ", ".join(
-                       f"{x['record_id']} ({x['kind']}, {x['similarity']:.3f})" for x in dup[:5])
+                       f"{x['record_id']} ({x['kind']}, {_sim(x['similarity'])})" for x in dup[:5])
                       + (" ..." if len(dup) > 5 else "") if dup else ""))
     else:
         out.append(f"  dedupe       {d['status']}")

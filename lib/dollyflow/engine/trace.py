@@ -34,6 +34,7 @@ from pyspark.sql import functions as F
 from dollyflow.config import Config
 from dollyflow.core.evaluation.metrics import METRICS
 from dollyflow.core.records import Rules
+from dollyflow.core.shards.manifest import read_manifest
 from dollyflow.core.storage import filesystem
 from dollyflow.core.trace import Target, TraceError, line_ranges, shard_dir_exists, shard_file_of, source_spellings
 from dollyflow.core.training.model_dir import read_provenance
@@ -82,7 +83,7 @@ class Tables:
         df = self.read(key, version)
         if df is None:
             return []
-        df = df.where(where(df) if callable(where) else where)
+        df = df.where(where)
         if columns:
             df = df.select(*[c for c in columns if c in df.columns])
         return _rows(df)
@@ -231,7 +232,7 @@ def _models(tb: Tables, rid: str) -> list[dict]:
         "fingerprint", "skipped"])
     if not runs:
         return []
-    shard_versions = {r["shard_dir"]: r["tokenized_version"] for r in sorted(
+    shard_versions = {str(r["shard_dir"]).rstrip("/"): r["tokenized_version"] for r in sorted(
         tb.rows("tokenize_runs", F.lit(True), columns=["shard_dir", "tokenized_version", "finished_at"]),
         key=lambda r: str(r["finished_at"]))}
     models: dict[tuple, dict] = {}
@@ -240,7 +241,9 @@ def _models(tb: Tables, rid: str) -> list[dict]:
     splits: dict[int, str | None] = {}
     out = []
     for (output_dir, fingerprint), r in sorted(models.items(), key=lambda kv: str(kv[1]["started_at"])):
-        version = shard_versions.get(r["shard_dir"])
+        version = shard_versions.get(str(r["shard_dir"]).rstrip("/"))
+        if version is None and shard_dir_exists(r["shard_dir"]):      # shards made by another project's run
+            version = (read_manifest(r["shard_dir"]).get("tokenized_table") or {}).get("version")
         if version is None:
             continue
         if version not in splits:
