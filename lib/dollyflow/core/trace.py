@@ -84,6 +84,7 @@ def line_ranges(lines: Iterable[int]) -> list[list[int]]:
 
 
 def format_ranges(ranges: list[list[int]]) -> str:
+    """``[[1, 3], [5, 5]]`` -> ``1-3, 5``."""
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
 
 
@@ -160,7 +161,7 @@ def render_record(t: dict) -> str:
         for r in f["removed"]:
             out.append(f"  filter       removed at stage {r['stage']}: {r['reason']}"
                        + (f" ({_short(r['detail'], 80)})" if r.get("detail") else "")
-                       + (f", span {_short(r['span'], 60)!r}" if r.get("span") else "")
+                       + (f", span \"{_short(r['span'], 60)}\"" if r.get("span") else "")
                        + f" (filter run {r.get('filter_run_id')})")
     elif f["status"] == "redacted":
         out.append(f"  filter       kept, redacted: {_short(json.dumps(f['redactions'], ensure_ascii=False), 200)} "
@@ -188,7 +189,7 @@ def render_record(t: dict) -> str:
         out.append("  predictions  none")
     for p in preds:
         out.append(f"  prediction   {p['model']} (model_sha {str(p['model_sha'])[:12]}, params_sha {p['params_sha']}), "
-                   f"infer run {p['run_id']}, finish {p.get('finish_reason')}: {_short(p.get('response'), 80)!r}")
+                   f"infer run {p['run_id']}, finish {p.get('finish_reason')}: \"{_short(p.get('response'), 80)}\"")
     evals = t.get("evaluations", [])
     if not evals:
         out.append("  evaluation   none")
@@ -199,6 +200,11 @@ def render_record(t: dict) -> str:
                    f"evaluate run {e['run_id']}: {scores or e.get('reason') or '-'}"
                    + (f", judge {e['judge_verdict']}" if e.get("judge_verdict") else ""))
     return "\n".join(out)
+
+
+def _file_line(f: dict) -> str:
+    one = f["lines"] == 1
+    return f"    {f['source_file']}: line{'' if one else 's'} {format_ranges(f['ranges'])} ({f['lines']} line{'' if one else 's'})"
 
 
 def render_model(t: dict) -> str:
@@ -212,7 +218,7 @@ def render_model(t: dict) -> str:
             continue
         out.append(f"  {label}: {s['records']} records from {len(s['files'])} file(s)")
         for f in s["files"]:
-            out.append(f"    {f['source_file']}: lines {format_ranges(f['ranges'])} ({f['lines']} lines)")
+            out.append(_file_line(f))
         if s.get("unlocated"):
             out.append(f"    {s['unlocated']} record(s) not found in {t['source']['table']} "
                        f"v{t['source']['version']}")
@@ -221,5 +227,5 @@ def render_model(t: dict) -> str:
         out.append(f"  near copies of trained records, removed by dedupe (their content reached the model through "
                    f"the survivor): {dup['records']}")
         for f in dup["files"]:
-            out.append(f"    {f['source_file']}: lines {format_ranges(f['ranges'])} ({f['lines']} lines)")
+            out.append(_file_line(f))
     return "\n".join(out)
