@@ -1,5 +1,5 @@
 """The ``dollyflow`` command, the only place argv is parsed: one subcommand per job, plus
-``pipeline``, ``report``, ``quickstart`` and ``config``.
+``pipeline``, ``report``, ``quickstart``, ``config`` and ``trace``.
 
     dollyflow ingest --preset tiny ingest.input=../shared/data/dolly-sample.jsonl
     dollyflow config dedupe dedupe.threshold=0.8
@@ -8,6 +8,8 @@
     dollyflow pipeline --preset tiny                             # the same on the sample data
     dollyflow report [--run-id ID]                               # rebuild a pipeline run's report
     dollyflow quickstart                                         # scripts/run_local.sh
+    dollyflow trace <record_id | source_file:line> [--json]      # a record through every stage
+    dollyflow trace --model <model dir> [--json]                 # the raw lines behind a model
     dollyflow train --no-spark --preset tiny train.processes=2   # torchrun on this machine, no Spark
     dollyflow tables upgrade-log [--dry-run]                     # make an older dollyflow's tables readable by Delta Spark
 
@@ -23,6 +25,7 @@ import time
 
 from dollyflow.config import ConfigError, available, describe, load_config
 from dollyflow.core import object_store
+from dollyflow.core.trace import TraceError, parse_target, render_model, render_record
 from dollyflow.engine.delta import BackendError
 from dollyflow.engine.delta.legacy_log import UPGRADE_COMMAND, UpgradeRefused, legacy_tables, upgrade_log
 from dollyflow.engine.delta.refs import schema_location
@@ -54,7 +57,9 @@ def job_parser(prog: str, kind: str = "job") -> argparse.ArgumentParser:
     if kind == "config":
         p.add_argument("--describe", action="store_true",
                        help="print every key of the job's sections with its documentation and default")
-    if kind in ("pipeline", "report"):
+    if kind == "trace":
+        p.add_argument("--model", help="list the raw files and line ranges behind this model directory instead")
+    if kind in ("pipeline", "report", "trace"):
         p.add_argument("--json", action="store_true", help="print one JSON document (the run record) on stdout")
     if kind == "pipeline":
         p.add_argument("--verbose", "-v", action="store_true", help="stream the jobs' own output")
@@ -64,7 +69,12 @@ def job_parser(prog: str, kind: str = "job") -> argparse.ArgumentParser:
     if kind == "report":
         p.add_argument("--run-id", help="the pipeline run to report on (default: the newest)")
         p.add_argument("--out", help="write the HTML here instead of <files root>/reports/<run id>.html")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    if kind == "trace":
+        p.add_argument("overrides", nargs="*", metavar="record_id|source_file:line [section.key=value]",
+                       help="first (without --model): a record id (bronze.record_id) or a line of an input file "
+                            "as given to ingest; then the overrides")
+    else:
+        p.add_argument("overrides", nargs="*", metavar="section.key=value")
     return p
 
 
@@ -182,13 +192,39 @@ def tables(argv: list[str]) -> int:
     return 1 if failed else 0
 
 
+def trace(argv: list[str]) -> int:
+    """``dollyflow trace``: one record through every stage, or the raw lines behind a model
+    (:mod:`dollyflow.engine.trace`); an unknown record, line or model exits with status 2."""
+    a = job_parser("dollyflow trace", "trace").parse_intermixed_args(argv)
+    overrides = list(a.overrides)      # with --model every positional is an override
+    if not a.model and not overrides:
+        print("dollyflow trace: give a record id, <source_file>:<line> or --model <dir>", file=sys.stderr)
+        return 2
+    try:
+        target = None if a.model else parse_target(overrides.pop(0))
+        cfg = load_config("trace", overrides, preset=a.preset, env=a.env, conf=a.conf)
+    except (ConfigError, TraceError) as exc:
+        print(f"dollyflow trace: {exc}", file=sys.stderr)
+        return 2
+    from dollyflow.engine.trace import trace_model, trace_record   # loads pyspark
+    spark = session_for(cfg)
+    try:
+        result = trace_model(spark, cfg, a.model) if a.model else trace_record(spark, cfg, target)
+    except TraceError as exc:
+        print(f"dollyflow trace: {exc}", file=sys.stderr)
+        return 2
+    print(to_json(result) if a.json else (render_model(result) if a.model else render_record(result)), flush=True)
+    return 0
+
+
 COMMANDS = {"pipeline": pipeline, "report": report, "quickstart": quickstart, "config": show_config,
-            "tables": tables}
+            "tables": tables, "trace": trace}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = ["pipeline", "report", "quickstart", "config", "tables"] + JOBS
+    commands = ["pipeline", "report", "quickstart", "config", "trace"] + JOBS
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(f"usage: dollyflow {{{','.join(commands)}}} [--preset P] [--env E] [section.key=value ...]\n\n"
               + __doc__, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
