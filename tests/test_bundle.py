@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-JOB_ORDER = ["ingest", "dedupe", "tokenize", "train", "infer", "evaluate"]
+JOB_ORDER = ["ingest", "dedupe", "filter", "tokenize", "train", "infer", "evaluate"]
 REF = re.compile(r"\$\{([A-Za-z0-9_.\-]+)\}")
 DYNAMIC = re.compile(r"\{\{([A-Za-z0-9_.\-]+)\}\}")
 RUN_ID = "987654321"
