@@ -143,9 +143,9 @@ def test_the_two_commands():
     for cmd in ("bash scripts/run_local.sh", "bash scripts/test.sh"):
         assert cmd in section(README, "## The two commands") and (REPO / cmd.split()[1]).is_file()
     # what command 1 prints: one line per job, then the report's path
-    assert re.search(r"^\[4/6\] train    done in .* tokens/s", text, re.M)
-    assert re.search(r"^\[5/6\] infer    done in .*\| predictions", text, re.M)
-    assert re.search(r"^\[6/6\] evaluate done in .* headline .*\| eval_records", text, re.M)
+    assert re.search(r"^\[5/7\] train    done in .* tokens/s", text, re.M)
+    assert re.search(r"^\[6/7\] infer    done in .*\| predictions", text, re.M)
+    assert re.search(r"^\[7/7\] evaluate done in .* headline .*\| eval_records", text, re.M)
     assert re.search(r"^report \([\d.]+ s\): warehouse/reports/pipeline-\S+\.html$", text, re.M)
 
 

@@ -67,7 +67,7 @@ def test_quality_rules(cfg):
     assert check("Year?", "", "1945", "open_qa", r) is None
     stats = length_stats({"general_qa": (100, 3.0, 0.3), "tiny": (3, 3.0, 0.3)}, 50)
     assert set(stats) == {"general_qa"}
-    long = " ".join(["word"] * 2000)
+    long = " ".join(f"w{i}" for i in range(2000))
     assert check("Explain", "", long, "general_qa", r, stats)[0] == "length_outlier"
 
 
