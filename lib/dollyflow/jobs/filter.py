@@ -32,6 +32,7 @@ are still at the versions the last run wrote, writes nothing and reports ``skipp
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from datetime import datetime, timezone
@@ -69,7 +70,6 @@ def unchanged(store, cfg: Config, silver_version: int, settings_json: str):
 
 
 def _sha(text: str) -> str:
-    import hashlib
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 

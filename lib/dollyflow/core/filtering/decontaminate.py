@@ -12,15 +12,18 @@ index holds) is in the index; the item it matched is reported.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow.parquet as pq
 import xxhash
 
 from dollyflow.config.errors import ConfigError
 from dollyflow.core.filtering.quality import words_of
+from dollyflow.core.storage import read_bytes
 from dollyflow.core.text import normalize
 
 
@@ -65,15 +68,11 @@ class BenchmarkIndex:
 
 def _rows(path: str, key: str) -> tuple[list[dict], bytes]:
     """The rows of a JSON Lines or Parquet benchmark file, and its bytes."""
-    from dollyflow.core.storage import read_bytes
     try:
         data = read_bytes(path)
     except (FileNotFoundError, OSError) as exc:
         raise ConfigError(f"{key}: benchmark file {path!r} cannot be read ({type(exc).__name__}: {exc})") from None
     if path.endswith(".parquet") or data[:4] == b"PAR1":
-        import io
-
-        import pyarrow.parquet as pq
         return pq.read_table(io.BytesIO(data)).to_pylist(), data
     rows = []
     for i, line in enumerate(data.decode("utf-8").splitlines(), 1):
