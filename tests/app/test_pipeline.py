@@ -1,4 +1,4 @@
-"""``dollyflow pipeline`` end to end on the sample with the tiny preset (ingest -> dedupe ->
+"""``dollyflow pipeline`` end to end on the sample with the tiny preset (ingest -> dedupe -> filter ->
 tokenize -> train -> infer of the untrained base and of the fine-tune -> evaluate of base against
 fine-tune on local Spark, then the run report), a rerun with the same inputs, and ``dollyflow
 report`` rebuilding the first run's report from the versions it recorded."""
@@ -37,7 +37,14 @@ def test_pipeline_end_to_end_rerun_and_report(spark, tmp_path, capsys, sample_pa
     copy = json.loads(lines[0])
     copy["instruction"] = copy["instruction"].upper()
     data_file = tmp_path / "input.jsonl"
-    data_file.write_text("\n".join(lines + ['{"instruction": "broken', json.dumps(copy)]) + "\n", encoding="utf-8")
+    # and, for the filter, a one-word poem (removed: empty_response) and an email in a context (redacted)
+    poem = {"instruction": "Write a poem about the moon.", "context": "", "response": "Moon",
+            "category": "creative_writing"}
+    mail = {"instruction": "Who answers questions about the trip?", "category": "closed_qa",
+            "context": "Questions about the trip go to lena.berg@example.com until Monday.",
+            "response": "Lena answers questions about the trip by email until Monday."}
+    data_file.write_text("\n".join(lines + ['{"instruction": "broken', json.dumps(copy), json.dumps(poem),
+                                            json.dumps(mail)]) + "\n", encoding="utf-8")
     args = ["pipeline", "--preset", "tiny", "--json", f"tables.warehouse={wh}", f"ingest.input={data_file}",
             f"model.tokenizer={tokenizer_path}", "tokenize.test_size=0.1", "evaluate.baseline=base",
             "spark.conf={spark.hadoop.fs.s3a.secret.key: TOPSECRET}"]    # where people put secrets
@@ -62,6 +69,10 @@ def test_pipeline_end_to_end_rerun_and_report(spark, tmp_path, capsys, sample_pa
     assert all(data[t] for t in DATA_TABLES), {t: len(v) for t, v in data.items()}
     assert first["jobs"]["ingest"]["summary"]["rows_quarantined"] == 1
     assert first["jobs"]["dedupe"]["summary"]["removed_exact"] == 1
+    filtered = first["jobs"]["filter"]["summary"]
+    assert filtered["removed"]["quality"]["empty_response"] >= 1 and filtered["redactions"]["email"] >= 1
+    assert filtered["rows_in"] == filtered["rows_kept"] + filtered["rows_removed"]
+    assert "Filtered and redacted" in Path(first["report"]).read_text(encoding="utf-8")
     # infer scored exactly the test split into predictions, with the model train just wrote
     store = _store(spark, wh)
     test_ids = {r["record_id"] for r in store.read("tokenized").where("split = 'test'").select("record_id").collect()}
