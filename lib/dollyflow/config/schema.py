@@ -194,7 +194,8 @@ class TokenizeConfig:
     allow_local_output: bool = setting(False, doc="a plain local path is refused when executors run on other "
                                                   "hosts; true only when that path is a shared mount (NFS) on "
                                                   "every node")
-    silver_version: int | None = setting(None, doc="null: the current silver version (recorded in the manifest)")
+    silver_version: int | None = setting(None, doc="version of the source table (source_table) to read; null: the "
+                                                   "current one (recorded in the manifest)")
     mds: bool = setting(False, doc="also export Mosaic Streaming (MDS) under <shard dir>/mds (needs "
                                    "mosaicml-streaming)")
     skip_unchanged: bool = setting(True, doc="write nothing (skipped: true) when LATEST.json names shards built "
