@@ -189,7 +189,7 @@ def test_readme_benchmark_table_matches_bench_readme():
     bench = section(README, "## Benchmarks")
     assert "2 CPU cores" in bench and "no GPU" in bench
     rows = re.findall(r"^\| (\w+) \| (\d{4}-\d\d-\d\d) \| .* \| (.+) \|$", bench, re.M)
-    assert {job for job, _, _ in rows} == {"ingest", "dedupe", "tokenize", "train", "infer", "evaluate"}
+    assert {job for job, _, _ in rows} == {"ingest", "dedupe", "filter", "tokenize", "train", "infer", "evaluate"}
     latest = section(BENCH, "## Latest figures")
     for job, date, result in rows:
         mine = [line for line in latest.splitlines() if line.startswith(f"| `bench/{job}.py")]
