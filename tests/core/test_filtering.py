@@ -60,7 +60,7 @@ def test_quality_rules(cfg):
     assert check("Say hi", "", "  ", "classification", r)[0] == "empty_response"
     assert check("Describe rain.", "", "describe   RAIN.", "general_qa", r)[0] == "repeats_instruction"
     assert check("Summarise", "A long passage here.", "a long passage here.", "summarization", r)[0] == "repeats_context"
-    spam = "\n".join(["buy cheap watches now"] * 8)
+    spam = "\n".join(["buy cheap watches now and save money today"] * 8)
     reason, detail = check("Give ideas", "", spam, "brainstorming", r)
     assert reason == "repetition" and "dup_" in detail
     assert check("Numbers", "", "12 34 56 78 90 11 22", "brainstorming", r)[0] == "non_alpha"
@@ -91,3 +91,16 @@ def test_unknown_language_code_names_the_key(cfg):
     bad = load_config("filter", [f"tables.warehouse={cfg.tables.warehouse}", "filter.detect_languages=[en, zz]"])
     with pytest.raises(ConfigError, match="filter.detect_languages: 'zz'"):
         FilterSettings.from_config(bad.filter)
+
+
+def test_short_lists_are_not_repetition_or_non_alpha(cfg):
+    """Real dolly answers the Gopher rules, made for documents, would wrongly remove: a 20-word
+    sentence whose 4-grams are all distinct, a numbered list (its markers are not words)."""
+    r = QualityRules.from_config(cfg.filter)
+    camels = ("Camels use the fat in their humps to keep them filled with energy and hydration for long "
+              "periods of time.")
+    assert check("Why do camels have humps?", "", camels, "open_qa", r) is None
+    assert check("Name kinds of rain", "", "1. Mist\n2. Drizzle\n3. Sleet\n4. Downpour\n5. Freezing Rain\n6. Sun Shower",
+                 "brainstorming", r) is None
+    spam = " ".join(["the best watches are cheap watches"] * 10)      # 60 words, one sentence repeated
+    assert check("Ideas?", "", spam, "brainstorming", r)[0] == "repetition"

@@ -241,8 +241,8 @@ class FilterConfig:
     short_answer_categories: list[str] = setting(factory=lambda: ["classification", "closed_qa", "open_qa",
                                                                   "information_extraction"],
                                                  doc="categories whose one-word answers are normal")
-    repetition_min_words: int = setting(20, doc="the Gopher repetition rules apply to responses with at least "
-                                                "this many words")
+    repetition_min_words: int = setting(50, doc="the Gopher repetition rules apply to responses with at least "
+                                                "this many words (Gopher's own minimum document length)")
     dup_line_frac: float = setting(0.3, doc="Gopher: removed when more than this fraction of the response's "
                                             "lines are duplicates (0..1)")
     top_ngram_frac: float = setting(0.2, doc="Gopher: the most frequent 2-gram may cover at most this fraction of "

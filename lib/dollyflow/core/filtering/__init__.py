@@ -19,7 +19,7 @@ from dollyflow.core.filtering.pii import FIELDS, PLACEHOLDERS, PiiDetector, reda
 from dollyflow.core.filtering.quality import QualityRules, check, length_stats
 
 #: bump when a rule changes what it decides (part of the settings fingerprint)
-ALGORITHM_VERSION = 1
+ALGORITHM_VERSION = 2
 STAGES = ("pii", "language", "quality", "decontaminate")
 DEFAULT_PII = {"email": "redact", "phone": "redact", "credit_card": "drop", "ip_address": "redact",
                "iban": "drop", "person": "off"}
