@@ -6,6 +6,7 @@ pyspark is not a hard requirement: Databricks runtimes ship their own. Extras:
   horovod  horovod[pytorch]
   ctranslate2  ctranslate2 (the infer job's CTranslate2 engine: int8/float32 on CPU, NVIDIA GPUs)
   eval     rouge-score, sacrebleu, rapidfuzz (answer-quality metrics, core/evaluation; all work offline)
+  filter   presidio-analyzer (pattern recognizers only), lingua-language-detector, datatrove (the filter job)
   dev      pytest and friends, databricks-bundles (the bundle's schema, for tests)
 
 No extra is needed on a Databricks ML GPU runtime: it ships CUDA torch; the bundle's train and
@@ -19,7 +20,7 @@ from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).parent
-JOBS = ["ingest", "dedupe", "tokenize", "train", "infer", "evaluate"]
+JOBS = ["ingest", "dedupe", "filter", "tokenize", "train", "infer", "evaluate"]
 
 
 class BuildWithConf(build_py):
@@ -69,6 +70,10 @@ setup(
                  "rapidfuzz>=3.9,<4"],   # ROUGE-L's longest common subsequence in C++ (metrics.py)
         # evaluate.harness_tasks (core/evaluation/harness.py): lm-eval's HF model class on transformers 5
         "harness": ["lm-eval[hf]>=0.4.13,<0.5"],
+        # the filter job (core/filtering): personal data, language, Gopher rules; no model download
+        "filter": ["presidio-analyzer>=2.2.360",      # its pattern recognizers, run without an NLP engine
+                   "lingua-language-detector>=2.1",   # ships its language models in the wheel
+                   "datatrove>=0.10"],                # Gopher repetition functions
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "datasketch>=1.6",
                 # the object-store tests run s3proxy (Maven Central, via mvn; dollyflow.testing.s3proxy)
                 "databricks-bundles>=1.22"],  # tests load the bundle's jobs into its Job/Volume classes

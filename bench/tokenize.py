@@ -172,7 +172,7 @@ def main(argv=None) -> int:
         print(f"warning: only {len(rows)} distinct records (< 15,000)", file=sys.stderr)
 
     from dollyflow.config import TokenizeConfig
-    overrides = [f"tables.warehouse={work / 'warehouse'}", f"tokenize.tokenizer={args.tokenizer}",
+    overrides = ["tokenize.source_table=silver", f"tables.warehouse={work / 'warehouse'}", f"tokenize.tokenizer={args.tokenizer}",
                  f"tokenize.max_length={args.max_length}", "tokenize.test_size=1000",
                  f"spark.master=local[{args.cores}]", f"spark.shuffle_partitions={2 * args.cores}"]
     if hasattr(TokenizeConfig, "skip_unchanged"):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up dollyflow's virtual environment from nothing; a quick no-op when nothing changed.
 #
-#   scripts/setup.sh                 # .venv with extras spark,train,ctranslate2,eval,harness,dev
+#   scripts/setup.sh                 # .venv with extras spark,train,ctranslate2,eval,harness,filter,dev
 #   DOLLYFLOW_EXTRAS=spark,dev scripts/setup.sh
 #
 # Order matters on machines without a GPU: torch is installed first (torch==2.13.0, the CPU wheel
@@ -13,7 +13,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 VENV="${DOLLYFLOW_VENV:-$ROOT/.venv}"
-EXTRAS="${DOLLYFLOW_EXTRAS:-spark,train,ctranslate2,eval,harness,dev}"
+EXTRAS="${DOLLYFLOW_EXTRAS:-spark,train,ctranslate2,eval,harness,filter,dev}"
 TORCH_SPEC="${DOLLYFLOW_TORCH:-torch==2.13.0}"
 PY="${PYTHON:-python3}"
 log() { echo "[setup] $*" >&2; }

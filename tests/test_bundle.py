@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-JOB_ORDER = ["ingest", "dedupe", "tokenize", "train", "infer", "evaluate"]
+JOB_ORDER = ["ingest", "dedupe", "filter", "tokenize", "train", "infer", "evaluate"]
 REF = re.compile(r"\$\{([A-Za-z0-9_.\-]+)\}")
 DYNAMIC = re.compile(r"\{\{([A-Za-z0-9_.\-]+)\}\}")
 RUN_ID = "987654321"
@@ -332,7 +332,7 @@ def test_gpu_variables_can_be_changed_together():
     res = resolve(BUNDLE, "prod", gpu_workers=4, gpus_per_worker=8, gpu_processes=32, deepspeed="a100",
                   gpu_node_type="p4d.24xlarge")
     job = res["jobs"]["dolly_pipeline"]
-    cfg = task_config(job, job["tasks"][3])
+    cfg = task_config(job, next(t for t in job["tasks"] if t["task_key"] == "train"))
     assert cfg.train.processes == 32 and cfg.train.deepspeed == "a100"
     gpu = {c["job_cluster_key"]: c["new_cluster"] for c in job["job_clusters"]}["gpu"]
     assert gpu["node_type_id"] == "p4d.24xlarge" and gpu["spark_conf"]["spark.executor.resource.gpu.amount"] == 8

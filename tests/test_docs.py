@@ -143,9 +143,9 @@ def test_the_two_commands():
     for cmd in ("bash scripts/run_local.sh", "bash scripts/test.sh"):
         assert cmd in section(README, "## The two commands") and (REPO / cmd.split()[1]).is_file()
     # what command 1 prints: one line per job, then the report's path
-    assert re.search(r"^\[4/6\] train    done in .* tokens/s", text, re.M)
-    assert re.search(r"^\[5/6\] infer    done in .*\| predictions", text, re.M)
-    assert re.search(r"^\[6/6\] evaluate done in .* headline .*\| eval_records", text, re.M)
+    assert re.search(r"^\[5/7\] train    done in .* tokens/s", text, re.M)
+    assert re.search(r"^\[6/7\] infer    done in .*\| predictions", text, re.M)
+    assert re.search(r"^\[7/7\] evaluate done in .* headline .*\| eval_records", text, re.M)
     assert re.search(r"^report \([\d.]+ s\): warehouse/reports/pipeline-\S+\.html$", text, re.M)
 
 
@@ -189,7 +189,7 @@ def test_readme_benchmark_table_matches_bench_readme():
     bench = section(README, "## Benchmarks")
     assert "2 CPU cores" in bench and "no GPU" in bench
     rows = re.findall(r"^\| (\w+) \| (\d{4}-\d\d-\d\d) \| .* \| (.+) \|$", bench, re.M)
-    assert {job for job, _, _ in rows} == {"ingest", "dedupe", "tokenize", "train", "infer", "evaluate"}
+    assert {job for job, _, _ in rows} == {"ingest", "dedupe", "filter", "tokenize", "train", "infer", "evaluate"}
     latest = section(BENCH, "## Latest figures")
     for job, date, result in rows:
         mine = [line for line in latest.splitlines() if line.startswith(f"| `bench/{job}.py")]

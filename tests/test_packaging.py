@@ -22,16 +22,17 @@ def test_wheel_carries_conf_and_entry_points(tmp_path):
         assert not any(n.startswith("pyspark") for n in names)
         entry = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
         meta = z.read(next(n for n in names if n.endswith("METADATA"))).decode()
-    for job in ("ingest", "dedupe", "tokenize", "train", "infer"):
+    for job in ("ingest", "dedupe", "filter", "tokenize", "train", "infer"):
         assert f"dollyflow-{job} = dollyflow.cli:{job}" in entry
     assert "dollyflow = dollyflow.cli:main" in entry
     requires = [l for l in meta.splitlines() if l.startswith("Requires-Dist:")]
     hard = [l for l in requires if "extra ==" not in l]
     assert not any("pyspark" in l or "torch" in l for l in hard)      # extras only
     assert any("pyspark" in l and 'extra == "spark"' in l for l in requires)
+    assert any("presidio-analyzer" in l and 'extra == "filter"' in l for l in requires)
 
 
-@pytest.mark.parametrize("job", ["ingest", "dedupe", "tokenize", "train", "infer"])
+@pytest.mark.parametrize("job", ["ingest", "dedupe", "filter", "tokenize", "train", "infer"])
 def test_spark_submit_scripts_start(job):
     """jobs/<job>.py run as scripts (sys.path[0] = jobs/, where tokenize.py would shadow the
     standard library's tokenize) must start and parse arguments."""

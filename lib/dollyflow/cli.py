@@ -244,6 +244,10 @@ def dedupe() -> int:
     return run_job("dedupe")
 
 
+def filter() -> int:  # noqa: A001 - the console script dollyflow-filter
+    return run_job("filter")
+
+
 def tokenize() -> int:
     return run_job("tokenize")
 

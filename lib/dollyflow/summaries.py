@@ -10,12 +10,14 @@ from __future__ import annotations
 JOB_TABLES = {
     "ingest": ["bronze", "quarantine"],
     "dedupe": ["silver", "duplicates"],
+    "filter": ["curated", "filtered"],
     "tokenize": ["tokenized"],
     "train": [],
     "infer": ["predictions"],
     "evaluate": ["eval_records"],
 }
-ALL_TABLES = ["bronze", "quarantine", "ingest_runs", "silver", "duplicates", "dedupe_runs", "tokenized",
+ALL_TABLES = ["bronze", "quarantine", "ingest_runs", "silver", "duplicates", "dedupe_runs", "curated", "filtered",
+              "filter_runs", "tokenized",
               "tokenize_runs", "train_runs", "predictions", "eval_records", "eval_runs"]
 
 
@@ -93,6 +95,12 @@ def human_line(name: str, s: dict, changes: dict | None = None) -> str:
         return (f"{pre}{_n(s.get('input_rows'))} records -> {_n(s.get('survivors'))} kept, removed "
                 f"{_n(s.get('removed_exact'))} exact + {_n(s.get('removed_near'))} near duplicates in "
                 f"{_n(s.get('clusters'))} clusters{tail}")
+    if name == "filter":
+        pre = "same silver version and settings as the last run: nothing to do; " if s.get("skipped") else ""
+        removed = {f"{stage}/{reason}": n for stage, reasons in (s.get("removed") or {}).items()
+                   for reason, n in reasons.items()}
+        return (f"{pre}{_n(s.get('rows_in'))} records -> {_n(s.get('rows_kept'))} kept, {_n(s.get('rows_removed'))} "
+                f"removed ({_reasons(removed)}); redacted {_reasons(s.get('redactions'))}{tail}")
     if name == "tokenize":
         rec, tok = s.get("records") or {}, s.get("tokens") or {}
         splits = ", ".join(f"{k} {_n(rec[k])} records / {_n(tok.get(k))} tokens" for k in sorted(rec))

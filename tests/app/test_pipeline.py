@@ -1,4 +1,4 @@
-"""``dollyflow pipeline`` end to end on the sample with the tiny preset (ingest -> dedupe ->
+"""``dollyflow pipeline`` end to end on the sample with the tiny preset (ingest -> dedupe -> filter ->
 tokenize -> train -> infer of the untrained base and of the fine-tune -> evaluate of base against
 fine-tune on local Spark, then the run report), a rerun with the same inputs, and ``dollyflow
 report`` rebuilding the first run's report from the versions it recorded."""
@@ -37,7 +37,14 @@ def test_pipeline_end_to_end_rerun_and_report(spark, tmp_path, capsys, sample_pa
     copy = json.loads(lines[0])
     copy["instruction"] = copy["instruction"].upper()
     data_file = tmp_path / "input.jsonl"
-    data_file.write_text("\n".join(lines + ['{"instruction": "broken', json.dumps(copy)]) + "\n", encoding="utf-8")
+    # and, for the filter, a one-word poem (removed: empty_response) and an email in a context (redacted)
+    poem = {"instruction": "Write a poem about the moon.", "context": "", "response": "Moon",
+            "category": "creative_writing"}
+    mail = {"instruction": "Who answers questions about the trip?", "category": "closed_qa",
+            "context": "Questions about the trip go to lena.berg@example.com until Monday.",
+            "response": "Lena answers questions about the trip by email until Monday."}
+    data_file.write_text("\n".join(lines + ['{"instruction": "broken', json.dumps(copy), json.dumps(poem),
+                                            json.dumps(mail)]) + "\n", encoding="utf-8")
     args = ["pipeline", "--preset", "tiny", "--json", f"tables.warehouse={wh}", f"ingest.input={data_file}",
             f"model.tokenizer={tokenizer_path}", "tokenize.test_size=0.1", "evaluate.baseline=base",
             "spark.conf={spark.hadoop.fs.s3a.secret.key: TOPSECRET}"]    # where people put secrets
@@ -50,17 +57,22 @@ def test_pipeline_end_to_end_rerun_and_report(spark, tmp_path, capsys, sample_pa
     for p in wh.rglob("*"):
         if p.is_file() and p.suffix in (".json", ".html", ".yaml", ".txt", ".md", ".jsonl", ""):
             assert b"TOPSECRET" not in p.read_bytes(), p
-    assert "[5/6] infer" in out.err and "[6/6] evaluate" in out.err and "report" in out.err   # the progress lines went to stderr
-    assert "[5/6] infer (base) done" in out.err and out.err.index("infer (base) done") < out.err.index("[5/6] infer    done")
+    assert "[6/7] infer" in out.err and "[7/7] evaluate" in out.err and "report" in out.err   # the progress lines went to stderr
+    assert "[6/7] infer (base) done" in out.err and out.err.index("infer (base) done") < out.err.index("[6/7] infer    done")
     assert first["status"] == "succeeded" and not first["unchanged"]
-    assert list(first["jobs"]) == ["ingest", "dedupe", "tokenize", "train", "infer (base)", "infer", "evaluate"]
-    assert [j["status"] for j in first["jobs"].values()] == ["changed"] * 7
+    assert list(first["jobs"]) == ["ingest", "dedupe", "filter", "tokenize", "train", "infer (base)", "infer",
+                                   "evaluate"]
+    assert [j["status"] for j in first["jobs"].values()] == ["changed"] * 8
     for name in ALL_TABLES:                           # every table exists and has rows
         assert first["tables"][name]["version"] is not None, name
     data = contents(spark, wh)
     assert all(data[t] for t in DATA_TABLES), {t: len(v) for t, v in data.items()}
     assert first["jobs"]["ingest"]["summary"]["rows_quarantined"] == 1
     assert first["jobs"]["dedupe"]["summary"]["removed_exact"] == 1
+    filtered = first["jobs"]["filter"]["summary"]
+    assert filtered["removed"]["quality"]["empty_response"] >= 1 and filtered["redactions"]["email"] >= 1
+    assert filtered["rows_in"] == filtered["rows_kept"] + filtered["rows_removed"]
+    assert "Filtered and redacted" in Path(first["report"]).read_text(encoding="utf-8")
     # infer scored exactly the test split into predictions, with the model train just wrote
     store = _store(spark, wh)
     test_ids = {r["record_id"] for r in store.read("tokenized").where("split = 'test'").select("record_id").collect()}
@@ -105,7 +117,8 @@ def test_pipeline_end_to_end_rerun_and_report(spark, tmp_path, capsys, sample_pa
     second = json.loads(capsys.readouterr().out)
     assert contents(spark, wh) == data
     status = {n: j["status"] for n, j in second["jobs"].items()}
-    assert status["ingest"] == status["dedupe"] == status["infer"] == status["evaluate"] == "unchanged", status
+    assert status["ingest"] == status["dedupe"] == status["filter"] == status["infer"] == status["evaluate"] == "unchanged", \
+        status
     assert status["infer (base)"] == "unchanged" and second["jobs"]["infer (base)"]["summary"]["base"]["reused"]
     assert second["jobs"]["evaluate"]["summary"]["sides"] == ev["sides"]
     for name in ("ingest", "dedupe", "infer", "infer (base)"):
@@ -133,14 +146,14 @@ def test_pipeline_stops_at_the_first_failing_job_and_names_it(spark, tmp_path, c
             f"model.tokenizer={tokenizer_path}", "tokenize.test_size=0.1"]
     assert main(args) == 1
     out = capsys.readouterr()
-    assert "[1/6] ingest   FAILED" in out.out and "NoRecordsError" in out.out and str(data_file) in out.out
-    assert "failed in ingest (job 1 of 6): NoRecordsError" in out.err
-    assert "not run: dedupe, tokenize, train, infer, evaluate" in out.err
-    assert "[2/6]" not in out.out
+    assert "[1/7] ingest   FAILED" in out.out and "NoRecordsError" in out.out and str(data_file) in out.out
+    assert "failed in ingest (job 1 of 7): NoRecordsError" in out.err
+    assert "not run: dedupe, filter, tokenize, train, infer, evaluate" in out.err
+    assert "[2/7]" not in out.out
     (run_dir,) = (wh / "pipeline_runs").iterdir()
     record = json.loads((run_dir / "run.json").read_text())
     assert (record["status"], record["failed_job"], list(record["jobs"])) == ("failed", "ingest", ["ingest"])
-    assert record["not_run"] == ["dedupe", "tokenize", "train", "infer", "evaluate"]
+    assert record["not_run"] == ["dedupe", "filter", "tokenize", "train", "infer", "evaluate"]
     assert record["jobs"]["ingest"]["summary"]["lines_read"] == content.count(b"\n")
     store = _store(spark, wh)
     assert store.version("silver") is None and store.version("tokenized") is None

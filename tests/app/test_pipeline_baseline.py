@@ -26,7 +26,7 @@ def test_no_train_run_means_no_base(tmp_path):
     record = {"jobs": {"train": {"status": "skipped", "summary": {"skipped": "..."}}}}
     ok, said, steps = _run(cfg, record)
     assert ok and not steps
-    assert said == ["[5/6] infer (base) skipped: no train run in this pipeline to take the base model from; "
+    assert said == ["[5/7] infer (base) skipped: no train run in this pipeline to take the base model from; "
                     "evaluating the fine-tune alone"]
     assert record["jobs"][BASE_KEY]["status"] == "skipped"
 

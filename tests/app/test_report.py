@@ -143,3 +143,19 @@ def test_literal_text_leaves_the_global_setting_alone():
     before = matplotlib.rcParams["text.parse_math"]
     plots.plot_counts({"$x$": 1}, "t", "n")
     assert matplotlib.rcParams["text.parse_math"] == before
+
+
+def test_filter_section_shows_removed_per_stage_and_reason_and_redactions_per_kind():
+    d = synthetic()
+    assert "the filter job did not run" in report.render_html(d)
+    d["filter"] = {"ran": True, "rows_in": 10, "rows_kept": 7, "rows_removed": 3, "records_redacted": 2,
+                   "removed": {"pii": {"pii_credit_card": 1}, "quality": {"empty_response": 2}},
+                   "redactions": {"email": 2, "phone": 1},
+                   "examples": [{"record_id": "r1", "stage": "pii", "reason": "pii_credit_card",
+                                 "detail": "credit_card in response", "span": "<4111>"}]}
+    html = report.render_html(d)
+    pre = '<td class="pre">'
+    assert f'{pre}pii</td>{pre}pii_credit_card</td><td class="num">1</td>' in html
+    assert f'{pre}quality</td>{pre}empty_response</td><td class="num">2</td>' in html
+    assert f'{pre}email</td><td class="num">2</td>' in html and "&lt;4111&gt;" in html
+    assert "7 kept in curated, 3 removed; 2 kept records" in html

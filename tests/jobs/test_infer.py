@@ -442,7 +442,7 @@ def test_a_model_the_train_job_wrote_runs_through_the_infer_job(spark, tmp_path,
     from dollyflow.jobs import infer, tokenize, train
 
     warehouse = f"tables.warehouse={tmp_path / 'warehouse'}"
-    cfg = load_config("tokenize", [warehouse, "spark.shuffle_partitions=4", f"tokenize.tokenizer={tokenizer_path}",
+    cfg = load_config("tokenize", ["tokenize.source_table=silver", warehouse, "spark.shuffle_partitions=4", f"tokenize.tokenizer={tokenizer_path}",
                                    "tokenize.max_length=512", "tokenize.test_size=12", "tokenize.num_shards=1"],
                       preset="tiny")
     store = DeltaStore(spark, cfg.tables)

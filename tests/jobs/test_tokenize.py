@@ -45,7 +45,7 @@ def job(spark, sample_path, tokenizer_path, tmp_path_factory):
     from dollyflow.jobs import tokenize
 
     root = tmp_path_factory.mktemp("tokenize")
-    cfg = load_config("tokenize", [f"tables.warehouse={root / 'warehouse'}", "spark.shuffle_partitions=4",
+    cfg = load_config("tokenize", ["tokenize.source_table=silver", f"tables.warehouse={root / 'warehouse'}", "spark.shuffle_partitions=4",
                                    f"tokenize.tokenizer={tokenizer_path}", f"tokenize.max_length={MAX_LENGTH}",
                                    "tokenize.test_size=10", "tokenize.num_shards=3"])
     store = DeltaStore(spark, cfg.tables)
@@ -177,7 +177,7 @@ def test_rerun_with_other_partitioning_is_identical(job, spark, tmp_path):
 
     cfg = job["cfg"]
     out = tmp_path / "shards2"
-    cfg2 = load_config("tokenize", [f"tables.warehouse={cfg.tables.warehouse}", "spark.shuffle_partitions=7",
+    cfg2 = load_config("tokenize", ["tokenize.source_table=silver", f"tables.warehouse={cfg.tables.warehouse}", "spark.shuffle_partitions=7",
                                     f"tokenize.tokenizer={job['tokenizer_path']}",
                                     f"tokenize.max_length={MAX_LENGTH}", "tokenize.test_size=10",
                                     "tokenize.num_shards=3", f"tokenize.output_dir={out}"])
@@ -268,7 +268,7 @@ def test_spark_submit_script_runs_despite_its_stdlib_name():
 
 def _cfg(job, *overrides):
     from dollyflow.config import load_config
-    return load_config("tokenize", [f"tables.warehouse={job['cfg'].tables.warehouse}",
+    return load_config("tokenize", ["tokenize.source_table=silver", f"tables.warehouse={job['cfg'].tables.warehouse}",
                                     f"tokenize.tokenizer={job['tokenizer_path']}", f"tokenize.max_length={MAX_LENGTH}",
                                     "tokenize.test_size=10", "tokenize.num_shards=2", *overrides])
 
@@ -410,7 +410,7 @@ def test_no_record_to_tokenize_says_so_and_writes_nothing(job, spark, sample_pat
     wh, root = tmp_path / "wh", tmp_path / "root"
 
     def cfg(*more):
-        return load_config("tokenize", [f"tables.warehouse={wh}", f"tokenize.tokenizer={job['tokenizer_path']}",
+        return load_config("tokenize", ["tokenize.source_table=silver", f"tables.warehouse={wh}", f"tokenize.tokenizer={job['tokenizer_path']}",
                                         f"tokenize.output_dir={root}", "tokenize.test_size=2",
                                         "tokenize.num_shards=1", *more])
 
@@ -447,7 +447,7 @@ def test_a_run_over_an_older_silver_version_finishing_last_leaves_the_pointer(jo
     wh, root = tmp_path / "wh", tmp_path / "root"
 
     def cfg(*more):
-        return load_config("tokenize", [f"tables.warehouse={wh}", f"tokenize.tokenizer={job['tokenizer_path']}",
+        return load_config("tokenize", ["tokenize.source_table=silver", f"tables.warehouse={wh}", f"tokenize.tokenizer={job['tokenizer_path']}",
                                         f"tokenize.output_dir={root}", f"tokenize.max_length={MAX_LENGTH}",
                                         "tokenize.test_size=2", "tokenize.num_shards=1", "tokenize.keep_versions=1",
                                         *more])

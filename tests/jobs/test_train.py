@@ -35,7 +35,7 @@ def shards(spark, sample_path, tokenizer_path, tmp_path_factory):
     from dollyflow.jobs import tokenize
 
     root = tmp_path_factory.mktemp("train")
-    cfg = load_config("tokenize", [f"tables.warehouse={root / 'warehouse'}", "spark.shuffle_partitions=4",
+    cfg = load_config("tokenize", ["tokenize.source_table=silver", f"tables.warehouse={root / 'warehouse'}", "spark.shuffle_partitions=4",
                                    f"tokenize.tokenizer={tokenizer_path}", "tokenize.max_length=512",
                                    "tokenize.test_size=16", "tokenize.num_shards=3"], preset="tiny")
     now = datetime(2026, 1, 1, tzinfo=timezone.utc)

@@ -23,7 +23,7 @@ from dollyflow.config.redaction import REDACTED, SECRET_QUERY_WORDS, redact, red
 from dollyflow.config.reference import describe
 from dollyflow.config.runtime import on_databricks
 from dollyflow.config.schema import (DEEPSPEED_PRESETS, DOLLY_CATEGORIES, GPT_NEOX_LORA_TARGETS, TRAIN_LAUNCHERS,
-                                     TRAIN_METHODS, Config, DedupeConfig, EvaluateConfig, IngestConfig, InferConfig, ModelConfig,
+                                     TRAIN_METHODS, Config, DedupeConfig, EvaluateConfig, FilterConfig, IngestConfig, InferConfig, ModelConfig,
                                      SparkConfig, StorageConfig, TablesConfig, TokenizeConfig, TrainConfig, require_warehouse,
                                      shards_root)
 from dollyflow.config.validation import check_identifier, check_name, check_ranges, validate, validate_train
@@ -31,7 +31,7 @@ from dollyflow.config.validation import check_identifier, check_name, check_rang
 __all__ = [
     # schema
     "Config", "SparkConfig", "TablesConfig", "ModelConfig", "IngestConfig", "DedupeConfig", "TokenizeConfig",
-    "TrainConfig", "InferConfig", "EvaluateConfig", "StorageConfig", "DOLLY_CATEGORIES", "TRAIN_LAUNCHERS", "TRAIN_METHODS", "DEEPSPEED_PRESETS",
+    "TrainConfig", "InferConfig", "EvaluateConfig", "StorageConfig", "FilterConfig", "DOLLY_CATEGORIES", "TRAIN_LAUNCHERS", "TRAIN_METHODS", "DEEPSPEED_PRESETS",
     "GPT_NEOX_LORA_TARGETS", "require_warehouse", "shards_root",
     # loading
     "ConfigError", "conf_dir", "available", "parse_override", "new_run_id", "load_defaults", "load_config",

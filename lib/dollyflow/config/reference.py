@@ -22,6 +22,7 @@ SHARED_SECTIONS = ("spark", "tables", "storage")
 JOB_SECTIONS = {
     "ingest": ("ingest",),
     "dedupe": ("dedupe",),
+    "filter": ("filter",),
     "tokenize": ("model", "tokenize"),
     "train": ("model", "tokenize", "train"),
     "infer": ("model", "infer"),

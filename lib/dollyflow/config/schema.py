@@ -105,6 +105,12 @@ class TablesConfig:
                                                          "and checkpoints, a local warehouse), e.g. [/mnt/shared]. "
                                                          "Empty: only URIs and Databricks' /Volumes, /dbfs, "
                                                          "/Workspace count")
+    curated: str = setting("curated", doc="filter: silver's records that passed the filter, personal data "
+                                          "redacted (what tokenize reads by default)")
+    filtered: str = setting("filtered", doc="filter: every removed record with its stage, reason, detail and "
+                                            "the offending span")
+    filter_runs: str = setting("filter_runs", doc="filter: one row per run (counts per stage and reason, "
+                                                  "redactions per kind)")
 
     def files_root(self) -> str:
         """Where the jobs' files go (shards, checkpoints, models, reports): the Unity Catalog
@@ -203,13 +209,80 @@ class TokenizeConfig:
     allow_local_output: bool = setting(False, doc="a plain local path is refused when executors run on other "
                                                   "hosts; true only when that path is a shared mount (NFS) on "
                                                   "every node")
-    silver_version: int | None = setting(None, doc="null: the current silver version (recorded in the manifest)")
+    silver_version: int | None = setting(None, doc="version of the source table (source_table) to read; null: the "
+                                                   "current one (recorded in the manifest)")
     mds: bool = setting(False, doc="also export Mosaic Streaming (MDS) under <shard dir>/mds (needs "
                                    "mosaicml-streaming)")
     skip_unchanged: bool = setting(True, doc="write nothing (skipped: true) when LATEST.json names shards built "
                                              "from the same silver version and settings (tokenizer sha256, "
                                              "max_length, test_size, seed, num_shards, format) and the tokenized "
                                              "table is still at the version they wrote")
+    source_table: str = setting("curated", doc="the tables.<name> key tokenize reads: curated (the filter job's "
+                                               "output) or silver (no filter)")
+
+
+#: filter.pii: the kinds of personal data and what may be done with each
+PII_KINDS = ("email", "phone", "credit_card", "ip_address", "iban", "person")
+PII_ACTIONS = ("redact", "drop", "off")
+
+
+@dataclass
+class FilterConfig:
+    """filter: silver (at a recorded version) -> curated (kept records, personal data redacted),
+    filtered (every removed record: stage, reason, detail, offending span), one row per run ->
+    filter_runs. Stages in order, the first that removes a record names it: pii, language,
+    quality, decontaminate."""
+    silver_version: int | None = setting(None, doc="silver version to read; null: the current one (recorded "
+                                                   "in filter_runs)")
+    pii: dict[str, str] = setting(factory=lambda: {"email": "redact", "phone": "redact", "credit_card": "drop",
+                                                   "ip_address": "redact", "iban": "drop", "person": "off"},
+                                  doc="per kind of personal data (email, phone, credit_card (Luhn-checked), "
+                                      "ip_address, iban, person): redact (typed placeholder such as <EMAIL>, "
+                                      "recorded in curated.redactions), drop (the record goes to filtered) or "
+                                      "off. person needs a name model: only off is accepted")
+    pii_min_score: float = setting(0.4, doc="presidio's pattern score a match needs (0..1); phone numbers "
+                                            "score 0.4 without context words")
+    phone_regions: list[str] = setting(factory=lambda: ["US", "GB", "DE", "FR", "IN", "CA", "AU"],
+                                       doc="regions whose phone number formats are searched (fewer: faster)")
+    languages: list[str] = setting(factory=lambda: ["en"], doc="ISO 639-1 codes of the languages kept "
+                                                               "(detected on instruction + response)")
+    detect_languages: list[str] = setting(factory=lambda: ["en", "fr", "de", "es", "it", "pt", "nl"],
+                                          doc="ISO 639-1 codes the detector chooses among (with languages); "
+                                              "fewer: faster")
+    language_min_chars: int = setting(40, doc="instruction + response with fewer letters: kept, counted as "
+                                              "undetermined (below the detector's reliable length)")
+    min_response_words: int = setting(2, doc="responses with fewer words are removed (empty_response), except in "
+                                             "short_answer_categories")
+    short_answer_categories: list[str] = setting(factory=lambda: ["classification", "closed_qa", "open_qa",
+                                                                  "information_extraction"],
+                                                 doc="categories whose one-word answers are normal")
+    repetition_min_words: int = setting(50, doc="the Gopher repetition rules apply to responses with at least "
+                                                "this many words (Gopher's own minimum document length)")
+    dup_line_frac: float = setting(0.3, doc="Gopher: removed when more than this fraction of the response's "
+                                            "lines are duplicates (0..1)")
+    top_ngram_frac: float = setting(0.2, doc="Gopher: the most frequent 2-gram may cover at most this fraction of "
+                                             "the characters (3-grams: -0.02, 4-grams: -0.04) (0..1)")
+    dup_ngram_frac: float = setting(0.15, doc="Gopher: duplicated 5-grams may cover at most this fraction of the "
+                                              "characters (-0.01 per n up to 10-grams) (0..1)")
+    min_alpha_words: float = setting(0.8, doc="Gopher: at least this fraction of the response's words must hold "
+                                              "a letter (0..1), else non_alpha")
+    alpha_min_words: int = setting(5, doc="the non_alpha rule applies to responses with at least this many words "
+                                          "(a year or a number is an answer)")
+    length_z: float = setting(4.0, doc="length_outlier: a response whose log word count lies more than this many "
+                                       "robust deviations (1.4826 MAD) from its category's median")
+    length_min_records: int = setting(50, doc="length_outlier applies only in categories with at least this many "
+                                              "records")
+    decontaminate: list[str] = setting(factory=list, doc="benchmark files (JSON Lines or Parquet; local paths or "
+                                                         "URIs): records sharing a word n-gram with an item are "
+                                                         "removed (benchmark_overlap); empty: no decontamination")
+    decontaminate_fields: list[str] = setting(factory=lambda: ["question", "answer", "instruction", "input",
+                                                               "context", "output", "response", "prompt",
+                                                               "problem", "solution"],
+                                              doc="the benchmark files' fields whose text is checked (those "
+                                                  "present)")
+    ngram: int = setting(13, doc="decontaminate: words per n-gram")
+    skip_unchanged: bool = setting(True, doc="no new table versions when the silver version and the settings "
+                                             "(benchmark files' sha256 included) match the last run")
 
 
 @dataclass
@@ -483,6 +556,7 @@ class Config:
     infer: InferConfig = setting(factory=InferConfig, doc=InferConfig.__doc__)
     evaluate: EvaluateConfig = setting(factory=EvaluateConfig, doc=EvaluateConfig.__doc__)
     storage: StorageConfig = setting(factory=StorageConfig, doc=StorageConfig.__doc__)
+    filter: FilterConfig = setting(factory=FilterConfig, doc=FilterConfig.__doc__)
 
     def to_dict(self) -> dict[str, Any]:
         """Every key and value, secrets included: for this process only. What is written or

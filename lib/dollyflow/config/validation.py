@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 from dollyflow.config.errors import ConfigError
-from dollyflow.config.schema import (BASELINES, DEEPSPEED_PRESETS, TRAIN_LAUNCHERS, TRAIN_METHODS, Config, TablesConfig,
+from dollyflow.config.schema import (BASELINES, DEEPSPEED_PRESETS, PII_ACTIONS, PII_KINDS, TRAIN_LAUNCHERS, TRAIN_METHODS, Config, TablesConfig,
                                      TrainConfig)
 from dollyflow.core.split import parse_test_size
 
@@ -87,6 +87,7 @@ def validate(cfg: Config) -> None:
     validate_evaluate(cfg)
     check_name(cfg.run_id, "run_id")
     check_ranges(cfg)
+    validate_filter(cfg)
     validate_train(cfg.train)
 
 
@@ -248,3 +249,32 @@ def check_storage(st) -> None:
         bad = [c for c in st.hadoop_aws.split(",") if not _COORDINATE.match(c.strip())]
         if bad:
             raise ConfigError(f"storage.hadoop_aws: {st.hadoop_aws!r} is not auto, off or Maven coordinates")
+
+
+def validate_filter(cfg: Config) -> None:
+    """Range checks of the ``filter:`` section and tokenize's source table; each error names its key.
+    Language codes are checked against the detector's own list when the filter job starts
+    (:mod:`dollyflow.core.filtering.language`), benchmark files when it opens them."""
+    f = cfg.filter
+    _one_of("tokenize.source_table", cfg.tokenize.source_table, ("curated", "silver"))
+    for kind, action in f.pii.items():
+        _one_of("filter.pii (kind)", kind, PII_KINDS)
+        _one_of(f"filter.pii.{kind}", action, PII_ACTIONS)
+    if f.pii.get("person", "off") != "off":
+        raise ConfigError("filter.pii.person: person names need a name model (an NLP engine), which dollyflow "
+                          "does not download; only off is accepted")
+    for key in ("pii_min_score", "dup_line_frac", "top_ngram_frac", "dup_ngram_frac", "min_alpha_words"):
+        value = getattr(f, key)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= 1):
+            raise ConfigError(f"filter.{key}: must lie between 0 and 1, got {value!r}")
+    if not (math.isfinite(f.length_z) and f.length_z > 0):
+        raise ConfigError(f"filter.length_z: must be a finite number > 0, got {f.length_z!r}")
+    for key in ("language_min_chars", "min_response_words", "repetition_min_words", "alpha_min_words",
+                "length_min_records"):
+        _at_least(f"filter.{key}", getattr(f, key), 0)
+    _at_least("filter.ngram", f.ngram, 1)
+    _at_least("filter.silver_version", f.silver_version, 0)
+    if not f.languages:
+        raise ConfigError("filter.languages: at least one language to keep is needed (ISO 639-1, e.g. en)")
+    if f.decontaminate and not f.decontaminate_fields:
+        raise ConfigError("filter.decontaminate_fields: empty while filter.decontaminate names benchmark files")

@@ -377,16 +377,17 @@ def build_version(cfg, spark, store, silver_version: int, shard_dir: str, settin
     the caller's."""
 
     t, tk = cfg.tables, cfg.tokenize
+    src = getattr(t, tk.source_table)     # curated (the filter job's output) or silver
     clock = StepClock(timings)
     max_length = settings["max_length"]
     upload_dir(tok_dir, join(shard_dir, TOKENIZER_DIR))
     with open(f"{tok_dir}/tokenizer.json", encoding="utf-8") as f:
         tokenizer_json = f.read()     # the workers rebuild exactly the saved tokenizer
 
-    silver_rows = store.count(t.silver, silver_version)       # from silver's Delta log, not from us
+    silver_rows = store.count(src, silver_version)       # from silver's Delta log, not from us
     if silver_rows == 0:
-        raise NoRecordsToTokenize(_no_records(store, t.silver, silver_version, 0, {}, shard_dir))
-    silver = with_parallelism(store.read(t.silver, silver_version))
+        raise NoRecordsToTokenize(_no_records(store, src, silver_version, 0, {}, shard_dir))
+    silver = with_parallelism(store.read(src, silver_version))
     staging = join(shard_dir, STAGING_DIR)
     sink = None
     clock("prepare")
@@ -396,11 +397,11 @@ def build_version(cfg, spark, store, silver_version: int, shard_dir: str, settin
         clock("tokenize")
         counts = plan_outputs(narrow, tk.test_size, tk.num_shards)
         expect_equal(f"tokenize: silver v{silver_version}",
-                     (f"rows of {store.location(t.silver)} v{silver_version}", silver_rows),
+                     (f"rows of {store.location(src)} v{silver_version}", silver_rows),
                      (f"rows tokenized ({counts.kept}) + dropped ({sum(counts.drops.values())}: {counts.drops})",
                       counts.rows))
         if counts.kept == 0:
-            raise NoRecordsToTokenize(_no_records(store, t.silver, silver_version, counts.rows, counts.drops,
+            raise NoRecordsToTokenize(_no_records(store, src, silver_version, counts.rows, counts.drops,
                                                   shard_dir))
         clock("plan")
         edges = histogram_edges(max_length)
@@ -421,7 +422,7 @@ def build_version(cfg, spark, store, silver_version: int, shard_dir: str, settin
         parts = [tuple(st["table_part"]) for st in stats]
         expect_equal("tokenize: tokenized table files", ("records kept", counts.kept),
                      ("rows of the table files written", sum(p[2] for p in parts)))
-        source = {"table": t.silver, "location": store.location(t.silver), "version": silver_version,
+        source = {"table": src, "location": store.location(src), "version": silver_version,
                   "rows": silver_rows, "backend": store.backend}
         tok = {**tok_info, "name": settings["tokenizer"], "dir": TOKENIZER_DIR}
         manifest = build_manifest(source=source, tokenizer=tok, max_length=max_length, seed=tk.seed,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-ORDER = ["ingest", "dedupe", "tokenize", "train", "infer", "evaluate"]
+ORDER = ["ingest", "dedupe", "filter", "tokenize", "train", "infer", "evaluate"]
 
 
 def job_module(name: str) -> ModuleType:

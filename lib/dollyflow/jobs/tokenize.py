@@ -1,4 +1,4 @@
-"""tokenize: silver -> the ``tokenized`` Delta table and training shards with a manifest.
+"""tokenize: curated (the filter job's output; `tokenize.source_table=silver` reads silver) -> the ``tokenized`` Delta table and training shards with a manifest.
 
 Each silver record becomes Dolly's training prompt, encoded with the model's tokenizer plus
 Dolly's special tokens (pad = eos); the loss counts only the response and ``### End``
@@ -64,7 +64,13 @@ from dollyflow.engine.tokenize import build_version
 RUNS_DDL = ("run_id string, started_at timestamp, finished_at timestamp, silver_version long, "
             "shards_root string, shard_dir string, manifest_sha256 string, tokenizer_sha256 string, "
             "max_length int, records map<string,long>, tokens map<string,long>, drops map<string,long>, "
-            "tokenized_version long, pruned array<string>, silver_rows long")
+            "tokenized_version long, pruned array<string>, silver_rows long, source_table string")
+
+
+def source_of(cfg: Config) -> str:
+    """The table tokenize reads (``tokenize.source_table``: curated, the filter job's output, or
+    silver); the run row's and manifest's ``silver*`` fields describe it."""
+    return getattr(cfg.tables, cfg.tokenize.source_table)
 
 
 def resolve_settings(cfg: Config) -> dict:
@@ -88,11 +94,13 @@ def run(cfg: Config, spark) -> dict:
     check_reachable(root, master_of(spark), tk.allow_local_output, "tokenize.output_dir (shards root)",
                     cfg.tables.shared_mounts, "tokenize.allow_local_output")
     store = DeltaStore(spark, cfg.tables)
-    silver_version = tk.silver_version if tk.silver_version is not None else store.version(t.silver)
+    src = source_of(cfg)
+    silver_version = tk.silver_version if tk.silver_version is not None else store.version(src)
     if silver_version is None:
-        raise RuntimeError(f"silver table {store.location(t.silver)} does not exist: run dedupe first")
+        raise RuntimeError(f"{tk.source_table} table {store.location(src)} does not exist: run "
+                           f"{'filter' if tk.source_table == 'curated' else 'dedupe'} first")
     silver_version = int(silver_version)
-    base = {"job": "tokenize", "run_id": cfg.run_id, "silver": store.location(t.silver),
+    base = {"job": "tokenize", "run_id": cfg.run_id, "silver": store.location(src), "source_table": src,
             "silver_version": silver_version, "shards_root": root, "tokenizer": settings["tokenizer"],
             "max_length": settings["max_length"], "backend": store.backend, "backend_reason": store.backend_reason,
             "tokenize_runs": store.location(t.tokenize_runs)}
@@ -108,7 +116,7 @@ def run(cfg: Config, spark) -> dict:
                                test_size=tk.test_size, seed=tk.seed, num_shards=tk.num_shards)
         prev = None
         if tk.skip_unchanged:
-            prev = unchanged_shards(root, store.location(t.silver), silver_version, build)
+            prev = unchanged_shards(root, store.location(src), silver_version, build)
             # ... and only while the tokenized table is still at the version that run wrote
             if prev is not None and (prev["tokenized_table"]["location"] != store.location(t.tokenized) or
                                      store.version(t.tokenized) != prev["tokenized_table"]["version"]):
@@ -136,7 +144,7 @@ def run(cfg: Config, spark) -> dict:
             raise
     t1 = time.time()
     manifest_sha = manifest_sha256(shard_dir)
-    pointer = write_pointer(root, name, run_id=cfg.run_id, silver=store.location(t.silver),
+    pointer = write_pointer(root, name, run_id=cfg.run_id, silver=store.location(src),
                             silver_version=silver_version, started_at=started.isoformat(timespec="microseconds"),
                             manifest_sha256=manifest_sha)
     current = {"shards_current": bool(pointer["moved"]), "current_shard_dir": join(root, pointer["dir"]),
@@ -154,7 +162,7 @@ def run(cfg: Config, spark) -> dict:
     silver_rows = manifest["source"]["rows"]
     row = (cfg.run_id, started, datetime.now(timezone.utc), silver_version, root, shard_dir, manifest_sha,
            manifest["tokenizer"]["sha256"], settings["max_length"], records, tokens, manifest["drops"],
-           manifest["tokenized_table"]["version"], pruned, silver_rows)
+           manifest["tokenized_table"]["version"], pruned, silver_rows, src)
     store.append_rows([row], RUNS_DDL, t.tokenize_runs, job="tokenize", run_id=cfg.run_id, evolve_schema=True)
     timings["finish"] = round(time.time() - t1, 3)
     return {

@@ -82,6 +82,9 @@ def collect(spark, record: dict) -> dict:
                         "survivor_id": r["survivor_id"], "instruction": r["instruction"], "response": r["response"],
                         "survivor_instruction": r["s_instruction"], "survivor_response": r["s_response"]})
 
+    # filter: removed per stage and reason (filtered), redactions per kind (curated's redactions)
+    data["filter"] = _filter(read("filtered"), read("curated"), (jobs.get("filter") or {}).get("summary") or {})
+
     # token lengths per split (the tokenized table) and the drops (the shard manifest)
     tok_summary = (jobs.get("tokenize") or {}).get("summary") or {}
     manifest = _manifest(tok_summary.get("shard_dir"))
@@ -143,6 +146,27 @@ def collect(spark, record: dict) -> dict:
                              timestamp=h.get("timestamp"))
         data["tables"].append(entry)
     return data
+
+
+def _filter(filtered, curated, summary: dict) -> dict:
+    """What the filter job removed and redacted, from its tables at the run's versions."""
+    from pyspark.sql import functions as F
+    if filtered is None or curated is None:
+        return {"ran": False}
+    removed: dict = {}
+    for r in filtered.groupBy("stage", "reason").count().collect():
+        removed.setdefault(r["stage"], {})[r["reason"]] = int(r["count"])
+    spans = (curated.where(F.col("redactions").isNotNull())
+             .select(F.explode(F.from_json("redactions", "array<struct<kind:string>>")).alias("r"))
+             .groupBy("r.kind").count().collect())
+    kept = curated.count()
+    examples = [{k: r[k] for k in ("record_id", "stage", "reason", "detail", "span")}
+                for r in filtered.orderBy("stage", "reason", "record_id").limit(EXAMPLES * 3).collect()]
+    return {"ran": True, "removed": removed, "redactions": {r["kind"]: int(r["count"]) for r in spans},
+            "rows_kept": kept, "rows_removed": sum(sum(v.values()) for v in removed.values()),
+            "rows_in": kept + sum(sum(v.values()) for v in removed.values()),
+            "records_redacted": curated.where(F.col("redactions").isNotNull()).count(),
+            "languages": summary.get("languages") or {}, "examples": examples}
 
 
 def _manifest(shard_dir: str | None) -> dict | None:

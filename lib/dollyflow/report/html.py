@@ -4,7 +4,7 @@
 the same shape) and embeds each plot (:mod:`dollyflow.core.plots`) as a base64 PNG, so the
 page can be mailed, attached to a job run or opened from a Volume with nothing beside it.
 
-Sections (``SECTIONS``): run, records per category, quarantine, duplicates, token lengths,
+Sections (``SECTIONS``): run, records per category, quarantine, duplicates, filter, token lengths,
 training, inference, evaluation, tables. A run of the ``tiny`` preset (or the ``tiny-gpt-neox``
 model) opens with a box saying its answers are not meaningful and which preset to use instead.
 
@@ -26,7 +26,7 @@ from dollyflow.core.plots import (plot_categories, plot_category_loss, plot_coun
                                   plot_lengths, plot_loss)
 
 SECTIONS = [("run", "Run"), ("categories", "Records per category"), ("quarantine", "Quarantined lines"),
-            ("duplicates", "Duplicates removed"), ("tokens", "Token lengths"), ("training", "Training"),
+            ("duplicates", "Duplicates removed"), ("filter", "Filtered and redacted"), ("tokens", "Token lengths"), ("training", "Training"),
             ("inference", "Inference"), ("evaluation", "Evaluation"), ("tables", "Tables")]
 
 TINY_PRESET, TINY_MODEL = "tiny", "tiny-gpt-neox"
@@ -145,6 +145,27 @@ def render_html(d: dict) -> str:
                               f"{_clip(x['survivor_response'], 160)}"] for x in d.get("duplicate_examples", [])]))
     else:
         parts.append("<p>No duplicates: every record of bronze survived into silver.</p>")
+
+    # filter: records removed per stage and reason, redactions per kind
+    h2("filter")
+    fl = d.get("filter") or {}
+    if not fl.get("ran"):
+        parts.append("<p class='muted'>the filter job did not run in this pipeline</p>")
+    else:
+        removed = fl.get("removed") or {}
+        parts.append(f"<p>{_fmt(fl.get('rows_in'))} silver records: {_fmt(fl.get('rows_kept'))} kept in curated, "
+                     f"{_fmt(fl.get('rows_removed'))} removed; {_fmt(fl.get('records_redacted'))} kept records "
+                     "had personal data redacted.</p>")
+        parts.append(_table(["stage", "reason", "records removed"],
+                            [[stage, reason, _fmt(n)] for stage, reasons in sorted(removed.items())
+                             for reason, n in sorted(reasons.items())] or [["-", "none", "0"]], num={2}))
+        red = fl.get("redactions") or {}
+        parts.append(_table(["redacted kind", "spans replaced"],
+                            [[k, _fmt(v)] for k, v in sorted(red.items())] or [["none", "0"]], num={1}))
+        if fl.get("examples"):
+            parts.append(_table(["record", "stage / reason", "detail", "span"],
+                                [[x["record_id"], f"{x['stage']} / {x['reason']}", _clip(x.get("detail"), 200),
+                                  _clip(x.get("span"), 120)] for x in fl["examples"]]))
 
     # tokens
     h2("tokens")
