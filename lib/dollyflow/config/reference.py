@@ -22,7 +22,7 @@ SHARED_SECTIONS = ("spark", "tables")
 JOB_SECTIONS = {
     "ingest": ("ingest",),
     "dedupe": ("dedupe",),
-    "tokenize": ("model", "tokenize"),
+    "tokenize": ("model", "tokenize", "prompt"),
     "train": ("model", "tokenize", "train"),
     "infer": ("model", "infer"),
     "evaluate": ("evaluate",),

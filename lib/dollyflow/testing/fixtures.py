@@ -92,3 +92,31 @@ def tiny_dolly_model(out_dir: str | Path, tokenizer_path: str | Path, records: S
         p.requires_grad_(True)
     return save_model_dir(model, tok, out_dir, {"kind": "fixture", "steps": int(steps), "records": len(records),
                                                 "final_loss": round(float(loss.detach()), 4)})
+
+
+#: A ChatML template (Qwen2's layout) and a Llama-3 one (bos written by the template, header
+#: tokens, ``<|eot_id|>``): the test tokenizers' chat templates, with the special tokens they name.
+CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LLAMA3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                   "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+                   "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+CHAT_TEMPLATES = {"chatml": (CHATML_TEMPLATE, ["<|im_start|>", "<|im_end|>"]),
+                  "llama3": (LLAMA3_TEMPLATE, ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                                               "<|eot_id|>"])}
+
+
+def chat_tokenizer(tokenizer_path: str | Path, out_dir: str | Path, style: str = "chatml") -> Path:
+    """A copy of the tokenizer at ``tokenizer_path`` made into a chat model's tokenizer, as
+    Qwen2's (``chatml``) or Llama 3's (``llama3``: its own bos, no pad token) are: the template's
+    special tokens added and ``chat_template`` set. Saved to ``out_dir`` (returned)."""
+    template, specials = CHAT_TEMPLATES[style]
+    tok = load_tokenizer(str(tokenizer_path), dolly_tokens=False)
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    if style == "llama3":
+        tok.bos_token = "<|begin_of_text|>"
+        tok.pad_token = None
+    tok.chat_template = template
+    out = Path(out_dir)
+    tok.save_pretrained(str(out))
+    return out
