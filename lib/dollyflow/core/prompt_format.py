@@ -91,6 +91,9 @@ class ChatFormat:
         tokens = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
         fmt = cls(str(template), system or "", tokens)
         fmt.end_of_turn_id(tokenizer)   # fails now rather than at generation
+        if system and system not in fmt.prompt_text("Q"):
+            raise ValueError(f"prompt.system: the chat template of {where} writes no system turn (it dropped the "
+                             "system prompt); leave prompt.system empty for it")
         return fmt
 
     # -- rendering ----------------------------------------------------------------------------

@@ -89,3 +89,33 @@ def test_a_tokenizer_without_template_or_dolly_tokens_fails_naming_the_key(token
     model = tiny_causal_lm("llama", len(plain))
     with pytest.raises(ValueError, match="Dolly's special tokens"):
         Generator(model, plain)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ctranslate2_converts_the_architecture_and_equals_the_torch_core(arch, tokenizers, tmp_path):
+    """CTranslate2's own loaders for Llama, Qwen2 and Mistral (rope theta 500000, as Llama 3 has):
+    greedy tokens equal the torch core's, in the chat format recorded in the model directory."""
+    pytest.importorskip("ctranslate2")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dollyflow.core.generation import ct2_convert
+    from dollyflow.core.generation.ct2 import CT2Generator
+    from dollyflow.core.models.loading import load_for_generation, prompt_format_of
+    from dollyflow.core.prompt_format import provenance
+    from dollyflow.testing.fixtures import save_model_dir
+
+    tok, fmt = tokenizers["chat_template"]
+    cfg = AutoConfig.for_model(arch, vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                               rope_theta=500000.0, tie_word_embeddings=False)
+    torch.manual_seed(1)
+    d = save_model_dir(AutoModelForCausalLM.from_config(cfg), tok, tmp_path / arch, {"prompt": provenance(fmt)})
+    assert ct2_convert.supports(str(d))
+    converted = ct2_convert.converted_dir(str(d), f"{arch}-digest-0123456789", "float32", str(tmp_path / "cache"))
+    model, tk = load_for_generation(str(d))
+    loaded_fmt = prompt_format_of(str(d), tk)
+    assert loaded_fmt.name == "chat_template" and loaded_fmt.system == "Answer briefly."
+    ins, ctx = ["Name a colour. " * 20, "What is 2+2?"], ["", "maths " * 30]
+    a = Generator(model, tk, GenerationParams(max_new_tokens=8), prompt_format=loaded_fmt).generate(ins, ctx)
+    b = CT2Generator(converted, tk, GenerationParams(max_new_tokens=8), prompt_format=loaded_fmt).generate(ins, ctx)
+    assert [x.token_ids for x in a] == [x.token_ids for x in b]
