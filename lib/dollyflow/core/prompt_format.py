@@ -225,7 +225,7 @@ def format_from_info(info: dict | None, tokenizer, where: str = "the model direc
     rec = info.get("prompt")
     if isinstance(rec, dict) and rec.get("format"):
         return for_tokenizer(rec["format"], tokenizer, rec.get("system") or "", where)
-    if isinstance(info.get("prompt_format"), str) and info.get("prompt_format") in FORMATS and info.get("prompt"):
+    if info.get("prompt_format") in FORMATS:      # a manifest written before ``prompt``
         return for_tokenizer(info["prompt_format"], tokenizer, "", where)
     if not has_dolly_tokens(tokenizer) and getattr(tokenizer, "chat_template", None):
         return ChatFormat.from_tokenizer(tokenizer, "", where)
