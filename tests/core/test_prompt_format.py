@@ -127,7 +127,7 @@ def test_shards_and_base_model_record_the_chat_format(chat, dolly_records, tmp_p
     from dollyflow.core.training.base import write_base_model
 
     style, path, tok, fmt = chat
-    manifest = build_shard_dir(dolly_records[:20], path, tmp_path / "shards", max_length=1024, test_size=4,
+    manifest = build_shard_dir(dolly_records[:20], path, tmp_path / "shards", max_length=4096, test_size=4,
                                num_shards=1, prompt_format=CHAT_TEMPLATE, system=fmt.system)
     assert manifest["prompt"] == {"format": CHAT_TEMPLATE, "system": fmt.system}
     assert manifest["prompt_format"] == CHAT_TEMPLATE and manifest["drops"] == {}
