@@ -47,6 +47,12 @@ CPU mode (default):
   (``job_ct2_warm_vs_ct2_plain``, the issue's goal: >= 1.0); and the same with
   ``infer.compute_type=int8`` (``job_ct2_int8_*``: int8 weights, answers not all equal).
 
+- **core, generic path**: the same core with ``fast=False``: every decode step through the model's
+  own ``forward`` and cache, the path every architecture but GPT-NeoX runs (``generic_vs_fast``).
+- **same size, another architecture** (``--generic-arch``, default llama; ``none`` skips): a
+  model of that architecture with the bench model's shape, trained the same way, the core
+  (generic path) against the Dolly-style baseline on it (``same_size``).
+
 Reported: generated tokens/s of each side (``### End`` counted as generated on both sides),
 speedup = core / baseline, overhead = job / core, p50/p95 seconds per row (baseline: one call;
 core: from the row's prefill, when it joins the running batch, to its last token), and how many
@@ -169,12 +175,13 @@ def dolly_style(model, tok, rows, max_new_tokens: int) -> dict:
             "per_row_s": percentiles(seconds), "responses": responses}
 
 
-def core(model, tok, rows, max_new_tokens: int, window: int, batch_tokens: int, max_batch_size: int) -> dict:
+def core(model, tok, rows, max_new_tokens: int, window: int, batch_tokens: int, max_batch_size: int,
+         fast: bool = True) -> dict:
     from dollyflow.core.generation.generator import Generator
     from dollyflow.core.generation.params import GenerationParams
 
     g = Generator(model, tok, GenerationParams(max_new_tokens=max_new_tokens), batch_tokens=batch_tokens,
-                  max_batch_size=max_batch_size)
+                  max_batch_size=max_batch_size, fast=fast)
     out = []
     t0 = time.perf_counter()
     for i in range(0, len(rows), window):
@@ -351,6 +358,16 @@ def cpu(args) -> dict:
         same = sum(a == b for a, b in zip(base["responses"], ours["responses"]))
         result.update(baseline=base, speedup=round(ours["tokens_per_s"] / base["tokens_per_s"], 2),
                       equal_responses=f"{same}/{len(rows)}")
+    # the generic decode path (the model's own forward and cache, what every non-GPT-NeoX model runs)
+    # on the same model, beside the GPT-NeoX fast path
+    generic = core(model, tok, rows, args.max_new_tokens, args.window, args.batch_tokens, args.batch_size, fast=False)
+    result.update(core_generic=generic, generic_vs_fast=round(generic["tokens_per_s"] / ours["tokens_per_s"], 3),
+                  generic_equal_to_core=f"{sum(a == b for a, b in zip(generic['responses'], ours['responses']))}"
+                                        f"/{len(rows)}")
+    if base is not None:
+        result.update(generic_speedup=round(generic["tokens_per_s"] / base["tokens_per_s"], 2))
+    if args.generic_arch != "none":
+        result.update(same_size=same_size_arch(args, workdir, rows))
     if not args.no_spark:
         job = spark_job(workdir, model_dir, rows, args.max_new_tokens, args.window, args.batch_tokens,
                         args.batch_size, cores)
@@ -384,6 +401,33 @@ def cpu(args) -> dict:
                                                      f"/{len(rows)}",
                           job_ct2_int8_warm_vs_ct2_plain=round(job8["warm"]["tokens_per_s"] / plain["tokens_per_s"], 3))
     return result
+
+
+def same_size_arch(args, workdir: Path, rows) -> dict:
+    """A model of ``--generic-arch`` (Llama by default) of the bench model's shape (hidden 256, 4
+    layers, 8 heads, the 50k vocabulary), trained the same way: the core (generic path) against the
+    Dolly-style baseline on it."""
+    from dollyflow.core.models.loading import load_for_generation
+    from dollyflow.testing.fixtures import tiny_dolly_model
+
+    model_dir = workdir / f"model-{args.generic_arch}"
+    if not (model_dir / "model.safetensors").is_file():
+        tiny_dolly_model(model_dir, tokenizer_path(workdir), training_records(args.train_records),
+                         steps=args.train_steps, lr=3e-3, hidden_size=256, layers=4, heads=8,
+                         max_position_embeddings=2048, batch_size=4, model_type=args.generic_arch)
+    model, tok = load_for_generation(str(model_dir))
+    out = {"arch": args.generic_arch, "params": sum(p.numel() for p in model.parameters())}
+    base = None if args.no_baseline else dolly_style(model, tok, rows, args.max_new_tokens)
+    ours = core(model, tok, rows, args.max_new_tokens, args.window, args.batch_tokens, args.batch_size)
+    ours.pop("prefills", None)
+    out["core"] = ours
+    if base is not None:
+        out.update(baseline=base, speedup=round(ours["tokens_per_s"] / base["tokens_per_s"], 2),
+                   equal_responses=f"{sum(a == b for a, b in zip(base['responses'], ours['responses']))}/{len(rows)}")
+    for side in ("baseline", "core"):
+        if isinstance(out.get(side), dict):
+            out[side].pop("responses", None)
+    return out
 
 
 def gpu(args) -> dict:
@@ -434,6 +478,9 @@ def main() -> int:
     p.add_argument("--no-baseline", action="store_true",
                    help="CPU: skip the Dolly-style baseline (overhead runs with many --prompts)")
     p.add_argument("--gpu", action="store_true")
+    p.add_argument("--generic-arch", default="llama", choices=["llama", "qwen2", "mistral", "none"],
+                   help="CPU: also a model of this architecture of the same shape (generic path) against the "
+                        "baseline; none: skip")
     p.add_argument("--cold-core-child", default=None, help=argparse.SUPPRESS)   # internal: core_cold()
     args = p.parse_args()
     if args.max_new_tokens is None:
@@ -449,7 +496,7 @@ def main() -> int:
         return _cold_core_child(args)
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     result = gpu(args) if args.gpu else cpu(args)
-    for side in ("baseline", "core", "job"):
+    for side in ("baseline", "core", "job", "core_generic"):
         if isinstance(result.get(side), dict):
             result[side].pop("responses", None)
     text = json.dumps(result, indent=2)

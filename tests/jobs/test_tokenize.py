@@ -235,11 +235,13 @@ def test_tokenizer_is_built_once_per_worker_not_per_batch(job, spark):
     encode = encoder(text, MAX_LENGTH, 42)
 
     def encode_and_report(batches):
-        """The job's encoder, then one extra row carrying (pid, builds) of this worker."""
+        """The job's encoder, then one extra row carrying (pid, tokenizers built by this task) of this
+        worker (a delta: a reused worker may hold tokenizers of earlier tests in the session)."""
         import os
+        before = backend_builds()
         yield from encode(batches)
         yield pa.RecordBatch.from_pylist([{"record_id": "__report__", "split_key": os.getpid(),
-                                           "length": backend_builds()}], schema=TOKENIZED_ARROW)
+                                           "length": backend_builds() - before}], schema=TOKENIZED_ARROW)
 
     silver = job["store"].read(job["cfg"].tables.silver).repartition(6)
     cols = ["record_id", "instruction", "context", "response", "category"]
@@ -250,8 +252,12 @@ def test_tokenizer_is_built_once_per_worker_not_per_batch(job, spark):
         spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
     reports = [r for r in rows if r["record_id"] == "__report__"]
     assert len(rows) - len(reports) == len(job["rows"]) and len(reports) == 6
-    # 6 tasks of ~17 records in batches of 5: loading per batch or per task would count 2 to 24
-    assert all(r["length"] == 1 for r in reports), reports
+    # 6 tasks of ~17 records in batches of 5: loading per batch would count 4 a task, per task 1 a
+    # task; once per worker is at most 1 over all the tasks a worker ran
+    per_worker: dict = {}
+    for r in reports:
+        per_worker[r["split_key"]] = per_worker.get(r["split_key"], 0) + r["length"]
+    assert all(n <= 1 for n in per_worker.values()), reports
 
 
 def test_spark_submit_script_runs_despite_its_stdlib_name():

@@ -23,7 +23,7 @@ JOB_SECTIONS = {
     "ingest": ("ingest",),
     "dedupe": ("dedupe",),
     "filter": ("filter",),
-    "tokenize": ("model", "tokenize"),
+    "tokenize": ("model", "tokenize", "prompt"),
     "train": ("model", "tokenize", "train"),
     "infer": ("model", "infer"),
     "evaluate": ("evaluate",),

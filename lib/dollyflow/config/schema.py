@@ -23,6 +23,7 @@ DOLLY_CATEGORIES = [
 
 TRAIN_LAUNCHERS = ("torch_distributor", "torchrun", "horovod")
 TRAIN_METHODS = ("full", "lora")
+PROMPT_FORMATS = ("dolly", "chat_template")
 #: evaluate.baseline: what dollyflow pipeline compares the fine-tune with
 BASELINES = ("none", "base")
 DEEPSPEED_PRESETS = ("auto", "a100", "a10", "v100", "cpu")
@@ -130,6 +131,17 @@ class ModelConfig:
     @property
     def tokenizer_name(self) -> str:
         return self.tokenizer or self.name
+
+
+@dataclass
+class PromptConfig:
+    """prompt: how a record becomes a prompt (chosen at tokenize; train, infer and dolly_generate read it from
+    the shards' manifest and the model directory's provenance)."""
+    format: str = setting("dolly", doc="dolly (Dolly's prompt and its three added special tokens) | chat_template "
+                                       "(the tokenizer's own chat template: instruction and context as the user "
+                                       "turn, the response as the assistant turn; no added tokens; the tokenizer "
+                                       "must have a template)")
+    system: str = setting("", doc="chat_template only: a system prompt put first in every conversation; empty: none")
 
 
 @dataclass
@@ -323,7 +335,10 @@ class TrainConfig:
     lora_alpha: int = setting(16, doc="LoRA scaling numerator (scale = alpha / r)")
     lora_dropout: float = setting(0.05, doc="dropout on the LoRA branch")
     lora_target_modules: list[str] = setting(factory=lambda: list(GPT_NEOX_LORA_TARGETS),
-                                             doc="modules LoRA adapts: GPT-NeoX attention + MLP")
+                                             doc="modules LoRA adapts (default: GPT-NeoX attention + MLP; on "
+                                                 "another architecture this default means [auto]) | [auto]: "
+                                                 "peft's targets for the architecture (Llama/Qwen2/Mistral: "
+                                                 "q_proj, v_proj) | [all-linear]: every linear layer")
     lora_train_new_tokens: bool = setting(True, doc="also train the embedding and output rows of Dolly's three "
                                                     "added tokens (peft trainable_token_indices): they are new, and "
                                                     "### End must be learned for generation to stop")
@@ -557,6 +572,7 @@ class Config:
     evaluate: EvaluateConfig = setting(factory=EvaluateConfig, doc=EvaluateConfig.__doc__)
     storage: StorageConfig = setting(factory=StorageConfig, doc=StorageConfig.__doc__)
     filter: FilterConfig = setting(factory=FilterConfig, doc=FilterConfig.__doc__)
+    prompt: PromptConfig = setting(factory=PromptConfig, doc=PromptConfig.__doc__)
 
     def to_dict(self) -> dict[str, Any]:
         """Every key and value, secrets included: for this process only. What is written or

@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 from dollyflow.config.errors import ConfigError
-from dollyflow.config.schema import (BASELINES, DEEPSPEED_PRESETS, PII_ACTIONS, PII_KINDS, TRAIN_LAUNCHERS, TRAIN_METHODS, Config, TablesConfig,
+from dollyflow.config.schema import (BASELINES, DEEPSPEED_PRESETS, PII_ACTIONS, PII_KINDS, PROMPT_FORMATS, TRAIN_LAUNCHERS, TRAIN_METHODS, Config, TablesConfig,
                                      TrainConfig)
 from dollyflow.core.split import parse_test_size
 
@@ -59,6 +59,11 @@ def validate(cfg: Config) -> None:
     if bad:
         raise ConfigError(f"ingest.field_map: unknown target field(s) {sorted(bad)}; "
                           "targets are instruction, context, response, category")
+    if cfg.prompt.format not in PROMPT_FORMATS:
+        raise ConfigError(f"prompt.format: {cfg.prompt.format!r} is not one of {', '.join(PROMPT_FORMATS)}")
+    if cfg.prompt.system and cfg.prompt.format != "chat_template":
+        raise ConfigError("prompt.system: a system prompt needs prompt.format=chat_template (Dolly's prompt has "
+                          "no system turn)")
     inf = cfg.infer
     if inf.mode not in ("append", "overwrite"):
         raise ConfigError(f"infer.mode: {inf.mode!r} is not one of append, overwrite")

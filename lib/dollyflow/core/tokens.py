@@ -66,9 +66,20 @@ def load_tokenizer(name_or_path: str, dolly_tokens: bool = True):
     return tok
 
 
+def ensure_pad_token(tokenizer):
+    """pad = eos when the tokenizer has no pad token (Llama 3, Mistral, ...): padded positions are
+    masked out of attention and loss, so which id they hold does not matter."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has neither a pad nor an eos token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def special_token_ids(tokenizer) -> dict[str, int]:
     """Ids of Dolly's special tokens and of eos/pad, keyed by token text (eos/pad by role)."""
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in DOLLY_SPECIAL_TOKENS}
+    vocab = tokenizer.get_vocab()
+    ids = {t: vocab[t] for t in DOLLY_SPECIAL_TOKENS if t in vocab}
     ids["eos"] = tokenizer.eos_token_id
     ids["pad"] = tokenizer.pad_token_id
     return ids

@@ -58,10 +58,10 @@ from dollyflow.core.models.cache import cache_entry, fetched_copy, model_cache_r
 from dollyflow.core.models.device import pick_device, pick_dtype
 from dollyflow.core.models.fetch import fetch_model
 from dollyflow.core.models.files import model_digest, tokenizer_dir_for
-from dollyflow.core.models.loading import load_for_generation
+from dollyflow.core.models.loading import load_for_generation, prompt_format_of
 from dollyflow.core.models.sources import ModelSource, locate_model
 from dollyflow.core.storage import is_local_master, is_shared
-from dollyflow.core.tokens import load_tokenizer, set_single_thread
+from dollyflow.core.tokens import ensure_pad_token, load_tokenizer, set_single_thread
 from dollyflow.engine.session import master_of
 
 RESULT_FIELDS = (("response", "string"), ("finish_reason", "string"), ("prompt_tokens", "int"),
@@ -273,11 +273,13 @@ def worker_generator(spec: InferSpec):
     dtype = str(pick_dtype(device, spec.dtype)).replace("torch.", "")
 
     def load():
-        return load_for_generation(worker_model_dir(spec), device=device, dtype=dtype)
+        model_dir = worker_model_dir(spec)
+        model, tokenizer = load_for_generation(model_dir, device=device, dtype=dtype)
+        return model, tokenizer, prompt_format_of(model_dir, tokenizer)   # as the model was trained
 
-    (model, tokenizer), loaded = cached((spec.digest, device, dtype), load)
+    (model, tokenizer, fmt), loaded = cached((spec.digest, device, dtype), load)
     return Generator(model, tokenizer, spec.params, batch_tokens=spec.batch_tokens,
-                     max_batch_size=spec.max_batch_size), loaded
+                     max_batch_size=spec.max_batch_size, prompt_format=fmt), loaded
 
 
 def _ct2_generator(spec: InferSpec, device: str):
@@ -288,13 +290,14 @@ def _ct2_generator(spec: InferSpec, device: str):
     def load():
         model_dir = worker_model_dir(spec)
         converted = ct2.converted_dir(model_dir, spec.digest, spec.compute_type, model_cache_root())
-        tokenizer = load_tokenizer(tokenizer_dir_for(model_dir), dolly_tokens=False)
+        tokenizer = ensure_pad_token(load_tokenizer(tokenizer_dir_for(model_dir), dolly_tokens=False))
         # CPU: ``threads`` replicas of one thread each share one copy of the weights (faster than
         # one replica with several threads, and than one process per core with a copy each);
         # a GPU: one replica
         replicas, intra = (threads, 1) if kind == "cpu" else (1, threads)
         return ct2.CT2Generator(converted, tokenizer, spec.params, device=device, compute_type=spec.compute_type,
-                                inter_threads=replicas, intra_threads=intra)
+                                inter_threads=replicas, intra_threads=intra,
+                                prompt_format=prompt_format_of(model_dir, tokenizer))
 
     return cached((spec.digest, "ctranslate2", device, spec.compute_type, threads, spec.params.digest()), load)
 

@@ -46,7 +46,8 @@ from dollyflow.core.shards import (TOKENIZER_DIR, build_manifest, histogram_edge
                                    shard_count, shard_file_name, verify_shards, write_manifest, write_shard)
 from dollyflow.core.split import TEST, TRAIN, select_test, split_keys
 from dollyflow.core.storage import filesystem, is_shared, join, remove_dir, upload_dir
-from dollyflow.core.tokens import backend_from_json, encode_records, set_single_thread
+from dollyflow.core.prompt_format import DollyFormat, encode_records, from_dict as format_from_dict
+from dollyflow.core.tokens import backend_from_json, set_single_thread
 
 #: The tokenizer's output inside the job. ``ids`` holds a record's token ids as little-endian
 #: int32 bytes: a binary column crosses Arrow <-> JVM, the cache and the shuffle as one copy,
@@ -92,9 +93,10 @@ def ids_to_list(ids: pa.Array | pa.ChunkedArray) -> pa.Array:
                                     mask=ids.is_null() if ids.null_count else None)
 
 
-def _encode_batch(rb: pa.RecordBatch, backend, max_length: int, seed: int) -> pa.RecordBatch:
+def _encode_batch(rb: pa.RecordBatch, backend, max_length: int, seed: int, fmt=None) -> pa.RecordBatch:
     rids = rb.column("record_id").to_pylist()
-    enc = encode_records(backend, rb.column("instruction").to_pylist(), rb.column("context").to_pylist(),
+    enc = encode_records(backend, fmt or DollyFormat(), rb.column("instruction").to_pylist(),
+                         rb.column("context").to_pylist(),
                          rb.column("response").to_pylist(), max_length)
     arrays = [
         rb.column("record_id").cast(pa.string()),
@@ -121,25 +123,27 @@ def with_parallelism(df, factor: int = 1):
     return df.repartition(target) if n < target else df
 
 
-def tokenize_records(df, tokenizer_json: str, max_length: int, seed: int = 42):
+def tokenize_records(df, tokenizer_json: str, max_length: int, seed: int = 42, prompt: dict | None = None):
     """silver-shaped rows -> one row per record: split_key, ids (token ids as int32 bytes),
     response_start, length and drop_reason (null when kept; ids and response_start are null for
     dropped records)."""
     cols = ["record_id", "instruction", "context", "response", "category"]
-    return df.select(*cols).mapInArrow(encoder(tokenizer_json, max_length, seed), TOKENIZED_DDL)
+    return df.select(*cols).mapInArrow(encoder(tokenizer_json, max_length, seed, prompt), TOKENIZED_DDL)
 
 
-def encoder(tokenizer_json: str, max_length: int, seed: int = 42):
+def encoder(tokenizer_json: str, max_length: int, seed: int = 42, prompt: dict | None = None):
     """The mapInArrow function of :func:`tokenize_records`: Arrow batches of silver columns ->
-    Arrow batches of :data:`TOKENIZED_ARROW`."""
+    Arrow batches of :data:`TOKENIZED_ARROW`. ``prompt``: the prompt format as
+    :meth:`~dollyflow.core.prompt_format.ChatFormat.to_dict` gives it (None: Dolly's)."""
     max_length, seed = int(max_length), int(seed)
 
     def encode(batches):
         set_single_thread()
         backend = backend_from_json(tokenizer_json)   # once per worker process (cached)
+        fmt = format_from_dict(prompt)
         for rb in batches:
             if rb.num_rows:
-                yield _encode_batch(rb, backend, max_length, seed)
+                yield _encode_batch(rb, backend, max_length, seed, fmt)
 
     return encode
 
@@ -172,19 +176,20 @@ def _open_readable(path: str):
     return fs.open_input_file(p)
 
 
-def tokenize_to_staging(df, tokenizer_json: str, max_length: int, seed: int, staging_dir: str):
+def tokenize_to_staging(df, tokenizer_json: str, max_length: int, seed: int, staging_dir: str,
+                        prompt: dict | None = None):
     """silver-shaped rows -> :data:`NARROW_DDL` rows, one per record. Each task tokenizes its
     rows (:func:`encoder`), writes the kept ones -- sorted by (split_key, record_id), token ids
     as int32 bytes -- as one Arrow IPC file under ``staging_dir`` and returns for every record
     its narrow columns, with ``part``/``row`` locating a kept record in that file (null for a
     dropped one). The token ids never go through the JVM."""
     cols = ["record_id", "instruction", "context", "response", "category"]
-    return df.select(*cols).mapInArrow(stager(tokenizer_json, max_length, seed, str(staging_dir)), NARROW_DDL)
+    return df.select(*cols).mapInArrow(stager(tokenizer_json, max_length, seed, str(staging_dir), prompt), NARROW_DDL)
 
 
-def stager(tokenizer_json: str, max_length: int, seed: int, staging_dir: str):
+def stager(tokenizer_json: str, max_length: int, seed: int, staging_dir: str, prompt: dict | None = None):
     """The mapInArrow function of :func:`tokenize_to_staging`."""
-    encode = encoder(tokenizer_json, max_length, seed)
+    encode = encoder(tokenizer_json, max_length, seed, prompt)
 
     def stage(batches):
         from pyspark import TaskContext
@@ -393,7 +398,8 @@ def build_version(cfg, spark, store, silver_version: int, shard_dir: str, settin
     clock("prepare")
     try:
         # tokenizes (once): the kept rows go to staging files, their narrow columns come here
-        narrow = tokenize_to_staging(silver, tokenizer_json, max_length, tk.seed, staging).toArrow()
+        narrow = tokenize_to_staging(silver, tokenizer_json, max_length, tk.seed, staging,
+                                     settings.get("prompt")).toArrow()
         clock("tokenize")
         counts = plan_outputs(narrow, tk.test_size, tk.num_shards)
         expect_equal(f"tokenize: silver v{silver_version}",
@@ -427,7 +433,8 @@ def build_version(cfg, spark, store, silver_version: int, shard_dir: str, settin
         tok = {**tok_info, "name": settings["tokenizer"], "dir": TOKENIZER_DIR}
         manifest = build_manifest(source=source, tokenizer=tok, max_length=max_length, seed=tk.seed,
                                   test_size=tk.test_size, edges=edges, split_shards=by_split, drops=counts.drops,
-                                  run_id=cfg.run_id)
+                                  run_id=cfg.run_id, prompt_format=settings.get("prompt_info", {}).get("format", "dolly"))
+        manifest["prompt"] = settings.get("prompt_info", {"format": "dolly", "system": ""})
         manifest["settings"] = build
         expect_equal("tokenize: manifest", ("records kept", counts.kept), ("manifest records", manifest["records"]))
         write_manifest(shard_dir, manifest)

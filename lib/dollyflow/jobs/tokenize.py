@@ -2,7 +2,9 @@
 
 Each silver record becomes Dolly's training prompt, encoded with the model's tokenizer plus
 Dolly's special tokens (pad = eos); the loss counts only the response and ``### End``
-(``response_start`` is the first such token). Prompts longer than ``max_length`` are dropped,
+(``response_start`` is the first such token). With ``prompt.format=chat_template`` the
+tokenizer's own chat template renders it instead, with no added token
+(:mod:`dollyflow.core.prompt_format`); the format goes into the manifest (``prompt``). Prompts longer than ``max_length`` are dropped,
 never truncated, and counted by reason. Records are split train/test by hash of record_id and
 seed. Output:
 
@@ -56,7 +58,8 @@ from dollyflow.config import Config, shards_root
 from dollyflow.core.shards import (POINTER, export_mds, manifest_sha256, mds_available, prune_versions,
                                    shard_settings, unchanged_shards, version_dir_name, write_pointer)
 from dollyflow.core.storage import absolute, check_reachable, join, remove_dir
-from dollyflow.core.tokens import load_tokenizer, save_tokenizer
+from dollyflow.core.prompt_format import DOLLY, prompt_tokenizer, provenance as format_provenance
+from dollyflow.core.tokens import save_tokenizer
 from dollyflow.engine.delta import DeltaStore
 from dollyflow.engine.session import master_of
 from dollyflow.engine.tokenize import build_version
@@ -102,18 +105,24 @@ def run(cfg: Config, spark) -> dict:
     silver_version = int(silver_version)
     base = {"job": "tokenize", "run_id": cfg.run_id, "silver": store.location(src), "source_table": src,
             "silver_version": silver_version, "shards_root": root, "tokenizer": settings["tokenizer"],
-            "max_length": settings["max_length"], "backend": store.backend, "backend_reason": store.backend_reason,
+            "max_length": settings["max_length"], "prompt_format": cfg.prompt.format, "backend": store.backend, "backend_reason": store.backend_reason,
             "tokenize_runs": store.location(t.tokenize_runs)}
     timings: dict = {}
     with tempfile.TemporaryDirectory(prefix="dollyflow-tokenizer-") as tok_dir:
         # The tokenizer, saved once on the driver: its sha256 decides skip_unchanged, its files go
         # next to the shards, its tokenizer.json to the workers.
         t1 = time.time()
-        tok_info = save_tokenizer(load_tokenizer(settings["tokenizer"]), tok_dir)
+        tokenizer, fmt = prompt_tokenizer(settings["tokenizer"], cfg.prompt.format, cfg.prompt.system)
+        settings["prompt"] = fmt.to_dict() if fmt.name != DOLLY else None
+        settings["prompt_info"] = format_provenance(fmt)
+        tok_info = save_tokenizer(tokenizer, tok_dir)
         timings["start"] = round(t1 - t0, 3)
         timings["tokenizer"] = round(time.time() - t1, 3)
         build = shard_settings(tokenizer_sha256=tok_info["sha256"], max_length=settings["max_length"],
-                               test_size=tk.test_size, seed=tk.seed, num_shards=tk.num_shards)
+                               test_size=tk.test_size, seed=tk.seed, num_shards=tk.num_shards,
+                               prompt_format=fmt.name)
+        if fmt.name != DOLLY:
+            build["prompt_system"] = cfg.prompt.system
         prev = None
         if tk.skip_unchanged:
             prev = unchanged_shards(root, store.location(src), silver_version, build)

@@ -22,6 +22,7 @@ from datetime import datetime
 
 from dollyflow.core.evaluation.bootstrap import MIN_CALL_ROWS, OVERALL
 from dollyflow.core.evaluation.headline import LABELS, REFERENCE_METRICS
+from dollyflow.core.models.build import is_tiny
 from dollyflow.core.plots import (plot_categories, plot_category_loss, plot_counts, plot_differences, plot_headline,
                                   plot_lengths, plot_loss)
 
@@ -29,7 +30,7 @@ SECTIONS = [("run", "Run"), ("categories", "Records per category"), ("quarantine
             ("duplicates", "Duplicates removed"), ("filter", "Filtered and redacted"), ("tokens", "Token lengths"), ("training", "Training"),
             ("inference", "Inference"), ("evaluation", "Evaluation"), ("tables", "Tables")]
 
-TINY_PRESET, TINY_MODEL = "tiny", "tiny-gpt-neox"
+TINY_PRESET, TINY_MODEL = "tiny", "tiny-gpt-neox"   # and tiny-llama, tiny-qwen2, tiny-mistral (is_tiny)
 #: Presets for a real evaluation: conf/model/pythia-*.yaml (Dolly v2 fine-tuned pythia-2.8b, 6.9b, 12b).
 GPU_PRESET = "pythia-1.4b"
 TINY_WARNING = (
@@ -241,7 +242,8 @@ def render_html(d: dict) -> str:
 
 def tiny_run(run: dict) -> bool:
     """Whether the run used the tiny preset or the tiny random model."""
-    return run.get("preset") == TINY_PRESET or run.get("model") == TINY_MODEL
+    return run.get("preset") == TINY_PRESET or str(run.get("preset") or "").startswith(TINY_PRESET + "-") \
+        or is_tiny(str(run.get("model") or ""))
 
 
 # ---------------------------------------------------------------------------------------------

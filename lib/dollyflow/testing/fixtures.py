@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from dollyflow.core.models.build import TINY_MODEL, tiny_gpt_neox
+from dollyflow.core.models.build import TINY_MODEL, TINY_MODELS, tiny_causal_lm
 from dollyflow.core.prompt import prompt_prefix, response_suffix
 from dollyflow.core.tokens import IGNORE_INDEX, load_tokenizer
 from dollyflow.core.training.model_dir import finish_model_dir
@@ -43,15 +43,17 @@ def save_model_dir(model, tokenizer, out_dir: str | Path, info: dict | None = No
 
 def tiny_dolly_model(out_dir: str | Path, tokenizer_path: str | Path, records: Sequence[dict], steps: int = 200,
                      lr: float = 1e-2, hidden_size: int = 64, layers: int = 2, heads: int = 4,
-                     max_position_embeddings: int = 512, seed: int = 42, batch_size: int | None = None) -> Path:
-    """Train a tiny GPT-NeoX on ``records`` (dicts with instruction, context, response) until it
-    answers with their responses and ``### End``; save it under ``out_dir`` (see module doc).
+                     max_position_embeddings: int = 512, seed: int = 42, batch_size: int | None = None,
+                     model_type: str = "gpt_neox") -> Path:
+    """Train a tiny GPT-NeoX (or another ``model_type`` of :func:`tiny_causal_lm`: llama, qwen2,
+    mistral) on ``records`` (dicts with instruction, context, response) until it answers with their
+    responses and ``### End``; save it under ``out_dir`` (see module doc).
     ``batch_size``: records per step (shuffled, seeded); None: all of them every step."""
     import torch
 
     tok = load_tokenizer(str(tokenizer_path))
-    model = tiny_gpt_neox(len(tok), hidden_size=hidden_size, layers=layers, heads=heads,
-                          max_position_embeddings=max_position_embeddings, seed=seed)
+    model = tiny_causal_lm(model_type, len(tok), hidden_size=hidden_size, layers=layers, heads=heads,
+                           kv_heads=heads, max_position_embeddings=max_position_embeddings, seed=seed)
     seqs, labels = [], []
     for r in records:
         p = tok(prompt_prefix(r["instruction"], r.get("context") or ""))["input_ids"]
@@ -91,4 +93,39 @@ def tiny_dolly_model(out_dir: str | Path, tokenizer_path: str | Path, records: S
     for p in model.parameters():
         p.requires_grad_(True)
     return save_model_dir(model, tok, out_dir, {"kind": "fixture", "steps": int(steps), "records": len(records),
-                                                "final_loss": round(float(loss.detach()), 4)})
+                                                "final_loss": round(float(loss.detach()), 4),
+                                                "base_model": next((k for k, v in TINY_MODELS.items()
+                                                                    if v == model_type), TINY_MODEL)})
+
+
+#: A ChatML template (Qwen2's layout) and a Llama-3 one (bos written by the template, header
+#: tokens, ``<|eot_id|>``): the test tokenizers' chat templates, with the special tokens they name.
+CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LLAMA3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                   "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+                   "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+#: Mistral's layout: no system turn, ``[INST] ... [/INST]``, the answer ended by eos.
+MISTRAL_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                    "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+CHAT_TEMPLATES = {"chatml": (CHATML_TEMPLATE, ["<|im_start|>", "<|im_end|>"]), "mistral": (MISTRAL_TEMPLATE, []),
+                  "llama3": (LLAMA3_TEMPLATE, ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                                               "<|eot_id|>"])}
+
+
+def chat_tokenizer(tokenizer_path: str | Path, out_dir: str | Path, style: str = "chatml") -> Path:
+    """A copy of the tokenizer at ``tokenizer_path`` made into a chat model's tokenizer, as
+    Qwen2's (``chatml``), Llama 3's (``llama3``: its own bos, no pad token) or Mistral's
+    (``mistral``: no system turn, eos ends a turn) are: the template's
+    special tokens added and ``chat_template`` set. Saved to ``out_dir`` (returned)."""
+    template, specials = CHAT_TEMPLATES[style]
+    tok = load_tokenizer(str(tokenizer_path), dolly_tokens=False)
+    if specials:
+        tok.add_special_tokens({"additional_special_tokens": specials})
+    if style == "llama3":
+        tok.bos_token = "<|begin_of_text|>"
+        tok.pad_token = None
+    tok.chat_template = template
+    out = Path(out_dir)
+    tok.save_pretrained(str(out))
+    return out

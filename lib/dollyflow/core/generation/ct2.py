@@ -36,8 +36,7 @@ from dollyflow.core.generation.batch import Prompt
 from dollyflow.core.generation.ct2_convert import (INSTALL_HINT, available, conversions, converted_dir,
                                                    read_marker, require, supports)
 from dollyflow.core.generation.params import FINISH_LENGTH, FINISH_STOP, Generation, GenerationParams
-from dollyflow.core.generation.prompts import PromptFitter, describe, split_rows
-from dollyflow.core.models.loading import check_dolly_tokenizer, stop_token_ids
+from dollyflow.core.generation.prompts import PromptFitter, describe, resolve_format, split_rows
 
 __all__ = ["available", "require", "INSTALL_HINT", "supports", "converted_dir", "conversions", "COMPUTE_TYPES",
            "check_compute_type", "CT2Generator"]
@@ -83,11 +82,10 @@ class CT2Generator:
     def __init__(self, ct2_dir: str, tokenizer, params: GenerationParams | None = None, *, device: str = "cpu",
                  compute_type: str = "default", inter_threads: int = 1, intra_threads: int = 0,
                  max_batch_tokens: int = 2048, max_positions: int | None = None,
-                 stop_ids: Sequence[int] | None = None):
+                 stop_ids: Sequence[int] | None = None, prompt_format=None):
         require()
         import ctranslate2
 
-        check_dolly_tokenizer(tokenizer)
         self.ct2_dir = ct2_dir
         self.tokenizer = tokenizer
         self.params = params or GenerationParams()
@@ -103,12 +101,11 @@ class CT2Generator:
             raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the CTranslate2 model's vocabulary only "
                              f"{self.vocabulary_size}: tokenizer and weights do not belong together")
         source = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=info.get("eos_token_ids")))
-        self.stop_ids = sorted(set(int(i) for i in (stop_ids if stop_ids is not None
-                                                    else stop_token_ids(source, tokenizer))))
+        self.prompt_format, self.stop_ids = resolve_format(source, tokenizer, prompt_format, stop_ids)
         if not self.stop_ids:
             raise ValueError("no stop token: the tokenizer has neither '### End' nor eos")
         limit = max_positions or info.get("max_positions") or 2048
-        self._fitter = PromptFitter(tokenizer, self.params, int(limit))
+        self._fitter = PromptFitter(tokenizer, self.params, int(limit), self.prompt_format)
         self.max_positions = self._fitter.max_positions
         self.max_prompt_tokens = self._fitter.max_prompt_tokens
         if self.params.do_sample:

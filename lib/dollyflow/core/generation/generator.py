@@ -1,8 +1,11 @@
-"""The batched Dolly generator (:class:`Generator`: prompts, the continuous-batching scheduler and
-its decode loop; engine-free: no Spark; the infer job's UDF, benches and notebooks all call it).
+"""The batched generator (:class:`Generator`: prompts, the continuous-batching scheduler and
+its decode loop; engine-free: no Spark; the infer job's UDF, benches and notebooks all call it),
+for any decoder-only ``AutoModelForCausalLM``.
 
 Prompts are Dolly's generation prompt (:func:`dollyflow.core.prompt.format_inference_prompt`:
-intro, ``### Instruction:``, ``Input:`` + context when non-empty, ``### Response:``). The
+intro, ``### Instruction:``, ``Input:`` + context when non-empty, ``### Response:``), or the
+tokenizer's chat template's (:mod:`dollyflow.core.prompt_format`; generation then stops at the
+template's end-of-turn token or eos). The
 response is the text the model generates after ``### Response:`` up to ``### End`` (or eos), or
 to the end when ``max_new_tokens`` was reached, decoded as Dolly does
 (``tokenizer.decode(ids).strip()``).
@@ -56,10 +59,9 @@ from dollyflow.core.generation.batch import Prompt, RunningBatch
 from dollyflow.core.generation.kv_cache import can_merge, merge_caches, new_cache
 from dollyflow.core.generation.neox_step import NeoXStep, attention_groups, supports
 from dollyflow.core.generation.params import FINISH_LENGTH, FINISH_STOP, Generation, GenerationParams
-from dollyflow.core.generation.prompts import PromptFitter, describe, split_rows
+from dollyflow.core.generation.prompts import PromptFitter, describe, resolve_format, split_rows
 from dollyflow.core.generation.sampling import next_tokens, row_generators
 from dollyflow.core.models.device import release_gpu_memory
-from dollyflow.core.models.loading import check_dolly_tokenizer, stop_token_ids
 
 
 class Generator:
@@ -71,13 +73,17 @@ class Generator:
     rows x (cache width + max_new_tokens) at most; ``max_batch_size``: its rows at most;
     ``prefill_tokens``: padded prompt tokens per prefill forward at most (one prompt at least).
     ``fast``: decode GPT-NeoX models with :class:`~dollyflow.core.generation.neox_step.NeoXStep` (False: always
-    through the model's forward).
+    through the model's forward; every other architecture always goes through its forward).
+    ``prompt_format``: :mod:`dollyflow.core.prompt_format`'s Dolly or chat format (None: Dolly's
+    when the tokenizer has its tokens, else the tokenizer's chat template when it has one; the
+    infer job passes the one the model directory records).
     """
 
     def __init__(self, model, tokenizer, params: GenerationParams | None = None, *, batch_tokens: int = 16384,
                  max_batch_size: int = 64, stop_ids: Sequence[int] | None = None,
-                 max_positions: int | None = None, prefill_tokens: int = 4096, fast: bool = True):
-        check_dolly_tokenizer(tokenizer)
+                 max_positions: int | None = None, prefill_tokens: int = 4096, fast: bool = True,
+                 prompt_format=None):
+        self.prompt_format, stop_ids = resolve_format(model, tokenizer, prompt_format, stop_ids)
         self.model = model
         self.tokenizer = tokenizer
         self.params = params or GenerationParams()
@@ -86,13 +92,12 @@ class Generator:
         self.prefill_tokens = int(prefill_tokens)
         if self.batch_tokens < 1 or self.max_batch_size < 1:
             raise ValueError("batch_tokens and max_batch_size must be >= 1")
-        self.stop_ids = sorted(set(int(i) for i in (stop_ids if stop_ids is not None
-                                                    else stop_token_ids(model, tokenizer))))
+        self.stop_ids = stop_ids
         if not self.stop_ids:
             raise ValueError("no stop token: the tokenizer has neither '### End' nor eos")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         limit = max_positions or getattr(model.config, "max_position_embeddings", None) or 2048
-        self._fitter = PromptFitter(tokenizer, self.params, int(limit))
+        self._fitter = PromptFitter(tokenizer, self.params, int(limit), self.prompt_format)
         self.max_positions = self._fitter.max_positions
         self.max_prompt_tokens = self._fitter.max_prompt_tokens
         forward = inspect.signature(model.forward).parameters

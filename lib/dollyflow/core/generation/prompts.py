@@ -1,4 +1,5 @@
-"""Dolly prompts for every generation engine (:class:`PromptFitter`): the checks that turn a bad row
+"""Prompts for every generation engine (:class:`PromptFitter`; Dolly's or a chat template's,
+:mod:`dollyflow.core.prompt_format`): the checks that turn a bad row
 into an error row (null, blank or non-string instruction, non-string context, a string the
 tokenizer cannot encode, a prompt too long even without context), the encoding, and the fitting
 of a long prompt into the model's positions by trimming its context from the left. The torch
@@ -10,7 +11,8 @@ from __future__ import annotations
 from dollyflow.core.generation.batch import Prompt
 from dollyflow.core.generation.params import ERROR_EMPTY_INSTRUCTION, Generation, GenerationParams
 from dollyflow.core.generation.sampling import MASK64, row_seed
-from dollyflow.core.prompt import format_inference_prompt
+from dollyflow.core.models.loading import check_dolly_tokenizer, stop_token_ids
+from dollyflow.core.prompt_format import DollyFormat, format_from_info
 
 
 def describe(exc: BaseException) -> str:
@@ -22,8 +24,9 @@ class PromptFitter:
     """Prompts of one tokenizer within ``max_positions`` (prompt + ``params.max_new_tokens`` must
     fit). ValueError when ``max_new_tokens`` leaves no room for a prompt."""
 
-    def __init__(self, tokenizer, params: GenerationParams, max_positions: int):
+    def __init__(self, tokenizer, params: GenerationParams, max_positions: int, prompt_format=None):
         self.tokenizer = tokenizer
+        self.format = prompt_format or DollyFormat()
         self.params = params
         self.max_positions = int(max_positions)
         self.max_prompt_tokens = self.max_positions - params.max_new_tokens
@@ -32,7 +35,13 @@ class PromptFitter:
                              f"in the model's {self.max_positions} positions")
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
+        return self.tokenizer(texts, add_special_tokens=self.format.add_special_tokens)["input_ids"] if texts else []
+
+    def _text(self, instruction, context):
+        try:
+            return self.format.prompt_text(instruction, context)
+        except Exception as exc:   # a template that refuses a row: that row's error
+            return exc
 
     def prompts(self, instructions, contexts, seeds, results) -> list[Prompt]:
         """The :class:`Prompt` of every good row (its index, ids, seed, context tokens trimmed);
@@ -47,7 +56,9 @@ class PromptFitter:
                 results[i] = Generation.failed(f"context must be a string, got {type(ctx).__name__}")
             else:
                 keep.append(i)
-                texts.append(format_inference_prompt(ins, ctx))
+                texts.append(self._text(ins, ctx))
+        failed = {k: t for k, t in enumerate(texts) if isinstance(t, Exception)}
+        texts = ["" if isinstance(t, Exception) else t for t in texts]
         try:
             encoded = self.encode(texts)
         except Exception:  # one odd string must not fail the window: encode row by row
@@ -57,6 +68,7 @@ class PromptFitter:
                     encoded.append(self.encode([text])[0])
                 except Exception as exc:
                     encoded.append(exc)
+        encoded = [failed.get(k, ids) for k, ids in enumerate(encoded)]
         prompts = []
         for i, ids in zip(keep, encoded):
             if isinstance(ids, Exception):
@@ -89,11 +101,11 @@ class PromptFitter:
                 kept = context[offsets[drop][0]:].lstrip()
                 if not kept:
                     break
-                ids = self.encode([format_inference_prompt(instruction, kept)])[0]
+                ids = self.encode([self.format.prompt_text(instruction, kept)])[0]
                 if len(ids) <= limit:
                     return ids, drop, None
                 drop += len(ids) - limit
-        ids = self.encode([format_inference_prompt(instruction, None)])[0]
+        ids = self.encode([self.format.prompt_text(instruction, None)])[0]
         if len(ids) <= limit:
             return ids, len(self.tokenizer(context, add_special_tokens=False)["input_ids"]) if context else 0, None
         return None, 0, (f"prompt too long: {len(ids)} tokens without any context; the model's "
@@ -110,3 +122,18 @@ def split_rows(instructions, contexts, seeds) -> tuple[list, list, list]:
     if not (len(contexts) == len(seeds) == n):
         raise ValueError("instructions, contexts and seeds must have the same length")
     return list(instructions), contexts, seeds
+
+
+def resolve_format(model, tokenizer, prompt_format=None, stop_ids=None):
+    """(format, stop ids) of a generator: ``prompt_format`` None is the one the tokenizer implies
+    (:func:`~dollyflow.core.prompt_format.format_from_info` with nothing recorded). Dolly's format
+    needs Dolly's tokens (:func:`~dollyflow.core.models.loading.check_dolly_tokenizer`); stop ids
+    default to the generation config's eos ids and the format's own (``### End``/eos, or the
+    template's end-of-turn token/eos)."""
+    fmt = prompt_format if prompt_format is not None else format_from_info(None, tokenizer)
+    if fmt.name == "dolly":
+        check_dolly_tokenizer(tokenizer)
+    if stop_ids is None:
+        stop_ids = stop_token_ids(model, tokenizer) if fmt.name == "dolly" else \
+            stop_token_ids(model, tokenizer, end_key=False) + fmt.stop_ids(tokenizer)
+    return fmt, sorted(set(int(i) for i in stop_ids))

@@ -17,25 +17,26 @@ from dollyflow.core.shards.manifest import build_manifest, write_manifest
 from dollyflow.core.shards.plan import plan_shards, shard_count
 from dollyflow.core.shards.shard_file import histogram_edges, shard_file_name, write_shard
 from dollyflow.core.split import assign_splits, split_keys
-from dollyflow.core.tokens import backend_from_json, backend_json, encode_records, load_tokenizer, save_tokenizer
+from dollyflow.core.prompt_format import encode_records, prompt_tokenizer, provenance as format_provenance
+from dollyflow.core.tokens import backend_from_json, backend_json, save_tokenizer
 
 
 def build_shard_dir(records: Iterable[dict], tokenizer_path: str | os.PathLike, out_dir: str | os.PathLike, *,
                     max_length: int = 512, test_size: float = 10, num_shards: int = 2, seed: int = 42,
-                    source: dict | None = None) -> dict:
+                    source: dict | None = None, prompt_format: str = "dolly", system: str = "") -> dict:
     """Write a shard directory (shards, ``tokenizer/``, ``manifest.json``) for dolly records
     (``instruction``, ``context``, ``response``, ``category``) with the core functions the
     tokenize job uses, without Spark: the same records in the same shards in the same order as
     the job writes for those records and settings (tests/jobs/test_tokenize.py compares them).
-    Returns the manifest."""
+    ``prompt_format``/``system``: as ``prompt.format``/``prompt.system``. Returns the manifest."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     recs = list(records)
-    tok = load_tokenizer(str(tokenizer_path))
+    tok, fmt = prompt_tokenizer(str(tokenizer_path), prompt_format, system)
     tok_info = save_tokenizer(tok, out_dir / "tokenizer")
     tok_info.update(name=str(tokenizer_path), dir="tokenizer")
     backend = backend_from_json(backend_json(tok))
-    enc = encode_records(backend, [r["instruction"] for r in recs], [r.get("context") or "" for r in recs],
+    enc = encode_records(backend, fmt, [r["instruction"] for r in recs], [r.get("context") or "" for r in recs],
                          [r["response"] for r in recs], max_length)
     drops: dict[str, int] = {}
     kept = []
@@ -69,6 +70,8 @@ def build_shard_dir(records: Iterable[dict], tokenizer_path: str | os.PathLike, 
         by_split[split] = stats
     manifest = build_manifest(source=source or {"table": "local", "location": "", "version": 0, "backend": "none"},
                               tokenizer=tok_info, max_length=max_length, seed=seed, test_size=test_size,
-                              edges=edges, split_shards=by_split, drops=drops, run_id="local")
+                              edges=edges, split_shards=by_split, drops=drops, run_id="local",
+                              prompt_format=fmt.name)
+    manifest["prompt"] = format_provenance(fmt)
     write_manifest(str(out_dir), manifest)
     return manifest

@@ -24,7 +24,7 @@ import os
 from dollyflow.core.models.build import load_model
 from dollyflow.core.shards import TOKENIZER_DIR, manifest_sha256, read_manifest
 from dollyflow.core.storage import join
-from dollyflow.core.tokens import load_tokenizer
+from dollyflow.core.prompt_format import load_prompt_tokenizer, recorded
 from dollyflow.core.training.data import local_dir
 from dollyflow.core.training.model_dir import generation_config, read_provenance, write_provenance
 from dollyflow.core.training.prepare import model_short_name
@@ -36,6 +36,8 @@ def base_key(model_name: str, manifest: dict, max_length: int) -> str:
     """What the base directory's weights and tokenizer depend on, as 16 hex digits."""
     tok = manifest.get("tokenizer") or {}
     doc = {"model": model_name, "tokenizer_sha256": tok.get("sha256"), "max_length": int(max_length)}
+    if recorded(manifest)["format"] != "dolly":
+        doc["prompt"] = recorded(manifest)
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -59,16 +61,16 @@ def write_base_model(model_name: str, shard_dir: str, out_dir: str, max_length: 
             return dict(prov, reused=True)
         raise RuntimeError(f"{out_dir} holds another model ({prov.get('kind') or 'a trained one'}, key "
                            f"{prov.get('key')}): not overwriting it")
-    tok = load_tokenizer(local_dir(join(shard_dir, TOKENIZER_DIR)))
+    tok, _fmt = load_prompt_tokenizer(local_dir(join(shard_dir, TOKENIZER_DIR)), manifest)
     model = load_model(model_name, len(tok), max_length=max_length)
     model.config.use_cache = True
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)      # safetensors
     tok.save_pretrained(out_dir)
-    generation_config(tok).save_pretrained(out_dir)
+    generation_config(tok, recorded(manifest)).save_pretrained(out_dir)
     doc = write_provenance(out_dir, {
         "kind": KIND, "key": key, "trained": False, "name": os.path.basename(os.path.normpath(out_dir)),
-        "base_model": model_name, "method": "none", "weights": "base",
+        "base_model": model_name, "method": "none", "weights": "base", "prompt": recorded(manifest),
         "about": "the untrained model the fine-tune started from (the train job's starting point for these "
                  "shards: same weights, embeddings resized to the shards' tokenizer); trained on nothing",
         "dataset": {"shard_dir": shard_dir, "manifest_sha256": manifest_sha256(shard_dir),

@@ -42,10 +42,10 @@ import torch
 
 from dollyflow.config import redact, redact_uri
 from dollyflow.core import shards as shard_io
-from dollyflow.core.models.build import TINY_MODEL, tiny_gpt_neox
+from dollyflow.core.models.build import TINY_MODELS, is_tiny, tiny_causal_lm
 from dollyflow.core.prompt import DOLLY_SPECIAL_TOKENS
 from dollyflow.core.storage import join, write_atomic
-from dollyflow.core.tokens import load_tokenizer
+from dollyflow.core import prompt_format
 from dollyflow.core.training import batching, checkpoint, distributed, dsconfig, model_dir, modeling, tracking
 from dollyflow.core.training.data import local_dir, split_records
 from dollyflow.core.training.distributed import DistContext, all_gather_object, all_reduce, broadcast_object
@@ -84,8 +84,8 @@ def _peak_rss_mb() -> float:
 
 
 def _model_config(name: str, vocab_size: int, max_length: int):
-    if name == TINY_MODEL:
-        return tiny_gpt_neox(vocab_size, max_position_embeddings=max_length).config
+    if is_tiny(name):
+        return tiny_causal_lm(TINY_MODELS[name], vocab_size, max_position_embeddings=max_length).config
     from transformers import AutoConfig
     return AutoConfig.from_pretrained(name, trust_remote_code=False)
 
@@ -147,7 +147,9 @@ class FinetuneRecipe:
     def _load_data(self) -> None:
         """2. data"""
         t, rank, world, shard_dir = self.t, self.rank, self.world, self.shard_dir
-        self.tok = load_tokenizer(local_dir(join(shard_dir, shard_io.TOKENIZER_DIR)))
+        self.prompt = prompt_format.recorded(self.manifest)
+        self.tok, self.fmt = prompt_format.load_prompt_tokenizer(local_dir(join(shard_dir, shard_io.TOKENIZER_DIR)),
+                                                                 self.manifest)
         self.pad_id = int(self.tok.pad_token_id)
         self.train_set = split_records(shard_dir, "train", rank, world)
         self.test_set = split_records(shard_dir, "test", 0, 1) if "test" in self.manifest["splits"] else None
@@ -200,13 +202,14 @@ class FinetuneRecipe:
             f"{self.preset_name}, ZeRO-{self.stage}, {self.precision}; {len(self.train_set)} train records on "
             f"rank 0, {self.total_steps} steps ({'/'.join(map(str, self.steps_per_epoch))} per epoch)", self.rank)
         self.hf_ds = None
-        if self.stage == 3 and spec.model.name != TINY_MODEL:
+        if self.stage == 3 and not is_tiny(spec.model.name):
             from transformers.integrations import HfDeepSpeedConfig
             self.hf_ds = HfDeepSpeedConfig(self.ds)   # kept alive: from_pretrained loads partitioned
         lm = modeling.build_model(spec.model.name, len(tok), max_length=spec.model.max_length,
                                   precision=self.precision, gradient_checkpointing=t.gradient_checkpointing)
         if t.method == "lora":
-            new_ids = [tok.convert_tokens_to_ids(x) for x in DOLLY_SPECIAL_TOKENS]
+            # Dolly's added tokens start untrained; the chat format adds none
+            new_ids = [tok.convert_tokens_to_ids(x) for x in DOLLY_SPECIAL_TOKENS] if self.fmt.name == "dolly" else []
             lm = modeling.apply_lora(lm, t, new_ids)
         self.lm = lm
         module = modeling.LabelLoss(lm)
@@ -478,7 +481,8 @@ class FinetuneRecipe:
             }
             prov = {
                 "name": os.path.basename(os.path.normpath(self.final_dir)), "base_model": spec.model.name,
-                "method": t.method, "weights": saved["weights"], "run_id": spec.run_id,
+                "method": t.method, "weights": saved["weights"], "run_id": spec.run_id, "prompt": self.prompt,
+                "architecture": modeling.unwrap(self.lm).config.model_type.replace("_", "-"),
                 "launcher": spec.launcher, "processes": self.world,
                 "dataset": {"shard_dir": redact_uri(self.shard_dir), "manifest_sha256": spec.manifest_sha256,
                             "source": manifest.get("source", {}), "tokenized_table": manifest.get("tokenized_table"),

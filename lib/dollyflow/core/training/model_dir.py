@@ -25,8 +25,9 @@ import json
 import os
 from datetime import datetime, timezone
 
-from dollyflow.core.models.build import TINY_MODEL
+from dollyflow.core.models.build import is_tiny
 from dollyflow.core.prompt import END_KEY
+from dollyflow.core.prompt_format import DOLLY, for_tokenizer, recorded
 from dollyflow.core.storage import check_within, join, read_bytes, write_atomic
 from dollyflow.core.training import checkpoint
 
@@ -85,10 +86,18 @@ def write_provenance(output_dir: str, info: dict) -> dict:
     return doc
 
 
-def generation_config(tokenizer):
-    """Dolly's generation settings, stopping at ``### End``; pad = eos."""
+def generation_config(tokenizer, prompt: dict | None = None):
+    """Dolly's generation settings, stopping at ``### End``; pad = eos. In the chat format
+    (``prompt``: the recorded format, :func:`dollyflow.core.prompt_format.recorded`) eos is the
+    template's end-of-turn token and the tokenizer's eos, pad the tokenizer's pad."""
     from transformers import GenerationConfig
 
+    rec = recorded({"prompt": prompt} if prompt else None)
+    if rec["format"] != DOLLY:
+        fmt = for_tokenizer(rec["format"], tokenizer, rec["system"])
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return GenerationConfig(eos_token_id=fmt.stop_ids(tokenizer), pad_token_id=pad,
+                                bos_token_id=tokenizer.bos_token_id, **DOLLY_GENERATION)
     end_id = tokenizer.convert_tokens_to_ids(END_KEY)
     if end_id is None or end_id == tokenizer.unk_token_id:
         raise ValueError("the tokenizer lacks the '### End' special token")
@@ -110,19 +119,29 @@ def model_card(p: dict) -> str:
     src = p.get("dataset", {}).get("source", {})
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "license: apache-2.0"]
     base = p.get("base_model", "")
-    if base and base != TINY_MODEL:
+    if base and not is_tiny(base):
         lines.append(f"base_model: {base}")
-    lines += ["tags:", "  - dollyflow", "  - dolly", "  - gpt-neox", f"  - {p.get('method', 'full')}", "---", ""]
+    arch = p.get("architecture") or "gpt-neox"
+    lines += ["tags:", "  - dollyflow", "  - dolly", f"  - {arch}", f"  - {p.get('method', 'full')}", "---", ""]
     by = p.get("trained_by") or (f"dollyflow (DeepSpeed, launched by {p.get('launcher')} on "
                                  f"{p.get('processes')} process(es))")
     lines += [f"# {p.get('name', 'dollyflow model')}", "",
-              f"`{base}` fine-tuned ({p.get('method')}) to follow instructions in Dolly's prompt format by "
-              f"{by}. Prompt:", "",
-              "```", "Below is an instruction that describes a task. Write a response that appropriately "
-              "completes the request.", "", "### Instruction:", "{instruction}", "", "Input:", "{context}", "",
-              "### Response:", "```", "",
-              "Generation stops at `### End` (`generation_config.json`: eos = `### End`, pad = eos, Dolly's "
-              "top_p 0.92, top_k 0, 256 new tokens).", ""]
+              ]
+    if recorded(p)["format"] != DOLLY:
+        system = recorded(p)["system"]
+        lines += [f"`{base}` fine-tuned ({p.get('method')}) to follow instructions in its tokenizer's chat template "
+                  f"by {by}: the instruction (and the context under `Input:`) is the user turn, the response the "
+                  "assistant turn" + (f", after the system prompt `{system}`" if system else "") + ". Use "
+                  "`tokenizer.apply_chat_template(messages, add_generation_prompt=True)`; generation stops at the "
+                  "template's end-of-turn token or eos (`generation_config.json`).", ""]
+    else:
+        lines += [f"`{base}` fine-tuned ({p.get('method')}) to follow instructions in Dolly's prompt format by "
+                  f"{by}. Prompt:", "",
+                  "```", "Below is an instruction that describes a task. Write a response that appropriately "
+                  "completes the request.", "", "### Instruction:", "{instruction}", "", "Input:", "{context}", "",
+                  "### Response:", "```", "",
+                  "Generation stops at `### End` (`generation_config.json`: eos = `### End`, pad = eos, Dolly's "
+                  "top_p 0.92, top_k 0, 256 new tokens).", ""]
     lines += ["## Dataset", "", "| | |", "| --- | --- |",
               f"| source table | `{src.get('table', '')}` ({src.get('location', '')}) |",
               f"| Delta version | {src.get('version', '')} |",
@@ -176,7 +195,7 @@ def finish_model_dir(output_dir: str, tokenizer, provenance: dict, foreign: set[
     (:mod:`dollyflow.testing.fixtures`), so that whatever the infer job is tested on has the train
     job's layout."""
     tokenizer.save_pretrained(output_dir)
-    generation_config(tokenizer).save_pretrained(output_dir)
+    generation_config(tokenizer, provenance.get("prompt")).save_pretrained(output_dir)
     write_card(output_dir, provenance)
     files = {k: v for k, v in list_files(output_dir, skip_dirs).items()
              if k not in foreign and k != PROVENANCE and ".tmp-" not in k}

@@ -5,7 +5,8 @@
   already partitioned), embeddings resized to the shard tokenizer's length exactly, as Dolly does
   (pythia's padded 50,304/50,432 rows shrink to 50,280, so generation can never emit an id the
   tokenizer lacks).
-- :func:`apply_lora`: peft LoRA on GPT-NeoX's ``query_key_value`` and dense layers; the rows of
+- :func:`apply_lora`: peft LoRA on GPT-NeoX's ``query_key_value`` and dense layers (other
+  architectures: peft's targets for them, or ``all-linear``, :func:`lora_targets`); the rows of
   Dolly's three added tokens in the input embedding and the output head are trained too (peft
   ``trainable_token_indices``), since they start untrained and ``### End`` must be learned.
 - :class:`LabelLoss`: the module DeepSpeed wraps. Its forward runs the transformer body on the
@@ -27,7 +28,10 @@ from dollyflow.core.tokens import IGNORE_INDEX
 
 #: Model types whose causal-LM forward is ``head(body(ids).last_hidden_state)``: for them the head
 #: is applied to label positions only. Others run their own forward (same loss, more compute).
-HEAD_ON_LABELS_ONLY = {"gpt_neox"}
+HEAD_ON_LABELS_ONLY = {"gpt_neox", "llama", "qwen2", "qwen3", "mistral", "olmo2"}
+
+#: train.lora_target_modules' default: GPT-NeoX's attention and MLP projections (Dolly's model).
+GPT_NEOX_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -51,12 +55,36 @@ def _module_name(model, module) -> str:
     raise ValueError("module not found in the model")
 
 
+def lora_targets(targets, model=None):
+    """peft's ``target_modules`` for ``train.lora_target_modules``: ``[auto]`` (and the GPT-NeoX
+    default on any other architecture) is None, peft's own targets for the architecture (Llama,
+    Qwen2, Mistral, OLMo2: q_proj and v_proj); ``[all-linear]`` every linear layer but the output
+    head; otherwise the module names, each of which must exist in the model (ValueError naming the
+    key)."""
+    targets = list(targets)
+    model_type = getattr(getattr(unwrap(model), "config", None), "model_type", None) if model is not None else None
+    if targets == ["auto"]:
+        return list(GPT_NEOX_TARGETS) if model_type == "gpt_neox" or model is None else None
+    if targets == GPT_NEOX_TARGETS and model_type not in (None, "gpt_neox"):
+        return None
+    if targets == ["all-linear"]:
+        return "all-linear"
+    if model is not None:
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        missing = [x for x in targets if x not in names]
+        if missing:
+            raise ValueError(f"train.lora_target_modules: {missing} name no module of this {model_type} model; use "
+                             "[auto] (peft's targets for the architecture), [all-linear] or names such as "
+                             f"{sorted(n for n in names if 'proj' in n)[:6]}")
+    return targets
+
+
 def lora_config(t, model=None, new_token_ids=()):
     """The peft ``LoraConfig`` for the train settings ``t`` (the ``train:`` section)."""
     from peft import LoraConfig
 
     kw = dict(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
-              target_modules=list(t.lora_target_modules), bias="none", task_type="CAUSAL_LM")
+              target_modules=lora_targets(t.lora_target_modules, model), bias="none", task_type="CAUSAL_LM")
     if t.lora_train_new_tokens and new_token_ids and model is not None:
         ids = sorted(int(i) for i in new_token_ids)
         kw["trainable_token_indices"] = {_module_name(model, model.get_input_embeddings()): ids,

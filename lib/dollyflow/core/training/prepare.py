@@ -35,7 +35,7 @@ from dataclasses import asdict
 
 from dollyflow.config import Config, on_databricks, redact, redact_uri, shards_root
 from dollyflow.core import shards as shard_io
-from dollyflow.core.models.build import TINY_MODEL
+from dollyflow.core.models.build import is_tiny
 from dollyflow.core.prompt import DOLLY_SPECIAL_TOKENS
 from dollyflow.core.storage import is_uri, join, read_bytes, write_atomic
 from dollyflow.core.tokens import load_tokenizer
@@ -110,13 +110,13 @@ def check_tokenizer(shard_dir: str, model_cfg: dict) -> dict:
     nothing else added. Fails before training, naming both sizes. The tiny random model is built
     for whatever tokenizer the shards carry, so it needs no check."""
     base = model_cfg.get("tokenizer") or model_cfg["name"]
-    if model_cfg["name"] == TINY_MODEL and not model_cfg.get("tokenizer"):
+    if is_tiny(model_cfg["name"]) and not model_cfg.get("tokenizer"):
         return {"checked": False, "why": "the tiny model is built for the shards' tokenizer"}
     shard_tok = load_tokenizer(local_dir(join(shard_dir, shard_io.TOKENIZER_DIR)), dolly_tokens=False)
     try:
         model_tok = load_tokenizer(base, dolly_tokens=False)
     except Exception as exc:  # noqa: BLE001 - named in the error
-        if model_cfg["name"] == TINY_MODEL:
+        if is_tiny(model_cfg["name"]):
             return {"checked": False, "why": f"model.tokenizer {base!r} cannot be loaded ({exc}); the tiny model "
                                              "is built for the shards' tokenizer"}
         raise TokenizerMismatch(f"cannot load the base model's tokenizer {base!r} to check the shards against it: "
