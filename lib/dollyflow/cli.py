@@ -223,8 +223,7 @@ COMMANDS = {"pipeline": pipeline, "report": report, "quickstart": quickstart, "c
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ["pipeline", "report", "quickstart", "config", "tables"] + JOBS
-    commands = ["pipeline", "report", "quickstart", "config", "trace"] + JOBS
+    commands = ["pipeline", "report", "quickstart", "config", "tables", "trace"] + JOBS
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(f"usage: dollyflow {{{','.join(commands)}}} [--preset P] [--env E] [section.key=value ...]\n\n"
               + __doc__, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
