@@ -355,7 +355,7 @@ def _small_project(spark, root, rows):
     return store
 
 
-def test_credentials_in_a_model_uri_never_reach_predictions_or_the_summary(spark, tmp_path, s3_bucket,
+def test_credentials_in_a_model_uri_never_reach_predictions_or_the_summary(spark, tmp_path, s3_bucket, s3_server,
                                                                           dolly_model_dir, dolly_records, capfd,
                                                                           monkeypatch):
     """A model on an object store with credentials in its URI: downloaded once into the (driver's,
@@ -370,18 +370,19 @@ def test_credentials_in_a_model_uri_never_reach_predictions_or_the_summary(spark
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))    # the driver's; the workers' env is their own
     uri = s3_bucket("s3", "models/dolly")
-    assert "key:secret@" in uri
+    secret = s3_server.secret_key
+    assert f"{s3_server.access_key}:{secret}@" in uri
     upload_dir(dolly_model_dir, uri)
     store = _small_project(spark, tmp_path, silver_rows(dolly_records[:2]))
     out = infer.run(load_config("infer", [f"tables.warehouse={tmp_path / 'warehouse'}", "spark.shuffle_partitions=2",
                                           f"infer.model={uri}", "infer.split=all", "infer.max_new_tokens=4"]), spark)
     shown = redact_uri(uri)
-    assert "secret" not in shown and shown.startswith("s3://***@dollyflow-test/models/dolly")
+    assert secret not in shown and shown.startswith("s3://***@dollyflow-test/models/dolly")
     assert out["generated"] == 2 and out["model"] == shown and out["model_source"]["kind"] == "uri"
     assert out["model_sha"] == model_digest(str(dolly_model_dir))
     assert {r["model"] for r in store.read("predictions").collect()} == {shown}
-    assert "secret" not in json.dumps(out, default=str)
-    assert "secret" not in capfd.readouterr().err
+    assert secret not in json.dumps(out, default=str)
+    assert secret not in capfd.readouterr().err
     # the workers used the driver's complete copy: nothing fetched into their default cache
     entry = Path(out["model_dir"]).relative_to(tmp_path / "cache").parts[0]
     assert not (Path(tempfile.gettempdir()) / f"dollyflow-models-{os.getuid()}" / entry).exists()
