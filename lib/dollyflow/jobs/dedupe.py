@@ -45,18 +45,10 @@ RUNS_DDL = ("run_id string, started_at timestamp, finished_at timestamp, bronze_
             "seconds double")
 
 
-def last_run(store, runs_table: str):
-    """The newest dedupe-runs row as a dict, or None (one row comes back to the driver)."""
-    if not store.exists(runs_table):
-        return None
-    row = store.read(runs_table).orderBy("finished_at", ascending=False).limit(1).collect()
-    return row[0].asDict() if row else None
-
-
 def unchanged(store, cfg: Config, bronze_version: int, params_json: str):
     """The last run's row when re-running would reproduce exactly what the tables hold."""
     t = cfg.tables
-    prev = last_run(store, t.dedupe_runs)
+    prev = store.newest_row(t.dedupe_runs)
     if prev is None or prev["bronze_version"] != bronze_version or prev["parameters"] != params_json:
         return None
     if store.version(t.silver) != prev["silver_version"] or store.version(t.duplicates) != prev["duplicates_version"]:

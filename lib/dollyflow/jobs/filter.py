@@ -51,17 +51,10 @@ RUNS_DDL = ("run_id string, started_at timestamp, finished_at timestamp, silver_
             "filtered_version long, seconds double")
 
 
-def last_run(store, runs_table: str):
-    if not store.exists(runs_table):
-        return None
-    row = store.read(runs_table).orderBy("finished_at", ascending=False).limit(1).collect()
-    return row[0].asDict() if row else None
-
-
 def unchanged(store, cfg: Config, silver_version: int, settings_json: str):
     """The last run's row when re-running would reproduce exactly what the tables hold."""
     t = cfg.tables
-    prev = last_run(store, t.filter_runs)
+    prev = store.newest_row(t.filter_runs)
     if prev is None or prev["silver_version"] != silver_version or prev["settings"] != settings_json:
         return None
     if store.version(t.curated) != prev["curated_version"] or store.version(t.filtered) != prev["filtered_version"]:

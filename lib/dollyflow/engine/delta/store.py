@@ -70,6 +70,14 @@ class DeltaStore:
         """The table as a DataFrame, at ``version`` when given (time travel)."""
         return self._backend.read(self.ref(name), version)
 
+    def newest_row(self, name: str, order_by: str = "finished_at") -> dict[str, Any] | None:
+        """The row with the greatest ``order_by`` as a dict (one row comes back to the driver), or
+        None when the table does not exist or is empty: a job's last run in its ``*_runs`` table."""
+        if not self.exists(name):
+            return None
+        row = self.read(name).orderBy(order_by, ascending=False).limit(1).collect()
+        return row[0].asDict() if row else None
+
     # -- writing ------------------------------------------------------------------------------
 
     def write(self, df, name: str, mode: str = "append", job: str = "", run_id: str = "",
