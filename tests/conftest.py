@@ -167,6 +167,13 @@ def local_spark(delta: bool):
     return session
 
 
+@pytest.fixture(scope="session")
+def spark_of():
+    """:func:`local_spark` for test modules that switch between the two kinds of session (a test
+    module cannot import this conftest by name: other folders have a conftest too)."""
+    return local_spark
+
+
 @pytest.fixture(scope="module")
 def spark():
     """A local[2] session without Delta's jars (the offline backend), shared by a module (and by

@@ -7,7 +7,6 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from conftest import local_spark
 from dollyflow.config import ConfigError
 from dollyflow.engine.delta import DeltaStore, resolve
 
@@ -15,16 +14,16 @@ pytestmark = pytest.mark.spark
 
 
 @pytest.fixture(scope="module", params=["offline", "native"])
-def backend(request):
+def backend(request, spark_of):
     """The backend under test; its session is started (or kept) for the whole group of its tests."""
-    local_spark(delta=request.param == "native")
+    spark_of(delta=request.param == "native")
     return request.param
 
 
 @pytest.fixture
-def spark(backend):
+def spark(backend, spark_of):
     """The session of the backend under test (the offline one has no Delta jars)."""
-    return local_spark(delta=backend == "native")
+    return spark_of(delta=backend == "native")
 
 
 @pytest.fixture
