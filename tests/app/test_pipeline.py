@@ -174,9 +174,9 @@ def test_pipeline_and_its_rerun_on_native_delta(native_spark, tmp_path, capsys, 
             f"model.tokenizer={tokenizer_path}", "tokenize.test_size=0.1", "tables.backend=native"]
     assert main(args) == 0
     first = json.loads(capsys.readouterr().out)
-    assert first["status"] == "succeeded" and list(first["jobs"]) == ["ingest", "dedupe", "tokenize", "train", "infer",
-                                                                      "evaluate"]
-    assert [j["status"] for j in first["jobs"].values()] == ["changed"] * 6
+    assert first["status"] == "succeeded" and list(first["jobs"]) == ["ingest", "dedupe", "filter", "tokenize", "train",
+                                                                      "infer", "evaluate"]
+    assert [j["status"] for j in first["jobs"].values()] == ["changed"] * 7
     for name, job in first["jobs"].items():
         if "backend" in job["summary"]:
             assert job["summary"]["backend"] == "native", (name, job["summary"].get("backend_reason"))
@@ -185,16 +185,17 @@ def test_pipeline_and_its_rerun_on_native_delta(native_spark, tmp_path, capsys, 
     versions = {name: store.version(name) for name in ALL_TABLES}
     assert all(v is not None for v in versions.values()), versions
     data = contents(native_spark, wh)
-    assert all(data[t] for t in DATA_TABLES if t not in ("quarantine", "duplicates"))
+    assert all(data[t] for t in DATA_TABLES if t not in ("quarantine", "duplicates", "filtered"))
     assert store.count("predictions") == first["jobs"]["infer"]["summary"]["generated"] > 0
 
     assert main(args) == 0
     second = json.loads(capsys.readouterr().out)
     status = {n: j["status"] for n, j in second["jobs"].items()}
-    assert status["ingest"] == status["dedupe"] == status["infer"] == status["evaluate"] == "unchanged", status
+    assert (status["ingest"] == status["dedupe"] == status["filter"] == status["infer"] == status["evaluate"]
+            == "unchanged"), status
     assert contents(native_spark, wh) == data
     unchanged = [job for job, st in status.items() if st == "unchanged"]
-    assert {"ingest", "dedupe", "infer", "evaluate"} <= set(unchanged)
+    assert {"ingest", "dedupe", "filter", "infer", "evaluate"} <= set(unchanged)
     for job in unchanged:                       # an unchanged job committed no new version
         for name in JOB_TABLES[job]:
             assert store.version(name) == versions[name], (job, name)

@@ -80,7 +80,9 @@ def test_dedupe_on_the_cluster(submit, chain):
 
 def test_tokenize_on_the_cluster(submit, chain):
     needs(chain, "dedupe")
-    s = job(submit, chain, "tokenize", "tokenize.max_length=512", "tokenize.test_size=8", "tokenize.num_shards=2")
+    # silver straight (the filter job is tested on local Spark: tests/jobs/test_filter.py)
+    s = job(submit, chain, "tokenize", "tokenize.max_length=512", "tokenize.test_size=8", "tokenize.num_shards=2",
+            "tokenize.source_table=silver")
     assert Path(s["shard_dir"]).is_relative_to(chain["root"] / "wh" / "shards")
     manifest = json.loads((Path(s["shard_dir"]) / "manifest.json").read_text())
     assert manifest["records"] == s["records_tokenized"] == s["silver_rows"] - s["records_dropped"] > 0

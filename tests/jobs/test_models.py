@@ -55,6 +55,7 @@ def pipeline(request, spark, tmp_path_factory, tokenizer_path, dolly_records):
         system = ["prompt.system=Answer briefly."] if fmt == "chat_template" and style != "mistral" else []
         cfg = load_config("tokenize", [wh, "spark.shuffle_partitions=2", f"model.tokenizer={tok_dir}",
                                        "tokenize.test_size=6", "tokenize.num_shards=1", f"prompt.format={fmt}",
+                                       "tokenize.source_table=silver",
                                        *system], preset=preset)
         store = DeltaStore(spark, cfg.tables)
         store.write(spark.createDataFrame(rows, SILVER_DDL), cfg.tables.silver, mode="overwrite", job="test",
